@@ -1,0 +1,474 @@
+"""Generate Alpaca-style instruction data from seed tasks with any OpenAI-compatible model (Self-Instruct, as Alpaca ran it).
+
+    export OPENAI_API_KEY=sk-...
+    python -m generate_instruction generate_instruction_following_data --output_dir out/gen \
+        --num_instructions_to_generate 100 --export_alpaca out/gen/alpaca_data.json
+
+    # any OpenAI-compatible server: vLLM, llama.cpp, Ollama, or this repo's serve.py
+    python -m generate_instruction generate_instruction_following_data --base_url http://127.0.0.1:8000/v1 \
+        --model_name my-model --api chat --max_workers 4 --output_dir out/gen
+
+    python -m generate_instruction export_alpaca --regen_path out/gen/regen.json --out_path alpaca_data.json
+
+output_dir/regen.json is rewritten atomically after every request; rerunning the same command resumes from it.
+"""
+
+import json
+import logging
+import os
+import random
+import re
+import string
+import time
+from collections import Counter
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from pathlib import Path
+
+import numpy as np
+import tqdm
+from rapidfuzz import process as rf_process
+from rapidfuzz.distance import LCSseq
+from rouge_score import tokenize as rouge_tokenize  # the function DefaultTokenizer calls, without nltk's import cost
+from tqdm.contrib.logging import logging_redirect_tqdm
+
+import utils
+
+logger = logging.getLogger(__name__)
+HERE = Path(__file__).resolve().parent
+PROMPT_PATH = HERE / "prompt.txt"
+SEED_TASKS_PATH = HERE / "seed_tasks.jsonl"
+DEFAULT_MODEL = "gpt-4o-mini"  # the original's text-davinci-003 is retired; a current, cheap OpenAI chat model
+STOP_SEQUENCES = ["\n20", "20.", "20."]  # as the original: the prompt asks for 20 tasks, stop before the 20th
+MAX_TOKENS = 3072  # as the original; shrunk by 20% at a time on context-length errors
+NUM_PROMPT_TASKS = 20
+BLOCKLIST = ["image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps", "draw", "plot",
+             "go to", "video", "audio", "music", "flowchart", "diagram"]  # tasks a text-only model cannot do
+
+
+def load_seed_tasks(path):
+    """Self-Instruct seed tasks (one JSON object a line) as {instruction, input, output}, from each task's first instance.
+
+    Reads the original Self-Instruct file unchanged. Raises ValueError listing every bad line."""
+    rows, problems = [], []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                task = json.loads(line)
+            except json.JSONDecodeError as e:
+                problems.append(f"line {lineno}: not valid JSON ({e.msg})")
+                continue
+            instances = task.get("instances") if isinstance(task, dict) else None
+            first = instances[0] if isinstance(instances, list) and instances else None
+            if not isinstance(task, dict) or not isinstance(task.get("instruction"), str):
+                problems.append(f"line {lineno}: needs a string 'instruction'")
+            elif not isinstance(first, dict) or not all(isinstance(first.get(k), str) for k in ("input", "output")):
+                problems.append(f"line {lineno}: needs 'instances': [{{\"input\": str, \"output\": str}}, ...]")
+            else:
+                rows.append({"instruction": task["instruction"], "input": first["input"], "output": first["output"]})
+    if problems:
+        raise ValueError(f"{path}: {len(problems)} bad seed task(s), expected the Self-Instruct schema:\n  " + "\n  ".join(problems[:20]))
+    return rows
+
+
+def encode_prompt(prompt_instructions, prompt_path=PROMPT_PATH):
+    """prompt.txt, then the example tasks numbered 1..k in the ###-separated layout, then an open '###\\n{k+1}. Instruction:'."""
+    # rstrip: our prompt.txt ends with a newline, the original's did not; the result is the same layout
+    prompt = Path(prompt_path).read_text(encoding="utf-8").rstrip("\n") + "\n"
+    for idx, task in enumerate(prompt_instructions, 1):
+        instruction = re.sub(r"\s+", " ", task["instruction"]).strip().rstrip(":")
+        task_input = "<noinput>" if task["input"].lower() == "" else task["input"]
+        prompt += f"###\n{idx}. Instruction: {instruction}\n{idx}. Input:\n{task_input}\n{idx}. Output:\n{task['output']}\n"
+    return prompt + f"###\n{len(prompt_instructions) + 1}. Instruction:"
+
+
+def find_word_in_string(w, s):
+    return re.compile(r"\b({0})\b".format(w), flags=re.IGNORECASE).search(s)
+
+
+def rejection_reason(inst):
+    """Why the original's filters drop this instruction ('length', 'blocklist', 'program', 'punctuation', 'non_ascii'), or None."""
+    n_words = len(inst.split())
+    if n_words <= 3 or n_words > 150:
+        return "length"
+    if any(find_word_in_string(word, inst) for word in BLOCKLIST):
+        return "blocklist"
+    if inst.startswith("Write a program"):  # the model tends to bolt this onto other tasks
+        return "program"
+    if inst[0] in string.punctuation:
+        return "punctuation"
+    if not inst[0].isascii():
+        return "non_ascii"
+    return None
+
+
+def parse_response(num_prompt_instructions, text, finish_reason, stats=None):
+    """Split a completion into {instruction, input, output} records, unfiltered. Counts 'malformed' and 'truncated' in stats."""
+    stats = Counter() if stats is None else stats
+    pieces = re.split("###", f"{num_prompt_instructions + 1}. Instruction:" + text)
+    records = []
+    for i, piece in enumerate(pieces):
+        if i == len(pieces) - 1 and finish_reason == "length":  # cut off by max_tokens: likely incomplete
+            stats["truncated"] += 1
+            continue
+        parts = re.split(rf"{i + num_prompt_instructions + 1}\.\s+(Instruction|Input|Output):", piece)
+        if len(parts) != 7:
+            stats["malformed"] += bool(piece.strip())  # the blank piece after a final "###" is no loss
+            continue
+        task_input = parts[4].strip()
+        records.append({"instruction": parts[2].strip(), "input": "" if task_input.lower() == "<noinput>" else task_input,
+                        "output": parts[6].strip()})
+    return records
+
+
+def post_process_gpt3_response(num_prompt_instructions, response):
+    """The original's parse-and-filter of one choice ({'text', 'finish_reason'})."""
+    if response is None:
+        return []
+    records = parse_response(num_prompt_instructions, response["text"], response["finish_reason"])
+    return [r for r in records if rejection_reason(r["instruction"]) is None]
+
+
+def similarity_fields(scores, pool):
+    """The original's extra fields: the 10 most similar earlier instructions and the mean score over all of them."""
+    top = np.argsort(scores)[-10:][::-1]  # same call as the original, so ties break the same way
+    return {"most_similar_instructions": {pool[i]: float(scores[i]) for i in top}, "avg_similarity_score": float(np.mean(scores))}
+
+
+
+# ---------------------------------------------------------------------------------------------
+# Dedup: the original's test (ROUGE-L F > 0.7 against every seed and kept instruction), at C speed.
+def rouge_f_measures(lcs, target_len, prediction_lens):
+    """rouge_score's _score_lcs F-measure for one target against many predictions, same float operations.
+
+    lcs: (n,) LCS lengths in tokens; target_len: tokens in the new instruction; prediction_lens: (n,) tokens in each."""
+    lcs = np.asarray(lcs, dtype=np.float64)
+    prediction_lens = np.asarray(prediction_lens, dtype=np.float64)
+    if target_len == 0:
+        return np.zeros(len(lcs))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        precision = lcs / prediction_lens
+        recall = lcs / target_len
+        fmeasure = 2 * precision * recall / (precision + recall)
+    return np.where(lcs > 0, fmeasure, 0.0)  # lcs == 0 (or an empty prediction): rouge_score returns 0
+
+
+class RougeLDeduper:
+    """Keeps a pool of instructions; decides keep/drop for new ones exactly as the original, without a Pool per candidate.
+
+    Each instruction is tokenized once with rouge_score's tokenizer (no stemming, as RougeScorer(["rougeL"]) in the
+    original), and each distinct token becomes one code point, so rapidfuzz's LCSseq runs on short strings."""
+
+    def __init__(self, instructions=(), threshold=0.7, workers=1):
+        self.threshold = threshold  # drop when the best F-measure is above this
+        self.workers = workers  # rapidfuzz threads for the candidates-against-pool matrix
+        self.instructions, self._codes, self._token_ids = [], [], {}
+        self._lens = np.zeros(0)
+        self.add([*instructions])
+
+    def encode(self, text):
+        """rouge_score's tokens for text, one code point per distinct token."""
+        chars = []
+        for token in rouge_tokenize.tokenize(text, None):
+            cp = self._token_ids.setdefault(token, len(self._token_ids))
+            chars.append(chr(cp if cp < 0xD800 else cp + 0x800))  # skip the surrogate block; ~1.1M tokens possible
+        return "".join(chars)
+
+    def add(self, instructions, codes=None):
+        codes = codes if codes is not None else [self.encode(t) for t in instructions]
+        self.instructions += instructions
+        self._codes += codes
+        self._lens = np.concatenate([self._lens, [len(c) for c in codes]])
+
+    def scores(self, code, pool_codes, pool_lens):
+        lcs = rf_process.cdist([code], pool_codes, scorer=LCSseq.similarity, dtype=np.int32)[0] if pool_codes else []
+        return rouge_f_measures(lcs, len(code), pool_lens)
+
+    def filter_batch(self, instructions):
+        """[(keep, scores)] for new instructions in order, each scored against the pool plus those kept before it.
+
+        scores: (pool size at that moment,) F-measures in pool order, so self.instructions[i] pairs with scores[i]."""
+        codes = [self.encode(t) for t in instructions]
+        base = (rf_process.cdist(codes, self._codes, scorer=LCSseq.similarity, dtype=np.int32, workers=self.workers)
+                if codes and self._codes else np.zeros((len(codes), 0), dtype=np.int32))
+        results, kept, kept_codes = [], [], []
+        for text, code, lcs in zip(instructions, codes, base):
+            scores = np.concatenate([rouge_f_measures(lcs, len(code), self._lens),
+                                     self.scores(code, kept_codes, [len(c) for c in kept_codes])])
+            keep = scores.size == 0 or scores.max() <= self.threshold
+            results.append((keep, scores))
+            if keep:
+                kept.append(text)
+                kept_codes.append(code)
+        self.add(kept, kept_codes)
+        return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests through the openai>=1 client: completions (batched prompts) or chat (one prompt a request).
+# GPT-2/GPT-3 tokenizer (r50k/p50k) models, where token 50256 is <|endoftext|>; davinci-002/babbage-002 use cl100k.
+GPT2_TOKENIZER_MODELS = re.compile(r"(text-(davinci|curie|babbage|ada)-\d{3}|code-(davinci|cushman)-\d{3}|davinci|curie|babbage|ada"
+                                   r"|(distil)?gpt-?2(-(medium|large|xl))?)")
+COMPLETIONS_ONLY_MODELS = re.compile(r"gpt-3\.5-turbo-instruct(-\d+)?|davinci-002|babbage-002")
+
+
+def model_family(model_name):
+    return model_name.lower().rsplit("/", 1)[-1]  # "openai-community/gpt2" -> "gpt2"
+
+
+def uses_gpt2_tokenizer(model_name):
+    return bool(GPT2_TOKENIZER_MODELS.fullmatch(model_family(model_name)))
+
+
+def choose_api(api, model_name):
+    """--api auto: completions for completion-only models (GPT-2/GPT-3 family, gpt-3.5-turbo-instruct, davinci-002,
+    babbage-002), chat for everything else (every current OpenAI model and what vLLM, llama.cpp, Ollama and serve.py
+    serve). A chat endpoint that turns out to be missing (404 not naming a model) switches to completions once."""
+    if api not in ("auto", "completions", "chat"):
+        raise ValueError(f"--api {api!r}: expected auto, completions or chat")
+    if api != "auto":
+        return api
+    family = model_family(model_name)
+    return "completions" if uses_gpt2_tokenizer(model_name) or COMPLETIONS_ONLY_MODELS.fullmatch(family) else "chat"
+
+
+def strip_chat_echo(text, num_prompt_instructions):
+    """Chat models answer in a fresh message and often restate '###\\n{k+1}. Instruction:' that a completion would
+    continue from; drop it so the original parsing applies unchanged."""
+    head = re.match(rf"\s*(###\s*)?{num_prompt_instructions + 1}\.\s+Instruction:", text)
+    return text[head.end():] if head else text
+
+
+class FatalRequestError(RuntimeError):
+    """An error that retrying cannot fix (bad key, no access, unknown model, bad request) or retries ran out."""
+
+
+def is_context_length_error(err):
+    text = f"{getattr(err, 'code', '')} {err}".lower()
+    return any(k in text for k in ("context_length", "context length", "reduce your prompt", "maximum context"))
+
+
+class Requester:
+    """Sends one request (a list of prompts) with bounded retries; returns ([{text, finish_reason}], usage)."""
+
+    def __init__(self, client, api, model_name, num_prompt_instructions, temperature=1.0, top_p=1.0, auto=False,
+                 max_retries=6, retry_base_s=1.0, min_max_tokens=64):
+        self.client, self.api, self.model_name, self.auto = client, api, model_name, auto
+        self.k = num_prompt_instructions
+        self.decoding = dict(temperature=temperature, top_p=top_p, n=1, stop=STOP_SEQUENCES)
+        self.max_tokens = MAX_TOKENS  # shared by the threads; shrinks for everyone after a context-length error
+        self.max_retries, self.retry_base_s, self.min_max_tokens = max_retries, retry_base_s, min_max_tokens
+        self.stop_event = None  # a threading.Event: set once the run is failing, so other threads stop retrying
+
+    def _send(self, prompts):
+        kw = dict(model=self.model_name, max_tokens=self.max_tokens, **self.decoding)
+        if self.api == "completions":
+            if uses_gpt2_tokenizer(self.model_name):
+                kw["logit_bias"] = {"50256": -100}  # as the original: never emit <|endoftext|>
+            resp = self.client.completions.create(prompt=prompts, **kw)
+            choices = sorted(resp.choices, key=lambda c: c.index)
+            results = [{"text": c.text or "", "finish_reason": c.finish_reason} for c in choices]
+        else:
+            (prompt,) = prompts
+            resp = self.client.chat.completions.create(messages=[{"role": "user", "content": prompt}], **kw)
+            choice = resp.choices[0]
+            results = [{"text": strip_chat_echo(choice.message.content or "", self.k), "finish_reason": choice.finish_reason}]
+        return results, resp.usage
+
+    def __call__(self, prompts):
+        import openai
+
+        attempt = 0
+        while True:
+            try:
+                return self._send(prompts)
+            except openai.BadRequestError as e:
+                if not is_context_length_error(e):
+                    raise FatalRequestError(f"the server refused the request (400): {e}") from e
+                self.max_tokens = int(self.max_tokens * 0.8)  # as the original: 20% fewer tokens, then try again
+                logger.warning("context length exceeded; max_tokens now %d", self.max_tokens)
+                if self.max_tokens < self.min_max_tokens:
+                    raise FatalRequestError(f"the prompt alone fills the context window: {e}") from e
+            except openai.NotFoundError as e:
+                if self.auto and self.api == "chat" and "model" not in str(e).lower():
+                    logger.warning("no chat endpoint here (%s); --api auto switches to completions", e)
+                    self.api, self.auto = "completions", False
+                    continue
+                raise FatalRequestError(f"404 for model {self.model_name!r}: {e}. Check --model_name and --base_url.") from e
+            except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
+                raise FatalRequestError(f"{e.status_code}: the server rejected the API key ({e}). "
+                                        "Set OPENAI_API_KEY or pass --api_key.") from e
+            except (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError) as e:
+                attempt += 1  # APIConnectionError covers APITimeoutError
+                if attempt > self.max_retries or (self.stop_event is not None and self.stop_event.is_set()):
+                    raise FatalRequestError(f"gave up after {attempt} attempts: {type(e).__name__}: {e}") from e
+                delay = self.retry_base_s * 2 ** (attempt - 1) * (0.5 + random.random())  # exponential, with jitter
+                logger.warning("%s (%s); retry %d/%d in %.2f s", type(e).__name__, getattr(e, "status_code", "no status"),
+                               attempt, self.max_retries, delay)
+                time.sleep(delay)
+            except openai.APIStatusError as e:  # any other 4xx
+                raise FatalRequestError(f"{e.status_code} from the server: {e}") from e
+
+
+def make_client(base_url, api_key, request_timeout):
+    import openai
+
+    base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
+    api_key = api_key or os.environ.get("OPENAI_API_KEY")
+    if not api_key:
+        if not base_url:
+            raise SystemExit("no API key: set OPENAI_API_KEY or pass --api_key (or --base_url for a local server)")
+        api_key = "no-key"  # local servers (vLLM, llama.cpp, serve.py) ignore it, but the client needs one
+    # max_retries=0: our Requester does the retrying, with a bound, backoff and fail-fast rules of its own
+    return openai.OpenAI(base_url=base_url, api_key=api_key, timeout=request_timeout, max_retries=0), base_url
+
+
+# ---------------------------------------------------------------------------------------------
+# The run: keep up to max_workers requests in flight, filter each answer as it lands, save after each.
+def load_regen(path):
+    """Records of an earlier run, to resume from. Errors name the file."""
+    if not path.exists():
+        return []
+    try:
+        records = utils.jload(path)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e}); move it away to start over") from e
+    if not isinstance(records, list) or not all(isinstance(r, dict) and isinstance(r.get("instruction"), str) for r in records):
+        raise ValueError(f"{path}: expected a list of records with an 'instruction' string; move it away to start over")
+    return records
+
+
+def add_response(candidates, deduper, records, stats):
+    """Apply the original's filters, then the ROUGE-L dedup, to one answer's records; append the kept ones."""
+    valid = []
+    for rec in candidates:
+        reason = rejection_reason(rec["instruction"])
+        stats[f"dropped_{reason}" if reason else "passed_filters"] += 1
+        if not reason:
+            valid.append(rec)
+    for rec, (keep, scores) in zip(valid, deduper.filter_batch([r["instruction"] for r in valid])):
+        stats["kept" if keep else "dropped_similar"] += 1
+        if keep:
+            records.append({**rec, **similarity_fields(scores, deduper.instructions)})
+
+
+def check_options(api, num_prompt_instructions, n_seeds, max_workers, request_batch_size):
+    problems = []
+    if api not in ("auto", "completions", "chat"):
+        problems.append(f"--api {api!r}: expected auto, completions or chat")
+    if not 1 <= num_prompt_instructions < min(n_seeds + 1, NUM_PROMPT_TASKS - 1):
+        problems.append(f"--num_prompt_instructions {num_prompt_instructions}: expected 1..{min(n_seeds, NUM_PROMPT_TASKS - 2)} "
+                        f"(there are {n_seeds} seed tasks and the model stops at task {NUM_PROMPT_TASKS})")
+    if max_workers < 1 or request_batch_size < 1:
+        problems.append(f"--max_workers {max_workers} and --request_batch_size {request_batch_size} must be at least 1")
+    if problems:
+        raise ValueError("invalid options:\n  " + "\n  ".join(problems))
+
+
+def generate_instruction_following_data(
+    output_dir="./", seed_tasks_path=SEED_TASKS_PATH, num_instructions_to_generate=100, model_name=DEFAULT_MODEL,
+    num_prompt_instructions=3, request_batch_size=5, temperature=1.0, top_p=1.0, num_cpus=16,
+    api="auto", base_url=None, api_key=None, max_workers=4, request_timeout=120.0, max_retries=6, retry_base_s=1.0,
+    export_alpaca=None, seed=None,
+):
+    """Generate instructions until output_dir/regen.json holds num_instructions_to_generate of them.
+
+    request_batch_size: prompts per completions request (chat sends one prompt per request). num_cpus: threads for the
+    dedup's LCS matrix. seed: seeds the choice of example tasks (the original did not seed)."""
+    import threading
+
+    seeds = load_seed_tasks(seed_tasks_path)
+    check_options(api, num_prompt_instructions, len(seeds), max_workers, request_batch_size)
+    chosen = choose_api(api, model_name)
+    client, base_url = make_client(base_url, api_key, request_timeout)
+    requester = Requester(client, chosen, model_name, num_prompt_instructions, temperature, top_p, auto=api == "auto",
+                          max_retries=max_retries, retry_base_s=retry_base_s)
+    requester.stop_event = threading.Event()
+    regen_path = Path(output_dir) / "regen.json"
+    records = load_regen(regen_path)
+    deduper = RougeLDeduper([s["instruction"] for s in seeds] + [r["instruction"] for r in records], workers=num_cpus)
+    logger.info("%d seed tasks, %d instructions from an earlier run; %s API, model %s at %s", len(seeds), len(records),
+                chosen, model_name, base_url or "api.openai.com")
+    rng, stats, seconds = random.Random(seed), Counter(), []
+
+    def one_request(prompts):
+        start = time.perf_counter()
+        results, usage = requester(prompts)
+        return prompts, results, usage, time.perf_counter() - start
+
+    def next_prompts():
+        size = request_batch_size if requester.api == "completions" else 1
+        return [encode_prompt(rng.sample(seeds, num_prompt_instructions)) for _ in range(size)]
+
+    bar = tqdm.tqdm(total=num_instructions_to_generate, initial=min(len(records), num_instructions_to_generate), unit="instr")
+    with logging_redirect_tqdm(), ThreadPoolExecutor(max_workers) as executor:
+        try:
+            for prompts, results, usage, secs in completed_requests(executor, one_request, next_prompts, max_workers,
+                                                                     lambda: len(records) < num_instructions_to_generate):
+                before, kept_before = Counter(stats), len(records)
+                for result in results:
+                    add_response(parse_response(num_prompt_instructions, result["text"], result["finish_reason"], stats),
+                                 deduper, records, stats)
+                utils.jdump(records, regen_path)  # atomic: a kill leaves the old file or the new one
+                seconds.append(secs)
+                stats.update(requests=1, tokens=getattr(usage, "total_tokens", 0) or 0)
+                log_request(stats, before, len(records) - kept_before, len(prompts), secs)
+                bar.update(min(len(records), num_instructions_to_generate) - bar.n)
+                bar.set_postfix(requests=stats["requests"], tokens=stats["tokens"], dropped=dropped(stats))
+        except FatalRequestError as e:
+            requester.stop_event.set()
+            executor.shutdown(wait=False, cancel_futures=True)
+            raise SystemExit(f"generate_instruction: {e}\n{len(records)} instructions are saved in {regen_path}; "
+                             "rerun to resume.") from e
+    bar.close()
+    logger.info("done: %d requests (%.2f s each on average), %d tokens; kept %d, dropped %d (%s); %d in %s",
+                stats["requests"], float(np.mean(seconds)) if seconds else 0.0, stats["tokens"], stats["kept"], dropped(stats),
+                ", ".join(f"{k[8:]} {v}" for k, v in sorted(stats.items()) if k.startswith("dropped_")) or "none",
+                len(records), regen_path)
+    if export_alpaca:
+        export_alpaca_rows(records, export_alpaca)
+    return str(regen_path)
+
+
+def completed_requests(executor, send, make_prompts, max_workers, want_more):
+    """Yield each request's result as it lands, keeping up to max_workers requests in flight while want_more()."""
+    in_flight = set()
+    while True:
+        while len(in_flight) < max_workers and want_more():
+            in_flight.add(executor.submit(send, make_prompts()))
+        if not in_flight:
+            return
+        done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+        for fut in done:
+            yield fut.result()
+
+
+def dropped(stats):
+    return sum(v for k, v in stats.items() if k.startswith("dropped_")) + stats["malformed"] + stats["truncated"]
+
+
+def log_request(stats, before, kept, n_prompts, secs):
+    diff = {k: stats[k] - before[k] for k in stats if stats[k] != before[k]}
+    logger.info("request %d (%d prompt%s): %.2f s, %d tokens; kept %d; %s", stats["requests"], n_prompts,
+                "s" if n_prompts > 1 else "", secs, diff.get("tokens", 0), kept,
+                ", ".join(f"{k} {v}" for k, v in sorted(diff.items()) if k not in ("requests", "tokens", "kept")))
+
+
+def export_alpaca_rows(records, out_path):
+    rows = [{"instruction": r["instruction"], "input": r.get("input", ""), "output": r["output"]} for r in records]
+    utils.jdump(rows, out_path)
+    logger.info("wrote %d Alpaca rows to %s", len(rows), out_path)
+    return str(out_path)
+
+
+def export_alpaca(regen_path="regen.json", out_path="alpaca_data.json"):
+    """Write regen.json's records as train.py-ready instruction/input/output rows."""
+    return export_alpaca_rows(load_regen(Path(regen_path)), out_path)
+
+
+if __name__ == "__main__":
+    import fire
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    fire.Fire({"generate_instruction_following_data": generate_instruction_following_data, "export_alpaca": export_alpaca})
