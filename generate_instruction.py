@@ -49,6 +49,8 @@ def load_seed_tasks(path):
     """Self-Instruct seed tasks (one JSON object a line) as {instruction, input, output}, from each task's first instance.
 
     Reads the original Self-Instruct file unchanged. Raises ValueError listing every bad line."""
+    if not Path(path).is_file():
+        raise ValueError(f"{path}: no such seed task file; pass --seed_tasks_path (default {SEED_TASKS_PATH})")
     rows, problems = [], []
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
@@ -260,6 +262,7 @@ class Requester:
         self.max_tokens = MAX_TOKENS  # shared by the threads; shrinks for everyone after a context-length error
         self.max_retries, self.retry_base_s, self.min_max_tokens = max_retries, retry_base_s, min_max_tokens
         self.stop_event = None  # a threading.Event: set once the run is failing, so other threads stop retrying
+        self.retries = 0
 
     def _send(self, prompts):
         kw = dict(model=self.model_name, max_tokens=self.max_tokens, **self.decoding)
@@ -301,6 +304,7 @@ class Requester:
                                         "Set OPENAI_API_KEY or pass --api_key.") from e
             except (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError) as e:
                 attempt += 1  # APIConnectionError covers APITimeoutError
+                self.retries += 1
                 if attempt > self.max_retries or (self.stop_event is not None and self.stop_event.is_set()):
                     raise FatalRequestError(f"gave up after {attempt} attempts: {type(e).__name__}: {e}") from e
                 delay = self.retry_base_s * 2 ** (attempt - 1) * (0.5 + random.random())  # exponential, with jitter
@@ -406,25 +410,26 @@ def generate_instruction_following_data(
         try:
             for prompts, results, usage, secs in completed_requests(executor, one_request, next_prompts, max_workers,
                                                                      lambda: len(records) < num_instructions_to_generate):
-                before, kept_before = Counter(stats), len(records)
+                before = Counter(stats)
                 for result in results:
                     add_response(parse_response(num_prompt_instructions, result["text"], result["finish_reason"], stats),
                                  deduper, records, stats)
                 utils.jdump(records, regen_path)  # atomic: a kill leaves the old file or the new one
                 seconds.append(secs)
                 stats.update(requests=1, tokens=getattr(usage, "total_tokens", 0) or 0)
-                log_request(stats, before, len(records) - kept_before, len(prompts), secs)
+                log_request(stats, before, len(prompts), secs)
                 bar.update(min(len(records), num_instructions_to_generate) - bar.n)
-                bar.set_postfix(requests=stats["requests"], tokens=stats["tokens"], dropped=dropped(stats))
+                bar.set_postfix(requests=stats["requests"], tokens=stats["tokens"], dropped=sum(drop_counts(stats).values()))
         except FatalRequestError as e:
             requester.stop_event.set()
             executor.shutdown(wait=False, cancel_futures=True)
             raise SystemExit(f"generate_instruction: {e}\n{len(records)} instructions are saved in {regen_path}; "
                              "rerun to resume.") from e
     bar.close()
-    logger.info("done: %d requests (%.2f s each on average), %d tokens; kept %d, dropped %d (%s); %d in %s",
-                stats["requests"], float(np.mean(seconds)) if seconds else 0.0, stats["tokens"], stats["kept"], dropped(stats),
-                ", ".join(f"{k[8:]} {v}" for k, v in sorted(stats.items()) if k.startswith("dropped_")) or "none",
+    drops = drop_counts(stats)
+    logger.info("done: %d requests (%.2f s each on average, %d retries), %d tokens; kept %d, dropped %d (%s); %d in %s",
+                stats["requests"], float(np.mean(seconds)) if seconds else 0.0, requester.retries, stats["tokens"],
+                stats["kept"], sum(drops.values()), ", ".join(f"{k} {v}" for k, v in drops.items()) or "none",
                 len(records), regen_path)
     if export_alpaca:
         export_alpaca_rows(records, export_alpaca)
@@ -444,15 +449,18 @@ def completed_requests(executor, send, make_prompts, max_workers, want_more):
             yield fut.result()
 
 
-def dropped(stats):
-    return sum(v for k, v in stats.items() if k.startswith("dropped_")) + stats["malformed"] + stats["truncated"]
+def drop_counts(stats):
+    """{reason: count} for every task lost: a filter (blocklist, length, ...), similar, malformed or truncated."""
+    return {k.removeprefix("dropped_"): v for k, v in sorted(stats.items())
+            if v and (k.startswith("dropped_") or k in ("malformed", "truncated"))}
 
 
-def log_request(stats, before, kept, n_prompts, secs):
-    diff = {k: stats[k] - before[k] for k in stats if stats[k] != before[k]}
-    logger.info("request %d (%d prompt%s): %.2f s, %d tokens; kept %d; %s", stats["requests"], n_prompts,
-                "s" if n_prompts > 1 else "", secs, diff.get("tokens", 0), kept,
-                ", ".join(f"{k} {v}" for k, v in sorted(diff.items()) if k not in ("requests", "tokens", "kept")))
+def log_request(stats, before, n_prompts, secs):
+    diff = Counter({k: stats[k] - before[k] for k in stats})
+    drops = drop_counts(diff)
+    logger.info("request %d (%d prompt%s): %.2f s, %d tokens; kept %d; dropped %s", stats["requests"], n_prompts,
+                "s" if n_prompts > 1 else "", secs, diff["tokens"], diff["kept"],
+                ", ".join(f"{k} {v}" for k, v in drops.items()) or "none")
 
 
 def export_alpaca_rows(records, out_path):
@@ -471,4 +479,8 @@ if __name__ == "__main__":
     import fire
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    fire.Fire({"generate_instruction_following_data": generate_instruction_following_data, "export_alpaca": export_alpaca})
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP call would bury ours
+    try:
+        fire.Fire({"generate_instruction_following_data": generate_instruction_following_data, "export_alpaca": export_alpaca})
+    except ValueError as e:  # bad seed file, options or regen.json: the message says what and where
+        raise SystemExit(f"generate_instruction: {e}")

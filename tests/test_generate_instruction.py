@@ -2,7 +2,6 @@
 real script against a scripted OpenAI-compatible server (tests/fake_openai.py) with injected faults and kill -9."""
 
 import json
-import os
 import random
 import re
 import signal
@@ -215,3 +214,173 @@ def test_dedup_keeps_and_drops_exactly_as_the_original():
         assert np.allclose(list(ours["most_similar_instructions"].values()), list(ref["most_similar_instructions"].values()),
                            rtol=0, atol=1e-9)
         assert abs(ours["avg_similarity_score"] - ref["avg_similarity_score"]) <= 1e-9
+
+
+# ---------------------------------------------------------------------------------------------
+# The request layer against the scripted server, in this process
+SEEDS = [{"instruction": f"Describe item number {i} in detail.", "input": "", "output": f"Item {i}."} for i in range(K)]
+PROMPT = gi.encode_prompt(SEEDS)
+
+
+def make_requester(fake, model, api="auto", **kw):
+    client, _ = gi.make_client(fake.base_url, "test-key", 10)
+    return gi.Requester(client, gi.choose_api(api, model), model, K, auto=api == "auto", retry_base_s=0.01, **kw)
+
+
+def test_completions_batch_one_request_and_context_errors_shrink_max_tokens(free_port):
+    with FakeOpenAI(free_port, context_max_tokens=2000) as fake:
+        results, usage = make_requester(fake, "text-davinci-003")([PROMPT, PROMPT])
+    assert [e["body"]["max_tokens"] for e in fake.log] == [3072, 2457, 1965]  # int(x * 0.8) until <= 2000, as the original
+    body = fake.log[-1]["body"]
+    assert fake.log[-1]["path"] == "/v1/completions" and body["prompt"] == [PROMPT, PROMPT]  # both prompts, one request
+    assert body["stop"] == ["\n20", "20.", "20."] and body["n"] == 1 and body["temperature"] == 1.0 and body["top_p"] == 1.0
+    assert body["logit_bias"] == {"50256": -100}  # text-davinci-003 uses the GPT-2 vocabulary
+    assert len(results) == 2 and usage.total_tokens > 0
+    # the server sent tasks 4..19; every fifth (5, 10, 15) is one the filters drop
+    assert len(gi.post_process_gpt3_response(K, results[0])) == 16 - 3
+
+
+def test_chat_strips_the_echoed_header_and_sends_no_logit_bias(free_port):
+    with FakeOpenAI(free_port) as fake:
+        requester = make_requester(fake, "gpt-4o-mini")
+        (result,), _ = requester([PROMPT])
+    body = fake.log[0]["body"]
+    assert fake.log[0]["path"] == "/v1/chat/completions" and body["messages"] == [{"role": "user", "content": PROMPT}]
+    assert "logit_bias" not in body and body["stop"] == ["\n20", "20.", "20."] and body["max_tokens"] == 3072
+    kept = gi.post_process_gpt3_response(K, result)
+    assert [r["instruction"] for r in kept] == [i for i in fake.log[0]["instructions"][0] if gi.rejection_reason(i) is None]
+
+
+def test_auto_switches_to_completions_when_the_server_has_no_chat_route(free_port):
+    with FakeOpenAI(free_port, routes=("completions",)) as fake:
+        requester = make_requester(fake, "my-local-model")
+        (result,), _ = requester([PROMPT])
+    assert [e["path"] for e in fake.log] == ["/v1/chat/completions", "/v1/completions"]
+    assert requester.api == "completions" and "logit_bias" not in fake.log[1]["body"]
+    assert len(gi.post_process_gpt3_response(K, result)) == 13  # 16 tasks (4..19) less the 3 the filters drop
+
+
+def test_unknown_model_fails_fast_and_retries_are_bounded_with_growing_backoff(free_port, monkeypatch):
+    with FakeOpenAI(free_port, models=["served-model"]) as fake:
+        with pytest.raises(gi.FatalRequestError, match="404 for model 'no-such-model'.*--model_name"):
+            make_requester(fake, "no-such-model", api="chat")([PROMPT])
+    assert len(fake.log) == 1  # no retry
+    delays = []
+    monkeypatch.setattr(gi.time, "sleep", delays.append)
+    with FakeOpenAI(free_port, faults=["500"] * 9) as fake:
+        with pytest.raises(gi.FatalRequestError, match="gave up after 4 attempts"):
+            make_requester(fake, "fake-chat", max_retries=3)([PROMPT])
+    assert len(fake.log) == 4  # 1 try + 3 retries
+    for i, delay in enumerate(delays):  # base 0.01 s * 2**i, with jitter in [0.5, 1.5)
+        assert 0.01 * 2 ** i * 0.5 <= delay < 0.01 * 2 ** i * 1.5
+
+
+# ---------------------------------------------------------------------------------------------
+# The real script, as a subprocess, against the scripted server
+def script(fake, out_dir, *args):
+    return [sys.executable, "-m", "generate_instruction", "generate_instruction_following_data", "--output_dir", str(out_dir),
+            "--base_url", fake.base_url, "--api_key", "test-key", "--retry_base_s", "0.05", "--seed", "0", *map(str, args)]
+
+
+def run_script(fake, out_dir, *args):
+    return subprocess.run(script(fake, out_dir, *args), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
+                          timeout=300)
+
+
+def sent_instructions(fake):
+    return {i for e in fake.log for batch in e["instructions"] for i in batch}
+
+
+def test_end_to_end_completions_writes_regen_and_a_train_ready_export(free_port, tmp_path):
+    import train
+
+    with FakeOpenAI(free_port) as fake:
+        proc = run_script(fake, tmp_path, "--model_name", "text-davinci-003", "--num_instructions_to_generate", 30,
+                          "--request_batch_size", 2, "--max_workers", 2, "--export_alpaca", tmp_path / "alpaca.json")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    records = json.loads((tmp_path / "regen.json").read_text())
+    assert len(records) >= 30 and len({r["instruction"] for r in records}) == len(records)
+    assert all(list(r) == ["instruction", "input", "output", "most_similar_instructions", "avg_similarity_score"] for r in records)
+    assert all(0 < len(r["most_similar_instructions"]) <= 10 and max(r["most_similar_instructions"].values()) <= 0.7
+               and 0 <= r["avg_similarity_score"] <= 0.7 for r in records)
+    assert {r["instruction"] for r in records} <= sent_instructions(fake)
+    assert all(gi.rejection_reason(r["instruction"]) is None for r in records)
+    assert all(e["path"] == "/v1/completions" and len(e["body"]["prompt"]) == 2 and e["body"]["logit_bias"] == {"50256": -100}
+               for e in fake.log)
+    rows = train.load_rows(tmp_path / "alpaca.json")  # raises on anything train.py would reject
+    assert rows == [{k: r[k] for k in ("instruction", "input", "output")} for r in records]
+    assert re.search(r"done: \d+ requests .*kept \d+, dropped \d+ \(blocklist \d+, length \d+, program \d+", proc.stderr)
+
+
+def test_fault_injection_retries_drops_and_keeps_going(free_port, tmp_path):
+    faults = ["429", "500", "slow", "malformed", "length"]
+    with FakeOpenAI(free_port, faults=faults, slow_s=12) as fake:
+        proc = run_script(fake, tmp_path, "--model_name", "fake-chat", "--num_instructions_to_generate", 20,
+                          "--max_workers", 1, "--request_timeout", 5)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    log, err = fake.log, proc.stderr
+    assert [e["fault"] for e in log[:5]] == faults
+    # 429, 500 and the timeout: the same prompt is sent again, after a logged backoff
+    assert log[0]["body"] == log[1]["body"] == log[2]["body"] == log[3]["body"]
+    assert "RateLimitError (429); retry 1/6" in err and "InternalServerError (500); retry 2/6" in err
+    assert "APITimeoutError (no status); retry 3/6" in err
+    # malformed text: the request counts, nothing is kept from it
+    assert re.search(r"request 1 \(1 prompt\): [\d.]+ s, \d+ tokens; kept 0; dropped malformed 1", err)
+    # finish_reason "length": the last task is dropped, the complete ones before it are kept
+    records = {r["instruction"] for r in json.loads((tmp_path / "regen.json").read_text())}
+    *complete, last = log[4]["instructions"][0]
+    assert last not in records and last in sent_instructions(fake)
+    assert {i for i in complete if gi.rejection_reason(i) is None} <= records
+    assert re.search(r"request 2 \(1 prompt\): .*kept 12; dropped .*truncated 1", err)  # tasks 4..18 less 5, 10, 15 (filtered)
+
+
+def test_bad_api_key_fails_fast_without_retrying(free_port, tmp_path):
+    with FakeOpenAI(free_port, faults=["401"]) as fake:
+        proc = run_script(fake, tmp_path, "--model_name", "fake-chat", "--max_workers", 1)
+    assert proc.returncode == 1 and "401" in proc.stderr and "OPENAI_API_KEY" in proc.stderr
+    assert len(fake.log) == 1 and not (tmp_path / "regen.json").exists()
+
+
+def wait_for(condition, what, timeout=180):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.002)
+
+
+def test_kill_9_at_several_points_then_resume_loses_nothing_saved_and_duplicates_nothing(free_port, tmp_path):
+    regen = tmp_path / "regen.json"
+    mtime = lambda: regen.stat().st_mtime_ns if regen.exists() else 0  # noqa: E731
+    temp_file = lambda: any(tmp_path.glob(".regen.json.*.tmp"))  # noqa: E731
+    with FakeOpenAI(free_port, delay_s=0.3) as fake:  # 0.3 s per answer, so kills land while requests are in flight
+        cmd = script(fake, tmp_path, "--model_name", "fake-chat", "--num_instructions_to_generate", 100, "--max_workers", 2)
+        kill_points = {  # name -> (condition on the server log length at start and regen.json's mtime at start)
+            "first request in flight": lambda n0, m0: len(fake.log) >= n0 + 1,
+            "right after a save": lambda n0, m0: mtime() != m0,
+            "while regen.json is being written (or after a few requests)": lambda n0, m0: temp_file() or len(fake.log) >= n0 + 4,
+            "two requests in": lambda n0, m0: len(fake.log) >= n0 + 2,
+        }
+        saved = []
+        for name, condition in kill_points.items():
+            n0, m0 = len(fake.log), mtime()
+            with open(tmp_path / "killed.log", "w") as out:
+                proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=out, stderr=out)
+                try:
+                    wait_for(lambda: condition(n0, m0) or proc.poll() is not None, name)
+                finally:
+                    proc.kill()  # SIGKILL; a no-op if the run already ended
+                    proc.wait(timeout=30)
+            assert proc.returncode == -signal.SIGKILL, f"{name}: the run ended before the kill:\n" + (tmp_path / "killed.log").read_text()[-2000:]
+            now = json.loads(regen.read_text()) if regen.exists() else []  # never half a file
+            assert now[:len(saved)] == saved, f"{name}: saved records changed"
+            if name == "right after a save":
+                assert len(now) > len(saved)  # what was saved before the kill survives it
+            saved = now
+        done = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    final = json.loads(regen.read_text())
+    assert final[:len(saved)] == saved and len(final) >= 100
+    assert len({r["instruction"] for r in final}) == len(final)  # no duplicates across the restarts
+    assert {r["instruction"] for r in final} <= sent_instructions(fake)  # every record is one the server sent, intact
+    assert f"{len(saved)} instructions from an earlier run" in done.stderr
