@@ -1,0 +1,332 @@
+"""Answer an instruction with an Alpaca-tuned checkpoint: the function a trainML endpoint calls, and a CLI.
+
+    python inference.py --instruction "Name three primary colours."
+    python inference.py --model_name_or_path out/demo --instruction "Summarize the text." --input "$(cat a.txt)" --truncate
+    TRAINML_CHECKPOINT_PATH=out/demo python -c "import inference; print(inference.instruct('Name a colour.'))"
+
+The checkpoint is --model_name_or_path (or load_model(path)), else $TRAINML_CHECKPOINT_PATH (set on trainML
+endpoints), else the embedded SmolLM2-135M-Instruct. It loads on first use, once per process, on the GPU if
+there is one. The trainML route maps POST /instruct to instruct() here; serve.py serves the same thing locally.
+"""
+
+import argparse
+import logging
+import os
+import threading
+from dataclasses import dataclass, replace
+
+import torch
+import transformers
+
+from utils import EMBEDDED_MODEL, format_prompt, resolve_model_path
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TRAINING_LENGTH = 512  # train.py's --model_max_length default: longer prompts were never trained on
+MAX_BEAMS = 8
+MAX_STOPS = 4  # as the OpenAI API
+
+
+class PromptTooLongError(ValueError):
+    """The prompt has more tokens than the model was trained on, and truncation was not asked for."""
+
+
+class ContextLengthError(ValueError):
+    """Prompt plus max_tokens do not fit the model's context window (OpenAI's context_length_exceeded)."""
+
+
+@dataclass(frozen=True)
+class GenParams:
+    """Decoding settings. max_tokens counts new tokens only (the fork's max_length also counted the prompt)."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 0.75  # the fork's defaults for temperature, top_p and num_beams
+    num_beams: int = 1
+    stop: tuple = ()  # strings that end the answer; not included in it
+
+    def batch_key(self):
+        """Requests with equal keys can share one generate() call (max_tokens may differ)."""
+        return (self.temperature, self.top_p, self.num_beams, self.stop)
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of text or a stop string) or "length" (ran into max_tokens)
+
+
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_params(params, max_tokens_limit):
+    """Raise ValueError listing every out-of-range setting; the message says the allowed range."""
+    p, problems = params, []
+    if not _is_int(p.max_tokens) or not 1 <= p.max_tokens <= max_tokens_limit:
+        problems.append(f"max_tokens must be an integer from 1 to {max_tokens_limit} (new tokens), got {p.max_tokens!r}")
+    if not _is_number(p.temperature) or not 0 <= p.temperature <= 2:
+        problems.append(f"temperature must be a number from 0 to 2 (0 = greedy), got {p.temperature!r}")
+    if not _is_number(p.top_p) or not 0 < p.top_p <= 1:
+        problems.append(f"top_p must be a number above 0 and at most 1, got {p.top_p!r}")
+    if not _is_int(p.num_beams) or not 1 <= p.num_beams <= MAX_BEAMS:
+        problems.append(f"num_beams must be an integer from 1 to {MAX_BEAMS}, got {p.num_beams!r}")
+    if len(p.stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in p.stop):
+        problems.append(f"stop must be at most {MAX_STOPS} non-empty strings, got {list(p.stop)!r}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def generation_kwargs(params):
+    """Arguments for model.generate(): sampling unless temperature is 0, beam search when num_beams > 1."""
+    if params.temperature == 0:
+        return dict(do_sample=False, num_beams=params.num_beams, temperature=None, top_p=None, top_k=None)
+    return dict(do_sample=True, num_beams=params.num_beams, temperature=float(params.temperature),
+                top_p=float(params.top_p), top_k=None)  # float(): transformers refuses an int temperature  # top_k off: the fork and the OpenAI API sample with top_p alone
+
+
+def cut_at_stop(text, stops):
+    """(text before the earliest stop string, whether one was found)."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return (text[:min(hits)], True) if hits else (text, False)
+
+
+def stop_holdback(text, stops):
+    """How many trailing characters of text could still grow into a stop string; a stream must not send them yet."""
+    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if s.startswith(text[-k:])),
+               default=0)
+
+
+def training_length(tokenizer, context_window):
+    """The prompt limit: the model_max_length train.py saved with the tokenizer, else 512."""
+    n = getattr(tokenizer, "model_max_length", None)
+    return n if isinstance(n, int) and 0 < n <= context_window else min(DEFAULT_TRAINING_LENGTH, context_window)
+
+
+class _StopCriteria(transformers.StoppingCriteria):
+    """Ends each row once its new text holds a stop string, and every row once `cancel` is set."""
+
+    def __init__(self, decode, prompt_len, stops, cancel):
+        self.decode, self.prompt_len, self.stops, self.cancel = decode, prompt_len, stops, cancel
+
+    def __call__(self, input_ids, scores, **kwargs):
+        if self.cancel is not None and self.cancel.is_set():
+            return torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        done = [cut_at_stop(self.decode(row[self.prompt_len:]), self.stops)[1] if self.stops else False
+                for row in input_ids]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class _TextStreamer:
+    """transformers streamer that hands on_text(delta) each piece of new text that is final: text that could
+    still become a stop string, or half a UTF-8 character, waits for the next token."""
+
+    def __init__(self, decode, stops, on_text):
+        self.decode, self.stops, self.on_text = decode, stops, on_text
+        self.ids, self.sent, self.seen_prompt, self.stopped = [], 0, False, False
+
+    def put(self, value):
+        if not self.seen_prompt:  # generate() first hands over the prompt
+            self.seen_prompt = True
+            return
+        self.ids.extend(value.reshape(-1).tolist())
+        text, self.stopped = cut_at_stop(self.decode(self.ids), self.stops)
+        end = len(text) if self.stopped else len(text) - stop_holdback(text, self.stops)
+        if not self.stopped and text.endswith("\ufffd"):
+            end = min(end, len(text) - 1)
+        self._send(text[:end])
+
+    def end(self):
+        pass
+
+    def _send(self, upto):
+        if len(upto) > self.sent:
+            self.on_text(upto[self.sent:])
+            self.sent = len(upto)
+
+
+class InstructModel:
+    """A checkpoint and its tokenizer; generate() holds a lock, so calls from several threads run one at a time."""
+
+    def __init__(self, model_name_or_path=None, max_prompt_tokens=None, device=None):
+        self.name = model_name_or_path or os.environ.get("TRAINML_CHECKPOINT_PATH") or EMBEDDED_MODEL
+        path = resolve_model_path(self.name)
+        cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
+        dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
+        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        # device_map="auto" spreads a model too big for one GPU over all of them, as the fork did
+        placement = dict(device_map="auto") if cuda and device is None else {}
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **placement).eval()
+        if not placement:
+            self.model.to(device or "cpu")
+        self.context_window = getattr(self.model.config, "max_position_embeddings", None) or 2048
+        self.max_prompt_tokens = max_prompt_tokens or training_length(self.tokenizer, self.context_window)
+        eos = self.model.generation_config.eos_token_id
+        eos = list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []
+        self.eos_ids = sorted({*eos, *([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [])})
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.lock = threading.Lock()  # one generate() at a time
+        self.tokenizer_lock = threading.RLock()  # the tokenizer is shared with request threads that encode
+        logger.info("loaded %s on %s (%s): prompts up to %d tokens, context window %d", self.name,
+                    self.model.device, dtype, self.max_prompt_tokens, self.context_window)
+
+    def decode(self, ids):
+        with self.tokenizer_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _ids(self, text, special=True):
+        with self.tokenizer_lock:
+            return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+
+    def _too_long(self, n, hint):
+        return PromptTooLongError(f"the prompt is {n} tokens; this model was trained on at most "
+                                  f"{self.max_prompt_tokens}. Shorten it, or {hint}")
+
+    def encode(self, prompt, truncate=False):
+        """Token ids of a raw prompt; with truncate, an over-long prompt keeps its last tokens (and a leading BOS)."""
+        ids = self._ids(prompt)
+        limit = self.max_prompt_tokens
+        if len(ids) <= limit:
+            return ids
+        if not truncate:
+            raise self._too_long(len(ids), "pass truncate=true to keep its last tokens")
+        bos = ids[:1] if ids[0] == self.tokenizer.bos_token_id else []
+        return bos + ids[len(ids) - (limit - len(bos)):]
+
+    def encode_instruction(self, instruction, input=None, truncate=False):
+        """Token ids of the Alpaca prompt. With truncate, an over-long input (or, without one, the instruction)
+        is cut at its end so that the template around it stays whole."""
+        ids = self._ids(format_prompt(instruction, input))
+        if len(ids) <= self.max_prompt_tokens:
+            return ids
+        if not truncate:
+            raise self._too_long(len(ids), "pass truncate=true to cut the end of the input")
+        text = input or instruction
+        for _ in range(4):  # a cut can re-tokenize a token longer; retry a few times
+            over = len(ids) - self.max_prompt_tokens
+            if over <= 0:
+                return ids
+            field = self._ids(text, special=False)
+            if len(field) <= over:
+                raise self._too_long(len(ids), "shorten the instruction: the template and instruction alone are too long")
+            text = self.decode(field[:len(field) - over - 1])
+            ids = self._ids(format_prompt(instruction, text) if input else format_prompt(text))
+        raise self._too_long(len(ids), "shorten the input")
+
+    def check_fits(self, n_prompt, max_tokens):
+        if n_prompt + max_tokens > self.context_window:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.context_window} tokens. However, you requested "
+                f"{n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} for the completion). "
+                "Please reduce your prompt; or completion length.")  # OpenAI's wording, which clients look for
+
+    @torch.inference_mode()
+    def generate(self, prompts, params, on_text=None, cancel=None, row_max_tokens=None):
+        """One Completion per prompt (token id lists), batched in one generate() call.
+
+        row_max_tokens: each row's own max_tokens (default params.max_tokens); the batch runs to the largest.
+        on_text(delta) streams the text of a single prompt as it grows; cancel (a threading.Event) stops early."""
+        limits = list(row_max_tokens or [params.max_tokens] * len(prompts))
+        for ids, limit in zip(prompts, limits):
+            check_params(replace(params, max_tokens=limit), self.context_window)
+            self.check_fits(len(ids), limit)
+        width = max(len(ids) for ids in prompts)
+        # left padding: every row's new tokens then start at column `width`
+        input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        stream = on_text is not None and len(prompts) == 1 and params.num_beams == 1  # beams cannot stream
+        streamer = _TextStreamer(self.decode, params.stop, on_text) if stream else None
+        criteria = transformers.StoppingCriteriaList([_StopCriteria(self.decode, width, params.stop, cancel)])
+        device = self.model.device
+        with self.lock:
+            out = self.model.generate(
+                input_ids=input_ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(limits),
+                pad_token_id=self.pad_id, eos_token_id=self.eos_ids, stopping_criteria=criteria, streamer=streamer,
+                **generation_kwargs(params))
+        results = [self._finish(row[width:width + limit].tolist(), len(p), params.stop, limit)
+                   for row, p, limit in zip(out, prompts, limits)]
+        if on_text is not None:  # the rest: what the stream held back, or everything when beams ran
+            sent = streamer.sent if streamer else 0
+            if len(results[0].text) > sent:
+                on_text(results[0].text[sent:])
+        return results
+
+    def _finish(self, new_ids, n_prompt, stops, limit):
+        """Cut one row at its end-of-text token and stop string."""
+        ends = [i for i, t in enumerate(new_ids) if t in self.eos_ids or t == self.pad_id]  # rows done early are padded
+        used = new_ids[:ends[0] + 1] if ends else new_ids
+        text, stopped = cut_at_stop(self.decode(used), stops)
+        reason = "stop" if ends or stopped or len(used) < limit else "length"
+        return Completion(text, n_prompt, len(used), reason)
+
+
+_MODEL = None
+_LOAD_LOCK = threading.Lock()
+
+
+def load_model(model_name_or_path=None, max_prompt_tokens=None):
+    """Load (or replace) the model instruct() uses."""
+    global _MODEL
+    with _LOAD_LOCK:
+        _MODEL = InstructModel(model_name_or_path, max_prompt_tokens)
+        return _MODEL
+
+
+def get_model():
+    """The model instruct() uses, loaded on first call."""
+    global _MODEL
+    with _LOAD_LOCK:
+        if _MODEL is None:
+            _MODEL = InstructModel()
+        return _MODEL
+
+
+def instruct(instruction, input=None, max_tokens=None, temperature=None, top_p=None, num_beams=None, truncate=False):
+    """The answer to an instruction (and optional input), stripped, without special tokens.
+
+    max_tokens counts new tokens. None takes the default (GenParams); the trainML route leaves unset fields out.
+    Raises ValueError on an empty instruction, an out-of-range setting, or a prompt longer than the training
+    length unless truncate=True."""
+    if not isinstance(instruction, str) or not instruction.strip():
+        raise ValueError(f"instruction must be a non-empty string, got {instruction!r}")
+    given = dict(max_tokens=max_tokens, temperature=temperature, top_p=top_p, num_beams=num_beams)
+    params = GenParams(**{k: v for k, v in given.items() if v is not None})
+    model = get_model()
+    check_params(params, model.context_window)
+    ids = model.encode_instruction(instruction, input or None, truncate)
+    return model.generate([ids], params)[0].text.strip()
+
+
+def main(args):
+    if args.model_name_or_path or args.max_prompt_tokens:
+        load_model(args.model_name_or_path, args.max_prompt_tokens)
+    print(instruct(args.instruction, args.input, args.max_tokens, args.temperature, args.top_p, args.num_beams,
+                   args.truncate))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--instruction", required=True)
+    p.add_argument("--input", default=None)
+    p.add_argument("--model_name_or_path", default=None, help=f"default: $TRAINML_CHECKPOINT_PATH, else {EMBEDDED_MODEL}")
+    p.add_argument("--max_tokens", type=int, default=None, help=f"new tokens (default {GenParams.max_tokens})")
+    p.add_argument("--temperature", type=float, default=None, help=f"0 to 2; 0 = greedy (default {GenParams.temperature})")
+    p.add_argument("--top_p", type=float, default=None, help=f"default {GenParams.top_p}")
+    p.add_argument("--num_beams", type=int, default=None, help=f"default {GenParams.num_beams}")
+    p.add_argument("--max_prompt_tokens", type=int, default=None, help="default: the tokenizer's model_max_length, else 512")
+    p.add_argument("--truncate", action="store_true", help="cut an over-long input instead of refusing it")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        main(parse_args())
+    except ValueError as e:
+        raise SystemExit(f"inference.py: {e}")
