@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # so a CPU-only machine keeps its CPU build. Override for another build, e.g. TORCH_SPEC="torch==2.14.1".
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test test-all bench clean
 
 setup: $(VENV)/.installed
 
@@ -27,6 +27,10 @@ demo: setup
 	@echo "wrote out/demo: model, trainer_state.json, loss.png"
 
 test: setup
+	$(PY) -m pytest -q tests -m "not slow"
+
+# also the end-to-end launches: deepspeed/torchrun on 2 CPU ranks and the embedded model
+test-all: setup
 	$(PY) -m pytest -q tests
 
 bench: setup
