@@ -1,0 +1,156 @@
+"""What serve.py speaks: the request bodies of the fork's trainML route (/instruct) and of the OpenAI API, the
+mapping of a chat onto the Alpaca template, and the shapes of answers and stream events. No model here."""
+
+import json
+from typing import List, Optional, Union
+
+from pydantic import BaseModel, ConfigDict
+
+from inference import GenParams
+
+
+class ApiError(Exception):
+    def __init__(self, status, message, kind="invalid_request_error", param=None, code=None):
+        super().__init__(message)
+        self.status, self.body = status, {"error": dict(message=message, type=kind, param=param, code=code)}
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we have no use for (user, logit_bias...)
+
+
+class InstructBody(_Body):
+    instruction: str
+    input: Optional[str] = None
+    max_tokens: Optional[int] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    num_beams: Optional[int] = None
+    truncate: bool = False
+    stream: bool = False
+
+
+class _OpenAIBody(_Body):
+    model: Optional[str] = None
+    max_tokens: Optional[int] = None
+    temperature: Optional[float] = 1.0  # OpenAI's defaults
+    top_p: Optional[float] = 1.0
+    n: int = 1
+    stop: Union[str, List[str], None] = None
+    stream: bool = False
+    stream_options: Optional[dict] = None
+    num_beams: Optional[int] = None  # ours, as in /instruct
+    truncate: bool = False
+
+
+class CompletionBody(_OpenAIBody):
+    prompt: Union[str, List[str]]
+    echo: bool = False
+    logprobs: Optional[int] = None
+
+
+class ChatMessage(_Body):
+    role: str
+    content: Union[str, List[dict], None] = None
+
+
+class ChatBody(_OpenAIBody):
+    messages: List[ChatMessage]
+    max_completion_tokens: Optional[int] = None
+    logprobs: Optional[bool] = None
+
+
+def message_text(message):
+    if isinstance(message.content, list):
+        kinds = {p.get("type") for p in message.content} - {"text"}
+        if kinds:
+            raise ValueError(f"content parts of type {sorted(map(str, kinds))} are not supported; send text")
+        return "".join(p.get("text", "") for p in message.content)
+    return message.content or ""
+
+
+def chat_to_alpaca(messages):
+    """(instruction, input or None) for a chat, as the module docstring describes. ValueError names the message."""
+    if not messages or messages[-1].role != "user":
+        found = f"role {messages[-1].role!r}" if messages else "no messages"
+        raise ValueError(f"the last message must come from the user (it becomes the instruction); found {found}")
+    instruction = message_text(messages[-1]).strip()
+    if not instruction:
+        raise ValueError(f"messages[{len(messages) - 1}].content is empty: the instruction must not be empty")
+    system, turns = [], []
+    for i, m in enumerate(messages[:-1]):
+        labels = {"user": "User", "assistant": "Assistant"}
+        if m.role not in ("system", "developer", *labels):
+            raise ValueError(f"messages[{i}].role is {m.role!r}; use system, developer, user or assistant")
+        text = message_text(m).strip()
+        if text:
+            (system.append(text) if m.role in ("system", "developer") else turns.append(f"{labels[m.role]}: {text}"))
+    context = "\n\n".join(system + (["\n".join(turns)] if turns else []))
+    return instruction, context or None
+
+
+def make_params(body, max_tokens_default, stop=None):
+    given = dict(max_tokens=body.max_tokens, temperature=body.temperature, top_p=body.top_p, num_beams=body.num_beams)
+    given["max_tokens"] = given["max_tokens"] if given["max_tokens"] is not None else max_tokens_default
+    stop = [stop] if isinstance(stop, str) else stop or []
+    return GenParams(stop=tuple(stop), **{k: v for k, v in given.items() if v is not None})
+
+
+def usage(results):
+    p, c = sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results)
+    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+
+
+def sse(obj):
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+
+def validation_message(errors):
+    """One line for FastAPI's validation errors: malformed JSON, or each bad field with what is wrong."""
+    for e in errors:
+        if e.get("type") == "json_invalid":
+            return f"malformed JSON body: {e.get('ctx', {}).get('error', e.get('msg'))}"
+    return "; ".join(f"{'.'.join(str(x) for x in e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors)
+
+
+
+async def instruct_events(items):
+    """/instruct's stream: {"text": delta} events, then one with finish_reason and usage.
+
+    items: text deltas, then the Completion (serve.stream_job)."""
+    first = True
+    async for item in items:
+        if isinstance(item, str):
+            text = item.lstrip() if first else item  # instruct() strips the answer; do the same to the stream
+            first = first and not text
+            if text:
+                yield {"text": text}
+        else:
+            yield {"text": "", "finish_reason": item.finish_reason, "usage": usage([item])}
+
+
+async def openai_events(streams, head, chat, include_usage):
+    """OpenAI stream chunks for each prompt in turn: text deltas, then one chunk with the finish_reason.
+
+    streams: one async iterator per prompt, as instruct_events takes; each starts its job when first read."""
+    results = []
+    for index, items in enumerate(streams):
+        if chat:
+            yield dict(head, choices=[{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+        first = True
+        async for item in items:
+            if not isinstance(item, str):
+                results.append(item)
+                done = {"delta": {}} if chat else {"text": "", "logprobs": None}
+                yield dict(head, choices=[dict(done, index=index, finish_reason=item.finish_reason)])
+                continue
+            text = item.lstrip() if chat and first else item  # chat answers come stripped
+            first = first and not text
+            if text:
+                part = {"delta": {"content": text}} if chat else {"text": text, "logprobs": None}
+                yield dict(head, choices=[dict(part, index=index, finish_reason=None)])
+    if include_usage:
+        yield dict(head, choices=[], usage=usage(results))
+
+
