@@ -19,6 +19,7 @@ import os
 import random
 import re
 import string
+import threading
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -192,7 +193,9 @@ class RougeLDeduper:
 
         scores: (pool size at that moment,) F-measures in pool order, so self.instructions[i] pairs with scores[i]."""
         codes = [self.encode(t) for t in instructions]
-        base = (rf_process.cdist(codes, self._codes, scorer=LCSseq.similarity, dtype=np.int32, workers=self.workers)
+        # threads only pay off on a big matrix: 1e6 pairs is ~25 ms of LCS on one core
+        workers = self.workers if len(codes) * len(self._codes) >= 1_000_000 else 1
+        base = (rf_process.cdist(codes, self._codes, scorer=LCSseq.similarity, dtype=np.int32, workers=workers)
                 if codes and self._codes else np.zeros((len(codes), 0), dtype=np.int32))
         results, kept, kept_codes = [], [], []
         for text, code, lcs in zip(instructions, codes, base):
@@ -261,7 +264,7 @@ class Requester:
         self.decoding = dict(temperature=temperature, top_p=top_p, n=1, stop=STOP_SEQUENCES)
         self.max_tokens = MAX_TOKENS  # shared by the threads; shrinks for everyone after a context-length error
         self.max_retries, self.retry_base_s, self.min_max_tokens = max_retries, retry_base_s, min_max_tokens
-        self.stop_event = None  # a threading.Event: set once the run is failing, so other threads stop retrying
+        self.stop_event = threading.Event()  # set once the run is failing, so the other threads stop retrying
         self.retries = 0
 
     def _send(self, prompts):
@@ -305,7 +308,7 @@ class Requester:
             except (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError) as e:
                 attempt += 1  # APIConnectionError covers APITimeoutError
                 self.retries += 1
-                if attempt > self.max_retries or (self.stop_event is not None and self.stop_event.is_set()):
+                if attempt > self.max_retries or self.stop_event.is_set():
                     raise FatalRequestError(f"gave up after {attempt} attempts: {type(e).__name__}: {e}") from e
                 delay = self.retry_base_s * 2 ** (attempt - 1) * (0.5 + random.random())  # exponential, with jitter
                 logger.warning("%s (%s); retry %d/%d in %.2f s", type(e).__name__, getattr(e, "status_code", "no status"),
@@ -380,52 +383,24 @@ def generate_instruction_following_data(
 
     request_batch_size: prompts per completions request (chat sends one prompt per request). num_cpus: threads for the
     dedup's LCS matrix. seed: seeds the choice of example tasks (the original did not seed)."""
-    import threading
-
     seeds = load_seed_tasks(seed_tasks_path)
     check_options(api, num_prompt_instructions, len(seeds), max_workers, request_batch_size)
     chosen = choose_api(api, model_name)
     client, base_url = make_client(base_url, api_key, request_timeout)
     requester = Requester(client, chosen, model_name, num_prompt_instructions, temperature, top_p, auto=api == "auto",
                           max_retries=max_retries, retry_base_s=retry_base_s)
-    requester.stop_event = threading.Event()
     regen_path = Path(output_dir) / "regen.json"
     records = load_regen(regen_path)
     deduper = RougeLDeduper([s["instruction"] for s in seeds] + [r["instruction"] for r in records], workers=num_cpus)
     logger.info("%d seed tasks, %d instructions from an earlier run; %s API, model %s at %s", len(seeds), len(records),
                 chosen, model_name, base_url or "api.openai.com")
-    rng, stats, seconds = random.Random(seed), Counter(), []
+    rng = random.Random(seed)
 
-    def one_request(prompts):
-        start = time.perf_counter()
-        results, usage = requester(prompts)
-        return prompts, results, usage, time.perf_counter() - start
-
-    def next_prompts():
+    def make_prompts():
         size = request_batch_size if requester.api == "completions" else 1
         return [encode_prompt(rng.sample(seeds, num_prompt_instructions)) for _ in range(size)]
 
-    bar = tqdm.tqdm(total=num_instructions_to_generate, initial=min(len(records), num_instructions_to_generate), unit="instr")
-    with logging_redirect_tqdm(), ThreadPoolExecutor(max_workers) as executor:
-        try:
-            for prompts, results, usage, secs in completed_requests(executor, one_request, next_prompts, max_workers,
-                                                                     lambda: len(records) < num_instructions_to_generate):
-                before = Counter(stats)
-                for result in results:
-                    add_response(parse_response(num_prompt_instructions, result["text"], result["finish_reason"], stats),
-                                 deduper, records, stats)
-                utils.jdump(records, regen_path)  # atomic: a kill leaves the old file or the new one
-                seconds.append(secs)
-                stats.update(requests=1, tokens=getattr(usage, "total_tokens", 0) or 0)
-                log_request(stats, before, len(prompts), secs)
-                bar.update(min(len(records), num_instructions_to_generate) - bar.n)
-                bar.set_postfix(requests=stats["requests"], tokens=stats["tokens"], dropped=sum(drop_counts(stats).values()))
-        except FatalRequestError as e:
-            requester.stop_event.set()
-            executor.shutdown(wait=False, cancel_futures=True)
-            raise SystemExit(f"generate_instruction: {e}\n{len(records)} instructions are saved in {regen_path}; "
-                             "rerun to resume.") from e
-    bar.close()
+    stats, seconds = run_requests(requester, make_prompts, records, deduper, regen_path, num_instructions_to_generate, max_workers)
     drops = drop_counts(stats)
     logger.info("done: %d requests (%.2f s each on average, %d retries), %d tokens; kept %d, dropped %d (%s); %d in %s",
                 stats["requests"], float(np.mean(seconds)) if seconds else 0.0, requester.retries, stats["tokens"],
@@ -434,6 +409,41 @@ def generate_instruction_following_data(
     if export_alpaca:
         export_alpaca_rows(records, export_alpaca)
     return str(regen_path)
+
+
+def run_requests(requester, make_prompts, records, deduper, regen_path, target, max_workers):
+    """Send requests until records holds target instructions; filter each answer as it lands and save after each.
+
+    Returns (stats Counter, seconds per request). A FatalRequestError ends the run with a message; what is saved stays."""
+    stats, seconds = Counter(), []
+
+    def one_request(prompts):
+        start = time.perf_counter()
+        results, usage = requester(prompts)
+        return prompts, results, usage, time.perf_counter() - start
+
+    bar = tqdm.tqdm(total=target, initial=min(len(records), target), unit="instr")
+    with logging_redirect_tqdm(), ThreadPoolExecutor(max_workers) as executor:
+        try:
+            for prompts, results, usage, secs in completed_requests(executor, one_request, make_prompts, max_workers,
+                                                                     lambda: len(records) < target):
+                before = Counter(stats)
+                for result in results:
+                    add_response(parse_response(requester.k, result["text"], result["finish_reason"], stats),
+                                 deduper, records, stats)
+                utils.jdump(records, regen_path)  # atomic: a kill leaves the old file or the new one
+                seconds.append(secs)
+                stats.update(requests=1, tokens=getattr(usage, "total_tokens", 0) or 0)
+                log_request(stats, before, len(prompts), secs)
+                bar.update(min(len(records), target) - bar.n)
+                bar.set_postfix(requests=stats["requests"], tokens=stats["tokens"], dropped=sum(drop_counts(stats).values()))
+        except FatalRequestError as e:
+            requester.stop_event.set()  # the other threads stop retrying
+            executor.shutdown(wait=False, cancel_futures=True)
+            raise SystemExit(f"generate_instruction: {e}\n{len(records)} instructions are saved in {regen_path}; "
+                             "rerun to resume.") from e
+    bar.close()
+    return stats, seconds
 
 
 def completed_requests(executor, send, make_prompts, max_workers, want_more):

@@ -3,7 +3,7 @@ answering in the numbered Instruction/Input/Output format that generate_instruct
 
     python tests/fake_openai.py --port 8001          # then --base_url http://127.0.0.1:8001/v1
 
-Faults are consumed one per POST, in order: None (answer normally), "429", "500", "401", "slow" (answer after
+Faults are consumed one per POST, in order: None (answer normally), "429", "500", "401", "403", "slow" (answer after
 slow_s seconds, past the client's timeout), "malformed" (text with no numbered tasks), "length" (the last task
 cut off, finish_reason "length"). Every POST is logged in .log with its body, fault and the instructions sent.
 """
@@ -71,7 +71,7 @@ class FakeOpenAI:
             self.stopping.wait(self.delay_s)
         if route not in self.routes:
             return 404, {"detail": "Not Found"}
-        if fault in ("429", "500", "401"):
+        if fault in ("429", "500", "401", "403"):
             return int(fault), {"error": {"message": f"injected {fault}", "type": "fault", "code": fault}}
         if fault == "slow":
             self.stopping.wait(self.slow_s)

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -137,6 +136,17 @@ def test_check_options_collects_every_problem():
     assert "--max_workers 0" in str(err.value)
 
 
+def test_load_regen_names_a_damaged_file_and_export_alpaca_writes_plain_rows(tmp_path):
+    regen = tmp_path / "regen.json"
+    regen.write_text('[{"instruction": "x"')
+    with pytest.raises(ValueError, match=f"{regen}: not valid JSON"):
+        gi.load_regen(regen)
+    regen.write_text(json.dumps([{"instruction": "Add 2 and 3.", "input": "", "output": "5",
+                                  "most_similar_instructions": {"a": 0.1}, "avg_similarity_score": 0.1}]))
+    gi.export_alpaca(regen, tmp_path / "alpaca.json")
+    assert json.loads((tmp_path / "alpaca.json").read_text()) == [{"instruction": "Add 2 and 3.", "input": "", "output": "5"}]
+
+
 # ---------------------------------------------------------------------------------------------
 # ROUGE-L: equal to rouge_score, same decisions as the original loop
 VOCAB = ["the", "a", "of", "cat", "Cat", "CATS", "run", "running", "x", "42", "4.2", "e-mail", "don't", "C++", "--", "!!",
@@ -260,11 +270,15 @@ def test_auto_switches_to_completions_when_the_server_has_no_chat_route(free_por
     assert len(gi.post_process_gpt3_response(K, result)) == 13  # 16 tasks (4..19) less the 3 the filters drop
 
 
-def test_unknown_model_fails_fast_and_retries_are_bounded_with_growing_backoff(free_port, monkeypatch):
+def test_unknown_model_and_403_fail_fast_and_retries_are_bounded_with_growing_backoff(free_port, monkeypatch):
     with FakeOpenAI(free_port, models=["served-model"]) as fake:
         with pytest.raises(gi.FatalRequestError, match="404 for model 'no-such-model'.*--model_name"):
             make_requester(fake, "no-such-model", api="chat")([PROMPT])
     assert len(fake.log) == 1  # no retry
+    with FakeOpenAI(free_port, faults=["403"]) as fake:
+        with pytest.raises(gi.FatalRequestError, match="403: the server rejected the API key"):
+            make_requester(fake, "fake-chat")([PROMPT])
+    assert len(fake.log) == 1
     delays = []
     monkeypatch.setattr(gi.time, "sleep", delays.append)
     with FakeOpenAI(free_port, faults=["500"] * 9) as fake:
