@@ -129,8 +129,9 @@ class Batcher:
         self.thread.start()
 
     def stop(self, timeout=30):
-        self.inbox.put(None)
-        self.thread.join(timeout)
+        if self.thread is not None:
+            self.inbox.put(None)
+            self.thread.join(timeout)
 
 
 def install_error_handlers(app):
@@ -142,6 +143,7 @@ def install_error_handlers(app):
                               lambda request, e: answer(400, validation_message(e.errors())))
     app.add_exception_handler(StarletteHTTPException,
                               lambda request, e: answer(e.status_code, str(e.detail), code=e.status_code))
+    app.add_exception_handler(Exception, lambda request, e: answer(500, f"internal error ({type(e).__name__}): {e}", "server_error"))
 
 
 def install_auth(app, api_key):
@@ -176,7 +178,11 @@ def prepare(engine, params, encode):
 
 
 async def run_job(batcher, job):
-    return await asyncio.wrap_future(batcher.submit(job))
+    future = batcher.submit(job)
+    try:
+        return await asyncio.wrap_future(future)
+    except Exception as e:  # noqa: BLE001 - the model thread logged it; the caller gets a JSON 500
+        raise ApiError(500, f"generation failed ({type(e).__name__}): {e}", "server_error") from e
 
 
 async def stream_job(batcher, job):

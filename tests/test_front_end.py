@@ -1,0 +1,114 @@
+"""The web UI in a real browser: Playwright drives Debian's headless Chromium against serve.py running the scripted
+tiny Llama. It types an instruction, clicks Send and reads the answer, then stops the server and sees the error bar.
+Screenshots go to test-artifacts/ (front_end.png: the answer; front_end_error.png: the error bar)."""
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from conftest import ROOT, subprocess_env
+from scripted_llama import SCRIPT, build_scripted_llama
+
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def chromium_path():
+    """Debian's chromium, never a Playwright download. Missing: a failure in CI (.ci/run installs it), else a skip."""
+    path = os.environ.get("CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        path = None
+    if path is None:
+        message = "the browser test needs Debian's chromium (apt-get install chromium) and the playwright package"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return path
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    return chromium_path()
+
+
+@pytest.fixture(scope="module")
+def server(chromium, tmp_path_factory, spm_tokenizer_dir, free_port):
+    model = build_scripted_llama(spm_tokenizer_dir, tmp_path_factory.mktemp("scripted"))
+    cmd = [sys.executable, "serve.py", "--model_name_or_path", str(model), "--port", str(free_port), "--log_level", "warning"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{free_port}"
+    try:
+        deadline = time.monotonic() + 600  # seconds usually; minutes when a busy 2-core machine imports torch
+        while not _healthy(url):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                proc.kill()
+                raise RuntimeError(f"serve.py did not come up: {proc.stdout.read().decode()[-3000:]}")
+            time.sleep(0.5)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(timeout=20)
+
+
+@pytest.fixture(scope="module")
+def free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _healthy(url):
+    try:
+        return httpx.get(f"{url}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def test_send_shows_the_answer_then_the_error_bar_when_the_endpoint_is_down(chromium, server):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, proc = server
+    ARTIFACTS.mkdir(exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, timeout=60_000)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            page.goto(url, timeout=60_000)
+            expect(page.locator("#endpoint")).to_have_value(url)  # served by serve.py: it points at itself
+            expect(page.locator("#error-bar")).to_be_hidden()
+
+            page.click("#send")  # no instruction yet: refused in the page, nothing sent
+            expect(page.locator("#error-text")).to_contain_text("Instruction is required")
+            page.click("#error-close")
+
+            page.fill("#instruction", "Suggest a name for a bakery.")
+            page.fill("#input", "It sells rye bread only.")
+            page.fill("#max_tokens", "16")
+            page.click("#send")
+            expect(page.locator("#response")).to_have_text("".join(SCRIPT).strip(), timeout=60_000)
+            expect(page.locator("#send")).to_be_enabled()  # the loading state is over
+            expect(page.locator("#error-bar")).to_be_hidden()
+            expect(page.locator("#stats")).to_contain_text("tokens")  # streamed: the last event carried usage
+            page.screenshot(path=str(ARTIFACTS / "front_end.png"), full_page=True)
+
+            proc.terminate()
+            proc.wait(timeout=20)
+            page.click("#send")
+            expect(page.locator("#error-bar")).to_be_visible(timeout=30_000)
+            expect(page.locator("#error-text")).to_contain_text(f"Could not reach {url}")
+            expect(page.locator("#send")).to_be_enabled()
+            page.screenshot(path=str(ARTIFACTS / "front_end_error.png"), full_page=True)
+        finally:
+            browser.close()
+    assert (ARTIFACTS / "front_end.png").stat().st_size > 10_000  # a real page, not a blank image
