@@ -114,10 +114,6 @@ def embedding_resize(path_raw, model, keys):
     return {n: (len(tokenizer) - added, added) for n in names}
 
 
-def resized_shape(shape, resize):
-    return (resize[0] + resize[1], *shape[1:]) if resize else tuple(shape)
-
-
 def pair_up(raw_shapes, other_shapes, resize, known, other_name):
     """Shapes of the output: raw keys must equal the other side's, with equal shapes after the resize.
 
@@ -136,7 +132,7 @@ def pair_up(raw_shapes, other_shapes, resize, known, other_name):
         if spec and spec[0] > raw_shapes[key][0]:
             problems.append(f"{key}: the raw tokenizer has {spec[0]} tokens but the table only {raw_shapes[key][0]} rows")
             continue
-        want = resized_shape(raw_shapes[key], spec)
+        want = (spec[0] + spec[1], *raw_shapes[key][1:]) if spec else tuple(raw_shapes[key])
         if want != tuple(other_shapes[key]):
             note = f" after adding {spec[1]} token rows" if spec and spec[1] else ""
             problems.append(f"{key}: shape {list(other_shapes[key])} in {other_name}, the raw model gives {list(want)}{note}")
@@ -253,7 +249,8 @@ def copy_side_files(src, dst):
     """config.json (marked fp32, as our weights are), generation_config.json, and the tokenizer."""
     config = json.loads((Path(src) / "config.json").read_text())
     config["dtype"] = "float32"
-    config.pop("torch_dtype", None)  # the name transformers<5 used
+    for stale in ("torch_dtype", "quantization_config"):  # the <5 name of dtype; our weights are plain fp32
+        config.pop(stale, None)
     utils.jdump(config, Path(dst) / "config.json")
     if (Path(src) / "generation_config.json").is_file():
         shutil.copyfile(Path(src) / "generation_config.json", Path(dst) / "generation_config.json")
@@ -267,13 +264,14 @@ def _prepare(path_raw, path_other, other_name):
     order = list(model.state_dict().keys())
     resize = embedding_resize(path_raw, model, raw.shapes)
     shapes = pair_up(raw.shapes, other.shapes, resize, set(order), other_name)
-    resize = {k: r for k, r in resize.items() if k in shapes and resized_shape(raw.shapes[k], r) != raw.shapes[k]}
+    resize = {k: r for k, r in resize.items() if k in shapes and shapes[k] != raw.shapes[k]}  # drop no-ops
     means = {k: mean_row(raw, k, keep) for k, (keep, _) in resize.items()}
     return raw, other, resize, means, shapes, order
 
 
 def make_diff(path_raw, path_tuned, path_diff, device="cpu", chunk_mb=16, max_shard_mb=2048):
     """Write tuned - raw (fp32) to path_diff with the tuned config and tokenizer and a sha256 manifest."""
+    path_raw = utils.resolve_model_path(path_raw)  # embedded:smollm2-135m, train.py's default base
     raw, tuned, resize, means, shapes, _ = _prepare(path_raw, path_tuned, f"the tuned model {path_tuned}")
     hashes = {}
 
@@ -318,7 +316,7 @@ def naive_check_applies(path_diff):
     if all(config.get(k) == v for k, v in ALPACA_7B_CONFIG.items()):
         return True
     logger.info("check_integrity_naively: skipped, %s is not the Alpaca-7B diff and %.4f is the sum of "
-                "Alpaca-7B's weights only (the per-tensor sha256 check still applies)", path_diff, ALPACA_7B_SUM)
+                "Alpaca-7B's weights only (the manifest's sha256 check, if any, still applies)", path_diff, ALPACA_7B_SUM)
     return False
 
 
@@ -330,14 +328,23 @@ def naive_sum(sums, order):
     return total
 
 
+def check_naive_sum(total, path_raw):
+    if not torch.allclose(total, torch.tensor(ALPACA_7B_SUM), atol=ALPACA_7B_ATOL, rtol=0):
+        raise ValueError(f"the recovered weights sum to {total.item():.4f}, Alpaca-7B's to {ALPACA_7B_SUM}: "
+                         f"{path_raw} is not the LLaMA-7B the diff was made from, or a file is corrupt")
+
+
 def sample_completion(path, device="cpu", instruction=TEST_INSTRUCTION, max_length=256):
     """Generate one sampled completion from the model in `path` with the shared Alpaca template."""
     tokenizer = transformers.AutoTokenizer.from_pretrained(path)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
     enc = tokenizer(utils.format_prompt(instruction), return_tensors="pt").to(device)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    out = model.generate(**enc, max_length=max_length, do_sample=True, top_p=0.9, num_return_sequences=1, pad_token_id=pad)
-    completion = tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    prompt_len = enc["input_ids"].shape[1]
+    # max_length counts the prompt, as in the original; a prompt that long still gets a few new tokens
+    new_tokens = max(max_length - prompt_len, 16)
+    out = model.generate(**enc, max_new_tokens=new_tokens, do_sample=True, top_p=0.9, num_return_sequences=1, pad_token_id=pad)
+    completion = tokenizer.decode(out[0, prompt_len:], skip_special_tokens=True)
     print(f"Instruction: {instruction}\nCompletion: {completion}")
     return completion
 
@@ -348,6 +355,7 @@ def recover(path_raw, path_diff, path_tuned=None, device="cpu", test_inference=T
 
     Returns the folder; the original returned the model, which we never hold. Without path_tuned the
     result goes to a temp folder for the checks and the test generation, then is deleted."""
+    path_raw = utils.resolve_model_path(path_raw)
     raw, diff, resize, means, shapes, order = _prepare(path_raw, path_diff, f"the diff {path_diff}")
     expected = load_manifest(path_diff, shapes)
     naive = check_integrity_naively and naive_check_applies(path_diff)
@@ -368,19 +376,18 @@ def recover(path_raw, path_diff, path_tuned=None, device="cpu", test_inference=T
                              "raw model the diff was made from")
 
     dest = path_tuned or tempfile.mkdtemp(prefix="recovered.")
-    with staging(dest, (path_raw, path_diff)) as tmp:
-        write_model(tmp, shapes, produce, int(max_shard_mb * MiB), "recover")
-        if naive:
-            total = naive_sum(sums, order)
-            if not torch.allclose(total, torch.tensor(ALPACA_7B_SUM), atol=ALPACA_7B_ATOL, rtol=0):
-                raise ValueError(f"the recovered weights sum to {total.item():.4f}, Alpaca-7B's sum to {ALPACA_7B_SUM}: "
-                                 f"{path_raw} is not the LLaMA-7B the diff was made from, or a file is corrupt")
-        copy_side_files(path_diff, tmp)
-    logger.info("recovered %d tensors into %s%s", len(shapes), dest, "" if expected is None else ", all match the manifest")
-    if test_inference:
-        sample_completion(dest, device, max_length=inference_max_length)
-    if path_tuned is None:
-        shutil.rmtree(dest)
+    try:
+        with staging(dest, (path_raw, path_diff)) as tmp:
+            write_model(tmp, shapes, produce, int(max_shard_mb * MiB), "recover")
+            if naive:
+                check_naive_sum(naive_sum(sums, order), path_raw)
+            copy_side_files(path_diff, tmp)
+        logger.info("recovered %d tensors into %s%s", len(shapes), dest, "" if expected is None else ", all match the manifest")
+        if test_inference:
+            sample_completion(dest, device, max_length=inference_max_length)
+    finally:
+        if path_tuned is None:
+            shutil.rmtree(dest, ignore_errors=True)
     return None if path_tuned is None else str(path_tuned)
 
 

@@ -181,6 +181,12 @@ def test_refuses_to_overwrite_an_input_or_a_full_folder(tiny_llama_dir, diff_dir
     assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
 
 
+def test_without_path_tuned_nothing_is_left_behind(tiny_llama_dir, diff_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(weight_diff.tempfile, "tempdir", str(tmp_path))  # where the temp result goes
+    assert weight_diff.recover(tiny_llama_dir, diff_dir, test_inference=False, chunk_mb=CHUNK_MB) is None
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_naive_check_only_for_alpaca_7b(tmp_path, diff_dir, caplog):
     (tmp_path / "config.json").write_text(json.dumps(dict(weight_diff.ALPACA_7B_CONFIG, architectures=["LlamaForCausalLM"])))
     assert weight_diff.naive_check_applies(tmp_path)
