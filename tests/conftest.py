@@ -125,11 +125,21 @@ def data_file(tmp_path):
     return _write
 
 
-@pytest.fixture
-def free_port():
+def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@pytest.fixture
+def free_port():
+    return _free_port()
+
+
+@pytest.fixture(scope="module")
+def free_port_module():
+    """One port for a module's server fixture."""
+    return _free_port()
 
 
 def subprocess_env(**extra):

@@ -40,11 +40,11 @@ def chromium():
 
 
 @pytest.fixture(scope="module")
-def server(chromium, tmp_path_factory, spm_tokenizer_dir, free_port):
+def server(chromium, tmp_path_factory, spm_tokenizer_dir, free_port_module):
     model = build_scripted_llama(spm_tokenizer_dir, tmp_path_factory.mktemp("scripted"))
-    cmd = [sys.executable, "serve.py", "--model_name_or_path", str(model), "--port", str(free_port), "--log_level", "warning"]
+    cmd = [sys.executable, "serve.py", "--model_name_or_path", str(model), "--port", str(free_port_module), "--log_level", "warning"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{free_port}"
+    url = f"http://127.0.0.1:{free_port_module}"
     try:
         deadline = time.monotonic() + 600  # seconds usually; minutes when a busy 2-core machine imports torch
         while not _healthy(url):
@@ -57,15 +57,6 @@ def server(chromium, tmp_path_factory, spm_tokenizer_dir, free_port):
         if proc.poll() is None:
             proc.terminate()
             proc.wait(timeout=20)
-
-
-@pytest.fixture(scope="module")
-def free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _healthy(url):

@@ -208,15 +208,6 @@ def server(scripted_dir, free_port_module):
 
 
 @pytest.fixture(scope="module")
-def free_port_module():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
 def client(server):
     import openai
 
