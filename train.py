@@ -18,6 +18,7 @@ The seed's flags that today's transformers removed are accepted and mapped (see 
 """
 
 import copy
+import datetime
 import logging
 import os
 import sys
@@ -29,7 +30,6 @@ import torch
 import transformers
 from torch.utils.data import Dataset
 from transformers import Trainer
-from transformers.trainer_utils import get_last_checkpoint
 
 import utils
 from utils import (  # noqa: F401  re-exported: users import these from train
@@ -82,6 +82,38 @@ class TrainingArguments(transformers.TrainingArguments):
         default=512,
         metadata={"help": "Maximum sequence length. Sequences will be right padded (and possibly truncated)."},
     )
+
+    def __post_init__(self):
+        if cpu_world_size() > 1:
+            setup_cpu_ranks(self)
+        super().__post_init__()
+
+
+def cpu_world_size():
+    """Number of ranks when launched by deepspeed/torchrun on a machine with no GPU, else 0."""
+    if torch.cuda.is_available() or int(os.environ.get("LOCAL_RANK", -1)) == -1:
+        return 0
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+
+def setup_cpu_ranks(args):
+    """Several ranks, no GPU. accelerate would give each DeepSpeed rank a world of its own (batch-size mismatch) and
+    would refuse --fsdp, so set up gloo here, as the GPU path sets up NCCL."""
+    from accelerate import PartialState
+
+    if args.deepspeed:
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"  # what TrainingArguments sets around its own PartialState
+        try:
+            PartialState(backend="gloo", timeout=datetime.timedelta(seconds=args.ddp_timeout))
+        finally:
+            del os.environ["ACCELERATE_USE_DEEPSPEED"]
+        if args.accelerator_config is None:
+            args.accelerator_config = {}
+        if not isinstance(args.accelerator_config, dict):
+            raise ValueError("with no GPU, give --accelerator_config as a JSON dict (or not at all) under --deepspeed")
+        args.accelerator_config["use_configured_state"] = True
+    else:
+        args.use_cpu = True  # accelerate's MULTI_CPU over gloo; FSDP is switched on in SupervisedTrainer
 
 
 # Flags from the original README and the trainML fork that current transformers rejects.
@@ -362,6 +394,15 @@ class SupervisedTrainer(Trainer):
         super().__init__(*args, **kwargs)
         self.eval_data_collator = eval_data_collator
 
+    def create_accelerator_and_postprocess(self):
+        # accelerate turns --fsdp on only from a GPU-type state; on CPU ranks (gloo) let it, the device stays CPU
+        from accelerate.state import DistributedType, PartialState
+
+        state = PartialState._shared_state
+        if self.args.fsdp and state.get("distributed_type") == DistributedType.MULTI_CPU:
+            state["distributed_type"] = DistributedType.MULTI_GPU
+        super().create_accelerator_and_postprocess()
+
     def get_eval_dataloader(self, eval_dataset=None):
         if self.eval_data_collator is None:
             return super().get_eval_dataloader(eval_dataset)
@@ -391,6 +432,9 @@ def make_supervised_data_module(tokenizer: transformers.PreTrainedTokenizer, dat
     elif getattr(data_args, "eval_data_path", None):
         eval_dataset = SupervisedDataset(data_args.eval_data_path, tokenizer, None, by_construction)
     train_dataset = SupervisedDataset(data_args.data_path, tokenizer, rows, by_construction)
+    if train_dataset.num_fully_masked == len(train_dataset):
+        raise ValueError(f"{data_args.data_path}: no row has a trainable label; the prompts fill all "
+                         f"{tokenizer.model_max_length} tokens (raise --model_max_length)")
     data_collator = DataCollatorForSupervisedDataset(tokenizer=tokenizer)
     return dict(train_dataset=train_dataset, eval_dataset=eval_dataset, data_collator=data_collator)
 
@@ -416,14 +460,25 @@ def find_resume_checkpoint(training_args):
     """--resume_from_checkpoint PATH|True, or the last checkpoint-* in output_dir when none is given."""
     flag = training_args.resume_from_checkpoint
     if flag in ("True", "true", True):
-        last = get_last_checkpoint(training_args.output_dir) if os.path.isdir(training_args.output_dir) else None
+        last = last_complete_checkpoint(training_args.output_dir)
         if last is None:
-            raise ValueError(f"--resume_from_checkpoint True, but {training_args.output_dir} holds no checkpoint-*")
+            raise ValueError(f"--resume_from_checkpoint True, but {training_args.output_dir} holds no complete checkpoint-*")
         return last
     if flag not in (None, "", "False", "false"):
         return flag
-    if os.path.isdir(training_args.output_dir):
-        return get_last_checkpoint(training_args.output_dir)
+    return last_complete_checkpoint(training_args.output_dir)
+
+
+def last_complete_checkpoint(output_dir):
+    """The newest checkpoint-* with its trainer_state.json; a run killed while saving leaves one without."""
+    if not os.path.isdir(output_dir):
+        return None
+    found = sorted((int(p.name.split("-")[1]), p) for p in Path(output_dir).glob("checkpoint-*")
+                   if p.name.split("-")[1].isdigit())
+    for step, path in reversed(found):
+        if (path / "trainer_state.json").exists():
+            return str(path)
+        logger.warning("skipping %s: it has no trainer_state.json (the run was stopped while saving it)", path)
     return None
 
 
@@ -448,6 +503,8 @@ def train(argv=None):
         data_module["data_collator"] = make_collator(tokenizer, model.config, training_args.model_max_length)
         data_module["eval_data_collator"] = DataCollatorForSupervisedDataset(tokenizer=tokenizer)
     trainer = SupervisedTrainer(model=model, processing_class=tokenizer, args=training_args, **data_module)
+    if training_args.process_index == 0:
+        logger.info("%d rank(s), %s, on %s", training_args.world_size, trainer.accelerator.distributed_type, training_args.device)
 
     before = demo_answers(trainer, tokenizer, data_args) if data_args.demo_generations else None
     eval_before = trainer.evaluate()["eval_loss"] if data_module["eval_dataset"] is not None and data_args.demo_generations else None

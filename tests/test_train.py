@@ -74,6 +74,22 @@ def test_dataset_counts_truncated_and_fully_masked_rows(spm_tokenizer_dir, data_
     assert set(ds[0]) == {"input_ids", "labels"}
 
 
+def test_training_data_with_no_trainable_label_at_all_is_refused(spm_tokenizer_dir, data_file):
+    tokenizer = load_tokenizer(spm_tokenizer_dir, max_length=32)  # shorter than the template alone
+    args = train.DataArguments(data_path=str(data_file(make_rows(4))))
+    with pytest.raises(ValueError, match="no row has a trainable label.*raise --model_max_length"):
+        train.make_supervised_data_module(tokenizer, args)
+
+
+def test_resume_skips_a_checkpoint_that_was_killed_while_saving(tmp_path):
+    for step in (2, 9, 10):
+        (tmp_path / f"checkpoint-{step}").mkdir()
+    for step in (2, 9):  # checkpoint-10 has no trainer_state.json: the run died while writing it
+        (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
+    assert train.last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-9")  # 10 > 9 numerically, 9 > 10 as text
+    assert train.last_complete_checkpoint(tmp_path / "missing") is None
+
+
 def test_mask_by_construction_trains_exactly_the_output(bpe_tokenizer_dir):
     tokenizer = load_tokenizer(bpe_tokenizer_dir, max_length=512)
     sources, targets = train.build_example_texts(make_rows(10, seed=3), tokenizer.eos_token)

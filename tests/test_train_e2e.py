@@ -78,8 +78,9 @@ def test_trainml_deepspeed_zero2_command_verbatim(tmp_path, tiny_llama_dir):
     model_path = job_dir(tmp_path, 768)
     out = tmp_path / "output"
     env = subprocess_env(TRAINML_CHECKPOINT_PATH=tiny_llama_dir, TRAINML_MODEL_PATH=model_path, TRAINML_OUTPUT_PATH=out)
-    proc = run(TRAINML_COMMAND + " --model_max_length 64", cwd=model_path, env=env)
+    proc = run(TRAINML_COMMAND + " --model_max_length 256", cwd=model_path, env=env)
     assert "ignoring --bf16 True" in proc.stdout + proc.stderr
+    assert "2 rank(s), DistributedType.DEEPSPEED" in proc.stdout + proc.stderr
     assert_loads_and_changed(out, tiny_llama_dir)
     lrs = logged_lrs(out)
     assert len(lrs) == 36, lrs
@@ -98,8 +99,9 @@ def test_original_readme_fsdp_command(tmp_path, tiny_llama_dir, free_port):
     --gradient_accumulation_steps 8 --evaluation_strategy "no" --save_strategy "steps" --save_steps 2000 \\
     --save_total_limit 1 --learning_rate 2e-5 --weight_decay 0. --warmup_ratio 0.03 --lr_scheduler_type "cosine" \\
     --logging_steps 1 --fsdp "full_shard auto_wrap" --fsdp_transformer_layer_cls_to_wrap 'LlamaDecoderLayer' \\
-    --tf32 True --model_max_length 64"""
-    run(cmd, cwd=model_path, env=subprocess_env())
+    --tf32 True --model_max_length 256"""
+    proc = run(cmd, cwd=model_path, env=subprocess_env())
+    assert "2 rank(s), DistributedType.FSDP" in proc.stderr  # sharded, not silently plain DDP
     assert_loads_and_changed(out, tiny_llama_dir)
     assert len(logged_lrs(out)) == 6  # 128 rows / (4 * 2 ranks * 8) = 2 steps an epoch, 3 epochs
 
@@ -112,8 +114,9 @@ def test_zero3_offload_saves_weights_that_load(tmp_path, tiny_llama_dir, free_po
       --num_train_epochs 1 --per_device_train_batch_size 4 --per_device_eval_batch_size 4 \\
       --gradient_accumulation_steps 2 --evaluation_strategy "no" --save_strategy "steps" --save_steps 2000 \\
       --save_total_limit 1 --learning_rate 1e-3 --weight_decay 0. --warmup_ratio 0.03 \\
-      --deepspeed "./configs/default_offload_opt_param.json" --tf32 True --model_max_length 64 --report_to none"""
-    run(cmd, cwd=model_path, env=subprocess_env())
+      --deepspeed "./configs/default_offload_opt_param.json" --tf32 True --model_max_length 256 --report_to none"""
+    proc = run(cmd, cwd=model_path, env=subprocess_env())
+    assert "2 rank(s), DistributedType.DEEPSPEED" in proc.stderr
     assert_loads_and_changed(out, tiny_llama_dir)
 
 
@@ -123,7 +126,7 @@ def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_llama_dir, d
     cmd = [sys.executable, str(ROOT / "train.py"), "--model_name_or_path", str(tiny_llama_dir), "--data_path", str(data),
            "--output_dir", str(out), "--num_train_epochs", "2", "--per_device_train_batch_size", "4",
            "--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1", "--report_to", "none",
-           "--model_max_length", "64", "--learning_rate", "1e-3"]
+           "--model_max_length", "256", "--learning_rate", "1e-3"]
     env = subprocess_env()
     first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
