@@ -542,7 +542,7 @@ def plot_loss(log_history, path, title):
         ax.set_ylabel("loss (cross-entropy, nats/token)")
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend()
+        ax.legend(loc="upper right")
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)

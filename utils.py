@@ -168,6 +168,7 @@ def convert_gguf_to_hf(gguf_path, out_dir):
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        drop_quantization_config(tmp)
         (tmp / "CONVERTED_FROM").write_text(f"{gguf_path.name}\n")
         os.replace(tmp, out_dir)
     except BaseException:
@@ -176,12 +177,22 @@ def convert_gguf_to_hf(gguf_path, out_dir):
     return out_dir
 
 
+def drop_quantization_config(folder):
+    """Remove the GGUF quantization_config the converted config inherits: the weights are plain fp32, and with it
+    from_pretrained treats them as quantized (the Trainer then refuses to fine-tune, save_pretrained refuses too)."""
+    path = Path(folder) / "config.json"
+    config = json.loads(path.read_text())
+    if config.pop("quantization_config", None) is not None:
+        jdump(config, path)
+
+
 def embedded_model_path(gguf_path=None, cache_dir=None) -> str:
     """Folder of the embedded model as a normal HF checkpoint, converting the GGUF on first use."""
     import fcntl
 
     out = Path(cache_dir) if cache_dir else embedded_cache_dir()
     if (out / "CONVERTED_FROM").exists():
+        drop_quantization_config(out)  # caches converted before this fix kept it
         return str(out)
     gguf = Path(gguf_path) if gguf_path else _find_embedded_gguf()
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -19,11 +19,11 @@ def embedded_dir():
     return utils.embedded_model_path()  # the user's cache: converted at most once per machine
 
 
-@pytest.mark.slow
 def test_conversion_gives_a_normal_checkpoint_and_is_cached(embedded_dir, monkeypatch):
     files = {p.name for p in Path(embedded_dir).iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "CONVERTED_FROM"} <= files
     config = transformers.AutoConfig.from_pretrained(embedded_dir)
+    assert not hasattr(config, "quantization_config")  # plain fp32 weights: with it the Trainer refuses to fine-tune
     assert config.model_type == "llama" and config.num_hidden_layers == 30  # SmolLM2-135M: 30 layers
     model = transformers.AutoModelForCausalLM.from_pretrained(embedded_dir)
     assert model.get_input_embeddings().weight.data_ptr() == model.get_output_embeddings().weight.data_ptr()  # tied
@@ -37,7 +37,6 @@ def test_conversion_gives_a_normal_checkpoint_and_is_cached(embedded_dir, monkey
     assert utils.resolve_model_path("some/hub-id") == "some/hub-id"
 
 
-@pytest.mark.slow
 def test_embedded_model_answers_sensibly(embedded_dir):
     tok = transformers.AutoTokenizer.from_pretrained(embedded_dir)
     model = transformers.AutoModelForCausalLM.from_pretrained(embedded_dir)
@@ -48,7 +47,6 @@ def test_embedded_model_answers_sensibly(embedded_dir):
     assert len(words) >= 3, answer  # real words, not the noise a broken dequantization produces
 
 
-@pytest.mark.slow
 def test_two_step_fine_tune_of_the_default_model_loads_back(embedded_dir, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, str(ROOT / "train.py"), "--output_dir", str(out), "--max_steps", "2",

@@ -15,7 +15,7 @@ from conftest import ROOT, make_rows, subprocess_env
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
-TIMEOUT = 900  # s per launch; a first DeepSpeed run compiles its CPU ops (about a minute here)
+TIMEOUT = 1800  # s per launch; a first DeepSpeed run compiles its CPU ops (6 to 10 minutes on a slow 2-core machine)
 
 # The trainML job command of the seed, verbatim but for --num_gpus 4 -> 2.
 TRAINML_COMMAND = """deepspeed --num_gpus 2 train.py \\
