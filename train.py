@@ -475,7 +475,7 @@ def last_complete_checkpoint(output_dir):
         return None
     found = sorted((int(p.name.split("-")[1]), p) for p in Path(output_dir).glob("checkpoint-*")
                    if p.name.split("-")[1].isdigit())
-    for step, path in reversed(found):
+    for _, path in reversed(found):
         if (path / "trainer_state.json").exists():
             return str(path)
         logger.warning("skipping %s: it has no trainer_state.json (the run was stopped while saving it)", path)

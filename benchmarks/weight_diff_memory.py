@@ -88,15 +88,10 @@ def weights_bytes(folder):
 
 
 def plain_copy(src, dst):
-    """The converted embedded model with the GGUF quantization_config dropped from its config: that
-    entry makes from_pretrained treat the plain fp32 weights as quantized and refuse save_pretrained."""
+    """Hard links to the converted embedded model (utils has already dropped its GGUF quantization_config)."""
     dst.mkdir(parents=True)
     for path in Path(src).iterdir():
-        if path.name == "config.json":
-            config = json.loads(path.read_text())
-            config.pop("quantization_config", None)
-            (dst / path.name).write_text(json.dumps(config, indent=2))
-        elif path.is_file():
+        if path.is_file():
             os.link(path, dst / path.name)  # read-only use: a hard link saves 538 MB of copying
 
 
