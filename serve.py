@@ -297,14 +297,51 @@ def create_app(engine, api_key=None, served_model_name=None, max_batch_size=8, a
     return app
 
 
-def main(args):
+def build_server(args, engine=None):
+    """The uvicorn server for parsed args; engine: an InstructModel already loaded (default: load args' model)."""
     import uvicorn
 
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         logger.warning("listening on %s without --api_key: anyone who can reach this port can use the model", args.host)
-    engine = InstructModel(args.model_name_or_path, args.max_prompt_tokens)
+    engine = engine or InstructModel(args.model_name_or_path, args.max_prompt_tokens)
     app = create_app(engine, args.api_key, args.served_model_name, args.max_batch_size, args.allowed_origins)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+
+
+class ServerThread:
+    """A uvicorn server on a thread of this process, for tests and benchmarks that share its loaded model:
+
+        with ServerThread(build_server(parse_args(["--port", "8001"]))) as running:
+            httpx.get(f"{running.url}/health")
+    """
+
+    def __init__(self, server, start_timeout=120):
+        self.server, self.start_timeout = server, start_timeout
+        self.url = f"http://{server.config.host}:{server.config.port}"
+        self.thread = threading.Thread(target=server.run, daemon=True)  # uvicorn installs no signal handlers off main
+
+    def __enter__(self):
+        self.thread.start()
+        deadline = time.monotonic() + self.start_timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the server did not start on {self.url} (port taken?)")
+            time.sleep(0.05)
+        return self
+
+    def stop(self, timeout=30):
+        self.server.should_exit = True
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            raise RuntimeError(f"the server on {self.url} did not stop within {timeout} s")
+
+    def __exit__(self, *exc):
+        if self.thread.is_alive():
+            self.stop()
+
+
+def main(args):
+    build_server(args).run()
 
 
 def parse_args(argv=None):

@@ -13,7 +13,6 @@ import logging
 import socket
 import statistics
 import sys
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -33,26 +32,6 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def start_server(engine, max_batch_size):
-    """serve.py's app on a free port in this process (sharing the loaded model); returns (url, server, thread)."""
-    import uvicorn
-
-    port = free_port()
-    config = uvicorn.Config(serve.create_app(engine, max_batch_size=max_batch_size), host="127.0.0.1", port=port,
-                            log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):  # 60 s
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return url, server, thread
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    raise TimeoutError("the server did not start within 60 s")
 
 
 def run_sequential(instructions, max_tokens):
@@ -80,13 +59,11 @@ def main(args):
     engine = inference.load_model(args.model_name_or_path)
     work = [INSTRUCTIONS[i % len(INSTRUCTIONS)] for i in range(args.requests)]
     inference.instruct(work[0], max_tokens=4, temperature=0)  # warm up: first-call costs are not throughput
-    url, server, thread = start_server(engine, args.max_batch_size)
-    try:
+    server_args = serve.parse_args(["--port", str(free_port()), "--max_batch_size", str(args.max_batch_size),
+                                    "--log_level", "warning"])
+    with serve.ServerThread(serve.build_server(server_args, engine=engine)) as running:  # shares the loaded model
         seq_rps, latencies = run_sequential(work, args.max_tokens)
-        conc_rps = run_concurrent(url, work, args.max_tokens, args.clients)
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+        conc_rps = run_concurrent(running.url, work, args.max_tokens, args.clients)
     print(f"model: {engine.name} on {engine.model.device}; {args.requests} requests, max_tokens {args.max_tokens}")
     print(f"one request (sequential instruct()): median {statistics.median(latencies):.2f} s")
     print(f"sequential instruct(): {seq_rps:.3f} requests/s")

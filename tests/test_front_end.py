@@ -1,17 +1,14 @@
-"""The web UI in a real browser: Playwright drives Debian's headless Chromium against serve.py running the scripted
-tiny Llama. It types an instruction, clicks Send and reads the answer, then stops the server and sees the error bar.
-Screenshots go to test-artifacts/ (front_end.png: the answer; front_end_error.png: the error bar)."""
+"""The web UI in a real browser: Playwright drives Debian's headless Chromium against serve.py's server (on a thread
+of the test process) running the scripted tiny Llama. It types an instruction, clicks Send and reads the answer, then
+stops the server and sees the error bar. Screenshots go to test-artifacts/ (front_end.png: the answer;
+front_end_error.png: the error bar)."""
 
 import os
 import shutil
-import subprocess
-import sys
-import time
 
-import httpx
 import pytest
 
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, serve_in_thread
 from scripted_llama import SCRIPT, build_scripted_llama
 
 ARTIFACTS = ROOT / "test-artifacts"
@@ -42,34 +39,14 @@ def chromium():
 @pytest.fixture(scope="module")
 def server(chromium, tmp_path_factory, spm_tokenizer_dir, free_port_module):
     model = build_scripted_llama(spm_tokenizer_dir, tmp_path_factory.mktemp("scripted"))
-    cmd = [sys.executable, "serve.py", "--model_name_or_path", str(model), "--port", str(free_port_module), "--log_level", "warning"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{free_port_module}"
-    try:
-        deadline = time.monotonic() + 600  # seconds usually; minutes when a busy 2-core machine imports torch
-        while not _healthy(url):
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"serve.py did not come up: {proc.stdout.read().decode()[-3000:]}")
-            time.sleep(0.5)
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(timeout=20)
-
-
-def _healthy(url):
-    try:
-        return httpx.get(f"{url}/health", timeout=2).status_code == 200
-    except httpx.HTTPError:
-        return False
+    with serve_in_thread(["--model_name_or_path", str(model), "--port", str(free_port_module), "--log_level", "warning"]) as running:
+        yield running
 
 
 def test_send_shows_the_answer_then_the_error_bar_when_the_endpoint_is_down(chromium, server):
     from playwright.sync_api import expect, sync_playwright
 
-    url, proc = server
+    url = server.url
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=chromium, args=CHROMIUM_ARGS, timeout=60_000)
@@ -93,8 +70,7 @@ def test_send_shows_the_answer_then_the_error_bar_when_the_endpoint_is_down(chro
             expect(page.locator("#stats")).to_contain_text("tokens")  # streamed: the last event carried usage
             page.screenshot(path=str(ARTIFACTS / "front_end.png"), full_page=True)
 
-            proc.terminate()
-            proc.wait(timeout=20)
+            server.stop()
             page.click("#send")
             expect(page.locator("#error-bar")).to_be_visible(timeout=30_000)
             expect(page.locator("#error-text")).to_contain_text(f"Could not reach {url}")

@@ -1,13 +1,12 @@
 """inference.py: the pure helpers, then instruct() and InstructModel on tiny checkpoints built here."""
 
-import subprocess
-import sys
+import importlib.util
 from types import SimpleNamespace
 
 import pytest
 
 import inference
-from conftest import ROOT, subprocess_env
+from conftest import ROOT
 from inference import GenParams, InstructModel, PromptTooLongError
 from scripted_llama import SCRIPT, build_scripted_llama
 from utils import EMBEDDED_MODEL, format_prompt
@@ -82,13 +81,14 @@ def test_the_default_model_is_trainml_checkpoint_then_embedded(monkeypatch):
 
 
 # --- the model --------------------------------------------------------------------------------
-def test_import_loads_nothing_and_instruct_loads_the_trainml_checkpoint(scripted_dir):
-    code = ("import inference; assert inference._MODEL is None, 'loaded at import';"
-            "print(repr(inference.instruct('Name a bakery.', temperature=0)))")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                         env=subprocess_env(TRAINML_CHECKPOINT_PATH=scripted_dir))
-    assert out.returncode == 0, out.stderr[-3000:]
-    assert out.stdout.strip().splitlines()[-1] == repr(ANSWER.strip())
+def test_import_loads_nothing_and_instruct_loads_the_trainml_checkpoint(scripted_dir, monkeypatch):
+    spec = importlib.util.spec_from_file_location("inference_fresh", ROOT / "inference.py")  # a fresh import
+    fresh = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fresh)
+    assert fresh._MODEL is None, "loaded at import"
+    monkeypatch.setenv("TRAINML_CHECKPOINT_PATH", str(scripted_dir))
+    assert fresh.instruct("Name a bakery.", temperature=0) == ANSWER.strip()
+    assert fresh._MODEL.name == str(scripted_dir)
 
 
 def test_max_tokens_counts_new_tokens_only(scripted):

@@ -1,6 +1,6 @@
-"""serve.py: routes in process (httpx on the ASGI app), then a real uvicorn process driven by the openai client,
-50 concurrent requests and generate_instruction.py end to end. The model is tests/scripted_llama.py: a real
-Llama checkpoint whose answer to any prompt is a known script, so answers can be compared exactly."""
+"""serve.py: routes in process (httpx on the ASGI app), then its real uvicorn server (on a thread) driven by the
+openai client, 50 concurrent requests and generate_instruction.py end to end. The model is tests/scripted_llama.py:
+a real Llama checkpoint whose answer to any prompt is a known script, so answers can be compared exactly."""
 
 import asyncio
 import json
@@ -13,7 +13,7 @@ from collections import deque
 import httpx
 import pytest
 
-from conftest import ROOT, subprocess_env
+from conftest import ROOT, serve_in_thread, subprocess_env
 from inference import GenParams, InstructModel
 from protocol import ChatMessage, chat_to_alpaca
 from scripted_llama import SCRIPT, build_scripted_llama
@@ -179,32 +179,10 @@ def test_concurrent_requests_share_batches_on_one_model_thread(engine, monkeypat
 # --- a real server ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(scripted_dir, free_port_module):
-    port = free_port_module
-    cmd = [sys.executable, "serve.py", "--model_name_or_path", str(scripted_dir), "--port", str(port),
-           "--served_model_name", NAME, "--max_prompt_tokens", "4096", "--log_level", "warning"]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 600  # seconds usually; minutes when a busy 2-core machine imports torch
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"serve.py exited {proc.returncode}: {proc.stdout.read().decode()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise TimeoutError("serve.py did not answer /health within 600 s")
-            time.sleep(0.5)
-        yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=20)
+    argv = ["--model_name_or_path", str(scripted_dir), "--port", str(free_port_module), "--served_model_name", NAME,
+            "--max_prompt_tokens", "4096", "--log_level", "warning"]
+    with serve_in_thread(argv) as running:
+        yield running.url
 
 
 @pytest.fixture(scope="module")

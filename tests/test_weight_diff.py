@@ -5,8 +5,6 @@ import hashlib
 import json
 import logging
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import weight_diff
-from conftest import ROOT, build_tiny_llama, subprocess_env
+from conftest import build_tiny_llama
 from train import missing_special_tokens, smart_tokenizer_and_embedding_resize
 
 # tiny tensors, so small limits make every path run: the 401x32 fp32 embedding (51 KB) spans 6 chunks
@@ -207,17 +205,17 @@ def test_row_chunks_and_shards_cover_everything():
     assert shards == [["a", "b"], ["c"]]  # a+b = 80 bytes fit; c (120 bytes) goes alone
 
 
-def test_cli_round_trip_loads_and_generates(tiny_llama_dir, tuned_dir, tmp_path):
+def test_cli_round_trip_loads_and_generates(tiny_llama_dir, tuned_dir, tmp_path, capsys, caplog):
+    """The fire CLI of `python weight_diff.py make_diff|recover ...`, run in this process (a fresh one imports torch
+    again: minutes on a busy 2-core machine)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    run = lambda *args: subprocess.run([sys.executable, str(ROOT / "weight_diff.py"), *map(str, args)],  # noqa: E731
-                                       env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    made = run("make_diff", "--path_raw", tiny_llama_dir, "--path_tuned", tuned_dir, "--path_diff", tmp_path / "d")
-    assert made.returncode == 0, made.stderr
-    rec = run("recover", "--path_raw", tiny_llama_dir, "--path_diff", tmp_path / "d", "--path_tuned",
-              tmp_path / "t", "--test_inference", "True", "--inference_max_length", "80")
-    assert rec.returncode == 0, rec.stderr
-    assert "Completion:" in rec.stdout and "skipped, " in rec.stderr  # sampled text; the naive check explained
+    weight_diff.main(["make_diff", "--path_raw", str(tiny_llama_dir), "--path_tuned", str(tuned_dir),
+                      "--path_diff", str(tmp_path / "d")])
+    with caplog.at_level(logging.INFO, logger="weight_diff"):
+        weight_diff.main(["recover", "--path_raw", str(tiny_llama_dir), "--path_diff", str(tmp_path / "d"),
+                          "--path_tuned", str(tmp_path / "t"), "--test_inference", "True", "--inference_max_length", "80"])
+    assert "Completion:" in capsys.readouterr().out and "skipped, " in caplog.text  # sampled text; the naive check explained
 
     tok = AutoTokenizer.from_pretrained(tmp_path / "t")
     assert tok.pad_token == "[PAD]"  # the tuned tokenizer travelled with the diff
