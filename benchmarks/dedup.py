@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from rouge_score import rouge_scorer, tokenizers
+from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import generate_instruction as gi  # noqa: E402
@@ -65,10 +66,11 @@ def original_filter(pool, candidates, num_cpus):
     return kept
 
 
-def our_filter(pool, candidates, num_cpus, batch=16):
+def our_filter(pool, candidates, num_cpus, batch=16, progress=False):
     """generate_instruction's dedup, fed one response's worth (16 tasks, 4..19) at a time."""
     deduper, kept = gi.RougeLDeduper(pool, workers=num_cpus), []
-    for start in range(0, len(candidates), batch):
+    starts = range(0, len(candidates), batch)
+    for start in tqdm(starts, desc="full pass", unit="batch", disable=not progress):
         chunk = candidates[start:start + batch]
         for cand, (keep, scores) in zip(chunk, deduper.filter_batch(chunk)):
             if keep:
@@ -109,7 +111,7 @@ def main(args):
     print("decisions, most_similar_instructions and avg_similarity_score: identical (scores within 1e-9)")
     if args.full_pass:
         pass_candidates = synthetic_instructions(args.full_pass, seed=1)
-        kept, t_pass, cpu_pass = timed(our_filter, seeds, pass_candidates, args.num_cpus)
+        kept, t_pass, cpu_pass = timed(partial(our_filter, progress=True), seeds, pass_candidates, args.num_cpus)
         print(f"full_pass_{args.full_pass}_seconds: {t_pass:.1f} wall, {cpu_pass:.1f} CPU "
               f"(kept {len(kept)}, pool {len(seeds) + len(kept)})", flush=True)
     print(f"CPU-time ratio at {len(candidates)}: {cpu_orig / cpu_ours:.1f}")
