@@ -303,7 +303,8 @@ def build_server(args, engine=None):
 
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         logger.warning("listening on %s without --api_key: anyone who can reach this port can use the model", args.host)
-    engine = engine or InstructModel(args.model_name_or_path, args.max_prompt_tokens)
+    if engine is None:
+        engine = InstructModel(args.model_name_or_path, args.max_prompt_tokens)
     app = create_app(engine, args.api_key, args.served_model_name, args.max_batch_size, args.allowed_origins)
     return uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
 

@@ -150,7 +150,6 @@ def subprocess_env(**extra):
     return env
 
 
-
 def serve_in_thread(argv):
     """serve.py's own server (parse_args, build_server) on a thread of this process: a context manager with .url and
     .stop(). A separate process would import torch again, which costs minutes on a busy 2-core machine; the HTTP path
