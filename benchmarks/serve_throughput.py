@@ -36,10 +36,11 @@ def free_port():
 
 def run_sequential(instructions, max_tokens):
     start, latencies = time.perf_counter(), []
-    for text in instructions:
+    for i, text in enumerate(instructions, 1):
         t = time.perf_counter()
         inference.instruct(text, max_tokens=max_tokens, temperature=0)
         latencies.append(time.perf_counter() - t)
+        print(f"sequential: request {i}/{len(instructions)} took {latencies[-1]:.2f} s", flush=True)
     return len(instructions) / (time.perf_counter() - start), latencies
 
 
@@ -58,11 +59,13 @@ def run_concurrent(url, instructions, max_tokens, clients):
 def main(args):
     engine = inference.load_model(args.model_name_or_path)
     work = [INSTRUCTIONS[i % len(INSTRUCTIONS)] for i in range(args.requests)]
+    print(f"loaded {engine.name}; warming up", flush=True)
     inference.instruct(work[0], max_tokens=4, temperature=0)  # warm up: first-call costs are not throughput
     server_args = serve.parse_args(["--port", str(free_port()), "--max_batch_size", str(args.max_batch_size),
                                     "--log_level", "warning"])
     with serve.ServerThread(serve.build_server(server_args, engine=engine)) as running:  # shares the loaded model
         seq_rps, latencies = run_sequential(work, args.max_tokens)
+        print(f"concurrent: {len(work)} requests from {args.clients} clients", flush=True)
         conc_rps = run_concurrent(running.url, work, args.max_tokens, args.clients)
     print(f"model: {engine.name} on {engine.model.device}; {args.requests} requests, max_tokens {args.max_tokens}")
     print(f"one request (sequential instruct()): median {statistics.median(latencies):.2f} s")
