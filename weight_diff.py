@@ -278,9 +278,10 @@ def make_diff(path_raw, path_tuned, path_diff, device="cpu", chunk_mb=16, max_sh
     def produce(key):
         sha = hashlib.sha256()
         for start, stop in row_chunks(shapes[key], int(chunk_mb * MiB)):
+            # in place, so two chunks are alive at a time, not four (rows() and raw_rows() return new tensors)
             r = raw_rows(raw, key, start, stop, resize, means).to(device)
-            diff = tuned.rows(key, start, stop).to(device) - r
-            sha.update(as_bytes((r + diff).cpu()))  # what recover will write: raw + diff, not tuned
+            diff = tuned.rows(key, start, stop).to(device).sub_(r)
+            sha.update(as_bytes(r.add_(diff).cpu()))  # what recover will write: raw + diff, not tuned
             yield diff.cpu()
         hashes[key] = sha.hexdigest()
 
@@ -365,7 +366,7 @@ def recover(path_raw, path_diff, path_tuned=None, device="cpu", test_inference=T
     def produce(key):
         sha, total = hashlib.sha256(), torch.zeros((), dtype=torch.float32)
         for start, stop in row_chunks(shapes[key], chunk_bytes):
-            rec = (raw_rows(raw, key, start, stop, resize, means).to(device) + diff.rows(key, start, stop).to(device)).cpu()
+            rec = raw_rows(raw, key, start, stop, resize, means).to(device).add_(diff.rows(key, start, stop).to(device)).cpu()
             sha.update(as_bytes(rec))
             total = total + rec.sum()
             yield rec
