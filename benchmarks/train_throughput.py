@@ -104,8 +104,11 @@ def main():
                 batch = collate(examples)
                 start = time.perf_counter()
                 step(model, batch, args.device)
+                took = time.perf_counter() - start
                 if k >= warm:  # the warm-up micro-batch runs both and counts for neither
-                    seconds[name] += time.perf_counter() - start
+                    seconds[name] += took
+                print(f"  batch {bs}, micro-batch {k + 1}/{len(batches)}{' (warm-up)' if k < warm else ''}, "
+                      f"{name}: {took:.1f} s", flush=True)
             if k >= warm:
                 real += sum(len(x["input_ids"]) for x in examples)
                 padded += original(examples)["input_ids"].numel()
