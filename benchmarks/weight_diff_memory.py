@@ -1,7 +1,7 @@
 """Peak RSS and wall time of weight_diff.make_diff and .recover, and of the original recover algorithm, on a 538 MB fp32 model.
 
     python benchmarks/weight_diff_memory.py
-    python benchmarks/weight_diff_memory.py --workdir /tmp/wd_bench   # keep the folders it writes
+    python benchmarks/weight_diff_memory.py --workdir /tmp/wd_bench   # keep the folders; reuse raw and tuned
 
 The raw model is the embedded SmolLM2-135M (utils.resolve_model_path, fp32); the "tuned" one is it
 after train.py's special-token resize with every weight nudged. Each step runs in its own
@@ -167,5 +167,5 @@ def main(args):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", help="keep the models here (reused on the next run) instead of a temp folder")
+    parser.add_argument("--workdir", help="keep the folders here instead of a temp folder; the raw and tuned models are reused on the next run, the diff and recoveries are made again")
     main(parser.parse_args())
