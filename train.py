@@ -508,10 +508,14 @@ def train(argv=None):
 
     before = demo_answers(trainer, tokenizer, data_args) if data_args.demo_generations else None
     eval_before = trainer.evaluate()["eval_loss"] if data_module["eval_dataset"] is not None and data_args.demo_generations else None
+    if before is not None and trainer.is_world_process_zero():  # something to read while it trains
+        print_demo(before, None, eval_before, None)
     resume = find_resume_checkpoint(training_args)
     if resume and training_args.process_index == 0:
         logger.warning("resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)
+    if eval_before is not None:  # train() starts a fresh state: keep the untrained model's eval loss as step 0
+        trainer.state.log_history.insert(0, {"step": 0, "eval_loss": eval_before})
     trainer.save_state()
     trainer.save_model(output_dir=training_args.output_dir)
     if trainer.is_world_process_zero():
@@ -565,15 +569,18 @@ def demo_answers(trainer, tokenizer, data_args, max_new_tokens=64):
 
 
 def print_demo(before, after, eval_before, eval_after):
-    for (instruction, a), (_, b) in zip(before, after):
-        print(f"\n### Instruction: {instruction}\n--- before: {a}\n--- after:  {b}")
+    """The answers and eval loss before fine-tuning (after=None), or before and after side by side."""
+    print("\nbefore fine-tuning:" if after is None else "\nbefore and after fine-tuning:")
+    for (instruction, a), b in zip(before, after or [None] * len(before)):
+        print(f"\n### Instruction: {instruction}\n--- before: {a}" + ("" if b is None else f"\n--- after:  {b[1]}"))
     if eval_before is not None:
-        print(f"\neval loss: before {eval_before:.4f}, after {eval_after:.4f}")
+        print(f"\neval loss: before {eval_before:.4f}" + ("" if eval_after is None else f", after {eval_after:.4f}"), flush=True)
 
 
 def title_for(model_args, training_args):
     a = training_args
-    return (f"{Path(str(model_args.model_name_or_path)).name}: lr {a.learning_rate:g}, {a.lr_scheduler_type}, "
+    scheduler = getattr(a.lr_scheduler_type, "value", a.lr_scheduler_type)  # an enum: "cosine", not SchedulerType.COSINE
+    return (f"{Path(str(model_args.model_name_or_path)).name}: lr {a.learning_rate:g}, {scheduler}, "
             f"bs {a.per_device_train_batch_size}x{a.gradient_accumulation_steps}x{a.world_size}, epochs {a.num_train_epochs:g}")
 
 

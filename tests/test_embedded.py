@@ -48,20 +48,28 @@ def test_embedded_model_answers_sensibly(embedded_dir, embedded_model):
     assert len(words) >= 3, answer  # real words, not the noise a broken dequantization produces
 
 
-def test_two_step_fine_tune_of_the_default_model_loads_back(embedded_dir, tmp_path, monkeypatch):
+def test_two_step_fine_tune_of_the_default_model_loads_back(embedded_dir, tmp_path, monkeypatch, capsys):
     """train.py with no --model_name_or_path and no --data_path: the embedded model on data/. In this process, since
-    a fresh one imports torch again (minutes on a busy 2-core machine)."""
+    a fresh one imports torch again (minutes on a busy 2-core machine). The demo's answers are stubbed (64 greedy
+    tokens took minutes on a slow CI machine); its eval before and after are real."""
     monkeypatch.chdir(tmp_path)  # the defaults must not depend on the working directory
+    calls = []
+    monkeypatch.setattr(train, "demo_answers", lambda trainer, tok, data_args: calls.append(1) or [("Q?", f"A{len(calls)}")])
     out = tmp_path / "out"
     trainer = train.train(["--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "1",
                            "--model_max_length", "96", "--report_to", "none", "--save_strategy", "no",
-                           "--logging_steps", "1", "--val_set_size", "2", "--eval_strategy", "steps", "--eval_steps", "2"])
+                           "--logging_steps", "1", "--val_set_size", "2", "--eval_strategy", "steps", "--eval_steps", "2",
+                           "--demo_generations", "1"])
+    printed = capsys.readouterr().out
+    assert printed.index("before fine-tuning:") < printed.index("before and after fine-tuning:")  # before, at once
+    assert "--- before: A1\n--- after:  A2" in printed and "eval loss: before " in printed and ", after " in printed
     assert str(trainer.model.config.name_or_path) == str(embedded_dir)  # the default really was the embedded model
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 30
     transformers.AutoTokenizer.from_pretrained(out)
     state = json.loads((out / "trainer_state.json").read_text())
-    assert state["global_step"] == 2 and any("eval_loss" in h for h in state["log_history"])
+    assert state["global_step"] == 2 and any("eval_loss" in h for h in state["log_history"][1:])
+    assert state["log_history"][0]["step"] == 0 and "eval_loss" in state["log_history"][0]  # the untrained model's
     assert (out / "loss.png").stat().st_size > 1000  # a drawn picture, not an empty file
 
 

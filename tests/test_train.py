@@ -179,6 +179,15 @@ def test_legacy_flags_keep_precision_flags_on_gpu_and_map_group_by_length():
     assert train.translate_legacy_args(["--bf16", "False"], has_gpu=False)[1] == []  # nothing to say
 
 
+def test_loss_picture_title_names_the_scheduler_and_batch():
+    argv = ["--output_dir", "x", "--lr_scheduler_type", "cosine", "--per_device_train_batch_size", "4",
+            "--gradient_accumulation_steps", "2", "--report_to", "none"]
+    model_args, _, training_args = transformers.HfArgumentParser(
+        (train.ModelArguments, train.DataArguments, train.TrainingArguments)).parse_args_into_dataclasses(args=argv)
+    title = train.title_for(model_args, training_args)
+    assert ", cosine, bs 4x2x1," in title and "SchedulerType" not in title
+
+
 def test_jdump_is_atomic(tmp_path):
     path = tmp_path / "out.json"
     utils.jdump({"a": 1}, path)
