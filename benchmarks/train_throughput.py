@@ -43,6 +43,9 @@ def parse_args():
     p.add_argument("--attn", default="sdpa", help="sdpa, eager or flash_attention_2")
     p.add_argument("--threads", type=int, default=None, help="torch threads on CPU")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--also_rows", default="",
+                   help="also time ours with other row caps, comma-separated tokens; 0 = the whole micro-batch in one row "
+                        "(train.py splits rows at model_max_length, --max_length here)")
     return p.parse_args()
 
 
@@ -88,6 +91,9 @@ def main():
 
     original = train.DataCollatorForSupervisedDataset(tokenizer)
     ours = train.make_collator(tokenizer, model.config, args.max_length)
+    variants = {"original": original, "ours": ours}
+    for cap in (int(c) for c in args.also_rows.split(",") if c.strip()):
+        variants[f"rows<={cap}" if cap else "one row"] = train.make_collator(tokenizer, model.config, cap or 10**9)
     n_params = sum(p.numel() for p in model.parameters())
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else ""
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
@@ -96,10 +102,10 @@ def main():
     for n, bs in enumerate(int(b) for b in args.batch_sizes.split(",")):
         warm = 1 if n == 0 else 0  # one warm-up micro-batch for the whole run, timed ones after it
         batches = [[dataset[i] for i in rng.sample(range(len(dataset)), bs)] for _ in range(args.steps + warm)]
-        seconds = {"original": 0.0, "ours": 0.0}
+        seconds = dict.fromkeys(variants, 0.0)
         real = padded = 0
         for k, examples in enumerate(batches):
-            order = [("original", original), ("ours", ours)]
+            order = list(variants.items())
             for name, collate in order if k % 2 else order[::-1]:  # interleaved, alternating who goes first
                 batch = collate(examples)
                 start = time.perf_counter()
@@ -118,8 +124,9 @@ def main():
         mfu = ""
         if peak:
             mfu = "  MFU ours {:.1%} original {:.1%}".format(*(6 * n_params * speed[n] / (peak * 1e12) for n in ("ours", "original")))
+        others = "".join(f", {name} {speed[name]:.0f} tok/s" for name in variants if name not in ("original", "ours"))
         print(f"batch {bs:>2}: pad {pad:.1%}, ours {speed['ours']:.0f} tok/s, original {speed['original']:.0f} tok/s, "
-              f"ratio {speed['ours'] / speed['original']:.2f}x, bound {1 / (1 - pad):.2f}x{mfu}", flush=True)
+              f"ratio {speed['ours'] / speed['original']:.2f}x, bound {1 / (1 - pad):.2f}x{others}{mfu}", flush=True)
 
     print("\n| batch | ours tok/s | original tok/s | ratio | bound 1/(1-pad) |\n|---|---|---|---|---|")
     for bs, (a, b, r, bound) in results.items():
