@@ -500,8 +500,14 @@ def train(argv=None):
     model, tokenizer = load_model_and_tokenizer(model_args, training_args)
     data_module = make_supervised_data_module(tokenizer=tokenizer, data_args=data_args, seed=training_args.seed)
     if data_args.padding_free:
-        data_module["data_collator"] = make_collator(tokenizer, model.config, training_args.model_max_length)
+        collator = make_collator(tokenizer, model.config, training_args.model_max_length)
+        data_module["data_collator"] = collator
         data_module["eval_data_collator"] = DataCollatorForSupervisedDataset(tokenizer=tokenizer)
+        if training_args.process_index == 0:
+            isolation = "position_ids (flash-attention varlen)" if collator.attention == "position_ids" else \
+                f"a block-diagonal causal mask ({model.config._attn_implementation})"
+            logger.info("padding-free batches: rows of at most %d tokens, examples kept apart by %s",
+                        training_args.model_max_length, isolation)
     trainer = SupervisedTrainer(model=model, processing_class=tokenizer, args=training_args, **data_module)
     if training_args.process_index == 0:
         logger.info("%d rank(s), %s, on %s", training_args.world_size, trainer.accelerator.distributed_type, training_args.device)
