@@ -311,18 +311,21 @@ class DataCollatorForSupervisedDataset:
 
 
 def pack_rows(lengths, max_row_tokens):
-    """Group example indices into rows of at most max_row_tokens tokens: first fit, longest first."""
-    rows, room = [], []
-    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        for r, free in enumerate(room):
-            if lengths[i] <= free:
-                rows[r].append(i)
-                room[r] -= lengths[i]
-                break
+    """Spread example indices over as few rows of at most max_row_tokens tokens as fit, with sums as even as
+    possible, since every row is padded to the longest: longest first, each into the emptiest row."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    n_rows = max(1, -(-sum(lengths) // max_row_tokens))
+    while True:
+        rows, sums = [[] for _ in range(n_rows)], [0] * n_rows
+        for i in order:
+            r = min(range(n_rows), key=sums.__getitem__)
+            if sums[r] + lengths[i] > max_row_tokens:
+                break  # it fits in no row: one row more
+            rows[r].append(i)
+            sums[r] += lengths[i]
         else:
-            rows.append([i])
-            room.append(max_row_tokens - lengths[i])
-    return [sorted(row) for row in rows]
+            return [sorted(row) for row in rows if row]
+        n_rows += 1
 
 
 @dataclass

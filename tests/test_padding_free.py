@@ -49,6 +49,9 @@ def test_pack_rows_fills_rows_up_to_the_limit_and_keeps_every_example_once():
     assert all(sum(LENGTHS[i] for i in row) <= 64 for row in rows)
     assert len(rows) == 4  # 196 tokens need at least 4 rows of 64
     assert train.pack_rows([10, 10], 100) == [[0, 1]]
+    # rows are padded to the longest, so they are balanced: first fit would give [300, 200] and [100, 50] (width 500)
+    assert train.pack_rows([300, 200, 100, 50], 512) == [[0, 3], [1, 2]]  # 350 and 300 tokens
+    assert train.pack_rows([60, 60, 60], 100) == [[0], [1], [2]]  # 180 tokens fit 2 rows of 100 only on paper
 
 
 def test_collator_layout_positions_labels_and_mask():
