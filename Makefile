@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # so a CPU-only machine keeps its CPU build. Override for another build, e.g. TORCH_SPEC="torch==2.14.1".
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test test-all lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -33,8 +33,12 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -q tests
 
+lint: setup
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
 bench: setup
-	for b in benchmarks/*.py; do $(PY) $$b || exit 1; done
+	for b in dedup serve_throughput train_throughput weight_diff_memory; do $(PY) -m benchmarks.$$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) out

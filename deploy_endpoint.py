@@ -2,7 +2,7 @@
 
     pip install trainml && trainml configure        # once: the SDK and your API keys
     python deploy_endpoint.py --checkpoint alpaca
-    python deploy_endpoint.py --checkpoint alpaca --gpu-count 1 --gpu-type rtx3090 --dry-run   # print the job, create nothing
+    python deploy_endpoint.py --checkpoint alpaca --gpu-count 1 --gpu-type rtx3090 --dry-run  # print, create nothing
 
 It uploads inference.py and utils.py (staged in a temp folder: not this whole checkout, .venv and all) as the
 job's model, attaches the checkpoint (the endpoint sees it at $TRAINML_CHECKPOINT_PATH), waits until the
@@ -22,15 +22,28 @@ HERE = Path(__file__).resolve().parent
 JOB_NAME = "Instruction-Trained LLM Endpoint Example"
 ENDPOINT_FILES = ("inference.py", "utils.py")  # what instruct() imports from this repo
 # (name, type, optional): the fields instruct() takes, as the fork's route declared them
-ROUTE_BODY = (("instruction", "str", False), ("input", "str", True), ("max_tokens", "int", True),
-              ("temperature", "float", True), ("top_p", "float", True), ("num_beams", "int", True))
+ROUTE_BODY = (
+    ("instruction", "str", False),
+    ("input", "str", True),
+    ("max_tokens", "int", True),
+    ("temperature", "float", True),
+    ("top_p", "float", True),
+    ("num_beams", "int", True),
+)
 # The endpoint's environment predates the transformers release inference.py is written for.
 PIP_PACKAGES = ("transformers>=5.20,<6", "accelerate>=1.10,<2", "sentencepiece>=0.2,<0.3")
 MAX_GPUS = 4
 
 
-def endpoint_job_spec(checkpoint, model_dir, gpu_count=1, gpu_type="rtx3090", disk_size=10,
-                      environment="DEEPLEARNING_PY310", name=JOB_NAME):
+def endpoint_job_spec(
+    checkpoint,
+    model_dir,
+    gpu_count=1,
+    gpu_type="rtx3090",
+    disk_size=10,
+    environment="DEEPLEARNING_PY310",
+    name=JOB_NAME,
+):
     """Keyword arguments for TrainML().jobs.create: one route, /instruct -> inference.instruct.
 
     Raises ValueError listing every bad argument."""
@@ -46,7 +59,11 @@ def endpoint_job_spec(checkpoint, model_dir, gpu_count=1, gpu_type="rtx3090", di
     body = [dict(name=n, type=t, optional=True) if opt else dict(name=n, type=t) for n, t, opt in ROUTE_BODY]
     route = dict(path="/instruct", verb="POST", file="inference", function="instruct", positional=False, body=body)
     return dict(
-        name=name, type="endpoint", gpu_types=[gpu_type], gpu_count=gpu_count, disk_size=disk_size,
+        name=name,
+        type="endpoint",
+        gpu_types=[gpu_type],
+        gpu_count=gpu_count,
+        disk_size=disk_size,
         model=dict(source_type="local", source_uri=str(model_dir), checkpoints=[dict(id=checkpoint.strip())]),
         environment=dict(type=environment, packages=dict(pip=list(PIP_PACKAGES))),
         endpoint=dict(routes=[route]),
@@ -76,14 +93,17 @@ async def deploy(spec, timeout_s):
 
 def main(args):
     with tempfile.TemporaryDirectory(prefix="alpaca-endpoint-") as tmp:
-        spec = endpoint_job_spec(args.checkpoint, stage_endpoint_files(tmp), args.gpu_count, args.gpu_type,
-                                 args.disk_size, args.environment)
+        spec = endpoint_job_spec(
+            args.checkpoint, stage_endpoint_files(tmp), args.gpu_count, args.gpu_type, args.disk_size, args.environment
+        )
         if args.dry_run:
             print(json.dumps(spec, indent=2))
             return None
         url = asyncio.run(deploy(spec, args.timeout))
-    print(f"endpoint running: {url}\ntry it: curl -s {url}/instruct -H 'Content-Type: application/json' "
-          "-d '{\"instruction\": \"Name three primary colours.\"}'")
+    print(
+        f"endpoint running: {url}\ntry it: curl -s {url}/instruct -H 'Content-Type: application/json' "
+        '-d \'{"instruction": "Name three primary colours."}\''
+    )
     return url
 
 
@@ -94,7 +114,9 @@ def parse_args(argv=None):
     p.add_argument("--gpu-count", dest="gpu_count", type=int, default=1, help=f"GPUs to attach (1 to {MAX_GPUS})")
     p.add_argument("--gpu-type", dest="gpu_type", default="rtx3090")
     p.add_argument("--disk-size", dest="disk_size", type=int, default=10, help="GB")
-    p.add_argument("--environment", default="DEEPLEARNING_PY310", help="trainML environment (transformers 5 needs Python 3.10+)")
+    p.add_argument(
+        "--environment", default="DEEPLEARNING_PY310", help="trainML environment (transformers 5 needs Python 3.10+)"
+    )
     p.add_argument("--timeout", type=int, default=1800, help="seconds to wait for the endpoint to run")
     p.add_argument("--dry-run", dest="dry_run", action="store_true", help="print the job spec and stop")
     return p.parse_args(argv)
@@ -105,4 +127,4 @@ if __name__ == "__main__":
     try:
         main(parse_args())
     except ValueError as e:
-        raise SystemExit(f"deploy_endpoint.py: {e}")
+        raise SystemExit(f"deploy_endpoint.py: {e}") from None

@@ -1,4 +1,4 @@
-"""Generate Alpaca-style instruction data from seed tasks with any OpenAI-compatible model (Self-Instruct, as Alpaca ran it).
+"""Generate Alpaca-style instruction data from seed tasks with any OpenAI-compatible model (Self-Instruct, as Alpaca).
 
     export OPENAI_API_KEY=sk-...
     python -m generate_instruction generate_instruction_following_data --output_dir out/gen \
@@ -42,12 +42,30 @@ DEFAULT_MODEL = "gpt-4o-mini"  # the original's text-davinci-003 is retired; a c
 STOP_SEQUENCES = ["\n20", "20.", "20."]  # as the original: the prompt asks for 20 tasks, stop before the 20th
 MAX_TOKENS = 3072  # as the original; shrunk by 20% at a time on context-length errors
 NUM_PROMPT_TASKS = 20
-BLOCKLIST = ["image", "images", "graph", "graphs", "picture", "pictures", "file", "files", "map", "maps", "draw", "plot",
-             "go to", "video", "audio", "music", "flowchart", "diagram"]  # tasks a text-only model cannot do
+BLOCKLIST = [
+    "image",
+    "images",
+    "graph",
+    "graphs",
+    "picture",
+    "pictures",
+    "file",
+    "files",
+    "map",
+    "maps",
+    "draw",
+    "plot",
+    "go to",
+    "video",
+    "audio",
+    "music",
+    "flowchart",
+    "diagram",
+]  # tasks a text-only model cannot do
 
 
 def load_seed_tasks(path):
-    """Self-Instruct seed tasks (one JSON object a line) as {instruction, input, output}, from each task's first instance.
+    """Self-Instruct seed tasks (one JSON object a line) as {instruction, input, output}, from each first instance.
 
     Reads the original Self-Instruct file unchanged. Raises ValueError listing every bad line."""
     if not Path(path).is_file():
@@ -67,31 +85,38 @@ def load_seed_tasks(path):
             if not isinstance(task, dict) or not isinstance(task.get("instruction"), str):
                 problems.append(f"line {lineno}: needs a string 'instruction'")
             elif not isinstance(first, dict) or not all(isinstance(first.get(k), str) for k in ("input", "output")):
-                problems.append(f"line {lineno}: needs 'instances': [{{\"input\": str, \"output\": str}}, ...]")
+                problems.append(f'line {lineno}: needs \'instances\': [{{"input": str, "output": str}}, ...]')
             else:
                 rows.append({"instruction": task["instruction"], "input": first["input"], "output": first["output"]})
     if problems:
-        raise ValueError(f"{path}: {len(problems)} bad seed task(s), expected the Self-Instruct schema:\n  " + "\n  ".join(problems[:20]))
+        raise ValueError(
+            f"{path}: {len(problems)} bad seed task(s), expected the Self-Instruct schema:\n  "
+            + "\n  ".join(problems[:20])
+        )
     return rows
 
 
 def encode_prompt(prompt_instructions, prompt_path=PROMPT_PATH):
-    """prompt.txt, then the example tasks numbered 1..k in the ###-separated layout, then an open '###\\n{k+1}. Instruction:'."""
+    """prompt.txt, then the example tasks numbered 1..k, ###-separated, then an open '###\\n{k+1}. Instruction:'."""
     # rstrip: our prompt.txt ends with a newline, the original's did not; the result is the same layout
     prompt = Path(prompt_path).read_text(encoding="utf-8").rstrip("\n") + "\n"
     for idx, task in enumerate(prompt_instructions, 1):
         instruction = re.sub(r"\s+", " ", task["instruction"]).strip().rstrip(":")
         task_input = "<noinput>" if task["input"].lower() == "" else task["input"]
-        prompt += f"###\n{idx}. Instruction: {instruction}\n{idx}. Input:\n{task_input}\n{idx}. Output:\n{task['output']}\n"
+        prompt += (
+            f"###\n{idx}. Instruction: {instruction}\n{idx}. Input:\n{task_input}\n{idx}. Output:\n{task['output']}\n"
+        )
     return prompt + f"###\n{len(prompt_instructions) + 1}. Instruction:"
 
 
 def find_word_in_string(w, s):
-    return re.compile(r"\b({0})\b".format(w), flags=re.IGNORECASE).search(s)
+    return re.compile(rf"\b({w})\b", flags=re.IGNORECASE).search(s)
 
 
 def rejection_reason(inst):
-    """Why the original's filters drop this instruction ('length', 'blocklist', 'program', 'punctuation', 'non_ascii'), or None."""
+    """Why the original's filters drop this instruction, or None.
+
+    One of 'length', 'blocklist', 'program', 'punctuation', 'non_ascii'."""
     n_words = len(inst.split())
     if n_words <= 3 or n_words > 150:
         return "length"
@@ -107,7 +132,9 @@ def rejection_reason(inst):
 
 
 def parse_response(num_prompt_instructions, text, finish_reason, stats=None):
-    """Split a completion into {instruction, input, output} records, unfiltered. Counts 'malformed' and 'truncated' in stats."""
+    """Split a completion into {instruction, input, output} records, unfiltered.
+
+    Counts 'malformed' and 'truncated' in stats."""
     stats = Counter() if stats is None else stats
     pieces = re.split("###", f"{num_prompt_instructions + 1}. Instruction:" + text)
     records = []
@@ -120,8 +147,13 @@ def parse_response(num_prompt_instructions, text, finish_reason, stats=None):
             stats["malformed"] += bool(piece.strip())  # the blank piece after a final "###" is no loss
             continue
         task_input = parts[4].strip()
-        records.append({"instruction": parts[2].strip(), "input": "" if task_input.lower() == "<noinput>" else task_input,
-                        "output": parts[6].strip()})
+        records.append(
+            {
+                "instruction": parts[2].strip(),
+                "input": "" if task_input.lower() == "<noinput>" else task_input,
+                "output": parts[6].strip(),
+            }
+        )
     return records
 
 
@@ -136,8 +168,10 @@ def post_process_gpt3_response(num_prompt_instructions, response):
 def similarity_fields(scores, pool):
     """The original's extra fields: the 10 most similar earlier instructions and the mean score over all of them."""
     top = np.argsort(scores)[-10:][::-1]  # same call as the original, so ties break the same way
-    return {"most_similar_instructions": {pool[i]: float(scores[i]) for i in top}, "avg_similarity_score": float(np.mean(scores))}
-
+    return {
+        "most_similar_instructions": {pool[i]: float(scores[i]) for i in top},
+        "avg_similarity_score": float(np.mean(scores)),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,7 +192,7 @@ def rouge_f_measures(lcs, target_len, prediction_lens):
 
 
 class RougeLDeduper:
-    """Keeps a pool of instructions; decides keep/drop for new ones exactly as the original, without a Pool per candidate.
+    """Keeps a pool of instructions; decides keep/drop for new ones as the original did, without a Pool per candidate.
 
     Each instruction is tokenized once with rouge_score's tokenizer (no stemming, as RougeScorer(["rougeL"]) in the
     original), and each distinct token becomes one code point, so rapidfuzz's LCSseq runs on short strings."""
@@ -195,12 +229,19 @@ class RougeLDeduper:
         codes = [self.encode(t) for t in instructions]
         # threads only pay off on a big matrix: 1e6 pairs is ~25 ms of LCS on one core
         workers = self.workers if len(codes) * len(self._codes) >= 1_000_000 else 1
-        base = (rf_process.cdist(codes, self._codes, scorer=LCSseq.similarity, dtype=np.int32, workers=workers)
-                if codes and self._codes else np.zeros((len(codes), 0), dtype=np.int32))
+        base = (
+            rf_process.cdist(codes, self._codes, scorer=LCSseq.similarity, dtype=np.int32, workers=workers)
+            if codes and self._codes
+            else np.zeros((len(codes), 0), dtype=np.int32)
+        )
         results, kept, kept_codes = [], [], []
         for text, code, lcs in zip(instructions, codes, base):
-            scores = np.concatenate([rouge_f_measures(lcs, len(code), self._lens),
-                                     self.scores(code, kept_codes, [len(c) for c in kept_codes])])
+            scores = np.concatenate(
+                [
+                    rouge_f_measures(lcs, len(code), self._lens),
+                    self.scores(code, kept_codes, [len(c) for c in kept_codes]),
+                ]
+            )
             keep = scores.size == 0 or scores.max() <= self.threshold
             results.append((keep, scores))
             if keep:
@@ -213,8 +254,10 @@ class RougeLDeduper:
 # ---------------------------------------------------------------------------------------------
 # Requests through the openai>=1 client: completions (batched prompts) or chat (one prompt a request).
 # GPT-2/GPT-3 tokenizer (r50k/p50k) models, where token 50256 is <|endoftext|>; davinci-002/babbage-002 use cl100k.
-GPT2_TOKENIZER_MODELS = re.compile(r"(text-(davinci|curie|babbage|ada)-\d{3}|code-(davinci|cushman)-\d{3}|davinci|curie|babbage|ada"
-                                   r"|(distil)?gpt-?2(-(medium|large|xl))?)")
+GPT2_TOKENIZER_MODELS = re.compile(
+    r"(text-(davinci|curie|babbage|ada)-\d{3}|code-(davinci|cushman)-\d{3}|davinci|curie|babbage|ada"
+    r"|(distil)?gpt-?2(-(medium|large|xl))?)"
+)
 COMPLETIONS_ONLY_MODELS = re.compile(r"gpt-3\.5-turbo-instruct(-\d+)?|davinci-002|babbage-002")
 
 
@@ -242,7 +285,7 @@ def strip_chat_echo(text, num_prompt_instructions):
     """Chat models answer in a fresh message and often restate '###\\n{k+1}. Instruction:' that a completion would
     continue from; drop it so the original parsing applies unchanged."""
     head = re.match(rf"\s*(###\s*)?{num_prompt_instructions + 1}\.\s+Instruction:", text)
-    return text[head.end():] if head else text
+    return text[head.end() :] if head else text
 
 
 class FatalRequestError(RuntimeError):
@@ -257,8 +300,19 @@ def is_context_length_error(err):
 class Requester:
     """Sends one request (a list of prompts) with bounded retries; returns ([{text, finish_reason}], usage)."""
 
-    def __init__(self, client, api, model_name, num_prompt_instructions, temperature=1.0, top_p=1.0, auto=False,
-                 max_retries=6, retry_base_s=1.0, min_max_tokens=64):
+    def __init__(
+        self,
+        client,
+        api,
+        model_name,
+        num_prompt_instructions,
+        temperature=1.0,
+        top_p=1.0,
+        auto=False,
+        max_retries=6,
+        retry_base_s=1.0,
+        min_max_tokens=64,
+    ):
         self.client, self.api, self.model_name, self.auto = client, api, model_name, auto
         self.k = num_prompt_instructions
         self.decoding = dict(temperature=temperature, top_p=top_p, n=1, stop=STOP_SEQUENCES)
@@ -279,7 +333,9 @@ class Requester:
             (prompt,) = prompts
             resp = self.client.chat.completions.create(messages=[{"role": "user", "content": prompt}], **kw)
             choice = resp.choices[0]
-            results = [{"text": strip_chat_echo(choice.message.content or "", self.k), "finish_reason": choice.finish_reason}]
+            results = [
+                {"text": strip_chat_echo(choice.message.content or "", self.k), "finish_reason": choice.finish_reason}
+            ]
         return results, resp.usage
 
     def __call__(self, prompts):
@@ -301,18 +357,27 @@ class Requester:
                     logger.warning("no chat endpoint here (%s); --api auto switches to completions", e)
                     self.api, self.auto = "completions", False
                     continue
-                raise FatalRequestError(f"404 for model {self.model_name!r}: {e}. Check --model_name and --base_url.") from e
+                raise FatalRequestError(
+                    f"404 for model {self.model_name!r}: {e}. Check --model_name and --base_url."
+                ) from e
             except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
-                raise FatalRequestError(f"{e.status_code}: the server rejected the API key ({e}). "
-                                        "Set OPENAI_API_KEY or pass --api_key.") from e
+                raise FatalRequestError(
+                    f"{e.status_code}: the server rejected the API key ({e}). Set OPENAI_API_KEY or pass --api_key."
+                ) from e
             except (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError) as e:
                 attempt += 1  # APIConnectionError covers APITimeoutError
                 self.retries += 1
                 if attempt > self.max_retries or self.stop_event.is_set():
                     raise FatalRequestError(f"gave up after {attempt} attempts: {type(e).__name__}: {e}") from e
                 delay = self.retry_base_s * 2 ** (attempt - 1) * (0.5 + random.random())  # exponential, with jitter
-                logger.warning("%s (%s); retry %d/%d in %.2f s", type(e).__name__, getattr(e, "status_code", "no status"),
-                               attempt, self.max_retries, delay)
+                logger.warning(
+                    "%s (%s); retry %d/%d in %.2f s",
+                    type(e).__name__,
+                    getattr(e, "status_code", "no status"),
+                    attempt,
+                    self.max_retries,
+                    delay,
+                )
                 time.sleep(delay)
             except openai.APIStatusError as e:  # any other 4xx
                 raise FatalRequestError(f"{e.status_code} from the server: {e}") from e
@@ -341,7 +406,9 @@ def load_regen(path):
         records = utils.jload(path)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e}); move it away to start over") from e
-    if not isinstance(records, list) or not all(isinstance(r, dict) and isinstance(r.get("instruction"), str) for r in records):
+    if not isinstance(records, list) or not all(
+        isinstance(r, dict) and isinstance(r.get("instruction"), str) for r in records
+    ):
         raise ValueError(f"{path}: expected a list of records with an 'instruction' string; move it away to start over")
     return records
 
@@ -365,8 +432,10 @@ def check_options(api, num_prompt_instructions, n_seeds, max_workers, request_ba
     if api not in ("auto", "completions", "chat"):
         problems.append(f"--api {api!r}: expected auto, completions or chat")
     if not 1 <= num_prompt_instructions < min(n_seeds + 1, NUM_PROMPT_TASKS - 1):
-        problems.append(f"--num_prompt_instructions {num_prompt_instructions}: expected 1..{min(n_seeds, NUM_PROMPT_TASKS - 2)} "
-                        f"(there are {n_seeds} seed tasks and the model stops at task {NUM_PROMPT_TASKS})")
+        problems.append(
+            f"--num_prompt_instructions {num_prompt_instructions}: expected 1..{min(n_seeds, NUM_PROMPT_TASKS - 2)} "
+            f"(there are {n_seeds} seed tasks and the model stops at task {NUM_PROMPT_TASKS})"
+        )
     if max_workers < 1 or request_batch_size < 1:
         problems.append(f"--max_workers {max_workers} and --request_batch_size {request_batch_size} must be at least 1")
     if problems:
@@ -374,10 +443,24 @@ def check_options(api, num_prompt_instructions, n_seeds, max_workers, request_ba
 
 
 def generate_instruction_following_data(
-    output_dir="./", seed_tasks_path=SEED_TASKS_PATH, num_instructions_to_generate=100, model_name=DEFAULT_MODEL,
-    num_prompt_instructions=3, request_batch_size=5, temperature=1.0, top_p=1.0, num_cpus=16,
-    api="auto", base_url=None, api_key=None, max_workers=4, request_timeout=120.0, max_retries=6, retry_base_s=1.0,
-    export_alpaca=None, seed=None,
+    output_dir="./",
+    seed_tasks_path=SEED_TASKS_PATH,
+    num_instructions_to_generate=100,
+    model_name=DEFAULT_MODEL,
+    num_prompt_instructions=3,
+    request_batch_size=5,
+    temperature=1.0,
+    top_p=1.0,
+    num_cpus=16,
+    api="auto",
+    base_url=None,
+    api_key=None,
+    max_workers=4,
+    request_timeout=120.0,
+    max_retries=6,
+    retry_base_s=1.0,
+    export_alpaca=None,
+    seed=None,
 ):
     """Generate instructions until output_dir/regen.json holds num_instructions_to_generate of them.
 
@@ -387,25 +470,50 @@ def generate_instruction_following_data(
     check_options(api, num_prompt_instructions, len(seeds), max_workers, request_batch_size)
     chosen = choose_api(api, model_name)
     client, base_url = make_client(base_url, api_key, request_timeout)
-    requester = Requester(client, chosen, model_name, num_prompt_instructions, temperature, top_p, auto=api == "auto",
-                          max_retries=max_retries, retry_base_s=retry_base_s)
+    requester = Requester(
+        client,
+        chosen,
+        model_name,
+        num_prompt_instructions,
+        temperature,
+        top_p,
+        auto=api == "auto",
+        max_retries=max_retries,
+        retry_base_s=retry_base_s,
+    )
     regen_path = Path(output_dir) / "regen.json"
     records = load_regen(regen_path)
     deduper = RougeLDeduper([s["instruction"] for s in seeds] + [r["instruction"] for r in records], workers=num_cpus)
-    logger.info("%d seed tasks, %d instructions from an earlier run; %s API, model %s at %s", len(seeds), len(records),
-                chosen, model_name, base_url or "api.openai.com")
+    logger.info(
+        "%d seed tasks, %d instructions from an earlier run; %s API, model %s at %s",
+        len(seeds),
+        len(records),
+        chosen,
+        model_name,
+        base_url or "api.openai.com",
+    )
     rng = random.Random(seed)
 
     def make_prompts():
         size = request_batch_size if requester.api == "completions" else 1
         return [encode_prompt(rng.sample(seeds, num_prompt_instructions)) for _ in range(size)]
 
-    stats, seconds = run_requests(requester, make_prompts, records, deduper, regen_path, num_instructions_to_generate, max_workers)
+    stats, seconds = run_requests(
+        requester, make_prompts, records, deduper, regen_path, num_instructions_to_generate, max_workers
+    )
     drops = drop_counts(stats)
-    logger.info("done: %d requests (%.2f s each on average, %d retries), %d tokens; kept %d, dropped %d (%s); %d in %s",
-                stats["requests"], float(np.mean(seconds)) if seconds else 0.0, requester.retries, stats["tokens"],
-                stats["kept"], sum(drops.values()), ", ".join(f"{k} {v}" for k, v in drops.items()) or "none",
-                len(records), regen_path)
+    logger.info(
+        "done: %d requests (%.2f s each on average, %d retries), %d tokens; kept %d, dropped %d (%s); %d in %s",
+        stats["requests"],
+        float(np.mean(seconds)) if seconds else 0.0,
+        requester.retries,
+        stats["tokens"],
+        stats["kept"],
+        sum(drops.values()),
+        ", ".join(f"{k} {v}" for k, v in drops.items()) or "none",
+        len(records),
+        regen_path,
+    )
     if export_alpaca:
         export_alpaca_rows(records, export_alpaca)
     return str(regen_path)
@@ -414,7 +522,8 @@ def generate_instruction_following_data(
 def run_requests(requester, make_prompts, records, deduper, regen_path, target, max_workers):
     """Send requests until records holds target instructions; filter each answer as it lands and save after each.
 
-    Returns (stats Counter, seconds per request). A FatalRequestError ends the run with a message; what is saved stays."""
+    Returns (stats Counter, seconds per request).
+    A FatalRequestError ends the run with a message; what is saved stays."""
     stats, seconds = Counter(), []
 
     def one_request(prompts):
@@ -425,23 +534,31 @@ def run_requests(requester, make_prompts, records, deduper, regen_path, target, 
     bar = tqdm.tqdm(total=target, initial=min(len(records), target), unit="instr")
     with logging_redirect_tqdm(), ThreadPoolExecutor(max_workers) as executor:
         try:
-            for prompts, results, usage, secs in completed_requests(executor, one_request, make_prompts, max_workers,
-                                                                     lambda: len(records) < target):
+            for prompts, results, usage, secs in completed_requests(
+                executor, one_request, make_prompts, max_workers, lambda: len(records) < target
+            ):
                 before = Counter(stats)
                 for result in results:
-                    add_response(parse_response(requester.k, result["text"], result["finish_reason"], stats),
-                                 deduper, records, stats)
+                    add_response(
+                        parse_response(requester.k, result["text"], result["finish_reason"], stats),
+                        deduper,
+                        records,
+                        stats,
+                    )
                 utils.jdump(records, regen_path)  # atomic: a kill leaves the old file or the new one
                 seconds.append(secs)
                 stats.update(requests=1, tokens=getattr(usage, "total_tokens", 0) or 0)
                 log_request(stats, before, len(prompts), secs)
                 bar.update(min(len(records), target) - bar.n)
-                bar.set_postfix(requests=stats["requests"], tokens=stats["tokens"], dropped=sum(drop_counts(stats).values()))
+                bar.set_postfix(
+                    requests=stats["requests"], tokens=stats["tokens"], dropped=sum(drop_counts(stats).values())
+                )
         except FatalRequestError as e:
             requester.stop_event.set()  # the other threads stop retrying
             executor.shutdown(wait=False, cancel_futures=True)
-            raise SystemExit(f"generate_instruction: {e}\n{len(records)} instructions are saved in {regen_path}; "
-                             "rerun to resume.") from e
+            raise SystemExit(
+                f"generate_instruction: {e}\n{len(records)} instructions are saved in {regen_path}; rerun to resume."
+            ) from e
     bar.close()
     return stats, seconds
 
@@ -461,16 +578,26 @@ def completed_requests(executor, send, make_prompts, max_workers, want_more):
 
 def drop_counts(stats):
     """{reason: count} for every task lost: a filter (blocklist, length, ...), similar, malformed or truncated."""
-    return {k.removeprefix("dropped_"): v for k, v in sorted(stats.items())
-            if v and (k.startswith("dropped_") or k in ("malformed", "truncated"))}
+    return {
+        k.removeprefix("dropped_"): v
+        for k, v in sorted(stats.items())
+        if v and (k.startswith("dropped_") or k in ("malformed", "truncated"))
+    }
 
 
 def log_request(stats, before, n_prompts, secs):
     diff = Counter({k: stats[k] - before[k] for k in stats})
     drops = drop_counts(diff)
-    logger.info("request %d (%d prompt%s): %.2f s, %d tokens; kept %d; dropped %s", stats["requests"], n_prompts,
-                "s" if n_prompts > 1 else "", secs, diff["tokens"], diff["kept"],
-                ", ".join(f"{k} {v}" for k, v in drops.items()) or "none")
+    logger.info(
+        "request %d (%d prompt%s): %.2f s, %d tokens; kept %d; dropped %s",
+        stats["requests"],
+        n_prompts,
+        "s" if n_prompts > 1 else "",
+        secs,
+        diff["tokens"],
+        diff["kept"],
+        ", ".join(f"{k} {v}" for k, v in drops.items()) or "none",
+    )
 
 
 def export_alpaca_rows(records, out_path):
@@ -491,6 +618,8 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP call would bury ours
     try:
-        fire.Fire({"generate_instruction_following_data": generate_instruction_following_data, "export_alpaca": export_alpaca})
+        fire.Fire(
+            {"generate_instruction_following_data": generate_instruction_following_data, "export_alpaca": export_alpaca}
+        )
     except ValueError as e:  # bad seed file, options or regen.json: the message says what and where
-        raise SystemExit(f"generate_instruction: {e}")
+        raise SystemExit(f"generate_instruction: {e}") from None

@@ -1,7 +1,7 @@
 """Answer an instruction with an Alpaca-tuned checkpoint: the function a trainML endpoint calls, and a CLI.
 
     python inference.py --instruction "Name three primary colours."
-    python inference.py --model_name_or_path out/demo --instruction "Summarize the text." --input "$(cat a.txt)" --truncate
+    python inference.py --model_name_or_path out/demo --instruction "Summarize." --input "$(cat a.txt)" --truncate
     TRAINML_CHECKPOINT_PATH=out/demo python -c "import inference; print(inference.instruct('Name a colour.'))"
 
 The checkpoint is --model_name_or_path (or load_model(path)), else $TRAINML_CHECKPOINT_PATH (set on trainML
@@ -70,7 +70,9 @@ def check_params(params, max_tokens_limit):
     """Raise ValueError listing every out-of-range setting; the message says the allowed range."""
     p, problems = params, []
     if not _is_int(p.max_tokens) or not 1 <= p.max_tokens <= max_tokens_limit:
-        problems.append(f"max_tokens must be an integer from 1 to {max_tokens_limit} (new tokens), got {p.max_tokens!r}")
+        problems.append(
+            f"max_tokens must be an integer from 1 to {max_tokens_limit} (new tokens), got {p.max_tokens!r}"
+        )
     if not _is_number(p.temperature) or not 0 <= p.temperature <= 2:
         problems.append(f"temperature must be a number from 0 to 2 (0 = greedy), got {p.temperature!r}")
     if not _is_number(p.top_p) or not 0 < p.top_p <= 1:
@@ -87,20 +89,26 @@ def generation_kwargs(params):
     """Arguments for model.generate(): sampling unless temperature is 0, beam search when num_beams > 1."""
     if params.temperature == 0:
         return dict(do_sample=False, num_beams=params.num_beams, temperature=None, top_p=None, top_k=None)
-    return dict(do_sample=True, num_beams=params.num_beams, temperature=float(params.temperature),
-                top_p=float(params.top_p), top_k=None)  # float(): transformers refuses an int temperature  # top_k off: the fork and the OpenAI API sample with top_p alone
+    return dict(
+        do_sample=True,
+        num_beams=params.num_beams,
+        temperature=float(params.temperature),
+        top_p=float(params.top_p),
+        top_k=None,
+    )  # float(): transformers refuses an int temperature; top_k off: the fork and OpenAI sample with top_p alone
 
 
 def cut_at_stop(text, stops):
     """(text before the earliest stop string, whether one was found)."""
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return (text[:min(hits)], True) if hits else (text, False)
+    return (text[: min(hits)], True) if hits else (text, False)
 
 
 def stop_holdback(text, stops):
     """How many trailing characters of text could still grow into a stop string; a stream must not send them yet."""
-    return max((k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if s.startswith(text[-k:])),
-               default=0)
+    return max(
+        (k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if s.startswith(text[-k:])), default=0
+    )
 
 
 def training_length(tokenizer, context_window):
@@ -118,8 +126,10 @@ class _StopCriteria(transformers.StoppingCriteria):
     def __call__(self, input_ids, scores, **kwargs):
         if self.cancel is not None and self.cancel.is_set():
             return torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        done = [cut_at_stop(self.decode(row[self.prompt_len:]), self.stops)[1] if self.stops else False
-                for row in input_ids]
+        done = [
+            cut_at_stop(self.decode(row[self.prompt_len :]), self.stops)[1] if self.stops else False
+            for row in input_ids
+        ]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
 
 
@@ -147,7 +157,7 @@ class _TextStreamer:
 
     def _send(self, upto):
         if len(upto) > self.sent:
-            self.on_text(upto[self.sent:])
+            self.on_text(upto[self.sent :])
             self.sent = len(upto)
 
 
@@ -169,12 +179,20 @@ class InstructModel:
         self.max_prompt_tokens = max_prompt_tokens or training_length(self.tokenizer, self.context_window)
         eos = self.model.generation_config.eos_token_id
         eos = list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []
-        self.eos_ids = sorted({*eos, *([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [])})
+        self.eos_ids = sorted(
+            {*eos, *([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [])}
+        )
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.lock = threading.Lock()  # one generate() at a time
         self.tokenizer_lock = threading.RLock()  # the tokenizer is shared with request threads that encode
-        logger.info("loaded %s on %s (%s): prompts up to %d tokens, context window %d", self.name,
-                    self.model.device, dtype, self.max_prompt_tokens, self.context_window)
+        logger.info(
+            "loaded %s on %s (%s): prompts up to %d tokens, context window %d",
+            self.name,
+            self.model.device,
+            dtype,
+            self.max_prompt_tokens,
+            self.context_window,
+        )
 
     def decode(self, ids):
         with self.tokenizer_lock:
@@ -185,8 +203,10 @@ class InstructModel:
             return self.tokenizer(text, add_special_tokens=special)["input_ids"]
 
     def _too_long(self, n, hint):
-        return PromptTooLongError(f"the prompt is {n} tokens; this model was trained on at most "
-                                  f"{self.max_prompt_tokens}. Shorten it, or {hint}")
+        return PromptTooLongError(
+            f"the prompt is {n} tokens; this model was trained on at most "
+            f"{self.max_prompt_tokens}. Shorten it, or {hint}"
+        )
 
     def encode(self, prompt, truncate=False):
         """Token ids of a raw prompt; with truncate, an over-long prompt keeps its last tokens (and a leading BOS)."""
@@ -197,7 +217,7 @@ class InstructModel:
         if not truncate:
             raise self._too_long(len(ids), "pass truncate=true to keep its last tokens")
         bos = ids[:1] if ids[0] == self.tokenizer.bos_token_id else []
-        return bos + ids[len(ids) - (limit - len(bos)):]
+        return bos + ids[len(ids) - (limit - len(bos)) :]
 
     def encode_instruction(self, instruction, input=None, truncate=False):
         """Token ids of the Alpaca prompt. With truncate, an over-long input (or, without one, the instruction)
@@ -214,8 +234,10 @@ class InstructModel:
                 return ids
             field = self._ids(text, special=False)
             if len(field) <= over:
-                raise self._too_long(len(ids), "shorten the instruction: the template and instruction alone are too long")
-            text = self.decode(field[:len(field) - over - 1])
+                raise self._too_long(
+                    len(ids), "shorten the instruction: the template and instruction alone are too long"
+                )
+            text = self.decode(field[: len(field) - over - 1])
             ids = self._ids(format_prompt(instruction, text) if input else format_prompt(text))
         raise self._too_long(len(ids), "shorten the input")
 
@@ -224,7 +246,8 @@ class InstructModel:
             raise ContextLengthError(
                 f"This model's maximum context length is {self.context_window} tokens. However, you requested "
                 f"{n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} for the completion). "
-                "Please reduce your prompt; or completion length.")  # OpenAI's wording, which clients look for
+                "Please reduce your prompt; or completion length."
+            )  # OpenAI's wording, which clients look for
 
     @torch.inference_mode()
     def generate(self, prompts, params, on_text=None, cancel=None, row_max_tokens=None):
@@ -246,11 +269,19 @@ class InstructModel:
         device = self.model.device
         with self.lock:
             out = self.model.generate(
-                input_ids=input_ids.to(device), attention_mask=mask.to(device), max_new_tokens=max(limits),
-                pad_token_id=self.pad_id, eos_token_id=self.eos_ids, stopping_criteria=criteria, streamer=streamer,
-                **generation_kwargs(params))
-        results = [self._finish(row[width:width + limit].tolist(), len(p), params.stop, limit)
-                   for row, p, limit in zip(out, prompts, limits)]
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max(limits),
+                pad_token_id=self.pad_id,
+                eos_token_id=self.eos_ids,
+                stopping_criteria=criteria,
+                streamer=streamer,
+                **generation_kwargs(params),
+            )
+        results = [
+            self._finish(row[width : width + limit].tolist(), len(p), params.stop, limit)
+            for row, p, limit in zip(out, prompts, limits)
+        ]
         if on_text is not None:  # the rest: what the stream held back, or everything when beams ran
             sent = streamer.sent if streamer else 0
             if len(results[0].text) > sent:
@@ -260,7 +291,7 @@ class InstructModel:
     def _finish(self, new_ids, n_prompt, stops, limit):
         """Cut one row at its end-of-text token and stop string."""
         ends = [i for i, t in enumerate(new_ids) if t in self.eos_ids or t == self.pad_id]  # rows done early are padded
-        used = new_ids[:ends[0] + 1] if ends else new_ids
+        used = new_ids[: ends[0] + 1] if ends else new_ids
         text, stopped = cut_at_stop(self.decode(used), stops)
         reason = "stop" if ends or stopped or len(used) < limit else "length"
         return Completion(text, n_prompt, len(used), reason)
@@ -306,20 +337,29 @@ def instruct(instruction, input=None, max_tokens=None, temperature=None, top_p=N
 def main(args):
     if args.model_name_or_path or args.max_prompt_tokens:
         load_model(args.model_name_or_path, args.max_prompt_tokens)
-    print(instruct(args.instruction, args.input, args.max_tokens, args.temperature, args.top_p, args.num_beams,
-                   args.truncate))
+    print(
+        instruct(
+            args.instruction, args.input, args.max_tokens, args.temperature, args.top_p, args.num_beams, args.truncate
+        )
+    )
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--instruction", required=True)
     p.add_argument("--input", default=None)
-    p.add_argument("--model_name_or_path", default=None, help=f"default: $TRAINML_CHECKPOINT_PATH, else {EMBEDDED_MODEL}")
+    p.add_argument(
+        "--model_name_or_path", default=None, help=f"default: $TRAINML_CHECKPOINT_PATH, else {EMBEDDED_MODEL}"
+    )
     p.add_argument("--max_tokens", type=int, default=None, help=f"new tokens (default {GenParams.max_tokens})")
-    p.add_argument("--temperature", type=float, default=None, help=f"0 to 2; 0 = greedy (default {GenParams.temperature})")
+    p.add_argument(
+        "--temperature", type=float, default=None, help=f"0 to 2; 0 = greedy (default {GenParams.temperature})"
+    )
     p.add_argument("--top_p", type=float, default=None, help=f"default {GenParams.top_p}")
     p.add_argument("--num_beams", type=int, default=None, help=f"default {GenParams.num_beams}")
-    p.add_argument("--max_prompt_tokens", type=int, default=None, help="default: the tokenizer's model_max_length, else 512")
+    p.add_argument(
+        "--max_prompt_tokens", type=int, default=None, help="default: the tokenizer's model_max_length, else 512"
+    )
     p.add_argument("--truncate", action="store_true", help="cut an over-long input instead of refusing it")
     return p.parse_args(argv)
 
@@ -329,4 +369,4 @@ if __name__ == "__main__":
     try:
         main(parse_args())
     except ValueError as e:
-        raise SystemExit(f"inference.py: {e}")
+        raise SystemExit(f"inference.py: {e}") from None

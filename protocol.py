@@ -2,7 +2,7 @@
 mapping of a chat onto the Alpaca template, and the shapes of answers and stream events. No model here."""
 
 import json
-from typing import List, Optional, Union
+from typing import List
 
 from pydantic import BaseModel, ConfigDict
 
@@ -21,43 +21,43 @@ class _Body(BaseModel):
 
 class InstructBody(_Body):
     instruction: str
-    input: Optional[str] = None
-    max_tokens: Optional[int] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    num_beams: Optional[int] = None
+    input: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    num_beams: int | None = None
     truncate: bool = False
     stream: bool = False
 
 
 class _OpenAIBody(_Body):
-    model: Optional[str] = None
-    max_tokens: Optional[int] = None
-    temperature: Optional[float] = 1.0  # OpenAI's defaults
-    top_p: Optional[float] = 1.0
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = 1.0  # OpenAI's defaults
+    top_p: float | None = 1.0
     n: int = 1
-    stop: Union[str, List[str], None] = None
+    stop: str | List[str] | None = None
     stream: bool = False
-    stream_options: Optional[dict] = None
-    num_beams: Optional[int] = None  # ours, as in /instruct
+    stream_options: dict | None = None
+    num_beams: int | None = None  # ours, as in /instruct
     truncate: bool = False
 
 
 class CompletionBody(_OpenAIBody):
-    prompt: Union[str, List[str]]
+    prompt: str | List[str]
     echo: bool = False
-    logprobs: Optional[int] = None
+    logprobs: int | None = None
 
 
 class ChatMessage(_Body):
     role: str
-    content: Union[str, List[dict], None] = None
+    content: str | List[dict] | None = None
 
 
 class ChatBody(_OpenAIBody):
     messages: List[ChatMessage]
-    max_completion_tokens: Optional[int] = None
-    logprobs: Optional[bool] = None
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = None
 
 
 def message_text(message):
@@ -105,14 +105,12 @@ def sse(obj):
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-
 def validation_message(errors):
     """One line for FastAPI's validation errors: malformed JSON, or each bad field with what is wrong."""
     for e in errors:
         if e.get("type") == "json_invalid":
             return f"malformed JSON body: {e.get('ctx', {}).get('error', e.get('msg'))}"
     return "; ".join(f"{'.'.join(str(x) for x in e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors)
-
 
 
 async def instruct_events(items):
@@ -137,7 +135,9 @@ async def openai_events(streams, head, chat, include_usage):
     results = []
     for index, items in enumerate(streams):
         if chat:
-            yield dict(head, choices=[{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+            yield dict(
+                head, choices=[{"index": index, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+            )
         first = True
         async for item in items:
             if not isinstance(item, str):
@@ -152,5 +152,3 @@ async def openai_events(streams, head, chat, include_usage):
                 yield dict(head, choices=[dict(part, index=index, finish_reason=None)])
     if include_usage:
         yield dict(head, choices=[], usage=usage(results))
-
-

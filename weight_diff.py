@@ -40,16 +40,24 @@ MEAN_BLOCK_ROWS = 1024  # fixed, so make_diff and recover sum the mean row in th
 # The original's only integrity check: the fp32 sum of every weight of the recovered Alpaca-7B.
 ALPACA_7B_SUM, ALPACA_7B_ATOL = 50637.1836, 1e-2
 # How we recognise the Alpaca-7B diff: LLaMA-7B's config with the [PAD] row added (32000 + 1).
-ALPACA_7B_CONFIG = dict(model_type="llama", hidden_size=4096, intermediate_size=11008,
-                        num_hidden_layers=32, num_attention_heads=32, vocab_size=32001)
+ALPACA_7B_CONFIG = dict(
+    model_type="llama",
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    vocab_size=32001,
+)
 TEST_INSTRUCTION = "List three technologies that make life easier."
 
 
 class Checkpoint:
     """Tensor names, shapes and row slices of an HF folder: safetensors or .bin, one file or sharded."""
 
-    LAYOUTS = (("model.safetensors.index.json", "model.safetensors"),
-               ("pytorch_model.bin.index.json", "pytorch_model.bin"))
+    LAYOUTS = (
+        ("model.safetensors.index.json", "model.safetensors"),
+        ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    )
 
     def __init__(self, folder):
         self.folder = Path(folder)
@@ -63,8 +71,10 @@ class Checkpoint:
                 self.files = {k: self.folder / single for k in self._scan(self.folder / single)}
                 break
         if not self.files:
-            raise ValueError(f"{self.folder}: found neither model.safetensors(.index.json) nor "
-                             "pytorch_model.bin(.index.json); give the folder save_pretrained wrote")
+            raise ValueError(
+                f"{self.folder}: found neither model.safetensors(.index.json) nor "
+                "pytorch_model.bin(.index.json); give the folder save_pretrained wrote"
+            )
         self.shapes = {}
         for path in sorted(set(self.files.values())):
             if not path.is_file():
@@ -79,7 +89,9 @@ class Checkpoint:
         if path.suffix == ".safetensors":
             with safe_open(path, framework="pt") as f:
                 return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-        return {k: tuple(t.shape) for k, t in torch.load(path, map_location="cpu", mmap=True, weights_only=True).items()}
+        return {
+            k: tuple(t.shape) for k, t in torch.load(path, map_location="cpu", mmap=True, weights_only=True).items()
+        }
 
     def rows(self, key, start=None, stop=None):
         """Rows start:stop of tensor `key` as a new fp32 tensor (a 0-dim tensor comes whole).
@@ -130,12 +142,16 @@ def pair_up(raw_shapes, other_shapes, resize, known, other_name):
     for key in sorted(raw_shapes.keys() & other_shapes.keys()):
         spec = resize.get(key)
         if spec and spec[0] > raw_shapes[key][0]:
-            problems.append(f"{key}: the raw tokenizer has {spec[0]} tokens but the table only {raw_shapes[key][0]} rows")
+            problems.append(
+                f"{key}: the raw tokenizer has {spec[0]} tokens but the table only {raw_shapes[key][0]} rows"
+            )
             continue
         want = (spec[0] + spec[1], *raw_shapes[key][1:]) if spec else tuple(raw_shapes[key])
         if want != tuple(other_shapes[key]):
             note = f" after adding {spec[1]} token rows" if spec and spec[1] else ""
-            problems.append(f"{key}: shape {list(other_shapes[key])} in {other_name}, the raw model gives {list(want)}{note}")
+            problems.append(
+                f"{key}: shape {list(other_shapes[key])} in {other_name}, the raw model gives {list(want)}{note}"
+            )
         shapes[key] = want
     if problems:
         raise ValueError(f"the raw model and {other_name} do not pair up:\n  " + "\n  ".join(problems))
@@ -203,8 +219,11 @@ def safetensors_header(keys, shapes):
 def write_model(out_dir, shapes, produce, max_shard_bytes, desc):
     """Write the fp32 chunks produce(key) yields, tensor by tensor, as (sharded) safetensors + index."""
     shards = plan_shards(shapes, max_shard_bytes)
-    names = ["model.safetensors"] if len(shards) == 1 else [
-        f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    names = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
+    )
     with tqdm(total=len(shapes), unit="tensor", desc=desc) as bar:
         for name, keys in zip(names, shards):
             header = safetensors_header(keys, shapes)
@@ -221,7 +240,9 @@ def write_model(out_dir, shapes, produce, max_shard_bytes, desc):
     if len(shards) > 1:
         weight_map = {k: name for name, keys in zip(names, shards) for k in keys}
         total = sum(4 * prod(s) for s in shapes.values())  # bytes of fp32 weights
-        utils.jdump({"metadata": {"total_size": total}, "weight_map": weight_map}, out_dir / "model.safetensors.index.json")
+        utils.jdump(
+            {"metadata": {"total_size": total}, "weight_map": weight_map}, out_dir / "model.safetensors.index.json"
+        )
 
 
 @contextlib.contextmanager
@@ -289,8 +310,14 @@ def make_diff(path_raw, path_tuned, path_diff, device="cpu", chunk_mb=16, max_sh
         write_model(tmp, shapes, produce, int(max_shard_mb * MiB), "make_diff")
         copy_side_files(path_tuned, tmp)
         tensors = {k: {"shape": list(shapes[k]), "sha256": hashes[k]} for k in sorted(shapes)}
-        utils.jdump({"format": MANIFEST_FORMAT, "hash": "sha256 of raw + diff in float32, row-major little-endian bytes",
-                     "tensors": tensors}, tmp / MANIFEST)
+        utils.jdump(
+            {
+                "format": MANIFEST_FORMAT,
+                "hash": "sha256 of raw + diff in float32, row-major little-endian bytes",
+                "tensors": tensors,
+            },
+            tmp / MANIFEST,
+        )
     logger.info("wrote the diff of %d tensors to %s", len(shapes), path_diff)
     return str(path_diff)
 
@@ -299,13 +326,20 @@ def load_manifest(path_diff, shapes):
     """{tensor name: sha256} from the diff's manifest, or None (with a warning) for a diff without one."""
     path = Path(path_diff) / MANIFEST
     if not path.is_file():
-        logger.warning("%s has no %s (e.g. the original Alpaca diff): the recovered tensors are not hash-checked", path_diff, MANIFEST)
+        logger.warning(
+            "%s has no %s (e.g. the original Alpaca diff): the recovered tensors are not hash-checked",
+            path_diff,
+            MANIFEST,
+        )
         return None
     tensors = utils.jload(path)["tensors"]
     problems = [f"{k}: in the weights but not in the manifest" for k in sorted(shapes.keys() - tensors.keys())]
     problems += [f"{k}: in the manifest but not in the weights" for k in sorted(tensors.keys() - shapes.keys())]
-    problems += [f"{k}: shape {list(shapes[k])}, the manifest says {tensors[k]['shape']}"
-                 for k in sorted(shapes.keys() & tensors.keys()) if list(shapes[k]) != tensors[k]["shape"]]
+    problems += [
+        f"{k}: shape {list(shapes[k])}, the manifest says {tensors[k]['shape']}"
+        for k in sorted(shapes.keys() & tensors.keys())
+        if list(shapes[k]) != tensors[k]["shape"]
+    ]
     if problems:
         raise ValueError(f"{path} does not match the diff's weights:\n  " + "\n  ".join(problems))
     return {k: v["sha256"] for k, v in tensors.items()}
@@ -316,8 +350,12 @@ def naive_check_applies(path_diff):
     config = json.loads((Path(path_diff) / "config.json").read_text())
     if all(config.get(k) == v for k, v in ALPACA_7B_CONFIG.items()):
         return True
-    logger.info("check_integrity_naively: skipped, %s is not the Alpaca-7B diff and %.4f is the sum of "
-                "Alpaca-7B's weights only (the manifest's sha256 check, if any, still applies)", path_diff, ALPACA_7B_SUM)
+    logger.info(
+        "check_integrity_naively: skipped, %s is not the Alpaca-7B diff and %.4f is the sum of "
+        "Alpaca-7B's weights only (the manifest's sha256 check, if any, still applies)",
+        path_diff,
+        ALPACA_7B_SUM,
+    )
     return False
 
 
@@ -331,8 +369,10 @@ def naive_sum(sums, order):
 
 def check_naive_sum(total, path_raw):
     if not torch.allclose(total, torch.tensor(ALPACA_7B_SUM), atol=ALPACA_7B_ATOL, rtol=0):
-        raise ValueError(f"the recovered weights sum to {total.item():.4f}, Alpaca-7B's to {ALPACA_7B_SUM}: "
-                         f"{path_raw} is not the LLaMA-7B the diff was made from, or a file is corrupt")
+        raise ValueError(
+            f"the recovered weights sum to {total.item():.4f}, Alpaca-7B's to {ALPACA_7B_SUM}: "
+            f"{path_raw} is not the LLaMA-7B the diff was made from, or a file is corrupt"
+        )
 
 
 def sample_completion(path, device="cpu", instruction=TEST_INSTRUCTION, max_length=256):
@@ -344,14 +384,25 @@ def sample_completion(path, device="cpu", instruction=TEST_INSTRUCTION, max_leng
     prompt_len = enc["input_ids"].shape[1]
     # max_length counts the prompt, as in the original; a prompt that long still gets a few new tokens
     new_tokens = max(max_length - prompt_len, 16)
-    out = model.generate(**enc, max_new_tokens=new_tokens, do_sample=True, top_p=0.9, num_return_sequences=1, pad_token_id=pad)
+    out = model.generate(
+        **enc, max_new_tokens=new_tokens, do_sample=True, top_p=0.9, num_return_sequences=1, pad_token_id=pad
+    )
     completion = tokenizer.decode(out[0, prompt_len:], skip_special_tokens=True)
     print(f"Instruction: {instruction}\nCompletion: {completion}")
     return completion
 
 
-def recover(path_raw, path_diff, path_tuned=None, device="cpu", test_inference=True, check_integrity_naively=True,
-            chunk_mb=16, max_shard_mb=2048, inference_max_length=256):
+def recover(
+    path_raw,
+    path_diff,
+    path_tuned=None,
+    device="cpu",
+    test_inference=True,
+    check_integrity_naively=True,
+    chunk_mb=16,
+    max_shard_mb=2048,
+    inference_max_length=256,
+):
     """Write raw + diff (fp32) to path_tuned, checking each tensor against the diff's manifest.
 
     Returns the folder; the original returned the model, which we never hold. Without path_tuned the
@@ -360,21 +411,30 @@ def recover(path_raw, path_diff, path_tuned=None, device="cpu", test_inference=T
     raw, diff, resize, means, shapes, order = _prepare(path_raw, path_diff, f"the diff {path_diff}")
     expected = load_manifest(path_diff, shapes)
     naive = check_integrity_naively and naive_check_applies(path_diff)
-    chunk_bytes = None if naive else int(chunk_mb * MiB)  # whole tensors: per-tensor fp32 sums as the original took them
+    chunk_bytes = (
+        None if naive else int(chunk_mb * MiB)
+    )  # whole tensors: per-tensor fp32 sums as the original took them
     sums = {}
 
     def produce(key):
         sha, total = hashlib.sha256(), torch.zeros((), dtype=torch.float32)
         for start, stop in row_chunks(shapes[key], chunk_bytes):
-            rec = raw_rows(raw, key, start, stop, resize, means).to(device).add_(diff.rows(key, start, stop).to(device)).cpu()
+            rec = (
+                raw_rows(raw, key, start, stop, resize, means)
+                .to(device)
+                .add_(diff.rows(key, start, stop).to(device))
+                .cpu()
+            )
             sha.update(as_bytes(rec))
             total = total + rec.sum()
             yield rec
         sums[key] = total
         if expected is not None and sha.hexdigest() != expected[key]:
-            raise ValueError(f"{key}: sha256 of the recovered tensor is {sha.hexdigest()}, the manifest of {path_diff} "
-                             f"promises {expected[key]}; {diff.files[key]} or {raw.files[key]} is corrupt or not the "
-                             "raw model the diff was made from")
+            raise ValueError(
+                f"{key}: sha256 of the recovered tensor is {sha.hexdigest()}, the manifest of {path_diff} "
+                f"promises {expected[key]}; {diff.files[key]} or {raw.files[key]} is corrupt or not the "
+                "raw model the diff was made from"
+            )
 
     dest = path_tuned or tempfile.mkdtemp(prefix="recovered.")
     try:
@@ -383,7 +443,9 @@ def recover(path_raw, path_diff, path_tuned=None, device="cpu", test_inference=T
             if naive:
                 check_naive_sum(naive_sum(sums, order), path_raw)
             copy_side_files(path_diff, tmp)
-        logger.info("recovered %d tensors into %s%s", len(shapes), dest, "" if expected is None else ", all match the manifest")
+        logger.info(
+            "recovered %d tensors into %s%s", len(shapes), dest, "" if expected is None else ", all match the manifest"
+        )
         if test_inference:
             sample_completion(dest, device, max_length=inference_max_length)
     finally:

@@ -1,9 +1,9 @@
 """The ROUGE-L dedup filter: the original's approach (rouge_score, a new Pool per candidate) against ours (rapidfuzz
 LCS on token ids), in the same run, on the same candidates, checking that both keep exactly the same instructions.
 
-    python benchmarks/dedup.py                              # 1,000 synthetic candidates, then a 52,000-instruction pass
-    python benchmarks/dedup.py --data_path ../shared/realdata/alpaca_en_demo.json --num_cpus 2
-    python benchmarks/dedup.py --full_pass 0                # skip the 52K pass
+    python -m benchmarks.dedup                              # 1,000 synthetic candidates, then a 52,000-instruction pass
+    python -m benchmarks.dedup --data_path ../shared/realdata/alpaca_en_demo.json --num_cpus 2
+    python -m benchmarks.dedup --full_pass 0                # skip the 52K pass
 
 The pool starts as the project's 175 seed instructions, as in generate_instruction. Last line: the speed-up at 1,000.
 """
@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import random
-import sys
 import time
 from functools import partial
 from multiprocessing import Pool
@@ -22,10 +21,11 @@ import numpy as np
 from rouge_score import rouge_scorer, tokenizers
 from tqdm import tqdm
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import generate_instruction as gi  # noqa: E402
 
-VERBS = "Explain Describe Summarize Compare List Suggest Rewrite Classify Outline Evaluate Name Estimate Propose Rank".split()
+VERBS = (
+    "Explain Describe Summarize Compare List Suggest Rewrite Classify Outline Evaluate Name Estimate Propose Rank"
+).split()
 FUNCTION_WORDS = "the a of to in for and with how what is this that on by from your my an".split()
 
 
@@ -42,8 +42,10 @@ def synthetic_instructions(n, seed=0, vocab_size=5000):
             words = rng.choice(out).split()
             words[rng.randrange(1, len(words))] = rng.choice(vocab)
         else:
-            words = [rng.choice(VERBS)] + [rng.choice(FUNCTION_WORDS) if rng.random() < 0.4 else rng.choice(vocab)
-                                           for _ in range(rng.randint(5, 19))]
+            words = [rng.choice(VERBS)] + [
+                rng.choice(FUNCTION_WORDS) if rng.random() < 0.4 else rng.choice(vocab)
+                for _ in range(rng.randint(5, 19))
+            ]
         out.append(" ".join(words) + rng.choice(".?"))
     return out
 
@@ -71,7 +73,7 @@ def our_filter(pool, candidates, num_cpus, batch=16, progress=False):
     deduper, kept = gi.RougeLDeduper(pool, workers=num_cpus), []
     starts = range(0, len(candidates), batch)
     for start in tqdm(starts, desc="full pass", unit="batch", disable=not progress):
-        chunk = candidates[start:start + batch]
+        chunk = candidates[start : start + batch]
         for cand, (keep, scores) in zip(chunk, deduper.filter_batch(chunk)):
             if keep:
                 fields = gi.similarity_fields(scores, deduper.instructions)
@@ -81,8 +83,12 @@ def our_filter(pool, candidates, num_cpus, batch=16, progress=False):
 
 def same_decisions(a, b):
     return len(a) == len(b) and all(
-        x[0] == y[0] and list(x[1]) == list(y[1]) and np.allclose(list(x[1].values()), list(y[1].values()), rtol=0, atol=1e-9)
-        and abs(x[2] - y[2]) <= 1e-9 for x, y in zip(a, b))
+        x[0] == y[0]
+        and list(x[1]) == list(y[1])
+        and np.allclose(list(x[1].values()), list(y[1].values()), rtol=0, atol=1e-9)
+        and abs(x[2] - y[2]) <= 1e-9
+        for x, y in zip(a, b)
+    )
 
 
 def timed(fn, *args):
@@ -99,29 +105,45 @@ def main(args):
         candidates = [r["instruction"] for r in json.loads(Path(args.data_path).read_text())][: args.num_candidates]
     else:
         candidates = synthetic_instructions(args.num_candidates)
-    print(f"{len(candidates)} candidates ({args.data_path or 'synthetic'}), pool starts with {len(seeds)} seed instructions, "
-          f"num_cpus {args.num_cpus}", flush=True)
+    print(
+        f"{len(candidates)} candidates ({args.data_path or 'synthetic'}), "
+        f"pool starts with {len(seeds)} seed instructions, "
+        f"num_cpus {args.num_cpus}",
+        flush=True,
+    )
     ours, t_ours, cpu_ours = timed(our_filter, seeds, candidates, args.num_cpus)
     print(f"ours: {t_ours:.3f} s wall, {cpu_ours:.3f} s CPU, kept {len(ours)}", flush=True)
     original, t_orig, cpu_orig = timed(original_filter, seeds, candidates, args.num_cpus)
-    print(f"original (rouge_score, Pool({args.num_cpus}) per candidate): {t_orig:.2f} s wall, {cpu_orig:.2f} s CPU, "
-          f"kept {len(original)}", flush=True)
+    print(
+        f"original (rouge_score, Pool({args.num_cpus}) per candidate): {t_orig:.2f} s wall, {cpu_orig:.2f} s CPU, "
+        f"kept {len(original)}",
+        flush=True,
+    )
     if not same_decisions(original, ours):
         raise SystemExit("the two filters disagree: a bug in the fast dedup")
     print("decisions, most_similar_instructions and avg_similarity_score: identical (scores within 1e-9)")
     if args.full_pass:
         pass_candidates = synthetic_instructions(args.full_pass, seed=1)
         kept, t_pass, cpu_pass = timed(partial(our_filter, progress=True), seeds, pass_candidates, args.num_cpus)
-        print(f"full_pass_{args.full_pass}_seconds: {t_pass:.1f} wall, {cpu_pass:.1f} CPU "
-              f"(kept {len(kept)}, pool {len(seeds) + len(kept)})", flush=True)
+        print(
+            f"full_pass_{args.full_pass}_seconds: {t_pass:.1f} wall, {cpu_pass:.1f} CPU "
+            f"(kept {len(kept)}, pool {len(seeds) + len(kept)})",
+            flush=True,
+        )
     print(f"CPU-time ratio at {len(candidates)}: {cpu_orig / cpu_ours:.1f}")
     print(f"dedup_speedup_at_{len(candidates)}: {t_orig / t_ours:.1f}")
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data_path", help="an Alpaca JSON file whose instructions are the candidates (default: synthetic)")
+    parser.add_argument(
+        "--data_path", help="an Alpaca JSON file whose instructions are the candidates (default: synthetic)"
+    )
     parser.add_argument("--num_candidates", type=int, default=1000)
-    parser.add_argument("--num_cpus", type=int, default=os.cpu_count(), help="Pool size for the original, threads for ours")
-    parser.add_argument("--full_pass", type=int, default=52000, help="instructions in the timed full pass of ours (0: skip)")
+    parser.add_argument(
+        "--num_cpus", type=int, default=os.cpu_count(), help="Pool size for the original, threads for ours"
+    )
+    parser.add_argument(
+        "--full_pass", type=int, default=52000, help="instructions in the timed full pass of ours (0: skip)"
+    )
     main(parser.parse_args())

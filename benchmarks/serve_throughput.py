@@ -1,7 +1,7 @@
 """Requests per second: serve.py with 8 concurrent clients against sequential instruct() calls, same model, same run.
 
-    python benchmarks/serve_throughput.py                       # the embedded SmolLM2-135M, on CPU or GPU
-    python benchmarks/serve_throughput.py --model_name_or_path out/demo --requests 32 --max_tokens 64
+    python -m benchmarks.serve_throughput                       # the embedded SmolLM2-135M, on CPU or GPU
+    python -m benchmarks.serve_throughput --model_name_or_path out/demo --requests 32 --max_tokens 64
 
 Both sides answer the same instructions greedily with the same max_tokens, on one loaded model. The sequential side
 is the fork's way of serving, one instruct() call at a time; the server batches requests that wait together.
@@ -12,20 +12,24 @@ import argparse
 import logging
 import socket
 import statistics
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import inference  # noqa: E402
 import serve  # noqa: E402
 
-INSTRUCTIONS = ["Give three tips for staying healthy.", "Name the planets of the solar system.",
-                "Explain why the sky is blue.", "Write a haiku about autumn.", "Suggest a name for a bakery.",
-                "Describe a rainy day in two sentences.", "List four kinds of fruit.", "What is a prime number?"]
+INSTRUCTIONS = [
+    "Give three tips for staying healthy.",
+    "Name the planets of the solar system.",
+    "Explain why the sky is blue.",
+    "Write a haiku about autumn.",
+    "Suggest a name for a bakery.",
+    "Describe a rainy day in two sentences.",
+    "List four kinds of fruit.",
+    "What is a prime number?",
+]
 
 
 def free_port():
@@ -61,8 +65,9 @@ def main(args):
     work = [INSTRUCTIONS[i % len(INSTRUCTIONS)] for i in range(args.requests)]
     print(f"loaded {engine.name}; warming up", flush=True)
     inference.instruct(work[0], max_tokens=4, temperature=0)  # warm up: first-call costs are not throughput
-    server_args = serve.parse_args(["--port", str(free_port()), "--max_batch_size", str(args.max_batch_size),
-                                    "--log_level", "warning"])
+    server_args = serve.parse_args(
+        ["--port", str(free_port()), "--max_batch_size", str(args.max_batch_size), "--log_level", "warning"]
+    )
     with serve.ServerThread(serve.build_server(server_args, engine=engine)) as running:  # shares the loaded model
         seq_rps, latencies = run_sequential(work, args.max_tokens)
         print(f"concurrent: {len(work)} requests from {args.clients} clients", flush=True)

@@ -1,7 +1,7 @@
-"""Peak RSS and wall time of weight_diff.make_diff and .recover, and of the original recover algorithm, on a 538 MB fp32 model.
+"""Peak RSS and wall time of weight_diff.make_diff and .recover, and of the original recover, on a 538 MB fp32 model.
 
-    python benchmarks/weight_diff_memory.py
-    python benchmarks/weight_diff_memory.py --workdir /tmp/wd_bench   # keep the folders; reuse raw and tuned
+    python -m benchmarks.weight_diff_memory
+    python -m benchmarks.weight_diff_memory --workdir /tmp/wd_bench   # keep the folders; reuse raw and tuned
 
 The raw model is the embedded SmolLM2-135M (utils.resolve_model_path, fp32); the "tuned" one is it
 after train.py's special-token resize with every weight nudged. Each step runs in its own
@@ -26,10 +26,11 @@ from math import prod
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 PRELUDE = "import sys, torch, transformers, weight_diff, train, utils\n"
-BUILD_TUNED = PRELUDE + """
+BUILD_TUNED = (
+    PRELUDE
+    + """
 raw, out = sys.argv[1], sys.argv[2]
 model = transformers.AutoModelForCausalLM.from_pretrained(raw, dtype=torch.float32)
 tok = transformers.AutoTokenizer.from_pretrained(raw)
@@ -41,10 +42,13 @@ with torch.no_grad():
 model.save_pretrained(out)
 tok.save_pretrained(out)
 """
+)
 MAKE_DIFF = PRELUDE + "weight_diff.make_diff(sys.argv[1], sys.argv[2], sys.argv[3])\n"
 OURS = PRELUDE + "weight_diff.recover(sys.argv[1], sys.argv[2], sys.argv[3], test_inference=False)\n"
 # The original recover(), minus its test generation; as there, the diff is loaded as a model.
-ORIGINAL = PRELUDE + """
+ORIGINAL = (
+    PRELUDE
+    + """
 path_raw, path_diff, path_tuned = sys.argv[1:4]
 model_raw = transformers.AutoModelForCausalLM.from_pretrained(path_raw, dtype=torch.float32)
 model_recovered = transformers.AutoModelForCausalLM.from_pretrained(path_diff, dtype=torch.float32)
@@ -59,6 +63,7 @@ for key, tensor in model_recovered.state_dict().items():
 model_recovered.save_pretrained(path_tuned)
 transformers.AutoTokenizer.from_pretrained(path_diff).save_pretrained(path_tuned)
 """
+)
 
 
 def anon_kib(pid):
@@ -72,8 +77,14 @@ def measure(name, code, *args):
 
     The peak RSS is the kernel's, of that child alone. It counts file pages the child has mapped (safetensors
     are read through mmap), so we also sample RssAnon, the memory the child itself allocated."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT),
+        OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        TOKENIZERS_PARALLELISM="false",
+    )
     start = time.perf_counter()
     child = subprocess.Popen([sys.executable, "-c", code, *map(str, args)], cwd=ROOT, env=env)
     peak_anon, done = [0], threading.Event()
@@ -93,8 +104,10 @@ def measure(name, code, *args):
     if child.returncode != 0:
         raise SystemExit(f"{name} failed with exit code {child.returncode}")
     peak = usage.ru_maxrss * 1024  # Linux reports kilobytes
-    print(f"{name}: peak RSS {peak / 2**20:.0f} MiB, peak RssAnon {peak_anon[0] / 2**10:.0f} MiB, wall {wall:.1f} s",
-          flush=True)
+    print(
+        f"{name}: peak RSS {peak / 2**20:.0f} MiB, peak RssAnon {peak_anon[0] / 2**10:.0f} MiB, wall {wall:.1f} s",
+        flush=True,
+    )
     return peak, peak_anon[0] * 1024, wall
 
 
@@ -131,11 +144,12 @@ def max_abs_difference(a, b):
 
 def main(args):
     import utils
-    import weight_diff
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="wd_bench."))
     try:
-        raw, tuned, diff, ours, orig = (work / n for n in ("raw", "tuned", "diff", "recovered_ours", "recovered_original"))
+        raw, tuned, diff, ours, orig = (
+            work / n for n in ("raw", "tuned", "diff", "recovered_ours", "recovered_original")
+        )
         if not (raw / "config.json").exists():
             plain_copy(utils.resolve_model_path(None), raw)
         for folder in (ours, orig):
@@ -143,23 +157,35 @@ def main(args):
         if not (tuned / "config.json").exists():
             measure("setup: build the tuned model", BUILD_TUNED, raw, tuned)
         shutil.rmtree(diff, ignore_errors=True)
-        runs = {"baseline": measure("baseline: interpreter + imports only", PRELUDE),
-                "make_diff ours": measure("make_diff (ours, streamed)", MAKE_DIFF, raw, tuned, diff),
-                "recover ours": measure("recover (ours, streamed)", OURS, raw, diff, ours),
-                "recover original": measure("recover (original algorithm)", ORIGINAL, raw, diff, orig)}
+        runs = {
+            "baseline": measure("baseline: interpreter + imports only", PRELUDE),
+            "make_diff ours": measure("make_diff (ours, streamed)", MAKE_DIFF, raw, tuned, diff),
+            "recover ours": measure("recover (ours, streamed)", OURS, raw, diff, ours),
+            "recover original": measure("recover (original algorithm)", ORIGINAL, raw, diff, orig),
+        }
         size = weights_bytes(ours)
         print(f"model size: {size / 2**20:.0f} MiB of fp32 weights")
         print(f"max |ours - original| over all weights: {max_abs_difference(ours, orig):.3g}")
         base_peak, base_anon, base_wall = runs.pop("baseline")
         for name, (peak, anon, wall) in runs.items():
-            print(json.dumps({"run": name, "peak_rss_mib": round(peak / 2**20), "wall_s": round(wall, 1),
-                              "peak_over_model_size": round(peak / size, 3),
-                              "peak_above_baseline_over_model_size": round((peak - base_peak) / size, 3),
-                              "peak_anon_above_baseline_over_model_size": round((anon - base_anon) / size, 3),
-                              "wall_above_baseline_s": round(wall - base_wall, 1)}))
+            print(
+                json.dumps(
+                    {
+                        "run": name,
+                        "peak_rss_mib": round(peak / 2**20),
+                        "wall_s": round(wall, 1),
+                        "peak_over_model_size": round(peak / size, 3),
+                        "peak_above_baseline_over_model_size": round((peak - base_peak) / size, 3),
+                        "peak_anon_above_baseline_over_model_size": round((anon - base_anon) / size, 3),
+                        "wall_above_baseline_s": round(wall - base_wall, 1),
+                    }
+                )
+            )
         ours_peak, orig_peak = runs["recover ours"][0], runs["recover original"][0]
-        print(f"recover peak RSS above the import baseline / model size: ours "
-              f"{(ours_peak - base_peak) / size:.3f}, original {(orig_peak - base_peak) / size:.3f}")
+        print(
+            f"recover peak RSS above the import baseline / model size: ours "
+            f"{(ours_peak - base_peak) / size:.3f}, original {(orig_peak - base_peak) / size:.3f}"
+        )
     finally:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
@@ -167,5 +193,9 @@ def main(args):
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", help="keep the folders here instead of a temp folder; the raw and tuned models are reused on the next run, the diff and recoveries are made again")
+    parser.add_argument(
+        "--workdir",
+        help="keep the folders here instead of a temp folder; the raw and tuned models are reused on the next run, "
+        "the diff and recoveries are made again",
+    )
     main(parser.parse_args())

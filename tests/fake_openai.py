@@ -14,14 +14,18 @@ import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-WORDS = ("river apple quiet budget letter garden market teacher window summer bridge engine puzzle recipe "
-         "forest harbor ticket student candle ladder mirror pocket rocket saddle tunnel violin wallet yellow "
-         "anchor basket castle desert feather glacier hammer island jacket kettle lemon meadow needle orchard "
-         "pepper quilt ribbon shadow thunder umbrella valley whistle barrel cactus dolphin falcon ginger helmet "
-         "iceberg jungle koala lantern marble nickel oyster parrot quartz raven spider tomato unicorn velvet "
-         "walnut zebra copper silver golden narrow gentle clever sudden brave humble ancient modern rapid").split()
-VERBS = ("Explain Describe Summarize Classify Rewrite Suggest List Compare Translate Outline Name Estimate "
-         "Identify Recommend Evaluate Define Predict Rank Propose Convert").split()
+WORDS = (
+    "river apple quiet budget letter garden market teacher window summer bridge engine puzzle recipe "
+    "forest harbor ticket student candle ladder mirror pocket rocket saddle tunnel violin wallet yellow "
+    "anchor basket castle desert feather glacier hammer island jacket kettle lemon meadow needle orchard "
+    "pepper quilt ribbon shadow thunder umbrella valley whistle barrel cactus dolphin falcon ginger helmet "
+    "iceberg jungle koala lantern marble nickel oyster parrot quartz raven spider tomato unicorn velvet "
+    "walnut zebra copper silver golden narrow gentle clever sudden brave humble ancient modern rapid"
+).split()
+VERBS = (
+    "Explain Describe Summarize Classify Rewrite Suggest List Compare Translate Outline Name Estimate "
+    "Identify Recommend Evaluate Define Predict Rank Propose Convert"
+).split()
 # Tasks the original's filters drop: a blocklisted word, "Write a program", too short.
 FILTERED = ["Draw a map of the old harbor town.", "Write a program that sorts these numbers.", "Name three fruits."]
 
@@ -45,15 +49,23 @@ def answer(prompt, rng, chat, fault):
     tasks = [task_text(rng, k) for k in range(start, 20)]  # a real model stops at "\n20"
     text = "###\n".join(t for _, t in tasks) + "###"
     if not chat:  # a completion continues after the prompt's "{start}. Instruction:"
-        text = text[len(f"{start}. Instruction:"):]
+        text = text[len(f"{start}. Instruction:") :]
     if fault == "length":
         return text[: text.rindex("Output:") + 12], "length", [i for i, _ in tasks]
     return text, "stop", [i for i, _ in tasks]
 
 
 class FakeOpenAI:
-    def __init__(self, port, faults=(), delay_s=0.0, slow_s=3.0, routes=("completions", "chat"),
-                 context_max_tokens=None, models=None):
+    def __init__(
+        self,
+        port,
+        faults=(),
+        delay_s=0.0,
+        slow_s=3.0,
+        routes=("completions", "chat"),
+        context_max_tokens=None,
+        models=None,
+    ):
         self.port, self.faults, self.delay_s, self.slow_s = port, list(faults), delay_s, slow_s
         self.routes, self.context_max_tokens, self.models = routes, context_max_tokens, models
         self.log, self.lock, self.stopping = [], threading.Lock(), threading.Event()
@@ -76,21 +88,39 @@ class FakeOpenAI:
         if fault == "slow":
             self.stopping.wait(self.slow_s)
         if self.models is not None and body.get("model") not in self.models:
-            return 404, {"error": {"message": f"The model `{body.get('model')}` does not exist.", "code": "model_not_found"}}
+            return 404, {
+                "error": {"message": f"The model `{body.get('model')}` does not exist.", "code": "model_not_found"}
+            }
         if self.context_max_tokens and body.get("max_tokens", 0) > self.context_max_tokens:
-            return 400, {"error": {"message": "This model's maximum context length is 4096 tokens.", "code": "context_length_exceeded"}}
+            return 400, {
+                "error": {
+                    "message": "This model's maximum context length is 4096 tokens.",
+                    "code": "context_length_exceeded",
+                }
+            }
         prompts = [body["messages"][-1]["content"]] if route == "chat" else body["prompt"]
         prompts = [prompts] if isinstance(prompts, str) else prompts
         choices = []
         for i, prompt in enumerate(prompts):
             text, finish, instructions = answer(prompt, random.Random(f"{n}-{i}"), route == "chat", fault)
             entry["instructions"].append(instructions)
-            choices.append({"index": i, "finish_reason": finish, "logprobs": None,
-                            **({"message": {"role": "assistant", "content": text}} if route == "chat" else {"text": text})})
+            choices.append(
+                {
+                    "index": i,
+                    "finish_reason": finish,
+                    "logprobs": None,
+                    **({"message": {"role": "assistant", "content": text}} if route == "chat" else {"text": text}),
+                }
+            )
         words = sum(len(p.split()) for p in prompts), sum(len(str(c).split()) for c in choices)
-        return 200, {"id": f"fake-{n}", "object": "chat.completion" if route == "chat" else "text_completion", "created": 0,
-                     "model": body.get("model"), "choices": choices,
-                     "usage": {"prompt_tokens": words[0], "completion_tokens": words[1], "total_tokens": sum(words)}}
+        return 200, {
+            "id": f"fake-{n}",
+            "object": "chat.completion" if route == "chat" else "text_completion",
+            "created": 0,
+            "model": body.get("model"),
+            "choices": choices,
+            "usage": {"prompt_tokens": words[0], "completion_tokens": words[1], "total_tokens": sum(words)},
+        }
 
     def __enter__(self):
         server = self
@@ -102,7 +132,9 @@ class FakeOpenAI:
 
             def do_GET(self):
                 models = server.models or ["fake-model"]
-                self.reply(200, {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "fake"} for m in models]})
+                self.reply(
+                    200, {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "fake"} for m in models]}
+                )
 
             def reply(self, status, payload):
                 data = json.dumps(payload).encode()

@@ -26,9 +26,18 @@ def build_scripted_llama(tokenizer_dir, out_dir, pieces=SCRIPT, context_window=8
     tok.add_tokens([AddedToken(p, normalized=False, special=False) for p in pieces])
     piece_ids = tok.convert_tokens_to_ids(list(pieces))
     hidden = 32
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=context_window,
-                         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=context_window,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config)
     basis = torch.eye(hidden)
     targets = [*piece_ids, tok.eos_token_id]  # state k predicts targets[k]
@@ -40,7 +49,7 @@ def build_scripted_llama(tokenizer_dir, out_dir, pieces=SCRIPT, context_window=8
         for k, tid in enumerate(piece_ids, 1):
             model.model.embed_tokens.weight[tid] = basis[k]
         model.lm_head.weight.zero_()
-        scale = LOGIT_GAP / hidden ** 0.5  # the final RMSNorm scales a one-hot state up by sqrt(hidden)
+        scale = LOGIT_GAP / hidden**0.5  # the final RMSNorm scales a one-hot state up by sqrt(hidden)
         for k, tid in enumerate(targets):
             model.lm_head.weight[tid] = basis[k] * scale
     model.save_pretrained(out_dir)

@@ -8,10 +8,10 @@ import sys
 import types
 
 import pytest
+from helpers import ROOT
 
 import deploy_endpoint
 import inference
-from conftest import ROOT
 
 
 def test_job_spec_routes_post_instruct_to_inference_instruct(tmp_path):
@@ -19,7 +19,12 @@ def test_job_spec_routes_post_instruct_to_inference_instruct(tmp_path):
     assert (spec["type"], spec["gpu_types"], spec["gpu_count"]) == ("endpoint", ["rtx3090"], 2)
     assert spec["model"] == {"source_type": "local", "source_uri": str(tmp_path), "checkpoints": [{"id": "alpaca"}]}
     (route,) = spec["endpoint"]["routes"]
-    assert (route["path"], route["verb"], route["file"], route["function"]) == ("/instruct", "POST", "inference", "instruct")
+    assert (route["path"], route["verb"], route["file"], route["function"]) == (
+        "/instruct",
+        "POST",
+        "inference",
+        "instruct",
+    )
     body = {f["name"]: f for f in route["body"]}
     assert list(body) == ["instruction", "input", "max_tokens", "temperature", "top_p", "num_beams"]  # the fork's
     assert [n for n, f in body.items() if not f.get("optional")] == ["instruction"]
@@ -90,5 +95,10 @@ def test_deploy_creates_uploads_waits_and_returns_the_url(monkeypatch, tmp_path)
     monkeypatch.setitem(sys.modules, "trainml.trainml", sdk)
     spec = deploy_endpoint.endpoint_job_spec("alpaca", tmp_path)
     assert asyncio.run(deploy_endpoint.deploy(spec, timeout_s=60)) == FakeJob.url
-    assert calls == [("create", deploy_endpoint.JOB_NAME, "/instruct"), ("wait_for", "waiting for data/model download"),
-                     ("connect",), ("wait_for", "running"), ("refresh",)]
+    assert calls == [
+        ("create", deploy_endpoint.JOB_NAME, "/instruct"),
+        ("wait_for", "waiting for data/model download"),
+        ("connect",),
+        ("wait_for", "running"),
+        ("refresh",),
+    ]

@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 import transformers
+from helpers import ROOT
 
 import train
 import utils
-from conftest import ROOT
 
 
 @pytest.fixture(scope="session")
@@ -43,7 +43,7 @@ def test_embedded_model_answers_sensibly(embedded_dir, embedded_model):
     tok = transformers.AutoTokenizer.from_pretrained(embedded_dir)
     enc = tok(utils.format_prompt("What is the capital of France?"), return_tensors="pt")
     out = embedded_model.generate(**enc, max_new_tokens=16, do_sample=False)
-    answer = tok.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tok.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     words = [w for w in answer.split() if w.strip(".,!?").isalpha()]
     assert len(words) >= 3, answer  # real words, not the noise a broken dequantization produces
 
@@ -54,12 +54,36 @@ def test_two_step_fine_tune_of_the_default_model_loads_back(embedded_dir, tmp_pa
     tokens took minutes on a slow CI machine); its eval before and after are real."""
     monkeypatch.chdir(tmp_path)  # the defaults must not depend on the working directory
     calls = []
-    monkeypatch.setattr(train, "demo_answers", lambda trainer, tok, data_args: calls.append(1) or [("Q?", f"A{len(calls)}")])
+    monkeypatch.setattr(
+        train, "demo_answers", lambda trainer, tok, data_args: calls.append(1) or [("Q?", f"A{len(calls)}")]
+    )
     out = tmp_path / "out"
-    trainer = train.train(["--output_dir", str(out), "--max_steps", "2", "--per_device_train_batch_size", "1",
-                           "--model_max_length", "96", "--report_to", "none", "--save_strategy", "no",
-                           "--logging_steps", "1", "--val_set_size", "2", "--eval_strategy", "steps", "--eval_steps", "2",
-                           "--demo_generations", "1"])
+    trainer = train.train(
+        [
+            "--output_dir",
+            str(out),
+            "--max_steps",
+            "2",
+            "--per_device_train_batch_size",
+            "1",
+            "--model_max_length",
+            "96",
+            "--report_to",
+            "none",
+            "--save_strategy",
+            "no",
+            "--logging_steps",
+            "1",
+            "--val_set_size",
+            "2",
+            "--eval_strategy",
+            "steps",
+            "--eval_steps",
+            "2",
+            "--demo_generations",
+            "1",
+        ]
+    )
     printed = capsys.readouterr().out
     assert printed.index("before fine-tuning:") < printed.index("before and after fine-tuning:")  # before, at once
     assert "--- before: A1\n--- after:  A2" in printed and "eval loss: before " in printed and ", after " in printed

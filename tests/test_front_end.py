@@ -7,13 +7,20 @@ import os
 import shutil
 
 import pytest
-
-from conftest import ROOT, serve_in_thread
+from helpers import ROOT, serve_in_thread
 from scripted_llama import SCRIPT, build_scripted_llama
 
 ARTIFACTS = ROOT / "test-artifacts"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def chromium_path():
@@ -39,7 +46,9 @@ def chromium():
 @pytest.fixture(scope="module")
 def server(chromium, tmp_path_factory, spm_tokenizer_dir, free_port_module):
     model = build_scripted_llama(spm_tokenizer_dir, tmp_path_factory.mktemp("scripted"))
-    with serve_in_thread(["--model_name_or_path", str(model), "--port", str(free_port_module), "--log_level", "warning"]) as running:
+    with serve_in_thread(
+        ["--model_name_or_path", str(model), "--port", str(free_port_module), "--log_level", "warning"]
+    ) as running:
         yield running
 
 

@@ -12,11 +12,11 @@ from collections import Counter
 
 import numpy as np
 import pytest
+from fake_openai import FakeOpenAI
+from helpers import ROOT, subprocess_env
 from rouge_score import rouge_scorer, tokenizers
 
 import generate_instruction as gi
-from conftest import ROOT, subprocess_env
-from fake_openai import FakeOpenAI
 
 K = 3  # example tasks per prompt, the original's default
 
@@ -33,24 +33,31 @@ def test_prompt_txt_numbers_its_rules_1_to_n_and_keeps_the_requirements():
 
 def test_encode_prompt_golden_and_independent_of_the_working_directory(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # prompt.txt is found next to the code, not here
-    tasks = [{"instruction": "  Sort   these\n words:", "input": "pear apple", "output": "apple pear"},
-             {"instruction": "Name a prime number.", "input": "", "output": "7"}]
-    expected = (gi.PROMPT_PATH.read_text().rstrip("\n") + "\n"
-                "###\n1. Instruction: Sort these words\n1. Input:\npear apple\n1. Output:\napple pear\n"
-                "###\n2. Instruction: Name a prime number.\n2. Input:\n<noinput>\n2. Output:\n7\n"
-                "###\n3. Instruction:")
+    tasks = [
+        {"instruction": "  Sort   these\n words:", "input": "pear apple", "output": "apple pear"},
+        {"instruction": "Name a prime number.", "input": "", "output": "7"},
+    ]
+    expected = (
+        gi.PROMPT_PATH.read_text().rstrip("\n") + "\n"
+        "###\n1. Instruction: Sort these words\n1. Input:\npear apple\n1. Output:\napple pear\n"
+        "###\n2. Instruction: Name a prime number.\n2. Input:\n<noinput>\n2. Output:\n7\n"
+        "###\n3. Instruction:"
+    )
     assert gi.encode_prompt(tasks) == expected
 
 
-RESPONSE = (" Explain why the sky looks blue at noon.\n4. Input:\n<noinput>\n4. Output:\nSunlight scatters.\n###\n"
-            "5. Instruction: Draw a picture of a happy cat.\n5. Input:\n<noinput>\n5. Output:\nNo.\n###\n"
-            "6. Instruction: Write a program that adds two numbers.\n6. Input:\n1 2\n6. Output:\n3\n###\n"
-            "7. Instruction: Name three fruits.\n7. Input:\n<noinput>\n7. Output:\nApple.\n###\n"
-            "8. Instruction: \"Quote\" this sentence back to me please.\n8. Input:\nHi\n8. Output:\nHi\n###\n"
-            "9. Instruction: Élaborez a short plan for the week ahead.\n9. Input:\n<noinput>\n9. Output:\nOK\n###\n"
-            "10. Instruction: This piece has no input or output markers at all\n###\n"
-            "11. Instruction:   Summarize the note in one line.  \n11. Input:\n  Buy milk, call Sam.  \n11. Output:\nErrands.\n###\n"
-            "12. Instruction: Translate this greeting into French please.\n12. Input:\nHello\n12. Output:\nBonj")
+RESPONSE = (
+    " Explain why the sky looks blue at noon.\n4. Input:\n<noinput>\n4. Output:\nSunlight scatters.\n###\n"
+    "5. Instruction: Draw a picture of a happy cat.\n5. Input:\n<noinput>\n5. Output:\nNo.\n###\n"
+    "6. Instruction: Write a program that adds two numbers.\n6. Input:\n1 2\n6. Output:\n3\n###\n"
+    "7. Instruction: Name three fruits.\n7. Input:\n<noinput>\n7. Output:\nApple.\n###\n"
+    '8. Instruction: "Quote" this sentence back to me please.\n8. Input:\nHi\n8. Output:\nHi\n###\n'
+    "9. Instruction: Élaborez a short plan for the week ahead.\n9. Input:\n<noinput>\n9. Output:\nOK\n###\n"
+    "10. Instruction: This piece has no input or output markers at all\n###\n"
+    "11. Instruction:   Summarize the note in one line.  \n11. Input:\n  Buy milk, call Sam.  \n"
+    "11. Output:\nErrands.\n###\n"
+    "12. Instruction: Translate this greeting into French please.\n12. Input:\nHello\n12. Output:\nBonj"
+)
 
 
 def test_post_process_gpt3_response_golden():
@@ -90,16 +97,28 @@ def test_strip_chat_echo_and_api_choice():
     assert gi.strip_chat_echo("###\n4. Instruction: Do X now.\n4. Input:", 3) == " Do X now.\n4. Input:"
     assert gi.strip_chat_echo("4.  Instruction: Do X", 3) == " Do X"
     assert gi.strip_chat_echo(" Do X", 3) == " Do X"
-    table = {"gpt-4o-mini": "chat", "gpt-5": "chat", "o3-mini": "chat", "meta-llama/Llama-3.1-8B-Instruct": "chat",
-             "smollm2": "chat", "text-davinci-003": "completions", "gpt-3.5-turbo-instruct": "completions",
-             "davinci-002": "completions", "openai-community/gpt2": "completions"}
+    table = {
+        "gpt-4o-mini": "chat",
+        "gpt-5": "chat",
+        "o3-mini": "chat",
+        "meta-llama/Llama-3.1-8B-Instruct": "chat",
+        "smollm2": "chat",
+        "text-davinci-003": "completions",
+        "gpt-3.5-turbo-instruct": "completions",
+        "davinci-002": "completions",
+        "openai-community/gpt2": "completions",
+    }
     assert {m: gi.choose_api("auto", m) for m in table} == table
     assert gi.choose_api("completions", "gpt-4o-mini") == "completions"
     with pytest.raises(ValueError, match="expected auto, completions or chat"):
         gi.choose_api("responses", "gpt-4o-mini")
     # token 50256 is <|endoftext|> only in the GPT-2/GPT-3 vocabularies; in cl100k (davinci-002) it is a word piece
-    assert [gi.uses_gpt2_tokenizer(m) for m in ("text-davinci-003", "gpt2-xl", "davinci-002", "gpt-4o-mini")] == \
-        [True, True, False, False]
+    assert [gi.uses_gpt2_tokenizer(m) for m in ("text-davinci-003", "gpt2-xl", "davinci-002", "gpt-4o-mini")] == [
+        True,
+        True,
+        False,
+        False,
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,12 +135,24 @@ def test_project_seed_tasks_schema_and_mix():
 
 def test_load_seed_tasks_reads_the_self_instruct_layout_and_reports_every_bad_line(tmp_path):
     good = tmp_path / "seed.jsonl"  # Self-Instruct's layout: extra fields, several instances, the first one used
-    good.write_text(json.dumps({"id": "seed_task_0", "name": "x", "instruction": "Add the numbers.", "is_classification": False,
-                                "instances": [{"input": "2 3", "output": "5"}, {"input": "1 1", "output": "2"}]}) + "\n\n")
+    good.write_text(
+        json.dumps(
+            {
+                "id": "seed_task_0",
+                "name": "x",
+                "instruction": "Add the numbers.",
+                "is_classification": False,
+                "instances": [{"input": "2 3", "output": "5"}, {"input": "1 1", "output": "2"}],
+            }
+        )
+        + "\n\n"
+    )
     assert gi.load_seed_tasks(good) == [{"instruction": "Add the numbers.", "input": "2 3", "output": "5"}]
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"instruction": "ok", "instances": [{"input": "", "output": "y"}]}\n{not json\n'
-                   '{"instances": []}\n{"instruction": "x", "instances": [{"input": ""}]}\n')
+    bad.write_text(
+        '{"instruction": "ok", "instances": [{"input": "", "output": "y"}]}\n{not json\n'
+        '{"instances": []}\n{"instruction": "x", "instances": [{"input": ""}]}\n'
+    )
     with pytest.raises(ValueError) as err:
         gi.load_seed_tasks(bad)
     msg = str(err.value)
@@ -141,16 +172,59 @@ def test_load_regen_names_a_damaged_file_and_export_alpaca_writes_plain_rows(tmp
     regen.write_text('[{"instruction": "x"')
     with pytest.raises(ValueError, match=f"{regen}: not valid JSON"):
         gi.load_regen(regen)
-    regen.write_text(json.dumps([{"instruction": "Add 2 and 3.", "input": "", "output": "5",
-                                  "most_similar_instructions": {"a": 0.1}, "avg_similarity_score": 0.1}]))
+    regen.write_text(
+        json.dumps(
+            [
+                {
+                    "instruction": "Add 2 and 3.",
+                    "input": "",
+                    "output": "5",
+                    "most_similar_instructions": {"a": 0.1},
+                    "avg_similarity_score": 0.1,
+                }
+            ]
+        )
+    )
     gi.export_alpaca(regen, tmp_path / "alpaca.json")
-    assert json.loads((tmp_path / "alpaca.json").read_text()) == [{"instruction": "Add 2 and 3.", "input": "", "output": "5"}]
+    assert json.loads((tmp_path / "alpaca.json").read_text()) == [
+        {"instruction": "Add 2 and 3.", "input": "", "output": "5"}
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
 # ROUGE-L: equal to rouge_score, same decisions as the original loop
-VOCAB = ["the", "a", "of", "cat", "Cat", "CATS", "run", "running", "x", "42", "4.2", "e-mail", "don't", "C++", "--", "!!",
-         "café", "naïve", "日本語", "Ünïcødé", "🙂", "ß", "x_y", "", " ", "\t", "the the the", "A.B.C", "u.s.a", "(a)"]
+VOCAB = [
+    "the",
+    "a",
+    "of",
+    "cat",
+    "Cat",
+    "CATS",
+    "run",
+    "running",
+    "x",
+    "42",
+    "4.2",
+    "e-mail",
+    "don't",
+    "C++",
+    "--",
+    "!!",
+    "café",
+    "naïve",
+    "日本語",
+    "Ünïcødé",
+    "🙂",
+    "ß",
+    "x_y",
+    "",
+    " ",
+    "\t",
+    "the the the",
+    "A.B.C",
+    "u.s.a",
+    "(a)",
+]
 
 
 def random_texts(rng, n):
@@ -182,7 +256,9 @@ def test_rouge_l_scores_equal_rouge_score_on_588_pairs():
     assert np.max(np.abs(np.array(ours) - via_public)) <= 1e-9
     assert [s > 0.7 for s in ours] == [s > 0.7 for s in ref]
     # the pairs span the range: empty/no overlap, partial, above the 0.7 cut and identical
-    assert min(ours) == 0 and max(ours) == 1 and sum(0 < s <= 0.7 for s in ours) > 100 and sum(s > 0.7 for s in ours) > 20
+    assert (
+        min(ours) == 0 and max(ours) == 1 and sum(0 < s <= 0.7 for s in ours) > 100 and sum(s > 0.7 for s in ours) > 20
+    )
 
 
 def original_filter(pool, candidates):
@@ -195,8 +271,13 @@ def original_filter(pool, candidates):
         scores = [rouge_scorer._score_lcs(new, t).fmeasure for t in tokens]
         if max(scores) > 0.7:
             continue
-        kept.append({"instruction": cand, "most_similar_instructions": {pool[i]: scores[i] for i in np.argsort(scores)[-10:][::-1]},
-                     "avg_similarity_score": float(np.mean(scores))})
+        kept.append(
+            {
+                "instruction": cand,
+                "most_similar_instructions": {pool[i]: scores[i] for i in np.argsort(scores)[-10:][::-1]},
+                "avg_similarity_score": float(np.mean(scores)),
+            }
+        )
         pool.append(cand)
         tokens.append(new)
     return kept
@@ -207,22 +288,32 @@ def test_dedup_keeps_and_drops_exactly_as_the_original():
     rng = random.Random(1)
     candidates = []
     for i in range(240):  # edits of seed instructions (near-duplicates) and of earlier candidates, plus new ones
-        words = rng.choice(seeds + candidates).split() if i % 3 else f"Invent item {i} with colour {rng.random()}".split()
+        words = (
+            rng.choice(seeds + candidates).split() if i % 3 else f"Invent item {i} with colour {rng.random()}".split()
+        )
         if len(words) > 2:
             words.pop(rng.randrange(len(words)))
         candidates.append(" ".join(words + rng.sample(["now", "please", "briefly", "x"], rng.randint(0, 2))))
     expected = original_filter(seeds, candidates)
     deduper, records = gi.RougeLDeduper(seeds), []
     for start in range(0, len(candidates), 7):
-        for cand, (keep, scores) in zip(candidates[start:start + 7], deduper.filter_batch(candidates[start:start + 7])):
+        for cand, (keep, scores) in zip(
+            candidates[start : start + 7], deduper.filter_batch(candidates[start : start + 7])
+        ):
             if keep:
                 records.append({"instruction": cand, **gi.similarity_fields(scores, deduper.instructions)})
     assert 40 < len(expected) < 200  # both decisions occur (240 candidates)
     assert [r["instruction"] for r in records] == [r["instruction"] for r in expected]
     for ours, ref in zip(records, expected):
-        assert list(ours["most_similar_instructions"]) == list(ref["most_similar_instructions"])  # same ties, same order
-        assert np.allclose(list(ours["most_similar_instructions"].values()), list(ref["most_similar_instructions"].values()),
-                           rtol=0, atol=1e-9)
+        assert list(ours["most_similar_instructions"]) == list(
+            ref["most_similar_instructions"]
+        )  # same ties, same order
+        assert np.allclose(
+            list(ours["most_similar_instructions"].values()),
+            list(ref["most_similar_instructions"].values()),
+            rtol=0,
+            atol=1e-9,
+        )
         assert abs(ours["avg_similarity_score"] - ref["avg_similarity_score"]) <= 1e-9
 
 
@@ -240,10 +331,19 @@ def make_requester(fake, model, api="auto", **kw):
 def test_completions_batch_one_request_and_context_errors_shrink_max_tokens(free_port):
     with FakeOpenAI(free_port, context_max_tokens=2000) as fake:
         results, usage = make_requester(fake, "text-davinci-003")([PROMPT, PROMPT])
-    assert [e["body"]["max_tokens"] for e in fake.log] == [3072, 2457, 1965]  # int(x * 0.8) until <= 2000, as the original
+    assert [e["body"]["max_tokens"] for e in fake.log] == [
+        3072,
+        2457,
+        1965,
+    ]  # int(x * 0.8) until <= 2000, as the original
     body = fake.log[-1]["body"]
     assert fake.log[-1]["path"] == "/v1/completions" and body["prompt"] == [PROMPT, PROMPT]  # both prompts, one request
-    assert body["stop"] == ["\n20", "20.", "20."] and body["n"] == 1 and body["temperature"] == 1.0 and body["top_p"] == 1.0
+    assert (
+        body["stop"] == ["\n20", "20.", "20."]
+        and body["n"] == 1
+        and body["temperature"] == 1.0
+        and body["top_p"] == 1.0
+    )
     assert body["logit_bias"] == {"50256": -100}  # text-davinci-003 uses the GPT-2 vocabulary
     assert len(results) == 2 and usage.total_tokens > 0
     # the server sent tasks 4..19; every fifth (5, 10, 15) is one the filters drop
@@ -258,7 +358,9 @@ def test_chat_strips_the_echoed_header_and_sends_no_logit_bias(free_port):
     assert fake.log[0]["path"] == "/v1/chat/completions" and body["messages"] == [{"role": "user", "content": PROMPT}]
     assert "logit_bias" not in body and body["stop"] == ["\n20", "20.", "20."] and body["max_tokens"] == 3072
     kept = gi.post_process_gpt3_response(K, result)
-    assert [r["instruction"] for r in kept] == [i for i in fake.log[0]["instructions"][0] if gi.rejection_reason(i) is None]
+    assert [r["instruction"] for r in kept] == [
+        i for i in fake.log[0]["instructions"][0] if gi.rejection_reason(i) is None
+    ]
 
 
 def test_auto_switches_to_completions_when_the_server_has_no_chat_route(free_port):
@@ -286,19 +388,35 @@ def test_unknown_model_and_403_fail_fast_and_retries_are_bounded_with_growing_ba
             make_requester(fake, "fake-chat", max_retries=3)([PROMPT])
     assert len(fake.log) == 4  # 1 try + 3 retries
     for i, delay in enumerate(delays):  # base 0.01 s * 2**i, with jitter in [0.5, 1.5)
-        assert 0.01 * 2 ** i * 0.5 <= delay < 0.01 * 2 ** i * 1.5
+        assert 0.01 * 2**i * 0.5 <= delay < 0.01 * 2**i * 1.5
 
 
 # ---------------------------------------------------------------------------------------------
 # The real script, as a subprocess, against the scripted server
 def script(fake, out_dir, *args):
-    return [sys.executable, "-m", "generate_instruction", "generate_instruction_following_data", "--output_dir", str(out_dir),
-            "--base_url", fake.base_url, "--api_key", "test-key", "--retry_base_s", "0.05", "--seed", "0", *map(str, args)]
+    return [
+        sys.executable,
+        "-m",
+        "generate_instruction",
+        "generate_instruction_following_data",
+        "--output_dir",
+        str(out_dir),
+        "--base_url",
+        fake.base_url,
+        "--api_key",
+        "test-key",
+        "--retry_base_s",
+        "0.05",
+        "--seed",
+        "0",
+        *map(str, args),
+    ]
 
 
 def run_script(fake, out_dir, *args):
-    return subprocess.run(script(fake, out_dir, *args), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True,
-                          timeout=300)
+    return subprocess.run(
+        script(fake, out_dir, *args), cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300
+    )
 
 
 def sent_instructions(fake):
@@ -309,28 +427,61 @@ def test_end_to_end_completions_writes_regen_and_a_train_ready_export(free_port,
     import train
 
     with FakeOpenAI(free_port) as fake:
-        proc = run_script(fake, tmp_path, "--model_name", "text-davinci-003", "--num_instructions_to_generate", 30,
-                          "--request_batch_size", 2, "--max_workers", 2, "--export_alpaca", tmp_path / "alpaca.json")
+        proc = run_script(
+            fake,
+            tmp_path,
+            "--model_name",
+            "text-davinci-003",
+            "--num_instructions_to_generate",
+            30,
+            "--request_batch_size",
+            2,
+            "--max_workers",
+            2,
+            "--export_alpaca",
+            tmp_path / "alpaca.json",
+        )
     assert proc.returncode == 0, proc.stderr[-3000:]
     records = json.loads((tmp_path / "regen.json").read_text())
     assert len(records) >= 30 and len({r["instruction"] for r in records}) == len(records)
-    assert all(list(r) == ["instruction", "input", "output", "most_similar_instructions", "avg_similarity_score"] for r in records)
-    assert all(0 < len(r["most_similar_instructions"]) <= 10 and max(r["most_similar_instructions"].values()) <= 0.7
-               and 0 <= r["avg_similarity_score"] <= 0.7 for r in records)
+    assert all(
+        list(r) == ["instruction", "input", "output", "most_similar_instructions", "avg_similarity_score"]
+        for r in records
+    )
+    assert all(
+        0 < len(r["most_similar_instructions"]) <= 10
+        and max(r["most_similar_instructions"].values()) <= 0.7
+        and 0 <= r["avg_similarity_score"] <= 0.7
+        for r in records
+    )
     assert {r["instruction"] for r in records} <= sent_instructions(fake)
     assert all(gi.rejection_reason(r["instruction"]) is None for r in records)
-    assert all(e["path"] == "/v1/completions" and len(e["body"]["prompt"]) == 2 and e["body"]["logit_bias"] == {"50256": -100}
-               for e in fake.log)
+    assert all(
+        e["path"] == "/v1/completions" and len(e["body"]["prompt"]) == 2 and e["body"]["logit_bias"] == {"50256": -100}
+        for e in fake.log
+    )
     rows = train.load_rows(tmp_path / "alpaca.json")  # raises on anything train.py would reject
     assert rows == [{k: r[k] for k in ("instruction", "input", "output")} for r in records]
-    assert re.search(r"done: \d+ requests .*kept \d+, dropped \d+ \(blocklist \d+, length \d+, program \d+", proc.stderr)
+    assert re.search(
+        r"done: \d+ requests .*kept \d+, dropped \d+ \(blocklist \d+, length \d+, program \d+", proc.stderr
+    )
 
 
 def test_fault_injection_retries_drops_and_keeps_going(free_port, tmp_path):
     faults = ["429", "500", "slow", "malformed", "length"]
     with FakeOpenAI(free_port, faults=faults, slow_s=12) as fake:
-        proc = run_script(fake, tmp_path, "--model_name", "fake-chat", "--num_instructions_to_generate", 20,
-                          "--max_workers", 1, "--request_timeout", 5)
+        proc = run_script(
+            fake,
+            tmp_path,
+            "--model_name",
+            "fake-chat",
+            "--num_instructions_to_generate",
+            20,
+            "--max_workers",
+            1,
+            "--request_timeout",
+            5,
+        )
     assert proc.returncode == 0, proc.stderr[-3000:]
     log, err = fake.log, proc.stderr
     assert [e["fault"] for e in log[:5]] == faults
@@ -345,7 +496,9 @@ def test_fault_injection_retries_drops_and_keeps_going(free_port, tmp_path):
     *complete, last = log[4]["instructions"][0]
     assert last not in records and last in sent_instructions(fake)
     assert {i for i in complete if gi.rejection_reason(i) is None} <= records
-    assert re.search(r"request 2 \(1 prompt\): .*kept 12; dropped .*truncated 1", err)  # tasks 4..18 less 5, 10, 15 (filtered)
+    assert re.search(
+        r"request 2 \(1 prompt\): .*kept 12; dropped .*truncated 1", err
+    )  # tasks 4..18 less 5, 10, 15 (filtered)
 
 
 def test_bad_api_key_fails_fast_without_retrying(free_port, tmp_path):
@@ -368,11 +521,15 @@ def test_kill_9_at_several_points_then_resume_loses_nothing_saved_and_duplicates
     mtime = lambda: regen.stat().st_mtime_ns if regen.exists() else 0  # noqa: E731
     temp_file = lambda: any(tmp_path.glob(".regen.json.*.tmp"))  # noqa: E731
     with FakeOpenAI(free_port, delay_s=0.3) as fake:  # 0.3 s per answer, so kills land while requests are in flight
-        cmd = script(fake, tmp_path, "--model_name", "fake-chat", "--num_instructions_to_generate", 100, "--max_workers", 2)
+        cmd = script(
+            fake, tmp_path, "--model_name", "fake-chat", "--num_instructions_to_generate", 100, "--max_workers", 2
+        )
         kill_points = {  # name -> (condition on the server log length at start and regen.json's mtime at start)
             "first request in flight": lambda n0, m0: len(fake.log) >= n0 + 1,
             "right after a save": lambda n0, m0: mtime() != m0,
-            "while regen.json is being written (or after a few requests)": lambda n0, m0: temp_file() or len(fake.log) >= n0 + 4,
+            "while regen.json is being written (or after a few requests)": lambda n0, m0: (
+                temp_file() or len(fake.log) >= n0 + 4
+            ),
             "two requests in": lambda n0, m0: len(fake.log) >= n0 + 2,
         }
         saved = []
@@ -381,20 +538,22 @@ def test_kill_9_at_several_points_then_resume_loses_nothing_saved_and_duplicates
             with open(tmp_path / "killed.log", "w") as out:
                 proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=out, stderr=out)
                 try:
-                    wait_for(lambda: condition(n0, m0) or proc.poll() is not None, name)
+                    wait_for(lambda c=condition, n=n0, m=m0, p=proc: c(n, m) or p.poll() is not None, name)
                 finally:
                     proc.kill()  # SIGKILL; a no-op if the run already ended
                     proc.wait(timeout=30)
-            assert proc.returncode == -signal.SIGKILL, f"{name}: the run ended before the kill:\n" + (tmp_path / "killed.log").read_text()[-2000:]
+            assert proc.returncode == -signal.SIGKILL, (
+                f"{name}: the run ended before the kill:\n" + (tmp_path / "killed.log").read_text()[-2000:]
+            )
             now = json.loads(regen.read_text()) if regen.exists() else []  # never half a file
-            assert now[:len(saved)] == saved, f"{name}: saved records changed"
+            assert now[: len(saved)] == saved, f"{name}: saved records changed"
             if name == "right after a save":
                 assert len(now) > len(saved)  # what was saved before the kill survives it
             saved = now
         done = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     final = json.loads(regen.read_text())
-    assert final[:len(saved)] == saved and len(final) >= 100
+    assert final[: len(saved)] == saved and len(final) >= 100
     assert len({r["instruction"] for r in final}) == len(final)  # no duplicates across the restarts
     assert {r["instruction"] for r in final} <= sent_instructions(fake)  # every record is one the server sent, intact
     assert f"{len(saved)} instructions from an earlier run" in done.stderr

@@ -4,11 +4,11 @@ import importlib.util
 from types import SimpleNamespace
 
 import pytest
+from helpers import ROOT
+from scripted_llama import SCRIPT, build_scripted_llama
 
 import inference
-from conftest import ROOT
 from inference import GenParams, InstructModel, PromptTooLongError
-from scripted_llama import SCRIPT, build_scripted_llama
 from utils import EMBEDDED_MODEL, format_prompt
 
 ANSWER = "".join(SCRIPT)  # what the scripted model writes after any prompt
@@ -35,8 +35,13 @@ def test_check_params_reports_every_bad_setting_with_its_range():
     with pytest.raises(ValueError) as e:
         inference.check_params(GenParams(max_tokens=0, temperature=2.5, top_p=0, num_beams=9, stop=("",)), 100)
     msg = str(e.value)
-    for needle in ["max_tokens must be an integer from 1 to 100", "temperature must be a number from 0 to 2",
-                   "top_p must be a number above 0", "num_beams must be an integer from 1 to 8", "stop must be"]:
+    for needle in [
+        "max_tokens must be an integer from 1 to 100",
+        "temperature must be a number from 0 to 2",
+        "top_p must be a number above 0",
+        "num_beams must be an integer from 1 to 8",
+        "stop must be",
+    ]:
         assert needle in msg
     with pytest.raises(ValueError, match="max_tokens"):
         inference.check_params(GenParams(max_tokens=True), 100)  # a bool is not a token count
@@ -111,7 +116,9 @@ def test_over_long_prompt_is_refused_or_truncated_on_request(scripted):
     ids = scripted.encode_instruction("Summarize the text.", article, truncate=True)
     assert limit - 8 <= len(ids) <= limit  # cut to fit, not far below
     prompt = scripted.decode(ids)
-    assert prompt.startswith(format_prompt("Summarize the text.", "The river")[:60]) and prompt.endswith("### Response:")
+    assert prompt.startswith(format_prompt("Summarize the text.", "The river")[:60]) and prompt.endswith(
+        "### Response:"
+    )
     with pytest.raises(PromptTooLongError):
         scripted.encode("x " * 2000)
     full = scripted.tokenizer("one two " * 600)["input_ids"]
@@ -134,7 +141,7 @@ def test_stop_strings_and_streaming_agree(scripted):
     ids = scripted.encode_instruction("Name a bakery.")
     deltas = []
     (c,) = scripted.generate([ids], GenParams(max_tokens=20, temperature=0, stop=("4. Output",)), on_text=deltas.append)
-    assert c.text == SCRIPT[0][:SCRIPT[0].index("4. Output")] and c.finish_reason == "stop"
+    assert c.text == SCRIPT[0][: SCRIPT[0].index("4. Output")] and c.finish_reason == "stop"
     assert "".join(deltas) == c.text
     deltas.clear()
     (c,) = scripted.generate([ids], GenParams(max_tokens=20, temperature=0), on_text=deltas.append)
@@ -143,8 +150,10 @@ def test_stop_strings_and_streaming_agree(scripted):
 
 def test_batched_greedy_equals_one_at_a_time(tiny):
     """Left padding and the attention mask must not change a row's answer."""
-    prompts = [tiny.encode_instruction(t) for t in ["Count.", "Summarize the text about the river and the red kite.",
-                                                    "Give a one-word title."]]
+    prompts = [
+        tiny.encode_instruction(t)
+        for t in ["Count.", "Summarize the text about the river and the red kite.", "Give a one-word title."]
+    ]
     params = GenParams(max_tokens=12, temperature=0)
     alone = [tiny.generate([p], params)[0] for p in prompts]
     together = tiny.generate(prompts, params, row_max_tokens=[12, 12, 5])
@@ -160,6 +169,18 @@ def test_context_window_is_checked_before_generating(scripted):
 
 def test_cli_prints_the_answer(scripted_dir, capsys, monkeypatch):
     monkeypatch.setattr(inference, "_MODEL", None)
-    inference.main(inference.parse_args(["--model_name_or_path", str(scripted_dir), "--instruction", "Hi",
-                                         "--temperature", "0", "--max_tokens", "1"]))
+    inference.main(
+        inference.parse_args(
+            [
+                "--model_name_or_path",
+                str(scripted_dir),
+                "--instruction",
+                "Hi",
+                "--temperature",
+                "0",
+                "--max_tokens",
+                "1",
+            ]
+        )
+    )
     assert capsys.readouterr().out.strip() == SCRIPT[0].strip()

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
+from helpers import make_rows
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import train
-from conftest import make_rows
 
 PAD = 0
 LENGTHS = [37, 5, 52, 18, 29, 44, 11]  # one micro-batch; rows of at most 64 tokens below
@@ -30,8 +30,16 @@ def micro_batch(lengths=LENGTHS, vocab=96, seed=0):
 
 def tiny_llama(attn):
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, max_position_embeddings=256, pad_token_id=PAD)
+    config = LlamaConfig(
+        vocab_size=96,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=PAD,
+    )
     config._attn_implementation = attn
     return LlamaForCausalLM(config)
 
@@ -112,11 +120,37 @@ def test_training_runs_log_the_same_losses_with_and_without_padding_free(tiny_ll
     (tmp_path / "eval.json").write_text(json.dumps(make_rows(6, seed=6)))
 
     def run(name, *extra):
-        trainer = train.train(["--model_name_or_path", str(tiny_llama_dir), "--data_path", str(tmp_path / "train.json"),
-                               "--eval_data_path", str(tmp_path / "eval.json"), "--output_dir", str(tmp_path / name),
-                               "--per_device_train_batch_size", "6", "--max_steps", "3", "--logging_steps", "1",
-                               "--learning_rate", "1e-3", "--save_strategy", "no", "--report_to", "none",
-                               "--model_max_length", "128", "--dataloader_num_workers", "0", "--seed", "3", *extra])
+        trainer = train.train(
+            [
+                "--model_name_or_path",
+                str(tiny_llama_dir),
+                "--data_path",
+                str(tmp_path / "train.json"),
+                "--eval_data_path",
+                str(tmp_path / "eval.json"),
+                "--output_dir",
+                str(tmp_path / name),
+                "--per_device_train_batch_size",
+                "6",
+                "--max_steps",
+                "3",
+                "--logging_steps",
+                "1",
+                "--learning_rate",
+                "1e-3",
+                "--save_strategy",
+                "no",
+                "--report_to",
+                "none",
+                "--model_max_length",
+                "128",
+                "--dataloader_num_workers",
+                "0",
+                "--seed",
+                "3",
+                *extra,
+            ]
+        )
         logs = trainer.state.log_history
         return [x["loss"] for x in logs if "loss" in x], trainer.evaluate()["eval_loss"]
 

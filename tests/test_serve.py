@@ -12,11 +12,11 @@ from collections import deque
 
 import httpx
 import pytest
+from helpers import ROOT, serve_in_thread, subprocess_env
+from scripted_llama import SCRIPT, build_scripted_llama
 
-from conftest import ROOT, serve_in_thread, subprocess_env
 from inference import GenParams, InstructModel
 from protocol import ChatMessage, chat_to_alpaca
-from scripted_llama import SCRIPT, build_scripted_llama
 from serve import Job, create_app, take_batch
 
 ANSWER = "".join(SCRIPT)  # the scripted model's answer to any prompt
@@ -35,6 +35,7 @@ def engine(scripted_dir):
 
 def call(app, *requests):
     """Send (method, path, kwargs) requests concurrently to the app in process; the model thread runs meanwhile."""
+
     async def go():
         app.state.batcher.start()
         try:
@@ -43,6 +44,7 @@ def call(app, *requests):
                 return await asyncio.gather(*(client.request(m, p, **kw) for m, p, kw in requests))
         finally:
             app.state.batcher.stop()
+
     return asyncio.run(go())
 
 
@@ -52,7 +54,7 @@ def post(app, path, body, **kw):
 
 def events(text):
     """The JSON payloads of an SSE body, checking that it ends with [DONE]."""
-    data = [line[len("data: "):] for line in text.splitlines() if line.startswith("data: ")]
+    data = [line[len("data: ") :] for line in text.splitlines() if line.startswith("data: ")]
     assert data[-1] == "[DONE]"
     return [json.loads(d) for d in data[:-1]]
 
@@ -61,21 +63,36 @@ def events(text):
 def test_chat_maps_onto_the_alpaca_template():
     m = lambda role, content: ChatMessage(role=role, content=content)  # noqa: E731
     assert chat_to_alpaca([m("user", " Name a colour. ")]) == ("Name a colour.", None)
-    got = chat_to_alpaca([m("system", "Be brief."), m("user", "Hi"), m("assistant", "Hello!"),
-                          m("user", [{"type": "text", "text": "Name a colour."}])])
+    got = chat_to_alpaca(
+        [
+            m("system", "Be brief."),
+            m("user", "Hi"),
+            m("assistant", "Hello!"),
+            m("user", [{"type": "text", "text": "Name a colour."}]),
+        ]
+    )
     assert got == ("Name a colour.", "Be brief.\n\nUser: Hi\nAssistant: Hello!")
-    for bad, needle in [([], "no messages"), ([m("user", "Hi"), m("assistant", "Yo")], "role 'assistant'"),
-                        ([m("user", "  ")], "messages[0].content is empty"),
-                        ([m("tool", "x"), m("user", "Hi")], "messages[0].role is 'tool'"),
-                        ([m("user", [{"type": "image_url", "image_url": {}}])], "image_url")]:
+    for bad, needle in [
+        ([], "no messages"),
+        ([m("user", "Hi"), m("assistant", "Yo")], "role 'assistant'"),
+        ([m("user", "  ")], "messages[0].content is empty"),
+        ([m("tool", "x"), m("user", "Hi")], "messages[0].role is 'tool'"),
+        ([m("user", [{"type": "image_url", "image_url": {}}])], "image_url"),
+    ]:
         with pytest.raises(ValueError, match=needle.replace("[", r"\[").replace("]", r"\]")):
             chat_to_alpaca(bad)
 
 
 def test_take_batch_groups_compatible_waiting_jobs():
     a, b = GenParams(temperature=0), GenParams(temperature=0.5)
-    jobs = [Job([1], a), Job([2], b), Job([3], GenParams(temperature=0, max_tokens=9)), Job([4], a, on_text=print),
-            Job([5], a), Job([6], a)]
+    jobs = [
+        Job([1], a),
+        Job([2], b),
+        Job([3], GenParams(temperature=0, max_tokens=9)),
+        Job([4], a, on_text=print),
+        Job([5], a),
+        Job([6], a),
+    ]
     waiting = deque(jobs)
     assert take_batch(waiting, max_size=3) == [jobs[0], jobs[2], jobs[4]]  # max_tokens may differ; streams run alone
     assert list(waiting) == [jobs[1], jobs[3], jobs[5]]  # the rest keep their order
@@ -85,9 +102,14 @@ def test_take_batch_groups_compatible_waiting_jobs():
 # --- routes in process ------------------------------------------------------------------------
 def test_instruct_route_health_models_and_ui(engine):
     app = create_app(engine, served_model_name=NAME)
-    r1, r2, r3, r4, r5 = call(app, ("POST", "/instruct", dict(json={"instruction": "Name a bakery.", "temperature": 0})),
-                              ("POST", "/instruct", dict(json={"instruction": "Hi", "input": "x", "max_tokens": 1})),
-                              ("GET", "/health", {}), ("GET", "/v1/models", {}), ("GET", "/", {}))
+    r1, r2, r3, r4, r5 = call(
+        app,
+        ("POST", "/instruct", dict(json={"instruction": "Name a bakery.", "temperature": 0})),
+        ("POST", "/instruct", dict(json={"instruction": "Hi", "input": "x", "max_tokens": 1})),
+        ("GET", "/health", {}),
+        ("GET", "/v1/models", {}),
+        ("GET", "/", {}),
+    )
     assert r1.status_code == 200 and r1.json() == ANSWER.strip()  # a JSON string, as the trainML route answers
     assert r2.json() == SCRIPT[0].strip()
     assert r3.json()["status"] == "ok" and r3.json()["max_prompt_tokens"] == 512  # the default training length
@@ -103,23 +125,38 @@ def test_instruct_streams_server_sent_events(engine):
     assert evs[-1]["finish_reason"] == "stop" and evs[-1]["usage"]["completion_tokens"] == len(SCRIPT) + 1
 
 
-@pytest.mark.parametrize("path,body,status,needle", [
-    ("/instruct", b'{"instruction": "Hi",', 400, "malformed JSON body"),
-    ("/instruct", {"input": "x"}, 400, "instruction: Field required"),
-    ("/instruct", {"instruction": "   "}, 400, "instruction is empty"),
-    ("/instruct", {"instruction": "Hi", "temperature": 3}, 400, "temperature must be a number from 0 to 2"),
-    ("/instruct", {"instruction": "Hi", "top_p": 0}, 400, "top_p must be a number above 0"),
-    ("/instruct", {"instruction": "Hi", "max_tokens": 0, "num_beams": 0}, 400, "max_tokens must be an integer from 1"),
-    ("/instruct", {"instruction": "Hi", "num_beams": 99}, 400, "num_beams must be an integer from 1 to 8"),
-    ("/instruct", {"instruction": "Hi", "max_tokens": 2.5}, 400, "max_tokens: Input should be a valid integer"),
-    ("/instruct", {"instruction": "Hi " * 600}, 400, "trained on at most 512"),
-    ("/v1/completions", {"model": NAME, "prompt": "Hi", "max_tokens": 8192}, 400, "maximum context length is 8192"),
-    ("/v1/completions", {"model": "gpt-4o", "prompt": "Hi"}, 404, "The model 'gpt-4o' does not exist"),
-    ("/v1/completions", {"model": NAME, "prompt": "Hi", "n": 2}, 400, "n=2 is not supported"),
-    ("/v1/chat/completions", {"model": NAME, "messages": [{"role": "assistant", "content": "x"}]}, 400, "last message"),
-])
+@pytest.mark.parametrize(
+    "path,body,status,needle",
+    [
+        ("/instruct", b'{"instruction": "Hi",', 400, "malformed JSON body"),
+        ("/instruct", {"input": "x"}, 400, "instruction: Field required"),
+        ("/instruct", {"instruction": "   "}, 400, "instruction is empty"),
+        ("/instruct", {"instruction": "Hi", "temperature": 3}, 400, "temperature must be a number from 0 to 2"),
+        ("/instruct", {"instruction": "Hi", "top_p": 0}, 400, "top_p must be a number above 0"),
+        (
+            "/instruct",
+            {"instruction": "Hi", "max_tokens": 0, "num_beams": 0},
+            400,
+            "max_tokens must be an integer from 1",
+        ),
+        ("/instruct", {"instruction": "Hi", "num_beams": 99}, 400, "num_beams must be an integer from 1 to 8"),
+        ("/instruct", {"instruction": "Hi", "max_tokens": 2.5}, 400, "max_tokens: Input should be a valid integer"),
+        ("/instruct", {"instruction": "Hi " * 600}, 400, "trained on at most 512"),
+        ("/v1/completions", {"model": NAME, "prompt": "Hi", "max_tokens": 8192}, 400, "maximum context length is 8192"),
+        ("/v1/completions", {"model": "gpt-4o", "prompt": "Hi"}, 404, "The model 'gpt-4o' does not exist"),
+        ("/v1/completions", {"model": NAME, "prompt": "Hi", "n": 2}, 400, "n=2 is not supported"),
+        (
+            "/v1/chat/completions",
+            {"model": NAME, "messages": [{"role": "assistant", "content": "x"}]},
+            400,
+            "last message",
+        ),
+    ],
+)
 def test_bad_input_gets_a_4xx_json_error(engine, path, body, status, needle):
-    kw = dict(content=body, headers={"Content-Type": "application/json"}) if isinstance(body, bytes) else dict(json=body)
+    kw = (
+        dict(content=body, headers={"Content-Type": "application/json"}) if isinstance(body, bytes) else dict(json=body)
+    )
     (r,) = call(create_app(engine, served_model_name=NAME), ("POST", path, kw))
     assert r.status_code == status, r.text
     assert needle in r.json()["error"]["message"]
@@ -128,10 +165,13 @@ def test_bad_input_gets_a_4xx_json_error(engine, path, body, status, needle):
 def test_api_key_is_required_when_set(engine):
     app = create_app(engine, api_key="sekret")
     body = dict(json={"instruction": "Hi", "max_tokens": 1})
-    none, wrong, right, health = call(app, ("POST", "/instruct", body),
-                                      ("POST", "/instruct", dict(body, headers={"Authorization": "Bearer nope"})),
-                                      ("POST", "/instruct", dict(body, headers={"Authorization": "Bearer sekret"})),
-                                      ("GET", "/health", {}))
+    none, wrong, right, health = call(
+        app,
+        ("POST", "/instruct", body),
+        ("POST", "/instruct", dict(body, headers={"Authorization": "Bearer nope"})),
+        ("POST", "/instruct", dict(body, headers={"Authorization": "Bearer sekret"})),
+        ("GET", "/health", {}),
+    )
     assert none.status_code == wrong.status_code == 401
     assert none.json()["error"]["type"] == "authentication_error"
     assert right.status_code == 200 and health.status_code == 200
@@ -142,8 +182,11 @@ def test_a_model_failure_is_a_500_json_error(engine, monkeypatch):
         raise RuntimeError("out of memory, say")
 
     monkeypatch.setattr(engine, "generate", broken)
-    plain, streamed = call(create_app(engine), ("POST", "/instruct", dict(json={"instruction": "Hi"})),
-                           ("POST", "/instruct", dict(json={"instruction": "Hi", "stream": True})))
+    plain, streamed = call(
+        create_app(engine),
+        ("POST", "/instruct", dict(json={"instruction": "Hi"})),
+        ("POST", "/instruct", dict(json={"instruction": "Hi", "stream": True})),
+    )
     assert plain.status_code == 500 and "out of memory, say" in plain.json()["error"]["message"]
     assert "out of memory, say" in events(streamed.text)[-1]["error"]["message"]  # headers were already sent
 
@@ -168,8 +211,13 @@ def test_concurrent_requests_share_batches_on_one_model_thread(engine, monkeypat
 
     monkeypatch.setattr(engine, "generate", tracked)
     app = create_app(engine, max_batch_size=8)
-    rs = call(app, *[("POST", "/instruct", dict(json={"instruction": f"Task {i}", "max_tokens": 2, "temperature": 0}))
-                     for i in range(24)])
+    rs = call(
+        app,
+        *[
+            ("POST", "/instruct", dict(json={"instruction": f"Task {i}", "max_tokens": 2, "temperature": 0}))
+            for i in range(24)
+        ],
+    )
     assert [r.status_code for r in rs] == [200] * 24
     assert {r.json() for r in rs} == {(SCRIPT[0] + SCRIPT[1]).strip()}
     assert seen == {"model"} and sum(sizes) == 24
@@ -179,8 +227,18 @@ def test_concurrent_requests_share_batches_on_one_model_thread(engine, monkeypat
 # --- a real server ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(scripted_dir, free_port_module):
-    argv = ["--model_name_or_path", str(scripted_dir), "--port", str(free_port_module), "--served_model_name", NAME,
-            "--max_prompt_tokens", "4096", "--log_level", "warning"]
+    argv = [
+        "--model_name_or_path",
+        str(scripted_dir),
+        "--port",
+        str(free_port_module),
+        "--served_model_name",
+        NAME,
+        "--max_prompt_tokens",
+        "4096",
+        "--log_level",
+        "warning",
+    ]
     with serve_in_thread(argv) as running:
         yield running.url
 
@@ -197,7 +255,7 @@ def test_openai_client_completions(client):
     assert [c.text for c in sorted(r.choices, key=lambda c: c.index)] == [ANSWER, ANSWER]
     assert r.choices[0].finish_reason == "stop" and r.usage.completion_tokens == 2 * (len(SCRIPT) + 1)
     r = client.completions.create(model=NAME, prompt="x", max_tokens=20, stop=["\n5. Input"])
-    assert r.choices[0].text == ANSWER[:ANSWER.index("\n5. Input")] and r.choices[0].finish_reason == "stop"
+    assert r.choices[0].text == ANSWER[: ANSWER.index("\n5. Input")] and r.choices[0].finish_reason == "stop"
     r = client.completions.create(model=NAME, prompt="x", max_tokens=1)
     assert r.choices[0].text == SCRIPT[0] and r.choices[0].finish_reason == "length"
     chunks = list(client.completions.create(model=NAME, prompt="x", max_tokens=20, stream=True))
@@ -209,8 +267,9 @@ def test_openai_client_chat(client):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a bakery."}]
     r = client.chat.completions.create(model=NAME, messages=messages, temperature=0)
     assert r.choices[0].message.content == ANSWER.strip() and r.choices[0].message.role == "assistant"
-    stream = client.chat.completions.create(model=NAME, messages=messages, stream=True,
-                                            stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=NAME, messages=messages, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ANSWER.strip()
     assert chunks[-1].usage.completion_tokens == len(SCRIPT) + 1
@@ -228,6 +287,7 @@ def test_fifty_concurrent_requests(server):
         async with httpx.AsyncClient(base_url=server, timeout=120) as c:
             bodies = [{"instruction": f"Task {i}", "max_tokens": 2, "temperature": 0.5} for i in range(50)]
             return await asyncio.gather(*(c.post("/instruct", json=b) for b in bodies))
+
     rs = asyncio.run(go())
     assert [r.status_code for r in rs] == [200] * 50
     assert {r.json() for r in rs} == {(SCRIPT[0] + SCRIPT[1]).strip()}
@@ -239,16 +299,41 @@ def test_generate_instruction_end_to_end(server, tmp_path):
     if not (ROOT / "generate_instruction.py").exists():
         pytest.skip("generate_instruction.py is not in this checkout yet")
     out = tmp_path / "gen"
-    cmd = [sys.executable, "-m", "generate_instruction", "generate_instruction_following_data",
-           "--output_dir", str(out), "--base_url", f"{server}/v1", "--model_name", NAME, "--api", "chat",
-           "--num_instructions_to_generate", "2", "--max_workers", "1", "--num_cpus", "1", "--seed", "0",
-           "--export_alpaca", str(out / "alpaca_data.json")]
+    cmd = [
+        sys.executable,
+        "-m",
+        "generate_instruction",
+        "generate_instruction_following_data",
+        "--output_dir",
+        str(out),
+        "--base_url",
+        f"{server}/v1",
+        "--model_name",
+        NAME,
+        "--api",
+        "chat",
+        "--num_instructions_to_generate",
+        "2",
+        "--max_workers",
+        "1",
+        "--num_cpus",
+        "1",
+        "--seed",
+        "0",
+        "--export_alpaca",
+        str(out / "alpaca_data.json"),
+    ]
     run = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     records = json.loads((out / "regen.json").read_text())
-    assert [r["instruction"] for r in records] == ["Suggest a name for a bakery that sells only rye bread.",
-                                                   "Convert the temperature from Celsius to Fahrenheit."]
+    assert [r["instruction"] for r in records] == [
+        "Suggest a name for a bakery that sells only rye bread.",
+        "Convert the temperature from Celsius to Fahrenheit.",
+    ]
     rows = json.loads((out / "alpaca_data.json").read_text())
-    assert rows[1] == {"instruction": "Convert the temperature from Celsius to Fahrenheit.",
-                       "input": "25 degrees Celsius", "output": "77 degrees Fahrenheit"}
+    assert rows[1] == {
+        "instruction": "Convert the temperature from Celsius to Fahrenheit.",
+        "input": "25 degrees Celsius",
+        "output": "77 degrees Fahrenheit",
+    }
     assert rows[0]["input"] == ""  # <noinput> becomes an empty input

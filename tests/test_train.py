@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 import transformers
+from helpers import make_rows
 
 import train
 import utils
-from conftest import make_rows
 
 
 def test_templates_are_byte_for_byte_the_originals():
@@ -27,14 +27,23 @@ def test_templates_are_byte_for_byte_the_originals():
     # the original public names stay importable from train
     assert train.PROMPT_DICT is utils.PROMPT_DICT and train.IGNORE_INDEX == -100
     assert (train.DEFAULT_PAD_TOKEN, train.DEFAULT_EOS_TOKEN, train.DEFAULT_BOS_TOKEN, train.DEFAULT_UNK_TOKEN) == (
-        "[PAD]", "</s>", "<s>", "<unk>")
+        "[PAD]",
+        "</s>",
+        "<s>",
+        "<unk>",
+    )
 
 
 def original_labels(sources, targets, tokenizer):
     """A plain re-statement of the original Alpaca preprocess(): one string at a time, return_tensors='pt'."""
+
     def tok(strings):
-        out = [tokenizer(s, return_tensors="pt", padding="longest", max_length=tokenizer.model_max_length,
-                         truncation=True).input_ids[0] for s in strings]
+        out = [
+            tokenizer(
+                s, return_tensors="pt", padding="longest", max_length=tokenizer.model_max_length, truncation=True
+            ).input_ids[0]
+            for s in strings
+        ]
         return out, [t.ne(tokenizer.pad_token_id).sum().item() for t in out]
 
     input_ids, _ = tok([s + t for s, t in zip(sources, targets)])
@@ -86,7 +95,9 @@ def test_resume_skips_a_checkpoint_that_was_killed_while_saving(tmp_path):
         (tmp_path / f"checkpoint-{step}").mkdir()
     for step in (2, 9):  # checkpoint-10 has no trainer_state.json: the run died while writing it
         (tmp_path / f"checkpoint-{step}" / "trainer_state.json").write_text("{}")
-    assert train.last_complete_checkpoint(tmp_path) == str(tmp_path / "checkpoint-9")  # 10 > 9 numerically, 9 > 10 as text
+    assert train.last_complete_checkpoint(tmp_path) == str(
+        tmp_path / "checkpoint-9"
+    )  # 10 > 9 numerically, 9 > 10 as text
     assert train.last_complete_checkpoint(tmp_path / "missing") is None
 
 
@@ -97,11 +108,11 @@ def test_mask_by_construction_trains_exactly_the_output(bpe_tokenizer_dir):
     for ids, labels, target in zip(got["input_ids"], got["labels"], targets):
         trained = labels[labels != -100].tolist()
         assert trained == tokenizer(target, add_special_tokens=False)["input_ids"]
-        assert ids[-len(trained):].tolist() == trained
+        assert ids[-len(trained) :].tolist() == trained
 
 
 def test_missing_special_tokens_are_added_with_mean_rows(bpe_tokenizer_dir, tmp_path):
-    from conftest import build_tiny_llama
+    from helpers import build_tiny_llama
 
     model_dir = build_tiny_llama(bpe_tokenizer_dir, tmp_path / "m")
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir)
@@ -121,15 +132,25 @@ def test_missing_special_tokens_are_added_with_mean_rows(bpe_tokenizer_dir, tmp_
 
 
 def test_validation_lists_every_problem_with_file_row_and_field(data_file):
-    rows = make_rows(4) + [{"input": "x", "output": "y"}, {"instruction": 3, "output": "y"},
-                           {"instruction": "ok", "output": "   "}, "not a row", {"instruction": "a", "output": "b", "input": 5}]
+    rows = make_rows(4) + [
+        {"input": "x", "output": "y"},
+        {"instruction": 3, "output": "y"},
+        {"instruction": "ok", "output": "   "},
+        "not a row",
+        {"instruction": "a", "output": "b", "input": 5},
+    ]
     path = data_file(rows)
     with pytest.raises(ValueError) as e:
         train.load_rows(str(path))
     msg = str(e.value)
     assert str(path) in msg and "5 problem(s)" in msg
-    for expected in ["row 4: missing field 'instruction'", "row 5: field 'instruction' must be a string, found int",
-                     "row 6: field 'output' is empty", "row 7: expected an object", "row 8: field 'input' must be a string"]:
+    for expected in [
+        "row 4: missing field 'instruction'",
+        "row 5: field 'instruction' must be a string, found int",
+        "row 6: field 'output' is empty",
+        "row 7: expected an object",
+        "row 8: field 'input' must be a string",
+    ]:
         assert expected in msg
 
 
@@ -153,12 +174,47 @@ def test_jsonl_is_accepted(tmp_path):
 
 
 SEED_ARGS = [
-    "--model_name_or_path", "m", "--data_path", "d.json", "--bf16", "True", "--output_dir", "o",
-    "--num_train_epochs", "3", "--per_device_train_batch_size", "16", "--gradient_accumulation_steps", "2",
-    "--gradient_checkpointing", "--evaluation_strategy", "no", "--save_strategy", "steps", "--save_steps", "2000",
-    "--save_total_limit", "1", "--learning_rate", "2e-5", "--weight_decay", "0.", "--warmup_ratio", "0.03",
-    "--lr_scheduler_type", "cosine", "--logging_steps", "1", "--tf32", "True", "--report_to", "none",
-    "--fsdp", "full_shard auto_wrap", "--fsdp_transformer_layer_cls_to_wrap", "LlamaDecoderLayer",
+    "--model_name_or_path",
+    "m",
+    "--data_path",
+    "d.json",
+    "--bf16",
+    "True",
+    "--output_dir",
+    "o",
+    "--num_train_epochs",
+    "3",
+    "--per_device_train_batch_size",
+    "16",
+    "--gradient_accumulation_steps",
+    "2",
+    "--gradient_checkpointing",
+    "--evaluation_strategy",
+    "no",
+    "--save_strategy",
+    "steps",
+    "--save_steps",
+    "2000",
+    "--save_total_limit",
+    "1",
+    "--learning_rate",
+    "2e-5",
+    "--weight_decay",
+    "0.",
+    "--warmup_ratio",
+    "0.03",
+    "--lr_scheduler_type",
+    "cosine",
+    "--logging_steps",
+    "1",
+    "--tf32",
+    "True",
+    "--report_to",
+    "none",
+    "--fsdp",
+    "full_shard auto_wrap",
+    "--fsdp_transformer_layer_cls_to_wrap",
+    "LlamaDecoderLayer",
 ]
 
 
@@ -166,8 +222,9 @@ def test_legacy_flags_map_to_current_arguments_on_cpu():
     argv, notes = train.translate_legacy_args(SEED_ARGS, has_gpu=False)
     assert "--evaluation_strategy" not in argv and "--warmup_ratio" not in argv and "--bf16" not in argv
     assert len(notes) == 5  # eval strategy, warmup, fsdp layer class, bf16, tf32: one line each
-    _, _, args = transformers.HfArgumentParser((train.ModelArguments, train.DataArguments, train.TrainingArguments)) \
-        .parse_args_into_dataclasses(args=argv)
+    _, _, args = transformers.HfArgumentParser(
+        (train.ModelArguments, train.DataArguments, train.TrainingArguments)
+    ).parse_args_into_dataclasses(args=argv)
     assert args.eval_strategy == "no" and args.warmup_steps == 0.03 and not args.bf16
     assert args.fsdp_config["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
     assert args.model_max_length == 512 and args.optim == "adamw_torch"
@@ -180,10 +237,21 @@ def test_legacy_flags_keep_precision_flags_on_gpu_and_map_group_by_length():
 
 
 def test_loss_picture_title_names_the_scheduler_and_batch():
-    argv = ["--output_dir", "x", "--lr_scheduler_type", "cosine", "--per_device_train_batch_size", "4",
-            "--gradient_accumulation_steps", "2", "--report_to", "none"]
+    argv = [
+        "--output_dir",
+        "x",
+        "--lr_scheduler_type",
+        "cosine",
+        "--per_device_train_batch_size",
+        "4",
+        "--gradient_accumulation_steps",
+        "2",
+        "--report_to",
+        "none",
+    ]
     model_args, _, training_args = transformers.HfArgumentParser(
-        (train.ModelArguments, train.DataArguments, train.TrainingArguments)).parse_args_into_dataclasses(args=argv)
+        (train.ModelArguments, train.DataArguments, train.TrainingArguments)
+    ).parse_args_into_dataclasses(args=argv)
     title = train.title_for(model_args, training_args)
     assert ", cosine, bs 4x2x1," in title and "SchedulerType" not in title
 

@@ -1,7 +1,6 @@
 """End-to-end: the seed's launch commands run as printed (2 CPU ranks instead of 4 GPUs, a tiny Llama)."""
 
 import json
-import os
 import subprocess
 import sys
 import time
@@ -10,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
-
-from conftest import ROOT, make_rows, subprocess_env
+from helpers import ROOT, make_rows, subprocess_env
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -81,8 +79,10 @@ def test_trainml_deepspeed_zero2_command_verbatim(tmp_path, tiny_llama_dir):
     proc = run(TRAINML_COMMAND + " --model_max_length 256", cwd=model_path, env=env)
     assert "ignoring --bf16 True" in proc.stdout + proc.stderr
     assert "2 rank(s), DistributedType.DEEPSPEED" in proc.stdout + proc.stderr
-    assert "padding-free batches: rows of at most 256 tokens, examples kept apart by a block-diagonal causal mask" \
-        in proc.stdout + proc.stderr  # the default, under ZeRO-2 and gradient checkpointing
+    assert (
+        "padding-free batches: rows of at most 256 tokens, examples kept apart by a block-diagonal causal mask"
+        in proc.stdout + proc.stderr
+    )  # the default, under ZeRO-2 and gradient checkpointing
     assert_loads_and_changed(out, tiny_llama_dir)
     lrs = logged_lrs(out)
     assert len(lrs) == 36, lrs
@@ -125,10 +125,32 @@ def test_zero3_offload_saves_weights_that_load(tmp_path, tiny_llama_dir, free_po
 def test_killed_run_resumes_from_its_last_checkpoint(tmp_path, tiny_llama_dir, data_file):
     data = data_file(make_rows(64, seed=2))
     out = tmp_path / "resume_out"
-    cmd = [sys.executable, str(ROOT / "train.py"), "--model_name_or_path", str(tiny_llama_dir), "--data_path", str(data),
-           "--output_dir", str(out), "--num_train_epochs", "2", "--per_device_train_batch_size", "4",
-           "--save_strategy", "steps", "--save_steps", "2", "--logging_steps", "1", "--report_to", "none",
-           "--model_max_length", "256", "--learning_rate", "1e-3"]
+    cmd = [
+        sys.executable,
+        str(ROOT / "train.py"),
+        "--model_name_or_path",
+        str(tiny_llama_dir),
+        "--data_path",
+        str(data),
+        "--output_dir",
+        str(out),
+        "--num_train_epochs",
+        "2",
+        "--per_device_train_batch_size",
+        "4",
+        "--save_strategy",
+        "steps",
+        "--save_steps",
+        "2",
+        "--logging_steps",
+        "1",
+        "--report_to",
+        "none",
+        "--model_max_length",
+        "256",
+        "--learning_rate",
+        "1e-3",
+    ]
     env = subprocess_env()
     first = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

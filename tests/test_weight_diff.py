@@ -8,11 +8,11 @@ import shutil
 
 import pytest
 import torch
+from helpers import build_tiny_llama
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import weight_diff
-from conftest import build_tiny_llama
 from train import missing_special_tokens, smart_tokenizer_and_embedding_resize
 
 # tiny tensors, so small limits make every path run: the 401x32 fp32 embedding (51 KB) spans 6 chunks
@@ -186,7 +186,9 @@ def test_without_path_tuned_nothing_is_left_behind(tiny_llama_dir, diff_dir, tmp
 
 
 def test_naive_check_only_for_alpaca_7b(tmp_path, diff_dir, caplog):
-    (tmp_path / "config.json").write_text(json.dumps(dict(weight_diff.ALPACA_7B_CONFIG, architectures=["LlamaForCausalLM"])))
+    (tmp_path / "config.json").write_text(
+        json.dumps(dict(weight_diff.ALPACA_7B_CONFIG, architectures=["LlamaForCausalLM"]))
+    )
     assert weight_diff.naive_check_applies(tmp_path)
     with caplog.at_level(logging.INFO, logger="weight_diff"):
         assert not weight_diff.naive_check_applies(diff_dir)
@@ -210,18 +212,46 @@ def test_cli_round_trip_loads_and_generates(tiny_llama_dir, tuned_dir, tmp_path,
     again: minutes on a busy 2-core machine)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    weight_diff.main(["make_diff", "--path_raw", str(tiny_llama_dir), "--path_tuned", str(tuned_dir),
-                      "--path_diff", str(tmp_path / "d")])
+    weight_diff.main(
+        [
+            "make_diff",
+            "--path_raw",
+            str(tiny_llama_dir),
+            "--path_tuned",
+            str(tuned_dir),
+            "--path_diff",
+            str(tmp_path / "d"),
+        ]
+    )
     with caplog.at_level(logging.INFO, logger="weight_diff"):
-        weight_diff.main(["recover", "--path_raw", str(tiny_llama_dir), "--path_diff", str(tmp_path / "d"),
-                          "--path_tuned", str(tmp_path / "t"), "--test_inference", "True", "--inference_max_length", "80"])
-    assert "Completion:" in capsys.readouterr().out and "skipped, " in caplog.text  # sampled text; the naive check explained
+        weight_diff.main(
+            [
+                "recover",
+                "--path_raw",
+                str(tiny_llama_dir),
+                "--path_diff",
+                str(tmp_path / "d"),
+                "--path_tuned",
+                str(tmp_path / "t"),
+                "--test_inference",
+                "True",
+                "--inference_max_length",
+                "80",
+            ]
+        )
+    assert (
+        "Completion:" in capsys.readouterr().out and "skipped, " in caplog.text
+    )  # sampled text; the naive check explained
 
     tok = AutoTokenizer.from_pretrained(tmp_path / "t")
     assert tok.pad_token == "[PAD]"  # the tuned tokenizer travelled with the diff
     enc = tok("### Instruction:\nCount the words.", return_tensors="pt")
-    outs = [AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).generate(
-        **enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id) for d in (tmp_path / "t", tuned_dir)]
+    outs = [
+        AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).generate(
+            **enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id
+        )
+        for d in (tmp_path / "t", tuned_dir)
+    ]
     assert outs[0].shape[1] > enc["input_ids"].shape[1] and torch.equal(outs[0], outs[1])
 
 

@@ -1,0 +1,129 @@
+"""Helpers shared by the tests: made-up Alpaca rows, a tiny Llama, ports and subprocess environments."""
+
+import os
+import random
+import socket
+from pathlib import Path
+
+from utils import PROMPT_DICT
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+_SUBJECTS = [
+    "the river",
+    "a small robot",
+    "my neighbour",
+    "the old library",
+    "a red kite",
+    "our team",
+    "the teacher",
+    "a quiet village",
+    "the spreadsheet",
+    "an orange cat",
+    "the new bridge",
+    "a chef",
+]
+_VERBS = ["describes", "builds", "remembers", "counts", "paints", "explains", "repairs", "sorts", "visits", "writes"]
+_OBJECTS = [
+    "three apples",
+    "the weather report",
+    "a long letter",
+    "every number below ten",
+    "a blue door",
+    "the shortest path",
+    "two short poems",
+    "a list of rivers",
+    "the final answer",
+    "a wooden chair",
+]
+_TASKS = [
+    "Summarize the text.",
+    "Rewrite the sentence in a formal tone.",
+    "Name the main subject.",
+    "Classify the sentiment as positive or negative.",
+    "List two facts about the topic.",
+    "Give a one-word title.",
+    "Translate the phrase into plain English.",
+    "Count the words.",
+]
+
+
+def make_rows(n, seed=0, with_input_share=0.4):
+    """n Alpaca rows of made-up sentences, deterministic for a seed."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        sent = lambda: f"{rng.choice(_SUBJECTS).capitalize()} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}."  # noqa: E731
+        has_input = rng.random() < with_input_share
+        rows.append(
+            {
+                "instruction": f"{rng.choice(_TASKS)} (task {i})",
+                "input": " ".join(sent() for _ in range(rng.randint(1, 3))) if has_input else "",
+                "output": " ".join(sent() for _ in range(rng.randint(1, 4))),
+            }
+        )
+    return rows
+
+
+def corpus_text():
+    """A few KB of text covering the prompt templates and the made-up rows, for tokenizer training."""
+    lines = [PROMPT_DICT["prompt_input"], PROMPT_DICT["prompt_no_input"]]
+    for r in make_rows(300, seed=123):
+        lines += [r["instruction"], r["input"], r["output"]]
+    return "\n".join(line for line in lines if line)
+
+
+def build_tiny_llama(tokenizer_dir, out_dir, seed=0):
+    """Save a 2-layer Llama (hidden 32) with the tokenizer next to it, loadable with from_pretrained."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def subprocess_env(**extra):
+    """Environment for launching the repo's scripts: offline, the repo importable, one thread."""
+    env = dict(
+        os.environ,
+        PYTHONPATH=str(ROOT),
+        HF_HUB_OFFLINE="1",
+        TRANSFORMERS_OFFLINE="1",
+        OMP_NUM_THREADS="1",
+        TOKENIZERS_PARALLELISM="false",
+        WANDB_DISABLED="true",
+    )
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def serve_in_thread(argv):
+    """serve.py's own server (parse_args, build_server) on a thread of this process: a context manager with .url and
+    .stop(). A separate process would import torch again, which costs minutes on a busy 2-core machine; the HTTP path
+    is the same."""
+    import serve
+
+    return serve.ServerThread(serve.build_server(serve.parse_args(argv)))
