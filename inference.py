@@ -18,11 +18,10 @@ from dataclasses import dataclass, replace
 import torch
 import transformers
 
-from utils import EMBEDDED_MODEL, format_prompt, resolve_model_path
+from utils import DEFAULT_MODEL_MAX_LENGTH, EMBEDDED_MODEL, format_prompt, from_pretrained
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TRAINING_LENGTH = 512  # train.py's --model_max_length default: longer prompts were never trained on
 MAX_BEAMS = 8
 MAX_STOPS = 4  # as the OpenAI API
 
@@ -114,7 +113,7 @@ def stop_holdback(text, stops):
 def training_length(tokenizer, context_window):
     """The prompt limit: the model_max_length train.py saved with the tokenizer, else 512."""
     n = getattr(tokenizer, "model_max_length", None)
-    return n if isinstance(n, int) and 0 < n <= context_window else min(DEFAULT_TRAINING_LENGTH, context_window)
+    return n if isinstance(n, int) and 0 < n <= context_window else min(DEFAULT_MODEL_MAX_LENGTH, context_window)
 
 
 class _StopCriteria(transformers.StoppingCriteria):
@@ -164,17 +163,18 @@ class _TextStreamer:
 class InstructModel:
     """A checkpoint and its tokenizer; generate() holds a lock, so calls from several threads run one at a time."""
 
-    def __init__(self, model_name_or_path=None, max_prompt_tokens=None, device=None):
-        self.name = model_name_or_path or os.environ.get("TRAINML_CHECKPOINT_PATH") or EMBEDDED_MODEL
-        path = resolve_model_path(self.name)
-        cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
-        dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
-        self.tokenizer = transformers.AutoTokenizer.from_pretrained(path)
-        # device_map="auto" spreads a model too big for one GPU over all of them, as the fork did
-        placement = dict(device_map="auto") if cuda and device is None else {}
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, **placement).eval()
-        if not placement:
-            self.model.to(device or "cpu")
+    def __init__(
+        self, model_name_or_path=None, max_prompt_tokens=None, device=None, dtype=None, *, model=None, tokenizer=None
+    ):
+        """Load model_name_or_path (default $TRAINML_CHECKPOINT_PATH, else the embedded model), or wrap an already
+        loaded `model` and `tokenizer` (train.py's demo answers, on the model being trained). dtype: None picks
+        bf16/fp16 on a GPU and fp32 on CPU; or a torch dtype or its name."""
+        if model is not None:
+            self.name, self.model, self.tokenizer = model_name_or_path or model.name_or_path, model, tokenizer
+            dtype = model.dtype
+        else:
+            self.name = model_name_or_path or os.environ.get("TRAINML_CHECKPOINT_PATH") or EMBEDDED_MODEL
+            dtype = self._load(device, dtype)
         self.context_window = getattr(self.model.config, "max_position_embeddings", None) or 2048
         self.max_prompt_tokens = max_prompt_tokens or training_length(self.tokenizer, self.context_window)
         eos = self.model.generation_config.eos_token_id
@@ -193,6 +193,19 @@ class InstructModel:
             self.max_prompt_tokens,
             self.context_window,
         )
+
+    def _load(self, device, dtype):
+        cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
+        if dtype is None:
+            dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
+        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        self.tokenizer = from_pretrained(transformers.AutoTokenizer, self.name)
+        # device_map="auto" spreads a model too big for one GPU over all of them, as the fork did
+        placement = dict(device_map="auto") if cuda and device is None else {}
+        self.model = from_pretrained(transformers.AutoModelForCausalLM, self.name, dtype=dtype, **placement).eval()
+        if not placement:
+            self.model.to(device or "cpu")
+        return dtype
 
     def decode(self, ids):
         with self.tokenizer_lock:

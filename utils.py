@@ -19,6 +19,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label value that the cross-entropy loss skips
+DEFAULT_MODEL_MAX_LENGTH = 512  # train.py's --model_max_length: the longest prompt+answer Alpaca trained on
 DEFAULT_PAD_TOKEN = "[PAD]"
 DEFAULT_EOS_TOKEN = "</s>"
 DEFAULT_BOS_TOKEN = "<s>"
@@ -216,10 +217,30 @@ def embedded_model_path(gguf_path=None, cache_dir=None) -> str:
 
 
 def resolve_model_path(name_or_path):
-    """`embedded:smollm2-135m` (or None) becomes the converted local folder; anything else is returned as is."""
+    """`embedded:smollm2-135m` (or None) becomes the converted local folder; a folder is returned as is, and so is a
+    hub id. A name that can only be a path but names no folder is a ValueError that says so (transformers would
+    answer "Repo id must be in the form 'repo_name' or 'namespace/repo_name'")."""
     if name_or_path in (None, "", EMBEDDED_MODEL):
         return embedded_model_path()
-    return name_or_path
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if path.is_dir():
+        return str(path)
+    if path.exists():
+        raise ValueError(f"{name}: is a file; give the model folder (the one save_pretrained wrote)")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:  # hub ids are "name" or "owner/name"
+        raise ValueError(f"{name}: no such folder")
+    return name
+
+
+def from_pretrained(loader, name_or_path, **kwargs):
+    """loader.from_pretrained(resolved path) with a missing folder or unknown hub id as one ValueError naming it."""
+    path = resolve_model_path(name_or_path)
+    try:
+        return loader.from_pretrained(path, **kwargs)
+    except OSError as e:  # transformers' "not a local folder and not a valid model identifier", offline or not
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{name_or_path}: no such folder here, and not a model the hub could serve ({first})") from e
 
 
 if __name__ == "__main__":

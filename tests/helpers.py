@@ -5,6 +5,10 @@ import random
 import socket
 from pathlib import Path
 
+import transformers
+from safetensors.torch import load_file
+
+from special_tokens import missing_special_tokens
 from utils import PROMPT_DICT
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,3 +131,37 @@ def serve_in_thread(argv):
     import serve
 
     return serve.ServerThread(serve.build_server(serve.parse_args(argv)))
+
+
+def original_labels(sources, targets, tokenizer):
+    """A plain re-statement of the original Alpaca preprocess(): one string at a time, return_tensors='pt'."""
+
+    def tok(strings):
+        out = [
+            tokenizer(
+                s, return_tensors="pt", padding="longest", max_length=tokenizer.model_max_length, truncation=True
+            ).input_ids[0]
+            for s in strings
+        ]
+        return out, [t.ne(tokenizer.pad_token_id).sum().item() for t in out]
+
+    input_ids, _ = tok([s + t for s, t in zip(sources, targets)])
+    _, source_lens = tok(sources)
+    labels = [x.clone() for x in input_ids]
+    for label, n in zip(labels, source_lens):
+        label[:n] = -100
+    return input_ids, labels
+
+
+def load_tokenizer(path, max_length=64):
+    tok = transformers.AutoTokenizer.from_pretrained(path, model_max_length=max_length, padding_side="right")
+    tok.add_special_tokens(missing_special_tokens(tok))
+    return tok
+
+
+def load_all(folder):
+    """Every tensor of a saved folder (single file or shards), as {name: tensor}."""
+    out = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(path))
+    return out

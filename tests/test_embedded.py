@@ -7,6 +7,7 @@ import pytest
 import transformers
 from helpers import ROOT
 
+import dataset
 import train
 import utils
 
@@ -98,8 +99,8 @@ def test_two_step_fine_tune_of_the_default_model_loads_back(embedded_dir, tmp_pa
 
 
 def test_sample_data_passes_validation_and_has_no_repeats():
-    train_rows = train.load_rows(ROOT / "data" / "sample_train.json")
-    eval_rows = train.load_rows(ROOT / "data" / "sample_eval.json")
+    train_rows = dataset.load_rows(ROOT / "data" / "sample_train.json")
+    eval_rows = dataset.load_rows(ROOT / "data" / "sample_eval.json")
     assert len(train_rows) >= 300 and len(eval_rows) >= 3
     instructions = [r["instruction"].strip().lower() for r in train_rows + eval_rows]
     assert len(set(instructions)) == len(instructions), "an instruction repeats"

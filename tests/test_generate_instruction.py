@@ -16,6 +16,7 @@ from fake_openai import FakeOpenAI
 from helpers import ROOT, subprocess_env
 from rouge_score import rouge_scorer, tokenizers
 
+import dataset
 import generate_instruction as gi
 
 K = 3  # example tasks per prompt, the original's default
@@ -424,7 +425,6 @@ def sent_instructions(fake):
 
 
 def test_end_to_end_completions_writes_regen_and_a_train_ready_export(free_port, tmp_path):
-    import train
 
     with FakeOpenAI(free_port) as fake:
         proc = run_script(
@@ -460,7 +460,7 @@ def test_end_to_end_completions_writes_regen_and_a_train_ready_export(free_port,
         e["path"] == "/v1/completions" and len(e["body"]["prompt"]) == 2 and e["body"]["logit_bias"] == {"50256": -100}
         for e in fake.log
     )
-    rows = train.load_rows(tmp_path / "alpaca.json")  # raises on anything train.py would reject
+    rows = dataset.load_rows(tmp_path / "alpaca.json")  # raises on anything train.py would reject
     assert rows == [{k: r[k] for k in ("instruction", "input", "output")} for r in records]
     assert re.search(
         r"done: \d+ requests .*kept \d+, dropped \d+ \(blocklist \d+, length \d+, program \d+", proc.stderr

@@ -72,11 +72,11 @@ def test_training_length_comes_from_the_saved_tokenizer_else_512():
 def test_the_default_model_is_trainml_checkpoint_then_embedded(monkeypatch):
     asked = []
 
-    def fake_resolve(name):
+    def fake_from_pretrained(loader, name, **kwargs):
         asked.append(name)
         raise RuntimeError("stop before loading")
 
-    monkeypatch.setattr(inference, "resolve_model_path", fake_resolve)
+    monkeypatch.setattr(inference, "from_pretrained", fake_from_pretrained)
     monkeypatch.delenv("TRAINML_CHECKPOINT_PATH", raising=False)
     for _ in range(2):
         with pytest.raises(RuntimeError):

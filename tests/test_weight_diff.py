@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from helpers import build_tiny_llama
+from helpers import load_all
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -18,14 +18,6 @@ from train import missing_special_tokens, smart_tokenizer_and_embedding_resize
 # tiny tensors, so small limits make every path run: the 401x32 fp32 embedding (51 KB) spans 6 chunks
 CHUNK_MB, SHARD_MB = 0.01, 0.05  # 10 KiB chunks, 51 KiB shards
 FP32_ROUNDING = 1e-6  # (t - r) + r differs from t by at most one fp32 ulp of values below ~4: 4.8e-7
-
-
-def load_all(folder):
-    """Every tensor of a saved folder (single file or shards), as {name: tensor}."""
-    out = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(path))
-    return out
 
 
 def sha256(tensor):
@@ -98,28 +90,6 @@ def test_diff_equals_the_original_algorithm(tiny_llama_dir, tuned_dir, diff_dir)
     ours = load_all(diff_dir)
     for key, r in raw.state_dict().items():
         assert torch.allclose(ours[key], tuned[key] - r, atol=FP32_ROUNDING, rtol=0), key
-
-
-def test_pad_resize_adds_what_train_py_adds(tiny_llama_dir, bpe_tokenizer_dir, tmp_path):
-    """sentencepiece has <unk>, <s>, </s>: only [PAD] is added, as in the original. The GPT-2-like BPE
-    tokenizer lacks pad, bos and unk: 3 rows, as train.py's missing_special_tokens adds."""
-    from transformers import AutoTokenizer
-
-    keys = {"model.embed_tokens.weight", "lm_head.weight"}
-    spm = weight_diff.embedding_resize(tiny_llama_dir, weight_diff.meta_model(tiny_llama_dir), keys)
-    assert spm == {k: (400, 1) for k in keys}
-    bpe_model = build_tiny_llama(bpe_tokenizer_dir, tmp_path / "bpe")
-    n = len(AutoTokenizer.from_pretrained(bpe_tokenizer_dir))
-    assert weight_diff.embedding_resize(bpe_model, weight_diff.meta_model(bpe_model), keys) == {k: (n, 3) for k in keys}
-
-
-def test_raw_rows_past_the_table_are_its_mean(tiny_llama_dir):
-    raw = weight_diff.Checkpoint(tiny_llama_dir)
-    key, table = "model.embed_tokens.weight", load_all(tiny_llama_dir)["model.embed_tokens.weight"]
-    means = {key: weight_diff.mean_row(raw, key, 400)}
-    rows = weight_diff.raw_rows(raw, key, 398, 401, {key: (400, 1)}, means)
-    assert torch.equal(rows[:2], table[398:400])
-    assert torch.allclose(rows[2], table.mean(0), atol=1e-7, rtol=0)  # fp64 vs fp32 summation of 400 rows
 
 
 def test_corrupted_byte_names_the_tensor(tiny_llama_dir, diff_dir, tmp_path):
@@ -196,15 +166,6 @@ def test_naive_check_only_for_alpaca_7b(tmp_path, diff_dir, caplog):
     # fp32 sums added in state_dict order, keys outside it last
     total = weight_diff.naive_sum({"b": torch.tensor(2.0), "a": torch.tensor(0.5)}, ["b", "a"])
     assert total.dtype == torch.float32 and total.item() == 2.5
-
-
-def test_row_chunks_and_shards_cover_everything():
-    chunks = weight_diff.row_chunks((10, 3), chunk_bytes=4 * 3 * 4)  # 4 rows of 3 fp32 per chunk
-    assert chunks == [(0, 4), (4, 8), (8, 10)]
-    assert weight_diff.row_chunks((10, 3), None) == [(0, 10)]
-    assert weight_diff.row_chunks((), 100) == [(None, None)]
-    shards = weight_diff.plan_shards({"a": (10,), "b": (10,), "c": (30,)}, max_shard_bytes=80)
-    assert shards == [["a", "b"], ["c"]]  # a+b = 80 bytes fit; c (120 bytes) goes alone
 
 
 def test_cli_round_trip_loads_and_generates(tiny_llama_dir, tuned_dir, tmp_path, capsys, caplog):

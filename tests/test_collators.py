@@ -7,6 +7,7 @@ import torch
 from helpers import make_rows
 from transformers import LlamaConfig, LlamaForCausalLM
 
+import collators
 import train
 
 PAD = 0
@@ -52,18 +53,18 @@ def loss_and_grads(model, batch):
 
 
 def test_pack_rows_fills_rows_up_to_the_limit_and_keeps_every_example_once():
-    rows = train.pack_rows(LENGTHS, 64)
+    rows = collators.pack_rows(LENGTHS, 64)
     assert sorted(i for row in rows for i in row) == list(range(len(LENGTHS)))
     assert all(sum(LENGTHS[i] for i in row) <= 64 for row in rows)
     assert len(rows) == 4  # 196 tokens need at least 4 rows of 64
-    assert train.pack_rows([10, 10], 100) == [[0, 1]]
+    assert collators.pack_rows([10, 10], 100) == [[0, 1]]
     # rows are padded to the longest, so they are balanced: first fit would give [300, 200] and [100, 50] (width 500)
-    assert train.pack_rows([300, 200, 100, 50], 512) == [[0, 3], [1, 2]]  # 350 and 300 tokens
-    assert train.pack_rows([60, 60, 60], 100) == [[0], [1], [2]]  # 180 tokens fit 2 rows of 100 only on paper
+    assert collators.pack_rows([300, 200, 100, 50], 512) == [[0, 3], [1, 2]]  # 350 and 300 tokens
+    assert collators.pack_rows([60, 60, 60], 100) == [[0], [1], [2]]  # 180 tokens fit 2 rows of 100 only on paper
 
 
 def test_collator_layout_positions_labels_and_mask():
-    batch = train.DataCollatorPaddingFree(Tok(), 64)(micro_batch([3, 2]))
+    batch = collators.DataCollatorPaddingFree(Tok(), 64)(micro_batch([3, 2]))
     assert batch["input_ids"].shape == (1, 5)
     assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1]]
     assert batch["labels"][0, 3].item() == -100  # never predicted from the other example's last token
@@ -75,8 +76,8 @@ def test_collator_layout_positions_labels_and_mask():
 def test_loss_and_every_gradient_equal_the_padded_path(attn):
     model = tiny_llama(attn)
     examples = micro_batch()
-    padded = train.DataCollatorForSupervisedDataset(Tok())(examples)
-    packed = train.make_collator(Tok(), model.config, max_row_tokens=64)(examples)
+    padded = collators.DataCollatorForSupervisedDataset(Tok())(examples)
+    packed = collators.make_collator(Tok(), model.config, max_row_tokens=64)(examples)
     assert packed["input_ids"].numel() < padded["input_ids"].numel()  # it did remove padding
     assert (packed["labels"] != -100).sum() == (padded["labels"][:, 1:] != -100).sum()
     want_loss, want = loss_and_grads(model, padded)
@@ -90,8 +91,8 @@ def test_position_ids_alone_leak_under_sdpa():
     """Why we build a mask: without it the examples in one row see each other and the loss changes."""
     model = tiny_llama("sdpa")
     examples = micro_batch()
-    padded_loss = model(**train.DataCollatorForSupervisedDataset(Tok())(examples)).loss
-    leaky = train.DataCollatorPaddingFree(Tok(), 64, attention="position_ids")(examples)
+    padded_loss = model(**collators.DataCollatorForSupervisedDataset(Tok())(examples)).loss
+    leaky = collators.DataCollatorPaddingFree(Tok(), 64, attention="position_ids")(examples)
     assert "attention_mask" not in leaky
     assert not torch.allclose(model(**leaky).loss, padded_loss, rtol=1e-5)  # the bar the masked path meets
 
@@ -99,9 +100,9 @@ def test_position_ids_alone_leak_under_sdpa():
 def test_flash_attention_gets_position_ids_and_no_mask():
     config = tiny_llama("sdpa").config
     config._attn_implementation = "flash_attention_2"
-    batch = train.make_collator(Tok(), config, 64)(micro_batch())
+    batch = collators.make_collator(Tok(), config, 64)(micro_batch())
     assert "attention_mask" not in batch and batch["position_ids"].min() == 0
-    assert not train.make_collator(Tok(), config, 64, padding_free=False).__class__.__name__.endswith("PaddingFree")
+    assert not collators.make_collator(Tok(), config, 64, padding_free=False).__class__.__name__.endswith("PaddingFree")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash-attention needs a GPU")
@@ -109,8 +110,8 @@ def test_flash_attention_varlen_matches_the_padded_path_on_gpu():
     pytest.importorskip("flash_attn")
     model = tiny_llama("flash_attention_2").to("cuda", torch.bfloat16)
     examples = micro_batch()
-    padded = {k: v.cuda() for k, v in train.DataCollatorForSupervisedDataset(Tok())(examples).items()}
-    packed = {k: v.cuda() for k, v in train.make_collator(Tok(), model.config, 64)(examples).items()}
+    padded = {k: v.cuda() for k, v in collators.DataCollatorForSupervisedDataset(Tok())(examples).items()}
+    packed = {k: v.cuda() for k, v in collators.make_collator(Tok(), model.config, 64)(examples).items()}
     assert torch.allclose(model(**packed).loss.float(), model(**padded).loss.float(), rtol=2e-2)  # bf16 kernels
 
 

@@ -1,0 +1,12 @@
+"""Tests of checkpoint_io.py: row chunks, shards, reading checkpoints."""
+
+import checkpoint_io
+
+
+def test_row_chunks_and_shards_cover_everything():
+    chunks = checkpoint_io.row_chunks((10, 3), chunk_bytes=4 * 3 * 4)  # 4 rows of 3 fp32 per chunk
+    assert chunks == [(0, 4), (4, 8), (8, 10)]
+    assert checkpoint_io.row_chunks((10, 3), None) == [(0, 10)]
+    assert checkpoint_io.row_chunks((), 100) == [(None, None)]
+    shards = checkpoint_io.plan_shards({"a": (10,), "b": (10,), "c": (30,)}, max_shard_bytes=80)
+    assert shards == [["a", "b"], ["c"]]  # a+b = 80 bytes fit; c (120 bytes) goes alone
