@@ -28,6 +28,8 @@ class Checkpoint:
 
     def __init__(self, folder):
         self.folder = Path(folder)
+        if not self.folder.is_dir():
+            raise ValueError(f"{folder}: no such folder" if not self.folder.exists() else f"{folder}: not a folder")
         self.files = {}  # tensor name -> the file holding it
         for index, single in self.LAYOUTS:
             if (self.folder / index).is_file():

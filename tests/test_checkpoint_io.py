@@ -1,5 +1,7 @@
 """Tests of checkpoint_io.py: row chunks, shards, reading checkpoints."""
 
+import pytest
+
 import checkpoint_io
 
 
@@ -10,3 +12,11 @@ def test_row_chunks_and_shards_cover_everything():
     assert checkpoint_io.row_chunks((), 100) == [(None, None)]
     shards = checkpoint_io.plan_shards({"a": (10,), "b": (10,), "c": (30,)}, max_shard_bytes=80)
     assert shards == [["a", "b"], ["c"]]  # a+b = 80 bytes fit; c (120 bytes) goes alone
+
+
+def test_a_missing_or_file_path_is_named(tmp_path):
+    with pytest.raises(ValueError, match=f"{tmp_path / 'nope'}: no such folder"):
+        checkpoint_io.Checkpoint(tmp_path / "nope")
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.raises(ValueError, match="f.txt: not a folder"):
+        checkpoint_io.Checkpoint(tmp_path / "f.txt")
