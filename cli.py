@@ -26,8 +26,11 @@ def user_errors():
 
 def unknown_flags_error(unknown, known):
     """UserError naming each unknown flag, with the closest known spelling where there is one."""
+    flags = [a for a in unknown if a.startswith("-")]
+    if not flags:
+        return UserError(f"unexpected value(s) with no flag before them: {' '.join(unknown)}; see --help")
     parts = []
-    for flag in unknown:
+    for flag in flags:
         close = difflib.get_close_matches(flag.split("=", 1)[0], known, n=1)
         parts.append(f"{flag} (did you mean {close[0]}?)" if close else flag)
     return UserError(f"unknown flag(s): {', '.join(parts)}; see --help")

@@ -348,6 +348,11 @@ def instruct(instruction, input=None, max_tokens=None, temperature=None, top_p=N
 
 
 def main(args):
+    given = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, num_beams=args.num_beams)
+    # settings out of range are refused before the model loads; max_tokens' limit needs the model's window
+    check_params(GenParams(**{k: v for k, v in given.items() if v is not None}), max_tokens_limit=2**31)
+    if not args.instruction.strip():
+        raise ValueError("--instruction is empty")
     if args.model_name_or_path or args.max_prompt_tokens:
         load_model(args.model_name_or_path, args.max_prompt_tokens)
     print(

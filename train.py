@@ -120,6 +120,13 @@ class TrainingArguments(transformers.TrainingArguments):
 ARGUMENT_CLASSES = (ModelArguments, DataArguments, TrainingArguments)
 
 
+class ArgumentParser(transformers.HfArgumentParser):
+    """argparse's own errors (a bad type, a missing value) as one UserError line instead of a 150-line usage dump."""
+
+    def error(self, message):
+        raise cli.UserError(message)
+
+
 class SupervisedTrainer(Trainer):
     """The HF Trainer; evaluation keeps the original padded collator, so eval_loss is the original's to the digit
     (the Trainer weights each eval batch by its number of rows, which packing would change)."""
@@ -150,11 +157,11 @@ class SupervisedTrainer(Trainer):
 def parse_args(argv=None):
     """(model_args, data_args, training_args, notes). Unknown flags and values out of range are a UserError."""
     argv, notes = translate_legacy_args(list(sys.argv[1:] if argv is None else argv))
-    parser = transformers.HfArgumentParser(ARGUMENT_CLASSES)
+    parser = ArgumentParser(ARGUMENT_CLASSES)
     model_args, data_args, training_args, unknown = parser.parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True
     )
-    if unknown:
+    if unknown:  # flags it does not know, and values with no flag before them
         raise cli.unknown_flags_error(
             unknown, [f"--{f.name}" for dc in ARGUMENT_CLASSES for f in dataclasses.fields(dc)]
         )

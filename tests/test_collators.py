@@ -160,3 +160,16 @@ def test_training_runs_log_the_same_losses_with_and_without_padding_free(tiny_ll
     assert len(padded_losses) == 3
     assert free_losses == pytest.approx(padded_losses, rel=1e-4)
     assert free_eval == pytest.approx(padded_eval, rel=1e-4)
+
+
+def test_the_worked_example_in_the_padding_free_docstring_is_what_it_does():
+    import doctest
+
+    class Tokenizer:
+        pad_token_id = 0
+
+    globs = dict(DataCollatorPaddingFree=collators.DataCollatorPaddingFree, torch=torch, tokenizer=Tokenizer())
+    runner = doctest.DocTestRunner()
+    for test in doctest.DocTestFinder().find(collators.DataCollatorPaddingFree, globs=globs):
+        runner.run(test)
+    assert runner.tries == 5 and runner.failures == 0  # the example's five >>> lines

@@ -7,6 +7,7 @@ import torch
 from helpers import load_tokenizer, make_rows, original_labels
 
 import dataset
+import train
 
 
 @pytest.mark.parametrize("which", ["spm_tokenizer_dir", "bpe_tokenizer_dir"])
@@ -82,3 +83,10 @@ def test_jsonl_is_accepted(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(json.dumps(r) for r in make_rows(3)) + "\n")
     assert [r["instruction"] for r in dataset.load_rows(str(path))] == [r["instruction"] for r in make_rows(3)]
+
+
+def test_training_data_with_no_trainable_label_at_all_is_refused(spm_tokenizer_dir, data_file):
+    tokenizer = load_tokenizer(spm_tokenizer_dir, max_length=32)  # shorter than the template alone
+    args = train.DataArguments(data_path=str(data_file(make_rows(4))))
+    with pytest.raises(ValueError, match="no row has a trainable label.*raise --model_max_length"):
+        dataset.make_supervised_data_module(tokenizer, args)

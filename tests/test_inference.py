@@ -184,3 +184,18 @@ def test_cli_prints_the_answer(scripted_dir, capsys, monkeypatch):
         )
     )
     assert capsys.readouterr().out.strip() == SCRIPT[0].strip()
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--instruction", "Hi", "--temperature", "9"], "temperature must be a number from 0 to 2"),
+        (["--instruction", "  "], "--instruction is empty"),
+        (["--instruction", "Hi", "--model_name_or_path", "./no/such/model"], "./no/such/model: no such folder"),
+    ],
+)
+def test_cli_mistakes_are_refused_before_any_model_loads(argv, expected, monkeypatch):
+    monkeypatch.setattr(inference, "_MODEL", None)
+    monkeypatch.setattr(inference.transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail())
+    with pytest.raises(ValueError, match=expected):
+        inference.main(inference.parse_args(argv))

@@ -57,3 +57,25 @@ def test_download_verifies_sha1_and_rows_and_deletes_bad_files(tmp_path):
 def test_git_blob_sha1_matches_git():
     # `printf 'hello\n' | git hash-object --stdin`
     assert utils.git_blob_sha1(b"hello\n") == "ce013625030ba8dba906f756967f9e9ca394464a"
+
+
+def test_model_paths_that_name_no_folder_are_refused_with_the_path(tmp_path):
+    assert utils.resolve_model_path(str(tmp_path)) == str(tmp_path)
+    assert utils.resolve_model_path("gpt2") == "gpt2"  # hub ids pass through: "name" or "owner/name"
+    assert utils.resolve_model_path("owner/name") == "owner/name"
+    for missing in ("./out/demo", str(tmp_path / "gone"), "a/b/c", "~/nothing-here-at-all"):
+        with pytest.raises(ValueError, match=f"^{missing}: no such folder$"):
+            utils.resolve_model_path(missing)
+    (tmp_path / "config.json").write_text("{}")
+    with pytest.raises(ValueError, match="is a file; give the model folder"):
+        utils.resolve_model_path(str(tmp_path / "config.json"))
+
+
+def test_from_pretrained_names_the_model_when_the_loader_cannot_find_it():
+    class Loader:
+        @staticmethod
+        def from_pretrained(path, **kwargs):
+            raise OSError("owner/name is not a local folder and is not a valid model identifier\nmore detail")
+
+    with pytest.raises(ValueError, match=r"^owner/name: no such folder here, and not a model the hub could serve \("):
+        utils.from_pretrained(Loader, "owner/name")
