@@ -78,24 +78,24 @@ def corpus_text():
     return "\n".join(line for line in lines if line)
 
 
+def tiny_llama_config(vocab_size, **overrides):
+    """The tests' Llama: 2 layers, hidden size 32, 4 heads over 2 key-value heads."""
+    from transformers import LlamaConfig
+
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    shape.update(num_key_value_heads=2, max_position_embeddings=1024)
+    return LlamaConfig(vocab_size=vocab_size, **shape | overrides)
+
+
 def build_tiny_llama(tokenizer_dir, out_dir, seed=0):
     """Save a 2-layer Llama (hidden 32) with the tokenizer next to it, loadable with from_pretrained."""
     import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        tie_word_embeddings=False,
+    config = tiny_llama_config(
+        len(tok), bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False
     )
     model = LlamaForCausalLM(config)
     model.save_pretrained(out_dir)

@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-from helpers import make_rows
-from transformers import LlamaConfig, LlamaForCausalLM
+from helpers import make_rows, tiny_llama_config
+from transformers import LlamaForCausalLM
 
 import collators
 import train
@@ -31,16 +31,7 @@ def micro_batch(lengths=LENGTHS, vocab=96, seed=0):
 
 def tiny_llama(attn):
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        pad_token_id=PAD,
-    )
+    config = tiny_llama_config(96, max_position_embeddings=256, pad_token_id=PAD)
     config._attn_implementation = attn
     return LlamaForCausalLM(config)
 
