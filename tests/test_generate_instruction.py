@@ -16,6 +16,7 @@ from fake_openai import FakeOpenAI
 from helpers import ROOT, subprocess_env
 from rouge_score import rouge_scorer, tokenizers
 
+import api_client
 import generate_instruction as gi
 
 K = 3  # example tasks per prompt, the original's default
@@ -160,11 +161,29 @@ def test_load_seed_tasks_reads_the_self_instruct_layout_and_reports_every_bad_li
     assert all(f"line {n}:" in msg for n in (2, 3, 4)) and "line 1:" not in msg
 
 
-def test_check_options_collects_every_problem():
+GOOD_OPTIONS = dict(
+    temperature=1.0,
+    top_p=1.0,
+    request_timeout=120.0,
+    retry_base_s=1.0,
+    max_retries=6,
+    max_workers=4,
+    request_batch_size=5,
+    max_tokens=3072,
+    num_cpus=1,
+    num_instructions_to_generate=10,
+)
+
+
+def test_check_options_collects_every_problem_and_checks_the_api_once():
+    assert gi.check_options("auto", "gpt-4o-mini", 175, 3, **GOOD_OPTIONS) == "chat"
+    bad = dict(GOOD_OPTIONS, max_workers=0, max_tokens="lots", temperature=True)
     with pytest.raises(ValueError) as err:
-        gi.check_options("responses", 19, 175, 0, 5)
-    assert "--api 'responses'" in str(err.value) and "--num_prompt_instructions 19" in str(err.value)
-    assert "--max_workers 0" in str(err.value)
+        gi.check_options("responses", "gpt-4o-mini", 175, 19, **bad)
+    msg = str(err.value)
+    assert msg.count("--api 'responses'") == 1 and "--num_prompt_instructions 19: expected 1..18" in msg
+    assert "--max_workers 0: expected an integer of at least 1" in msg and "--max_tokens 'lots'" in msg
+    assert "--temperature True: expected a number from 0 to 2" in msg  # fire reads a bare --temperature as True
 
 
 def test_load_regen_names_a_damaged_file_and_export_alpaca_writes_plain_rows(tmp_path):
@@ -350,6 +369,14 @@ def test_completions_batch_one_request_and_context_errors_shrink_max_tokens(free
     assert len(gi.post_process_gpt3_response(K, results[0])) == 16 - 3
 
 
+def test_a_single_completions_prompt_goes_as_a_string_and_max_tokens_is_the_flag(free_port):
+    with FakeOpenAI(free_port) as fake:
+        (result,), _ = make_requester(fake, "my-local-model", api="completions", max_tokens=700)([PROMPT])
+    body = fake.log[0]["body"]
+    assert body["prompt"] == PROMPT and body["max_tokens"] == 700  # a string: `transformers serve` refuses a list
+    assert "logit_bias" not in body and result["finish_reason"] == "stop"
+
+
 def test_chat_strips_the_echoed_header_and_sends_no_logit_bias(free_port):
     with FakeOpenAI(free_port) as fake:
         requester = make_requester(fake, "gpt-4o-mini")
@@ -382,7 +409,7 @@ def test_unknown_model_and_403_fail_fast_and_retries_are_bounded_with_growing_ba
             make_requester(fake, "fake-chat")([PROMPT])
     assert len(fake.log) == 1
     delays = []
-    monkeypatch.setattr(gi.time, "sleep", delays.append)
+    monkeypatch.setattr(api_client.time, "sleep", delays.append)
     with FakeOpenAI(free_port, faults=["500"] * 9) as fake:
         with pytest.raises(gi.FatalRequestError, match="gave up after 4 attempts"):
             make_requester(fake, "fake-chat", max_retries=3)([PROMPT])
