@@ -345,7 +345,8 @@ def load_regen(path):
 
 
 def add_response(candidates, deduper, records, stats):
-    """Apply the original's filters and the scaffolding filter, then the ROUGE-L dedup, to one answer's records; append the kept ones."""
+    """Apply the original's filters and the scaffolding filter, then the ROUGE-L dedup, to one answer's records;
+    append the kept ones."""
     valid = []
     for rec in candidates:
         reason = record_rejection_reason(rec)
