@@ -61,9 +61,11 @@ def run_fire(commands, prog, argv=None):
     if not args or args[0] in ("-h", "--help"):
         fire.Fire(commands, command=args, name=prog)  # fire's own listing of the commands
         return None
-    if args[0] not in commands:
-        raise SystemExit(f"{prog}: unknown command {args[0]!r}; expected one of: {names}")
-    message = unknown_flags_message(prog, args[0], commands[args[0]], args[1:])
+    message = (
+        unknown_flags_message(prog, args[0], commands[args[0]], args[1:])
+        if args[0] in commands
+        else f"{prog}: unknown command {args[0]!r}; expected one of: {names}"
+    )
     if message:
         print(message, file=sys.stderr)
         raise SystemExit(2)

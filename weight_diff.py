@@ -461,5 +461,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from cli import run_fire  # refuses an unknown flag before any work
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    main()
+    run_fire({"make_diff": make_diff, "recover": recover}, "weight_diff.py")
