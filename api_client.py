@@ -9,11 +9,40 @@ serve.py) through the openai>=1 client, with the retry rules generate_instructio
 import logging
 import os
 import random
+import re
 import threading
 import time
 
 logger = logging.getLogger(__name__)
 API_CHOICES = ("completions", "chat")
+
+# Which route a model takes. GPT-2/GPT-3 tokenizer (r50k/p50k) models, where token 50256 is <|endoftext|>;
+# davinci-002/babbage-002 use cl100k.
+GPT2_TOKENIZER_MODELS = re.compile(
+    r"(text-(davinci|curie|babbage|ada)-\d{3}|code-(davinci|cushman)-\d{3}|davinci|curie|babbage|ada"
+    r"|(distil)?gpt-?2(-(medium|large|xl))?)"
+)
+COMPLETIONS_ONLY_MODELS = re.compile(r"gpt-3\.5-turbo-instruct(-\d+)?|davinci-002|babbage-002")
+
+
+def model_family(model_name):
+    return model_name.lower().rsplit("/", 1)[-1]  # "openai-community/gpt2" -> "gpt2"
+
+
+def uses_gpt2_tokenizer(model_name):
+    return bool(GPT2_TOKENIZER_MODELS.fullmatch(model_family(model_name)))
+
+
+def choose_api(api, model_name):
+    """--api auto: completions for completion-only models (GPT-2/GPT-3 family, gpt-3.5-turbo-instruct, davinci-002,
+    babbage-002), chat for everything else (every current OpenAI model and what vLLM, llama.cpp, Ollama and serve.py
+    serve). A chat endpoint that turns out to be missing (404 not naming a model) switches to completions once."""
+    if api not in ("auto", *API_CHOICES):
+        raise ValueError(f"--api {api!r}: expected auto, completions or chat")
+    if api != "auto":
+        return api
+    family = model_family(model_name)
+    return "completions" if uses_gpt2_tokenizer(model_name) or COMPLETIONS_ONLY_MODELS.fullmatch(family) else "chat"
 
 
 class FatalRequestError(RuntimeError):

@@ -87,6 +87,8 @@ def generate(
     generator defaults to the model folder's name. Rows already in OUT (same generator) are kept and skipped."""
     check_flags(
         [
+            ("instructions", instructions, isinstance(instructions, (str, Path)), "a file path"),
+            ("output", output, isinstance(output, (str, Path)), "a file path"),
             ("max_tokens", max_tokens, integer(max_tokens, 1), "an integer of at least 1"),
             ("batch_size", batch_size, integer(batch_size, 1), "an integer of at least 1"),
             ("temperature", temperature, number(temperature, 0, 2), "a number from 0 to 2 (0 = greedy)"),
@@ -100,7 +102,7 @@ def generate(
         ]
     )
     rows = load_rows(instructions, "instructions", needs_output=False)
-    judging.match_pairs(rows, rows)  # the same task twice would make the pairing ambiguous later: say so now
+    check_flags([], judging.repeated_tasks(rows, "--instructions"))  # judge could not pair a task given twice
     from inference import GenParams, InstructModel  # here: `judge` needs no torch
 
     model = InstructModel(model_name_or_path, max_prompt_tokens)
@@ -167,9 +169,11 @@ def judge(
 
     max_tokens: the judge's answer length (a verdict is a few tokens). verdict_retries: times an unparseable verdict
     is asked again (sampled at temperature 1) before the pair counts as failed."""
+    paths = dict(model_outputs=model_outputs, reference_outputs=reference_outputs, output_dir=output_dir)
     check_flags(
         [
             ("judge_model", judge_model, isinstance(judge_model, str) and bool(judge_model), "a model name"),
+            *((flag, v, isinstance(v, (str, Path)), "a path") for flag, v in paths.items()),
             ("api", api, api in API_CHOICES, " or ".join(API_CHOICES)),
             ("seed", seed, integer(seed), "an integer"),
             ("max_workers", max_workers, integer(max_workers, 1), "an integer of at least 1"),

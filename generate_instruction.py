@@ -25,15 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import tqdm
-from rapidfuzz import process as rf_process
-from rapidfuzz.distance import LCSseq
-from rouge_score import tokenize as rouge_tokenize  # the function DefaultTokenizer calls, without nltk's import cost
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 import api_client
 import utils
-from api_client import FatalRequestError, make_client
+from api_client import FatalRequestError, choose_api, make_client, uses_gpt2_tokenizer
 from cli import check_flags, integer, number, run_fire
+from rouge_dedup import RougeLDeduper, similarity_fields
 
 logger = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
@@ -43,26 +41,9 @@ DEFAULT_MODEL = "gpt-4o-mini"  # the original's text-davinci-003 is retired; a c
 STOP_SEQUENCES = ["\n20", "20.", "20."]  # as the original: the prompt asks for 20 tasks, stop before the 20th
 MAX_TOKENS = 3072  # as the original (--max_tokens); shrunk by 20% at a time on context-length errors
 NUM_PROMPT_TASKS = 20
-BLOCKLIST = [
-    "image",
-    "images",
-    "graph",
-    "graphs",
-    "picture",
-    "pictures",
-    "file",
-    "files",
-    "map",
-    "maps",
-    "draw",
-    "plot",
-    "go to",
-    "video",
-    "audio",
-    "music",
-    "flowchart",
-    "diagram",
-]  # tasks a text-only model cannot do
+# tasks a text-only model cannot do; "go to" is the one two-word entry
+BLOCKLIST = "image images graph graphs picture pictures file files map maps draw plot".split() + ["go to"]
+BLOCKLIST += "video audio music flowchart diagram".split()
 
 
 def load_seed_tasks(path):
@@ -179,122 +160,8 @@ def post_process_gpt3_response(num_prompt_instructions, response):
     return [r for r in records if record_rejection_reason(r) is None]
 
 
-def similarity_fields(scores, pool):
-    """The original's extra fields: the 10 most similar earlier instructions and the mean score over all of them."""
-    top = np.argsort(scores)[-10:][::-1]  # same call as the original, so ties break the same way
-    return {
-        "most_similar_instructions": {pool[i]: float(scores[i]) for i in top},
-        "avg_similarity_score": float(np.mean(scores)),
-    }
-
-
 # ---------------------------------------------------------------------------------------------
-# Dedup: the original's test (ROUGE-L F > 0.7 against every seed and kept instruction), at C speed.
-def rouge_f_measures(lcs, target_len, prediction_lens):
-    """rouge_score's _score_lcs F-measure for one target against many predictions, same float operations.
-
-    lcs: (n,) LCS lengths in tokens; target_len: tokens in the new instruction; prediction_lens: (n,) tokens in each."""
-    lcs = np.asarray(lcs, dtype=np.float64)
-    prediction_lens = np.asarray(prediction_lens, dtype=np.float64)
-    if target_len == 0:
-        return np.zeros(len(lcs))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = lcs / prediction_lens
-        recall = lcs / target_len
-        fmeasure = 2 * precision * recall / (precision + recall)
-    return np.where(lcs > 0, fmeasure, 0.0)  # lcs == 0 (or an empty prediction): rouge_score returns 0
-
-
-class RougeLDeduper:
-    """Keeps a pool of instructions; decides keep/drop for new ones as the original did, without a Pool per candidate.
-
-    Each instruction is tokenized once with rouge_score's tokenizer (no stemming, as RougeScorer(["rougeL"]) in the
-    original), and each distinct token becomes one code point, so rapidfuzz's LCSseq runs on short strings."""
-
-    def __init__(self, instructions=(), threshold=0.7, workers=1):
-        self.threshold = threshold  # drop when the best F-measure is above this
-        self.workers = workers  # rapidfuzz threads for the candidates-against-pool matrix
-        self.instructions, self._codes, self._token_ids = [], [], {}
-        self._lens = np.zeros(0)
-        self.add([*instructions])
-
-    def encode(self, text):
-        """rouge_score's tokens for text, one code point per distinct token."""
-        chars = []
-        for token in rouge_tokenize.tokenize(text, None):
-            cp = self._token_ids.setdefault(token, len(self._token_ids))
-            chars.append(chr(cp if cp < 0xD800 else cp + 0x800))  # skip the surrogate block; ~1.1M tokens possible
-        return "".join(chars)
-
-    def add(self, instructions, codes=None):
-        codes = codes if codes is not None else [self.encode(t) for t in instructions]
-        self.instructions += instructions
-        self._codes += codes
-        self._lens = np.concatenate([self._lens, [len(c) for c in codes]])
-
-    def scores(self, code, pool_codes, pool_lens):
-        lcs = rf_process.cdist([code], pool_codes, scorer=LCSseq.similarity, dtype=np.int32)[0] if pool_codes else []
-        return rouge_f_measures(lcs, len(code), pool_lens)
-
-    def filter_batch(self, instructions):
-        """[(keep, scores)] for new instructions in order, each scored against the pool plus those kept before it.
-
-        scores: (pool size at that moment,) F-measures in pool order, so self.instructions[i] pairs with scores[i]."""
-        codes = [self.encode(t) for t in instructions]
-        # threads only pay off on a big matrix: 1e6 pairs is ~25 ms of LCS on one core
-        workers = self.workers if len(codes) * len(self._codes) >= 1_000_000 else 1
-        base = (
-            rf_process.cdist(codes, self._codes, scorer=LCSseq.similarity, dtype=np.int32, workers=workers)
-            if codes and self._codes
-            else np.zeros((len(codes), 0), dtype=np.int32)
-        )
-        results, kept, kept_codes = [], [], []
-        for text, code, lcs in zip(instructions, codes, base):
-            scores = np.concatenate(
-                [
-                    rouge_f_measures(lcs, len(code), self._lens),
-                    self.scores(code, kept_codes, [len(c) for c in kept_codes]),
-                ]
-            )
-            keep = scores.size == 0 or scores.max() <= self.threshold
-            results.append((keep, scores))
-            if keep:
-                kept.append(text)
-                kept_codes.append(code)
-        self.add(kept, kept_codes)
-        return results
-
-
-# ---------------------------------------------------------------------------------------------
-# Requests through the openai>=1 client: completions (batched prompts) or chat (one prompt a request).
-# GPT-2/GPT-3 tokenizer (r50k/p50k) models, where token 50256 is <|endoftext|>; davinci-002/babbage-002 use cl100k.
-GPT2_TOKENIZER_MODELS = re.compile(
-    r"(text-(davinci|curie|babbage|ada)-\d{3}|code-(davinci|cushman)-\d{3}|davinci|curie|babbage|ada"
-    r"|(distil)?gpt-?2(-(medium|large|xl))?)"
-)
-COMPLETIONS_ONLY_MODELS = re.compile(r"gpt-3\.5-turbo-instruct(-\d+)?|davinci-002|babbage-002")
-
-
-def model_family(model_name):
-    return model_name.lower().rsplit("/", 1)[-1]  # "openai-community/gpt2" -> "gpt2"
-
-
-def uses_gpt2_tokenizer(model_name):
-    return bool(GPT2_TOKENIZER_MODELS.fullmatch(model_family(model_name)))
-
-
-def choose_api(api, model_name):
-    """--api auto: completions for completion-only models (GPT-2/GPT-3 family, gpt-3.5-turbo-instruct, davinci-002,
-    babbage-002), chat for everything else (every current OpenAI model and what vLLM, llama.cpp, Ollama and serve.py
-    serve). A chat endpoint that turns out to be missing (404 not naming a model) switches to completions once."""
-    if api not in ("auto", *api_client.API_CHOICES):
-        raise ValueError(f"--api {api!r}: expected auto, completions or chat")
-    if api != "auto":
-        return api
-    family = model_family(model_name)
-    return "completions" if uses_gpt2_tokenizer(model_name) or COMPLETIONS_ONLY_MODELS.fullmatch(family) else "chat"
-
-
+# Requests: api_client's, with the original's decoding (completions: batched prompts; chat: one prompt a request).
 def strip_chat_echo(text, num_prompt_instructions):
     """Chat models answer in a fresh message and often restate '###\\n{k+1}. Instruction:' that a completion would
     continue from; drop it so the original parsing applies unchanged."""

@@ -65,15 +65,19 @@ def pair_key(row):
     return row["instruction"], row.get("input") or ""
 
 
+def repeated_tasks(rows, flag):
+    """A message for every row that repeats an earlier row's task: pairing by task needs each task once."""
+    seen, problems = {}, []
+    for i, row in enumerate(rows):
+        if pair_key(row) in seen:
+            problems.append(f"{flag} rows {seen[pair_key(row)]} and {i} are the same task: {short(row)}")
+        seen.setdefault(pair_key(row), i)
+    return problems
+
+
 def match_pairs(model_rows, reference_rows):
     """[(model_row, reference_row)] in model_rows' order. ValueError naming every unmatched or repeated task."""
-    problems = []
-    for name, rows in (("--model_outputs", model_rows), ("--reference_outputs", reference_rows)):
-        seen = {}
-        for i, row in enumerate(rows):
-            if pair_key(row) in seen:
-                problems.append(f"{name} rows {seen[pair_key(row)]} and {i} are the same task: {short(row)}")
-            seen.setdefault(pair_key(row), i)
+    problems = repeated_tasks(model_rows, "--model_outputs") + repeated_tasks(reference_rows, "--reference_outputs")
     reference = {pair_key(r): r for r in reference_rows}
     model_keys = {pair_key(r) for r in model_rows}
     for i, row in enumerate(model_rows):

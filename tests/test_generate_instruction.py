@@ -21,6 +21,7 @@ from scripted_llama import build_scripted_llama
 
 import api_client
 import generate_instruction as gi
+import rouge_dedup
 
 K = 3  # example tasks per prompt, the original's default
 
@@ -96,7 +97,7 @@ def test_records_holding_the_prompts_scaffolding_are_dropped_and_counted():
     plain = {"instruction": "Explain why leaves turn red.", "input": "", "output": "Step 1. Pigments change."}
     assert [gi.record_rejection_reason(r) for r in (leaked, in_output, plain)] == ["scaffolding", "scaffolding", None]
     stats, records = Counter(), []
-    gi.add_response([leaked, in_output, plain], gi.RougeLDeduper(["Name a colour."]), records, stats)
+    gi.add_response([leaked, in_output, plain], rouge_dedup.RougeLDeduper(["Name a colour."]), records, stats)
     assert [r["instruction"] for r in records] == [plain["instruction"]]
     assert gi.drop_counts(stats) == {"scaffolding": 2}  # listed in the summary with the other filters
     text = " Write a story.\n4. Input:\n<noinput>\n4. Output:\n1. Instruction: Tell a joke.\n###"
@@ -284,10 +285,10 @@ def test_rouge_l_scores_equal_rouge_score_on_588_pairs():
         pairs.append((text, " ".join(words + [rng.choice(VOCAB)])))
     default = tokenizers.DefaultTokenizer(use_stemmer=False)
     public = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    deduper = gi.RougeLDeduper()
+    deduper = rouge_dedup.RougeLDeduper()
     ours = []
     for new, old in pairs:
-        assert gi.rouge_tokenize.tokenize(new, None) == default.tokenize(new)
+        assert rouge_dedup.rouge_tokenize.tokenize(new, None) == default.tokenize(new)
         code, pool_code = deduper.encode(new), deduper.encode(old)
         ours.append(deduper.scores(code, [pool_code], [len(pool_code)])[0])
     ref = [rouge_scorer._score_lcs(default.tokenize(new), default.tokenize(old)).fmeasure for new, old in pairs]
@@ -335,13 +336,13 @@ def test_dedup_keeps_and_drops_exactly_as_the_original():
             words.pop(rng.randrange(len(words)))
         candidates.append(" ".join(words + rng.sample(["now", "please", "briefly", "x"], rng.randint(0, 2))))
     expected = original_filter(seeds, candidates)
-    deduper, records = gi.RougeLDeduper(seeds), []
+    deduper, records = rouge_dedup.RougeLDeduper(seeds), []
     for start in range(0, len(candidates), 7):
         for cand, (keep, scores) in zip(
             candidates[start : start + 7], deduper.filter_batch(candidates[start : start + 7])
         ):
             if keep:
-                records.append({"instruction": cand, **gi.similarity_fields(scores, deduper.instructions)})
+                records.append({"instruction": cand, **rouge_dedup.similarity_fields(scores, deduper.instructions)})
     assert 40 < len(expected) < 200  # both decisions occur (240 candidates)
     assert [r["instruction"] for r in records] == [r["instruction"] for r in expected]
     for ours, ref in zip(records, expected):
