@@ -113,10 +113,11 @@ def generate(
     logger.info(
         "%d instructions, %d already in %s; generating %d with %s", len(rows), len(done), output, len(todo), model.name
     )
+    prompts = [encode_row(model, r, i, max_tokens) for i, r in todo]  # every row checked before any generation
     with tqdm.tqdm(total=len(rows), initial=len(done), unit="row") as bar:
         for start in range(0, len(todo), batch_size):
             batch = todo[start : start + batch_size]
-            results = model.generate([encode_row(model, r, i, max_tokens) for i, r in batch], params)
+            results = model.generate(prompts[start : start + batch_size], params)
             for (_, row), result in zip(batch, results):
                 done[judging.pair_key(row)] = dict(
                     instruction=row["instruction"],

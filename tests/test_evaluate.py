@@ -9,10 +9,12 @@ import subprocess
 import sys
 import time
 
+import helpers
 import numpy as np
 import pytest
 from fake_openai import FakeOpenAI
-from helpers import ROOT, subprocess_env
+from helpers import ROOT, serve_in_thread, subprocess_env
+from scripted_llama import build_scripted_llama
 
 import evaluate
 import judging
@@ -326,3 +328,27 @@ def test_generate_writes_model_outputs_and_resumes(tiny_llama_dir, tmp_path, mon
     assert calls == [2] and again[:3] == first[:3] and len(again) == 5  # only the 2 missing rows were generated
     with pytest.raises(ValueError, match="not other's answers"):
         evaluate.generate(instructions, out, model_name_or_path=str(tiny_llama_dir), generator="other")
+
+
+def test_judge_through_serve_py(tmp_path, spm_tokenizer_dir):
+    """serve.py as the judge, with a scripted tiny Llama that answers "Output (b)" to anything."""
+    model_dir = build_scripted_llama(spm_tokenizer_dir, tmp_path / "judge", pieces=("Output (b)",))
+    argv = ["--model_name_or_path", str(model_dir), "--port", str(helpers.free_port()), "--served_model_name", "j"]
+    # --max_prompt_tokens: serve.py's OpenAI routes cap prompts at the training length (512) until issue 15 lands
+    with serve_in_thread(argv + ["--max_prompt_tokens", "4096", "--log_level", "warning"]) as running:
+        for api in ("chat", "completions"):
+            rows = outputs(6, (), "m")
+            evaluate.judge(
+                write(tmp_path / "m.json", rows),
+                write(tmp_path / "r.json", outputs(6, (), "r", prefix="other")),
+                "j",
+                tmp_path / api,
+                base_url=f"{running.url}/v1",
+                api=api,
+            )
+            annotations = json.loads((tmp_path / api / "annotations.json").read_text())
+            assert [a["raw_verdicts"] for a in annotations] == [["Output (b)"]] * 6
+            # (b) is the model exactly when the reference was shown first
+            assert [a["preference"] for a in annotations] == [
+                2.0 if a["shown_first"] == "reference" else 1.0 for a in annotations
+            ]
