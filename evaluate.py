@@ -233,7 +233,11 @@ def resume(path, annotations):
         return annotations
     try:
         earlier = utils.jload(path)
-        finished = {(a["instruction"], a["input"], a["output_1"], a["output_2"]): a for a in earlier}
+        finished = {
+            (a["instruction"], a["input"], a["output_1"], a["output_2"]): a
+            for a in earlier
+            if a["status"] in ("judged", "failed", "identical") and "preference" in a
+        }
     except (json.JSONDecodeError, TypeError, KeyError) as e:
         raise ValueError(f"{path}: not an annotations file of evaluate.py ({e}); move it away to start over") from e
     out = [finished.get((a["instruction"], a["input"], a["output_1"], a["output_2"]), a) for a in annotations]
