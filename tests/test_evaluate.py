@@ -244,9 +244,24 @@ def test_unmatched_rows_and_cli_mistakes_get_one_message_each(tmp_path):
             "responses",
         ],
     }
-    for needle, args in cases.items():
+    generate = [sys.executable, "evaluate.py", "generate", "--output", str(tmp_path / "o" / "out.json")]
+    write(tmp_path / "twice.json", [{"instruction": "Say hi."}, {"instruction": "Say hi.", "input": ""}])
+    generate_cases = {  # all found before the model loads
+        "--instructions rows 0 and 1 are the same task": ["--instructions", tmp_path / "twice.json"],
+        f"--instructions {tmp_path / 'nope.json'}: no such file": ["--instructions", tmp_path / "nope.json"],
+        "--batch_size 0: expected an integer of at least 1": ["--instructions", model, "--batch_size", "0"],
+        "unknown flag --max_new_tokens (did you mean --max_tokens?)": ["--max_new_tokens", "5"],
+    }
+    runs = [(base, needle, args) for needle, args in cases.items()]
+    runs += [(generate, needle, args) for needle, args in generate_cases.items()]
+    for command, needle, args in runs:
         proc = subprocess.run(
-            base + [str(a) for a in args], cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=120
+            command + [str(a) for a in args],
+            cwd=ROOT,
+            env=subprocess_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
         )
         assert proc.returncode != 0 and needle in proc.stderr, (needle, proc.stderr[-2000:])
         assert "Traceback" not in proc.stderr
