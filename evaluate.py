@@ -342,5 +342,6 @@ def plot(path, s, annotations):
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP call would bury ours
+    for name in ("httpx", "httpx2"):  # one line per HTTP call would bury ours (openai 3 logs through httpx2)
+        logging.getLogger(name).setLevel(logging.WARNING)
     run_fire({"generate": generate, "judge": judge}, "evaluate.py")

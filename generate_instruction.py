@@ -445,7 +445,8 @@ def export_alpaca(regen_path="regen.json", out_path="alpaca_data.json"):
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP call would bury ours
+    for name in ("httpx", "httpx2"):  # one line per HTTP call would bury ours (openai 3 logs through httpx2)
+        logging.getLogger(name).setLevel(logging.WARNING)
     run_fire(
         {"generate_instruction_following_data": generate_instruction_following_data, "export_alpaca": export_alpaca},
         "generate_instruction",
