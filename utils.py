@@ -223,7 +223,7 @@ def resolve_model_path(name_or_path):
 
 
 if __name__ == "__main__":
-    from cli import run_fire  # refuses an unknown flag before any work
+    import fire
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    run_fire({"download_alpaca_data": download_alpaca_data, "embedded_model_path": embedded_model_path}, "utils.py")
+    fire.Fire({"download_alpaca_data": download_alpaca_data, "embedded_model_path": embedded_model_path})

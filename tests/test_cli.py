@@ -87,18 +87,6 @@ def test_generate_instruction_sends_nothing_for_a_misspelled_flag(free_port, tmp
     assert "unknown flag --num_instructions_to_generat (did you mean --num_instructions_to_generate?)" in proc.stderr
 
 
-def test_utils_cli_refuses_an_unknown_flag():
-    proc = subprocess.run(
-        [sys.executable, "utils.py", "download_alpaca_data", "--pth", "x.json"],
-        cwd=ROOT,
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert proc.returncode == 2 and "unknown flag --pth (did you mean --path?)" in proc.stderr
-
-
 def test_weight_diff_commands_refuse_an_unknown_flag(capsys):
     import weight_diff
 
