@@ -4,9 +4,9 @@
     python -m generate_instruction generate_instruction_following_data --output_dir out/gen \
         --num_instructions_to_generate 100 --export_alpaca out/gen/alpaca_data.json
 
-    # any OpenAI-compatible server: vLLM, llama.cpp, Ollama, or this repo's serve.py
+    # any OpenAI-compatible server: vLLM, llama.cpp, Ollama, `transformers serve`, or this repo's serve.py
     python -m generate_instruction generate_instruction_following_data --base_url http://127.0.0.1:8000/v1 \
-        --model_name my-model --api chat --max_workers 4 --output_dir out/gen
+        --model_name my-model --api chat --max_workers 4 --max_tokens 1024 --output_dir out/gen
 
     python -m generate_instruction export_alpaca --regen_path out/gen/regen.json --out_path alpaca_data.json
 
