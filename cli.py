@@ -1,12 +1,17 @@
 """How the scripts answer a user's mistake: one line naming what is wrong and a non-zero exit, no traceback.
 
 Tracebacks stay for bugs: only errors raised while reading what the user gave (flags, files, folders, rows) become
-UserError, and only UserError is printed plainly.
+UserError, and only those are printed plainly. fire passes an unknown `--flag` to a function with **kwargs, and
+otherwise may ignore it or fail deep inside; a misspelled `--num_instructions_to_generat 7` once ran the default 100
+requests against a paid API. run_fire checks the command and every flag against the function's signature first.
 """
 
 import contextlib
 import difflib
+import inspect
 import sys
+
+FIRE_HELP = {"help", "h"}  # fire's own --help, which prints the usage
 
 
 class UserError(ValueError):
@@ -24,15 +29,18 @@ def user_errors():
         raise UserError(str(e)) from e
 
 
+def closest(name, known):
+    """' (did you mean X?)' for the closest known spelling of name, or ''."""
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
 def unknown_flags_error(unknown, known):
     """UserError naming each unknown flag, with the closest known spelling where there is one."""
     flags = [a for a in unknown if a.startswith("-")]
     if not flags:
         return UserError(f"unexpected value(s) with no flag before them: {' '.join(unknown)}; see --help")
-    parts = []
-    for flag in flags:
-        close = difflib.get_close_matches(flag.split("=", 1)[0], known, n=1)
-        parts.append(f"{flag} (did you mean {close[0]}?)" if close else flag)
+    parts = [flag + closest(flag.split("=", 1)[0], known) for flag in flags]
     return UserError(f"unknown flag(s): {', '.join(parts)}; see --help")
 
 
@@ -42,3 +50,83 @@ def run(prog, main, *args):
         return main(*args)
     except UserError as e:
         sys.exit(f"{prog}: error: {e}")
+
+
+def command_flags(fn):
+    """The --flag names fn accepts."""
+    return [
+        name
+        for name, p in inspect.signature(fn).parameters.items()
+        if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+    ]
+
+
+def flag_names(args):
+    """The names of the --flags in args, as fire reads them (--a-b is --a_b; --noflag is --flag=False).
+    Arguments after a bare '--' are fire's own (e.g. `-- --help`) and are not ours to check."""
+    names = []
+    for arg in args:
+        if arg == "--":
+            break
+        if arg.startswith("--") and len(arg) > 2:
+            names.append(arg[2:].split("=", 1)[0].replace("-", "_"))
+    return names
+
+
+def unknown_flags_message(prog, command, fn, args):
+    """None when every flag in args is one fn takes; otherwise the message naming each unknown one."""
+    valid = command_flags(fn)
+    unknown = [
+        n for n in flag_names(args) if n not in valid and n not in FIRE_HELP and n.removeprefix("no") not in valid
+    ]
+    if not unknown:
+        return None
+    lines = [f"unknown flag --{name}" + closest(f"--{name}", [f"--{v}" for v in valid]) for name in unknown]
+    return f"{prog} {command}: " + "; ".join(lines) + "\nvalid flags: " + " ".join(f"--{v}" for v in valid)
+
+
+def run_fire(commands, prog, argv=None):
+    """fire.Fire(commands) on argv (default sys.argv[1:]), after checking the command and its flags.
+
+    commands: {name: function}. A mistake exits with status 2 (usage) or 1 (a ValueError from the command) and a
+    message that names it, never a traceback."""
+    import fire
+
+    args = list(sys.argv[1:] if argv is None else argv)
+    names = ", ".join(commands)
+    if not args or args[0] in ("-h", "--help"):
+        fire.Fire(commands, command=args, name=prog)  # fire's own listing of the commands
+        return None
+    message = (
+        unknown_flags_message(prog, args[0], commands[args[0]], args[1:])
+        if args[0] in commands
+        else f"{prog}: unknown command {args[0]!r}; expected one of: {names}"
+    )
+    if message:
+        print(message, file=sys.stderr)
+        raise SystemExit(2)
+    try:
+        return fire.Fire(commands, command=args, name=prog)
+    except ValueError as e:  # bad input file, option or value: the message says what and where
+        raise SystemExit(f"{prog}: error: {e}") from None
+
+
+def integer(x, low=None, high=None):
+    """x is an int (not a bool) within [low, high]."""
+    return isinstance(x, int) and not isinstance(x, bool) and (low is None or x >= low) and (high is None or x <= high)
+
+
+def number(x, low=None, high=None):
+    """x is an int or float (not a bool) within [low, high]."""
+    ok = isinstance(x, (int, float)) and not isinstance(x, bool)
+    return ok and (low is None or x >= low) and (high is None or x <= high)
+
+
+def check_flags(checks, problems=()):
+    """Raise one ValueError listing every flag whose value is wrong.
+
+    checks: [(flag, value, ok, expected)], e.g. ("max_workers", 0, integer(0, 1), "an integer of at least 1");
+    problems: messages found elsewhere, reported with these."""
+    found = [*problems, *(f"--{flag} {value!r}: expected {expected}" for flag, value, ok, expected in checks if not ok)]
+    if found:
+        raise ValueError("invalid options:\n  " + "\n  ".join(found))

@@ -4,9 +4,9 @@
     python -m generate_instruction generate_instruction_following_data --output_dir out/gen \
         --num_instructions_to_generate 100 --export_alpaca out/gen/alpaca_data.json
 
-    # any OpenAI-compatible server: vLLM, llama.cpp, Ollama, or this repo's serve.py
+    # any OpenAI-compatible server: vLLM, llama.cpp, Ollama, `transformers serve`, or this repo's serve.py
     python -m generate_instruction generate_instruction_following_data --base_url http://127.0.0.1:8000/v1 \
-        --model_name my-model --api chat --max_workers 4 --output_dir out/gen
+        --model_name my-model --api chat --max_workers 4 --max_tokens 1024 --output_dir out/gen
 
     python -m generate_instruction export_alpaca --regen_path out/gen/regen.json --out_path alpaca_data.json
 
@@ -15,11 +15,9 @@ output_dir/regen.json is rewritten atomically after every request; rerunning the
 
 import json
 import logging
-import os
 import random
 import re
 import string
-import threading
 import time
 from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
@@ -27,12 +25,13 @@ from pathlib import Path
 
 import numpy as np
 import tqdm
-from rapidfuzz import process as rf_process
-from rapidfuzz.distance import LCSseq
-from rouge_score import tokenize as rouge_tokenize  # the function DefaultTokenizer calls, without nltk's import cost
 from tqdm.contrib.logging import logging_redirect_tqdm
 
+import api_client
 import utils
+from api_client import FatalRequestError, choose_api, make_client, uses_gpt2_tokenizer
+from cli import check_flags, integer, number, run_fire
+from rouge_dedup import RougeLDeduper, similarity_fields
 
 logger = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
@@ -40,28 +39,11 @@ PROMPT_PATH = HERE / "prompt.txt"
 SEED_TASKS_PATH = HERE / "seed_tasks.jsonl"
 DEFAULT_MODEL = "gpt-4o-mini"  # the original's text-davinci-003 is retired; a current, cheap OpenAI chat model
 STOP_SEQUENCES = ["\n20", "20.", "20."]  # as the original: the prompt asks for 20 tasks, stop before the 20th
-MAX_TOKENS = 3072  # as the original; shrunk by 20% at a time on context-length errors
+MAX_TOKENS = 3072  # as the original (--max_tokens); shrunk by 20% at a time on context-length errors
 NUM_PROMPT_TASKS = 20
-BLOCKLIST = [
-    "image",
-    "images",
-    "graph",
-    "graphs",
-    "picture",
-    "pictures",
-    "file",
-    "files",
-    "map",
-    "maps",
-    "draw",
-    "plot",
-    "go to",
-    "video",
-    "audio",
-    "music",
-    "flowchart",
-    "diagram",
-]  # tasks a text-only model cannot do
+# tasks a text-only model cannot do; "go to" is the one two-word entry
+BLOCKLIST = "image images graph graphs picture pictures file files map maps draw plot".split() + ["go to"]
+BLOCKLIST += "video audio music flowchart diagram".split()
 
 
 def load_seed_tasks(path):
@@ -131,6 +113,19 @@ def rejection_reason(inst):
     return None
 
 
+# The prompt's own layout: a field that still holds it is the teacher numbering tasks its own way, not a task.
+SCAFFOLDING = re.compile(r"^\s*\d+\s*\.\s*(Instruction|Input|Output)\s*:|###", re.MULTILINE | re.IGNORECASE)
+
+
+def record_rejection_reason(record):
+    """Why a parsed record is dropped, or None: 'scaffolding' when a field holds a numbered Instruction/Input/Output
+    header or '###' (a weak teacher's "1. Instruction: ...\n2. Input: ..." inside one task), else the original's
+    filters on the instruction (rejection_reason)."""
+    if any(SCAFFOLDING.search(record[k]) for k in ("instruction", "input", "output")):
+        return "scaffolding"
+    return rejection_reason(record["instruction"])
+
+
 def parse_response(num_prompt_instructions, text, finish_reason, stats=None):
     """Split a completion into {instruction, input, output} records, unfiltered.
 
@@ -158,129 +153,15 @@ def parse_response(num_prompt_instructions, text, finish_reason, stats=None):
 
 
 def post_process_gpt3_response(num_prompt_instructions, response):
-    """The original's parse-and-filter of one choice ({'text', 'finish_reason'})."""
+    """The original's parse-and-filter of one choice ({'text', 'finish_reason'}), and the scaffolding filter."""
     if response is None:
         return []
     records = parse_response(num_prompt_instructions, response["text"], response["finish_reason"])
-    return [r for r in records if rejection_reason(r["instruction"]) is None]
-
-
-def similarity_fields(scores, pool):
-    """The original's extra fields: the 10 most similar earlier instructions and the mean score over all of them."""
-    top = np.argsort(scores)[-10:][::-1]  # same call as the original, so ties break the same way
-    return {
-        "most_similar_instructions": {pool[i]: float(scores[i]) for i in top},
-        "avg_similarity_score": float(np.mean(scores)),
-    }
+    return [r for r in records if record_rejection_reason(r) is None]
 
 
 # ---------------------------------------------------------------------------------------------
-# Dedup: the original's test (ROUGE-L F > 0.7 against every seed and kept instruction), at C speed.
-def rouge_f_measures(lcs, target_len, prediction_lens):
-    """rouge_score's _score_lcs F-measure for one target against many predictions, same float operations.
-
-    lcs: (n,) LCS lengths in tokens; target_len: tokens in the new instruction; prediction_lens: (n,) tokens in each."""
-    lcs = np.asarray(lcs, dtype=np.float64)
-    prediction_lens = np.asarray(prediction_lens, dtype=np.float64)
-    if target_len == 0:
-        return np.zeros(len(lcs))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        precision = lcs / prediction_lens
-        recall = lcs / target_len
-        fmeasure = 2 * precision * recall / (precision + recall)
-    return np.where(lcs > 0, fmeasure, 0.0)  # lcs == 0 (or an empty prediction): rouge_score returns 0
-
-
-class RougeLDeduper:
-    """Keeps a pool of instructions; decides keep/drop for new ones as the original did, without a Pool per candidate.
-
-    Each instruction is tokenized once with rouge_score's tokenizer (no stemming, as RougeScorer(["rougeL"]) in the
-    original), and each distinct token becomes one code point, so rapidfuzz's LCSseq runs on short strings."""
-
-    def __init__(self, instructions=(), threshold=0.7, workers=1):
-        self.threshold = threshold  # drop when the best F-measure is above this
-        self.workers = workers  # rapidfuzz threads for the candidates-against-pool matrix
-        self.instructions, self._codes, self._token_ids = [], [], {}
-        self._lens = np.zeros(0)
-        self.add([*instructions])
-
-    def encode(self, text):
-        """rouge_score's tokens for text, one code point per distinct token."""
-        chars = []
-        for token in rouge_tokenize.tokenize(text, None):
-            cp = self._token_ids.setdefault(token, len(self._token_ids))
-            chars.append(chr(cp if cp < 0xD800 else cp + 0x800))  # skip the surrogate block; ~1.1M tokens possible
-        return "".join(chars)
-
-    def add(self, instructions, codes=None):
-        codes = codes if codes is not None else [self.encode(t) for t in instructions]
-        self.instructions += instructions
-        self._codes += codes
-        self._lens = np.concatenate([self._lens, [len(c) for c in codes]])
-
-    def scores(self, code, pool_codes, pool_lens):
-        lcs = rf_process.cdist([code], pool_codes, scorer=LCSseq.similarity, dtype=np.int32)[0] if pool_codes else []
-        return rouge_f_measures(lcs, len(code), pool_lens)
-
-    def filter_batch(self, instructions):
-        """[(keep, scores)] for new instructions in order, each scored against the pool plus those kept before it.
-
-        scores: (pool size at that moment,) F-measures in pool order, so self.instructions[i] pairs with scores[i]."""
-        codes = [self.encode(t) for t in instructions]
-        # threads only pay off on a big matrix: 1e6 pairs is ~25 ms of LCS on one core
-        workers = self.workers if len(codes) * len(self._codes) >= 1_000_000 else 1
-        base = (
-            rf_process.cdist(codes, self._codes, scorer=LCSseq.similarity, dtype=np.int32, workers=workers)
-            if codes and self._codes
-            else np.zeros((len(codes), 0), dtype=np.int32)
-        )
-        results, kept, kept_codes = [], [], []
-        for text, code, lcs in zip(instructions, codes, base):
-            scores = np.concatenate(
-                [
-                    rouge_f_measures(lcs, len(code), self._lens),
-                    self.scores(code, kept_codes, [len(c) for c in kept_codes]),
-                ]
-            )
-            keep = scores.size == 0 or scores.max() <= self.threshold
-            results.append((keep, scores))
-            if keep:
-                kept.append(text)
-                kept_codes.append(code)
-        self.add(kept, kept_codes)
-        return results
-
-
-# ---------------------------------------------------------------------------------------------
-# Requests through the openai>=1 client: completions (batched prompts) or chat (one prompt a request).
-# GPT-2/GPT-3 tokenizer (r50k/p50k) models, where token 50256 is <|endoftext|>; davinci-002/babbage-002 use cl100k.
-GPT2_TOKENIZER_MODELS = re.compile(
-    r"(text-(davinci|curie|babbage|ada)-\d{3}|code-(davinci|cushman)-\d{3}|davinci|curie|babbage|ada"
-    r"|(distil)?gpt-?2(-(medium|large|xl))?)"
-)
-COMPLETIONS_ONLY_MODELS = re.compile(r"gpt-3\.5-turbo-instruct(-\d+)?|davinci-002|babbage-002")
-
-
-def model_family(model_name):
-    return model_name.lower().rsplit("/", 1)[-1]  # "openai-community/gpt2" -> "gpt2"
-
-
-def uses_gpt2_tokenizer(model_name):
-    return bool(GPT2_TOKENIZER_MODELS.fullmatch(model_family(model_name)))
-
-
-def choose_api(api, model_name):
-    """--api auto: completions for completion-only models (GPT-2/GPT-3 family, gpt-3.5-turbo-instruct, davinci-002,
-    babbage-002), chat for everything else (every current OpenAI model and what vLLM, llama.cpp, Ollama and serve.py
-    serve). A chat endpoint that turns out to be missing (404 not naming a model) switches to completions once."""
-    if api not in ("auto", "completions", "chat"):
-        raise ValueError(f"--api {api!r}: expected auto, completions or chat")
-    if api != "auto":
-        return api
-    family = model_family(model_name)
-    return "completions" if uses_gpt2_tokenizer(model_name) or COMPLETIONS_ONLY_MODELS.fullmatch(family) else "chat"
-
-
+# Requests: api_client's, with the original's decoding (completions: batched prompts; chat: one prompt a request).
 def strip_chat_echo(text, num_prompt_instructions):
     """Chat models answer in a fresh message and often restate '###\\n{k+1}. Instruction:' that a completion would
     continue from; drop it so the original parsing applies unchanged."""
@@ -288,112 +169,29 @@ def strip_chat_echo(text, num_prompt_instructions):
     return text[head.end() :] if head else text
 
 
-class FatalRequestError(RuntimeError):
-    """An error that retrying cannot fix (bad key, no access, unknown model, bad request) or retries ran out."""
+class Requester(api_client.Requester):
+    """api_client's Requester with the original's decoding: n=1, stop before task 20, and for GPT-2/GPT-3 vocabulary
+    models no <|endoftext|>; a chat answer loses the task header it restates."""
 
-
-def is_context_length_error(err):
-    text = f"{getattr(err, 'code', '')} {err}".lower()
-    return any(k in text for k in ("context_length", "context length", "reduce your prompt", "maximum context"))
-
-
-class Requester:
-    """Sends one request (a list of prompts) with bounded retries; returns ([{text, finish_reason}], usage)."""
-
-    def __init__(
-        self,
-        client,
-        api,
-        model_name,
-        num_prompt_instructions,
-        temperature=1.0,
-        top_p=1.0,
-        auto=False,
-        max_retries=6,
-        retry_base_s=1.0,
-        min_max_tokens=64,
-    ):
-        self.client, self.api, self.model_name, self.auto = client, api, model_name, auto
+    def __init__(self, client, api, model_name, num_prompt_instructions, temperature=1.0, top_p=1.0, **kw):
+        # as the original: never emit <|endoftext|> (token 50256 in the GPT-2/GPT-3 vocabularies only)
+        bias = {"50256": -100} if uses_gpt2_tokenizer(model_name) else None
+        kw.setdefault("max_tokens", MAX_TOKENS)
+        super().__init__(
+            client,
+            api,
+            model_name,
+            logit_bias=bias,
+            temperature=temperature,
+            top_p=top_p,
+            n=1,
+            stop=STOP_SEQUENCES,
+            **kw,
+        )
         self.k = num_prompt_instructions
-        self.decoding = dict(temperature=temperature, top_p=top_p, n=1, stop=STOP_SEQUENCES)
-        self.max_tokens = MAX_TOKENS  # shared by the threads; shrinks for everyone after a context-length error
-        self.max_retries, self.retry_base_s, self.min_max_tokens = max_retries, retry_base_s, min_max_tokens
-        self.stop_event = threading.Event()  # set once the run is failing, so the other threads stop retrying
-        self.retries = 0
 
-    def _send(self, prompts):
-        kw = dict(model=self.model_name, max_tokens=self.max_tokens, **self.decoding)
-        if self.api == "completions":
-            if uses_gpt2_tokenizer(self.model_name):
-                kw["logit_bias"] = {"50256": -100}  # as the original: never emit <|endoftext|>
-            resp = self.client.completions.create(prompt=prompts, **kw)
-            choices = sorted(resp.choices, key=lambda c: c.index)
-            results = [{"text": c.text or "", "finish_reason": c.finish_reason} for c in choices]
-        else:
-            (prompt,) = prompts
-            resp = self.client.chat.completions.create(messages=[{"role": "user", "content": prompt}], **kw)
-            choice = resp.choices[0]
-            results = [
-                {"text": strip_chat_echo(choice.message.content or "", self.k), "finish_reason": choice.finish_reason}
-            ]
-        return results, resp.usage
-
-    def __call__(self, prompts):
-        import openai
-
-        attempt = 0
-        while True:
-            try:
-                return self._send(prompts)
-            except openai.BadRequestError as e:
-                if not is_context_length_error(e):
-                    raise FatalRequestError(f"the server refused the request (400): {e}") from e
-                self.max_tokens = int(self.max_tokens * 0.8)  # as the original: 20% fewer tokens, then try again
-                logger.warning("context length exceeded; max_tokens now %d", self.max_tokens)
-                if self.max_tokens < self.min_max_tokens:
-                    raise FatalRequestError(f"the prompt alone fills the context window: {e}") from e
-            except openai.NotFoundError as e:
-                if self.auto and self.api == "chat" and "model" not in str(e).lower():
-                    logger.warning("no chat endpoint here (%s); --api auto switches to completions", e)
-                    self.api, self.auto = "completions", False
-                    continue
-                raise FatalRequestError(
-                    f"404 for model {self.model_name!r}: {e}. Check --model_name and --base_url."
-                ) from e
-            except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
-                raise FatalRequestError(
-                    f"{e.status_code}: the server rejected the API key ({e}). Set OPENAI_API_KEY or pass --api_key."
-                ) from e
-            except (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError) as e:
-                attempt += 1  # APIConnectionError covers APITimeoutError
-                self.retries += 1
-                if attempt > self.max_retries or self.stop_event.is_set():
-                    raise FatalRequestError(f"gave up after {attempt} attempts: {type(e).__name__}: {e}") from e
-                delay = self.retry_base_s * 2 ** (attempt - 1) * (0.5 + random.random())  # exponential, with jitter
-                logger.warning(
-                    "%s (%s); retry %d/%d in %.2f s",
-                    type(e).__name__,
-                    getattr(e, "status_code", "no status"),
-                    attempt,
-                    self.max_retries,
-                    delay,
-                )
-                time.sleep(delay)
-            except openai.APIStatusError as e:  # any other 4xx
-                raise FatalRequestError(f"{e.status_code} from the server: {e}") from e
-
-
-def make_client(base_url, api_key, request_timeout):
-    import openai
-
-    base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
-    api_key = api_key or os.environ.get("OPENAI_API_KEY")
-    if not api_key:
-        if not base_url:
-            raise SystemExit("no API key: set OPENAI_API_KEY or pass --api_key (or --base_url for a local server)")
-        api_key = "no-key"  # local servers (vLLM, llama.cpp, serve.py) ignore it, but the client needs one
-    # max_retries=0: our Requester does the retrying, with a bound, backoff and fail-fast rules of its own
-    return openai.OpenAI(base_url=base_url, api_key=api_key, timeout=request_timeout, max_retries=0), base_url
+    def chat_text(self, text):
+        return strip_chat_echo(text, self.k)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,10 +212,11 @@ def load_regen(path):
 
 
 def add_response(candidates, deduper, records, stats):
-    """Apply the original's filters, then the ROUGE-L dedup, to one answer's records; append the kept ones."""
+    """Apply the original's filters and the scaffolding filter, then the ROUGE-L dedup, to one answer's records;
+    append the kept ones."""
     valid = []
     for rec in candidates:
-        reason = rejection_reason(rec["instruction"])
+        reason = record_rejection_reason(rec)
         stats[f"dropped_{reason}" if reason else "passed_filters"] += 1
         if not reason:
             valid.append(rec)
@@ -427,19 +226,34 @@ def add_response(candidates, deduper, records, stats):
             records.append({**rec, **similarity_fields(scores, deduper.instructions)})
 
 
-def check_options(api, num_prompt_instructions, n_seeds, max_workers, request_batch_size):
-    problems = []
-    if api not in ("auto", "completions", "chat"):
-        problems.append(f"--api {api!r}: expected auto, completions or chat")
-    if not 1 <= num_prompt_instructions < min(n_seeds + 1, NUM_PROMPT_TASKS - 1):
-        problems.append(
-            f"--num_prompt_instructions {num_prompt_instructions}: expected 1..{min(n_seeds, NUM_PROMPT_TASKS - 2)} "
-            f"(there are {n_seeds} seed tasks and the model stops at task {NUM_PROMPT_TASKS})"
-        )
-    if max_workers < 1 or request_batch_size < 1:
-        problems.append(f"--max_workers {max_workers} and --request_batch_size {request_batch_size} must be at least 1")
-    if problems:
-        raise ValueError("invalid options:\n  " + "\n  ".join(problems))
+def check_options(api, model_name, n_seeds, num_prompt_instructions, **values):
+    """The API to use; ValueError listing every bad option. values: the numeric flags, by name."""
+    problems, chosen = [], None
+    if not isinstance(model_name, str) or not model_name:
+        problems.append(f"--model_name {model_name!r}: expected a model name")
+    else:
+        try:
+            chosen = choose_api(api, model_name)
+        except ValueError as e:
+            problems.append(str(e))
+    most = min(n_seeds, NUM_PROMPT_TASKS - 2)  # the model stops at task 20, so at most 18 examples leave room
+    checks = [
+        (
+            "num_prompt_instructions",
+            num_prompt_instructions,
+            integer(num_prompt_instructions, 1, most),
+            f"1..{most} (there are {n_seeds} seed tasks and the model stops at task {NUM_PROMPT_TASKS})",
+        ),
+        ("temperature", values["temperature"], number(values["temperature"], 0, 2), "a number from 0 to 2"),
+        ("top_p", values["top_p"], number(values["top_p"], 0, 1), "a number from 0 to 1"),
+        ("request_timeout", values["request_timeout"], number(values["request_timeout"], 0.001), "seconds above 0"),
+        ("retry_base_s", values["retry_base_s"], number(values["retry_base_s"], 0), "seconds, at least 0"),
+        ("max_retries", values["max_retries"], integer(values["max_retries"], 0), "an integer of at least 0"),
+    ]
+    for flag in ("max_workers", "request_batch_size", "max_tokens", "num_cpus", "num_instructions_to_generate"):
+        checks.append((flag, values[flag], integer(values[flag], 1), "an integer of at least 1"))
+    check_flags(checks, problems)
+    return chosen
 
 
 def generate_instruction_following_data(
@@ -461,14 +275,30 @@ def generate_instruction_following_data(
     retry_base_s=1.0,
     export_alpaca=None,
     seed=None,
+    max_tokens=MAX_TOKENS,
 ):
     """Generate instructions until output_dir/regen.json holds num_instructions_to_generate of them.
 
     request_batch_size: prompts per completions request (chat sends one prompt per request). num_cpus: threads for the
-    dedup's LCS matrix. seed: seeds the choice of example tasks (the original did not seed)."""
+    dedup's LCS matrix. seed: seeds the choice of example tasks (the original did not seed). max_tokens: the most
+    new tokens a request may ask for (prompt plus max_tokens must fit the model's context window)."""
     seeds = load_seed_tasks(seed_tasks_path)
-    check_options(api, num_prompt_instructions, len(seeds), max_workers, request_batch_size)
-    chosen = choose_api(api, model_name)
+    chosen = check_options(
+        api,
+        model_name,
+        len(seeds),
+        num_prompt_instructions,
+        temperature=temperature,
+        top_p=top_p,
+        request_timeout=request_timeout,
+        retry_base_s=retry_base_s,
+        max_retries=max_retries,
+        max_workers=max_workers,
+        request_batch_size=request_batch_size,
+        max_tokens=max_tokens,
+        num_cpus=num_cpus,
+        num_instructions_to_generate=num_instructions_to_generate,
+    )
     client, base_url = make_client(base_url, api_key, request_timeout)
     requester = Requester(
         client,
@@ -480,6 +310,7 @@ def generate_instruction_following_data(
         auto=api == "auto",
         max_retries=max_retries,
         retry_base_s=retry_base_s,
+        max_tokens=max_tokens,
     )
     regen_path = Path(output_dir) / "regen.json"
     records = load_regen(regen_path)
@@ -613,13 +444,10 @@ def export_alpaca(regen_path="regen.json", out_path="alpaca_data.json"):
 
 
 if __name__ == "__main__":
-    import fire
-
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per HTTP call would bury ours
-    try:
-        fire.Fire(
-            {"generate_instruction_following_data": generate_instruction_following_data, "export_alpaca": export_alpaca}
-        )
-    except ValueError as e:  # bad seed file, options or regen.json: the message says what and where
-        raise SystemExit(f"generate_instruction: {e}") from None
+    for name in ("httpx", "httpx2"):  # one line per HTTP call would bury ours (openai 3 logs through httpx2)
+        logging.getLogger(name).setLevel(logging.WARNING)
+    run_fire(
+        {"generate_instruction_following_data": generate_instruction_following_data, "export_alpaca": export_alpaca},
+        "generate_instruction",
+    )

@@ -244,7 +244,7 @@ def from_pretrained(loader, name_or_path, **kwargs):
 
 
 if __name__ == "__main__":
-    import fire
+    from cli import run_fire  # here, not at the top: the trainML endpoint imports utils (it ships cli.py too)
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    fire.Fire({"download_alpaca_data": download_alpaca_data, "embedded_model_path": embedded_model_path})
+    run_fire({"download_alpaca_data": download_alpaca_data, "embedded_model_path": embedded_model_path}, "utils.py")

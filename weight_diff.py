@@ -31,6 +31,7 @@ from checkpoint_io import (
     staging,
     write_model,
 )
+from cli import run_fire
 from special_tokens import embedding_resize, mean_row, raw_rows
 
 logger = logging.getLogger(__name__)
@@ -256,10 +257,12 @@ def recover(
     return None if path_tuned is None else str(path_tuned)
 
 
-def main(argv=None):
-    import fire
+COMMANDS = {"make_diff": make_diff, "recover": recover}
 
-    fire.Fire({"make_diff": make_diff, "recover": recover}, command=argv)
+
+def main(argv=None):
+    """The command line: an unknown command or flag, or a missing folder, is one line and a non-zero exit."""
+    return run_fire(COMMANDS, "weight_diff.py", argv)
 
 
 if __name__ == "__main__":

@@ -3,9 +3,11 @@ answering in the numbered Instruction/Input/Output format that generate_instruct
 
     python tests/fake_openai.py --port 8001          # then --base_url http://127.0.0.1:8001/v1
 
-Faults are consumed one per POST, in order: None (answer normally), "429", "500", "401", "403", "slow" (answer after
-slow_s seconds, past the client's timeout), "malformed" (text with no numbered tasks), "length" (the last task
-cut off, finish_reason "length"). Every POST is logged in .log with its body, fault and the instructions sent.
+Faults are consumed one per POST, in order: None (answer normally), "429", "500", "401", "403", "400" (a refusal in
+FastAPI's {"detail": ...} shape), "slow" (answer after slow_s seconds, past the client's timeout), "malformed" (text
+with no numbered tasks), "length" (the last task cut off, finish_reason "length"). Any other fault goes to answer_fn.
+Every POST is logged in .log with its body, fault and the instructions sent. A judge for evaluate.py's tests passes
+its own answer_fn.
 """
 
 import json
@@ -65,7 +67,11 @@ class FakeOpenAI:
         routes=("completions", "chat"),
         context_max_tokens=None,
         models=None,
+        answer_fn=None,
     ):
+        """answer_fn(prompt, rng, chat, fault) -> (text, finish_reason, instructions): what a POST answers (default:
+        numbered tasks, as generate_instruction asks for). Faults other than the HTTP ones above are passed to it."""
+        self.answer = answer_fn or answer
         self.port, self.faults, self.delay_s, self.slow_s = port, list(faults), delay_s, slow_s
         self.routes, self.context_max_tokens, self.models = routes, context_max_tokens, models
         self.log, self.lock, self.stopping = [], threading.Lock(), threading.Event()
@@ -85,6 +91,8 @@ class FakeOpenAI:
             return 404, {"detail": "Not Found"}
         if fault in ("429", "500", "401", "403"):
             return int(fault), {"error": {"message": f"injected {fault}", "type": "fault", "code": fault}}
+        if fault == "400":  # refused with a reason outside OpenAI's {"error": {"message"}} shape, as FastAPI apps do
+            return 400, {"detail": "prompt must be a string."}
         if fault == "slow":
             self.stopping.wait(self.slow_s)
         if self.models is not None and body.get("model") not in self.models:
@@ -102,7 +110,7 @@ class FakeOpenAI:
         prompts = [prompts] if isinstance(prompts, str) else prompts
         choices = []
         for i, prompt in enumerate(prompts):
-            text, finish, instructions = answer(prompt, random.Random(f"{n}-{i}"), route == "chat", fault)
+            text, finish, instructions = self.answer(prompt, random.Random(f"{n}-{i}"), route == "chat", fault)
             entry["instructions"].append(instructions)
             choices.append(
                 {

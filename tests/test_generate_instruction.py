@@ -9,15 +9,20 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
+import helpers
 import numpy as np
 import pytest
 from fake_openai import FakeOpenAI
-from helpers import ROOT, subprocess_env
+from helpers import ROOT, serve_in_thread, subprocess_env
 from rouge_score import rouge_scorer, tokenizers
+from scripted_llama import build_scripted_llama
 
+import api_client
 import dataset
 import generate_instruction as gi
+import rouge_dedup
 
 K = 3  # example tasks per prompt, the original's default
 
@@ -80,6 +85,24 @@ def test_parse_response_counts_and_rejection_reasons():
     assert stats == {"malformed": 1, "truncated": 1}  # task 10 has no markers; task 12 is the cut-off last piece
     reasons = [gi.rejection_reason(r["instruction"]) for r in records]
     assert reasons == [None, "blocklist", "program", "length", "punctuation", "non_ascii", None]
+
+
+def test_records_holding_the_prompts_scaffolding_are_dropped_and_counted():
+    # what a weak local teacher sent (issue 15): its own numbering inside one task
+    leaked = {
+        "instruction": "1. Instruction: Write a story about a person who is a hero.\n2. Input:\n<noinput>",
+        "input": "",
+        "output": "Once upon a time.",
+    }
+    in_output = {"instruction": "Explain why the sky is blue.", "input": "", "output": "Light.\n7. Output: again"}
+    plain = {"instruction": "Explain why leaves turn red.", "input": "", "output": "Step 1. Pigments change."}
+    assert [gi.record_rejection_reason(r) for r in (leaked, in_output, plain)] == ["scaffolding", "scaffolding", None]
+    stats, records = Counter(), []
+    gi.add_response([leaked, in_output, plain], rouge_dedup.RougeLDeduper(["Name a colour."]), records, stats)
+    assert [r["instruction"] for r in records] == [plain["instruction"]]
+    assert gi.drop_counts(stats) == {"scaffolding": 2}  # listed in the summary with the other filters
+    text = " Write a story.\n4. Input:\n<noinput>\n4. Output:\n1. Instruction: Tell a joke.\n###"
+    assert gi.post_process_gpt3_response(K, {"text": text, "finish_reason": "stop"}) == []
 
 
 def test_filters_word_count_bounds_and_blocklist_words():
@@ -161,11 +184,29 @@ def test_load_seed_tasks_reads_the_self_instruct_layout_and_reports_every_bad_li
     assert all(f"line {n}:" in msg for n in (2, 3, 4)) and "line 1:" not in msg
 
 
-def test_check_options_collects_every_problem():
+GOOD_OPTIONS = dict(
+    temperature=1.0,
+    top_p=1.0,
+    request_timeout=120.0,
+    retry_base_s=1.0,
+    max_retries=6,
+    max_workers=4,
+    request_batch_size=5,
+    max_tokens=3072,
+    num_cpus=1,
+    num_instructions_to_generate=10,
+)
+
+
+def test_check_options_collects_every_problem_and_checks_the_api_once():
+    assert gi.check_options("auto", "gpt-4o-mini", 175, 3, **GOOD_OPTIONS) == "chat"
+    bad = dict(GOOD_OPTIONS, max_workers=0, max_tokens="lots", temperature=True)
     with pytest.raises(ValueError) as err:
-        gi.check_options("responses", 19, 175, 0, 5)
-    assert "--api 'responses'" in str(err.value) and "--num_prompt_instructions 19" in str(err.value)
-    assert "--max_workers 0" in str(err.value)
+        gi.check_options("responses", "gpt-4o-mini", 175, 19, **bad)
+    msg = str(err.value)
+    assert msg.count("--api 'responses'") == 1 and "--num_prompt_instructions 19: expected 1..18" in msg
+    assert "--max_workers 0: expected an integer of at least 1" in msg and "--max_tokens 'lots'" in msg
+    assert "--temperature True: expected a number from 0 to 2" in msg  # fire reads a bare --temperature as True
 
 
 def test_load_regen_names_a_damaged_file_and_export_alpaca_writes_plain_rows(tmp_path):
@@ -245,10 +286,10 @@ def test_rouge_l_scores_equal_rouge_score_on_588_pairs():
         pairs.append((text, " ".join(words + [rng.choice(VOCAB)])))
     default = tokenizers.DefaultTokenizer(use_stemmer=False)
     public = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
-    deduper = gi.RougeLDeduper()
+    deduper = rouge_dedup.RougeLDeduper()
     ours = []
     for new, old in pairs:
-        assert gi.rouge_tokenize.tokenize(new, None) == default.tokenize(new)
+        assert rouge_dedup.rouge_tokenize.tokenize(new, None) == default.tokenize(new)
         code, pool_code = deduper.encode(new), deduper.encode(old)
         ours.append(deduper.scores(code, [pool_code], [len(pool_code)])[0])
     ref = [rouge_scorer._score_lcs(default.tokenize(new), default.tokenize(old)).fmeasure for new, old in pairs]
@@ -296,13 +337,13 @@ def test_dedup_keeps_and_drops_exactly_as_the_original():
             words.pop(rng.randrange(len(words)))
         candidates.append(" ".join(words + rng.sample(["now", "please", "briefly", "x"], rng.randint(0, 2))))
     expected = original_filter(seeds, candidates)
-    deduper, records = gi.RougeLDeduper(seeds), []
+    deduper, records = rouge_dedup.RougeLDeduper(seeds), []
     for start in range(0, len(candidates), 7):
         for cand, (keep, scores) in zip(
             candidates[start : start + 7], deduper.filter_batch(candidates[start : start + 7])
         ):
             if keep:
-                records.append({"instruction": cand, **gi.similarity_fields(scores, deduper.instructions)})
+                records.append({"instruction": cand, **rouge_dedup.similarity_fields(scores, deduper.instructions)})
     assert 40 < len(expected) < 200  # both decisions occur (240 candidates)
     assert [r["instruction"] for r in records] == [r["instruction"] for r in expected]
     for ours, ref in zip(records, expected):
@@ -351,6 +392,14 @@ def test_completions_batch_one_request_and_context_errors_shrink_max_tokens(free
     assert len(gi.post_process_gpt3_response(K, results[0])) == 16 - 3
 
 
+def test_a_single_completions_prompt_goes_as_a_string_and_max_tokens_is_the_flag(free_port):
+    with FakeOpenAI(free_port) as fake:
+        (result,), _ = make_requester(fake, "my-local-model", api="completions", max_tokens=700)([PROMPT])
+    body = fake.log[0]["body"]
+    assert body["prompt"] == PROMPT and body["max_tokens"] == 700  # a string: `transformers serve` refuses a list
+    assert "logit_bias" not in body and result["finish_reason"] == "stop"
+
+
 def test_chat_strips_the_echoed_header_and_sends_no_logit_bias(free_port):
     with FakeOpenAI(free_port) as fake:
         requester = make_requester(fake, "gpt-4o-mini")
@@ -383,7 +432,7 @@ def test_unknown_model_and_403_fail_fast_and_retries_are_bounded_with_growing_ba
             make_requester(fake, "fake-chat")([PROMPT])
     assert len(fake.log) == 1
     delays = []
-    monkeypatch.setattr(gi.time, "sleep", delays.append)
+    monkeypatch.setattr(api_client.time, "sleep", delays.append)
     with FakeOpenAI(free_port, faults=["500"] * 9) as fake:
         with pytest.raises(gi.FatalRequestError, match="gave up after 4 attempts"):
             make_requester(fake, "fake-chat", max_retries=3)([PROMPT])
@@ -557,3 +606,85 @@ def test_kill_9_at_several_points_then_resume_loses_nothing_saved_and_duplicates
     assert len({r["instruction"] for r in final}) == len(final)  # no duplicates across the restarts
     assert {r["instruction"] for r in final} <= sent_instructions(fake)  # every record is one the server sent, intact
     assert f"{len(saved)} instructions from an earlier run" in done.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Real servers with the scripted tiny Llama (tests/scripted_llama.py): whatever the prompt, it answers SCRIPT, which
+# after "4. Instruction:" parses as these two tasks.
+SCRIPTED_TASKS = [
+    "Suggest a name for a bakery that sells only rye bread.",
+    "Convert the temperature from Celsius to Fahrenheit.",
+]
+
+
+@pytest.fixture(scope="module")
+def scripted_model(tmp_path_factory, spm_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    path = build_scripted_llama(spm_tokenizer_dir, tmp_path_factory.mktemp("scripted"))
+    tok = AutoTokenizer.from_pretrained(path)  # a plain chat template, so that peer servers can serve chat
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    tok.save_pretrained(path)
+    return path
+
+
+def generate_against(base_url, model_name, api, out_dir):
+    gi.generate_instruction_following_data(
+        output_dir=out_dir,
+        base_url=base_url,
+        api_key="unused",
+        model_name=model_name,
+        api=api,
+        num_instructions_to_generate=2,
+        request_batch_size=1,  # one prompt: sent as a string
+        max_workers=1,
+        num_cpus=1,
+        seed=0,
+        max_tokens=256,
+        request_timeout=300,
+    )
+    return [r["instruction"] for r in json.loads((out_dir / "regen.json").read_text())]
+
+
+@pytest.mark.parametrize("api", ["chat", "completions"])
+def test_against_serve_py(scripted_model, api, tmp_path):
+    # --max_prompt_tokens: serve.py's OpenAI routes cap prompts at the training length (512) until they take the
+    # context window (issue 15); our prompt of 3 seed tasks is longer than that in the test tokenizer's tokens
+    argv = [
+        "--model_name_or_path",
+        str(scripted_model),
+        "--port",
+        str(helpers.free_port()),
+        "--served_model_name",
+        "scripted",
+    ]
+    with serve_in_thread(argv + ["--max_prompt_tokens", "4096", "--log_level", "warning"]) as running:
+        assert generate_against(f"{running.url}/v1", "scripted", api, tmp_path) == SCRIPTED_TASKS
+
+
+@pytest.mark.slow  # a second process that imports torch: minutes on a busy 2-core machine
+def test_against_transformers_serve_as_a_peer_server(scripted_model, tmp_path):
+    """HF's own OpenAI-compatible server (transformers' `transformers serve`, offline, CPU) with the same model."""
+    import httpx
+
+    port = helpers.free_port()
+    exe = Path(sys.executable).parent / "transformers"
+    cmd = [str(exe), "serve", str(scripted_model), "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
+    with open(tmp_path / "serve.log", "w") as log:
+        server = subprocess.Popen(cmd, env=subprocess_env(), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_for(lambda: server.poll() is not None or healthy(httpx, port), "transformers serve", timeout=600)
+        assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
+        for api in ("chat", "completions"):  # the model name is the path it was started with
+            out = tmp_path / api
+            assert generate_against(f"http://127.0.0.1:{port}/v1", str(scripted_model), api, out) == SCRIPTED_TASKS
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+
+
+def healthy(httpx, port):
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False

@@ -1,0 +1,61 @@
+"""api_client.py: the server's own reason in errors, one prompt sent as a string, per-request overrides, and the
+chat hook. The retry and fail-fast rules are exercised in tests/test_generate_instruction.py."""
+
+import pytest
+from fake_openai import FakeOpenAI
+
+import api_client
+
+
+def requester(fake, api, **kw):
+    client, _ = api_client.make_client(fake.base_url, "test-key", 10)
+    return api_client.Requester(client, api, "fake-model", 50, retry_base_s=0.01, **kw)
+
+
+def echo(prompt, rng, chat, fault):
+    return f"you said: {prompt}", "stop", []
+
+
+def test_a_refusal_outside_openais_error_shape_keeps_the_servers_reason(free_port):
+    # FastAPI apps such as `transformers serve` answer {"detail": ...}; the openai client's text drops it
+    with FakeOpenAI(free_port, faults=["400"], answer_fn=echo) as fake:
+        with pytest.raises(api_client.FatalRequestError) as err:
+            requester(fake, "completions")(["hello"])
+    assert str(err.value) == "the server refused the request (400): prompt must be a string."
+
+
+def test_server_message_reads_every_body_shape():
+    class Err(Exception):
+        def __init__(self, body, text=""):
+            self.body, self.response = body, type("R", (), {"text": text})()
+
+    assert api_client.server_message(Err({"message": "bad model", "code": "x"})) == "bad model"
+    assert api_client.server_message(Err({"detail": "prompt must be a string."})) == "prompt must be a string."
+    assert api_client.server_message(Err({"error": "overloaded"})) == "overloaded"
+    assert api_client.server_message(Err("Bad Gateway\n")) == "Bad Gateway"
+    assert api_client.server_message(Err(None, "plain text body")) == "plain text body"
+
+
+def test_one_prompt_is_a_string_several_are_a_list_and_overrides_last_one_request(free_port):
+    with FakeOpenAI(free_port, answer_fn=echo) as fake:
+        ask = requester(fake, "completions", temperature=0)
+        (one,), _ = ask(["hi"], temperature=1.0)
+        two, _ = ask(["a", "b"])
+    assert [e["body"]["prompt"] for e in fake.log] == ["hi", ["a", "b"]]
+    assert [e["body"]["temperature"] for e in fake.log] == [1.0, 0]  # the override was for one request only
+    assert one["text"] == "you said: hi" and [r["text"] for r in two] == ["you said: a", "you said: b"]
+
+
+def test_chat_sends_one_user_message_and_applies_the_hook(free_port):
+    class Upper(api_client.Requester):
+        def chat_text(self, text):
+            return text.upper()
+
+    with FakeOpenAI(free_port, answer_fn=echo) as fake:
+        client, _ = api_client.make_client(fake.base_url, "k", 10)
+        (result,), usage = Upper(client, "chat", "fake-model", 50, logit_bias={"1": -100})(["hi"])
+    assert fake.log[0]["body"]["messages"] == [{"role": "user", "content": "hi"}]
+    assert "logit_bias" not in fake.log[0]["body"]  # token ids of one vocabulary: completions only
+    assert result == {"text": "YOU SAID: HI", "finish_reason": "stop"} and usage.total_tokens > 0
+    with pytest.raises(ValueError, match="expected one of completions, chat"):
+        api_client.Requester(client, "responses", "m", 50)
