@@ -21,7 +21,8 @@ import numpy as np
 from rouge_score import rouge_scorer, tokenizers
 from tqdm import tqdm
 
-import generate_instruction as gi  # noqa: E402
+import rouge_dedup
+import self_instruct
 
 VERBS = (
     "Explain Describe Summarize Compare List Suggest Rewrite Classify Outline Evaluate Name Estimate Propose Rank"
@@ -70,13 +71,13 @@ def original_filter(pool, candidates, num_cpus):
 
 def our_filter(pool, candidates, num_cpus, batch=16, progress=False):
     """generate_instruction's dedup, fed one response's worth (16 tasks, 4..19) at a time."""
-    deduper, kept = gi.RougeLDeduper(pool, workers=num_cpus), []
+    deduper, kept = rouge_dedup.RougeLDeduper(pool, workers=num_cpus), []
     starts = range(0, len(candidates), batch)
     for start in tqdm(starts, desc="full pass", unit="batch", disable=not progress):
         chunk = candidates[start : start + batch]
         for cand, (keep, scores) in zip(chunk, deduper.filter_batch(chunk)):
             if keep:
-                fields = gi.similarity_fields(scores, deduper.instructions)
+                fields = rouge_dedup.similarity_fields(scores, deduper.instructions)
                 kept.append((cand, fields["most_similar_instructions"], fields["avg_similarity_score"]))
     return kept
 
@@ -100,7 +101,7 @@ def timed(fn, *args):
 
 
 def main(args):
-    seeds = [t["instruction"] for t in gi.load_seed_tasks(gi.SEED_TASKS_PATH)]
+    seeds = [t["instruction"] for t in self_instruct.load_seed_tasks(self_instruct.SEED_TASKS_PATH)]
     if args.data_path:
         candidates = [r["instruction"] for r in json.loads(Path(args.data_path).read_text())][: args.num_candidates]
     else:

@@ -23,6 +23,7 @@ import api_client
 import dataset
 import generate_instruction as gi
 import rouge_dedup
+import self_instruct
 
 K = 3  # example tasks per prompt, the original's default
 
@@ -30,7 +31,7 @@ K = 3  # example tasks per prompt, the original's default
 # ---------------------------------------------------------------------------------------------
 # prompt.txt, encode_prompt, parsing and filters
 def test_prompt_txt_numbers_its_rules_1_to_n_and_keeps_the_requirements():
-    text = gi.PROMPT_PATH.read_text()
+    text = self_instruct.PROMPT_PATH.read_text()
     numbers = [int(m) for m in re.findall(r"^(\d+)\. ", text, flags=re.M)]
     assert numbers == list(range(1, len(numbers) + 1)) and len(numbers) >= 7  # the original repeats 2 and 3
     for needle in ("20", "<noinput>", "100 words", "English", "one or two sentences", "verb", "text-only"):
@@ -44,12 +45,12 @@ def test_encode_prompt_golden_and_independent_of_the_working_directory(tmp_path,
         {"instruction": "Name a prime number.", "input": "", "output": "7"},
     ]
     expected = (
-        gi.PROMPT_PATH.read_text().rstrip("\n") + "\n"
+        self_instruct.PROMPT_PATH.read_text().rstrip("\n") + "\n"
         "###\n1. Instruction: Sort these words\n1. Input:\npear apple\n1. Output:\napple pear\n"
         "###\n2. Instruction: Name a prime number.\n2. Input:\n<noinput>\n2. Output:\n7\n"
         "###\n3. Instruction:"
     )
-    assert gi.encode_prompt(tasks) == expected
+    assert self_instruct.encode_prompt(tasks) == expected
 
 
 RESPONSE = (
@@ -67,23 +68,23 @@ RESPONSE = (
 
 
 def test_post_process_gpt3_response_golden():
-    kept = gi.post_process_gpt3_response(K, {"text": RESPONSE, "finish_reason": "stop"})
+    kept = self_instruct.post_process_gpt3_response(K, {"text": RESPONSE, "finish_reason": "stop"})
     assert kept == [
         {"instruction": "Explain why the sky looks blue at noon.", "input": "", "output": "Sunlight scatters."},
         {"instruction": "Summarize the note in one line.", "input": "Buy milk, call Sam.", "output": "Errands."},
         {"instruction": "Translate this greeting into French please.", "input": "Hello", "output": "Bonj"},
     ]
     # finish_reason "length": the last piece (task 12) is dropped even though it parses
-    cut = gi.post_process_gpt3_response(K, {"text": RESPONSE, "finish_reason": "length"})
+    cut = self_instruct.post_process_gpt3_response(K, {"text": RESPONSE, "finish_reason": "length"})
     assert [r["instruction"] for r in cut] == [r["instruction"] for r in kept[:2]]
-    assert gi.post_process_gpt3_response(K, None) == []
+    assert self_instruct.post_process_gpt3_response(K, None) == []
 
 
 def test_parse_response_counts_and_rejection_reasons():
     stats = Counter()
-    records = gi.parse_response(K, RESPONSE, "length", stats)
+    records = self_instruct.parse_response(K, RESPONSE, "length", stats)
     assert stats == {"malformed": 1, "truncated": 1}  # task 10 has no markers; task 12 is the cut-off last piece
-    reasons = [gi.rejection_reason(r["instruction"]) for r in records]
+    reasons = [self_instruct.rejection_reason(r["instruction"]) for r in records]
     assert reasons == [None, "blocklist", "program", "length", "punctuation", "non_ascii", None]
 
 
@@ -96,31 +97,35 @@ def test_records_holding_the_prompts_scaffolding_are_dropped_and_counted():
     }
     in_output = {"instruction": "Explain why the sky is blue.", "input": "", "output": "Light.\n7. Output: again"}
     plain = {"instruction": "Explain why leaves turn red.", "input": "", "output": "Step 1. Pigments change."}
-    assert [gi.record_rejection_reason(r) for r in (leaked, in_output, plain)] == ["scaffolding", "scaffolding", None]
+    assert [self_instruct.record_rejection_reason(r) for r in (leaked, in_output, plain)] == [
+        "scaffolding",
+        "scaffolding",
+        None,
+    ]
     stats, records = Counter(), []
     gi.add_response([leaked, in_output, plain], rouge_dedup.RougeLDeduper(["Name a colour."]), records, stats)
     assert [r["instruction"] for r in records] == [plain["instruction"]]
     assert gi.drop_counts(stats) == {"scaffolding": 2}  # listed in the summary with the other filters
     text = " Write a story.\n4. Input:\n<noinput>\n4. Output:\n1. Instruction: Tell a joke.\n###"
-    assert gi.post_process_gpt3_response(K, {"text": text, "finish_reason": "stop"}) == []
+    assert self_instruct.post_process_gpt3_response(K, {"text": text, "finish_reason": "stop"}) == []
 
 
 def test_filters_word_count_bounds_and_blocklist_words():
-    assert gi.rejection_reason("one two three") == "length"  # <= 3 words dropped
-    assert gi.rejection_reason("one two three four") is None
-    assert gi.rejection_reason(" ".join(["word"] * 150)) is None  # > 150 dropped
-    assert gi.rejection_reason(" ".join(["word"] * 151)) == "length"
-    assert gi.find_word_in_string("image", "Describe this IMAGE please")
-    assert not gi.find_word_in_string("image", "Imagine a world without cars")  # whole words only
-    assert gi.rejection_reason("Tell me how to go to the station") == "blocklist"
-    assert gi.rejection_reason("Write a program, or explain the idea") == "program"
-    assert gi.rejection_reason("write a program that prints hi") is None  # case-sensitive, as the original
+    assert self_instruct.rejection_reason("one two three") == "length"  # <= 3 words dropped
+    assert self_instruct.rejection_reason("one two three four") is None
+    assert self_instruct.rejection_reason(" ".join(["word"] * 150)) is None  # > 150 dropped
+    assert self_instruct.rejection_reason(" ".join(["word"] * 151)) == "length"
+    assert self_instruct.find_word_in_string("image", "Describe this IMAGE please")
+    assert not self_instruct.find_word_in_string("image", "Imagine a world without cars")  # whole words only
+    assert self_instruct.rejection_reason("Tell me how to go to the station") == "blocklist"
+    assert self_instruct.rejection_reason("Write a program, or explain the idea") == "program"
+    assert self_instruct.rejection_reason("write a program that prints hi") is None  # case-sensitive, as the original
 
 
 def test_strip_chat_echo_and_api_choice():
-    assert gi.strip_chat_echo("###\n4. Instruction: Do X now.\n4. Input:", 3) == " Do X now.\n4. Input:"
-    assert gi.strip_chat_echo("4.  Instruction: Do X", 3) == " Do X"
-    assert gi.strip_chat_echo(" Do X", 3) == " Do X"
+    assert self_instruct.strip_chat_echo("###\n4. Instruction: Do X now.\n4. Input:", 3) == " Do X now.\n4. Input:"
+    assert self_instruct.strip_chat_echo("4.  Instruction: Do X", 3) == " Do X"
+    assert self_instruct.strip_chat_echo(" Do X", 3) == " Do X"
     table = {
         "gpt-4o-mini": "chat",
         "gpt-5": "chat",
@@ -148,13 +153,13 @@ def test_strip_chat_echo_and_api_choice():
 # ---------------------------------------------------------------------------------------------
 # Seed tasks
 def test_project_seed_tasks_schema_and_mix():
-    lines = [json.loads(line) for line in gi.SEED_TASKS_PATH.read_text().splitlines() if line.strip()]
+    lines = [json.loads(line) for line in self_instruct.SEED_TASKS_PATH.read_text().splitlines() if line.strip()]
     assert len(lines) == 175  # the Self-Instruct count, which the issue asks for
     assert all(set(t) == {"id", "name", "instruction", "instances", "is_classification"} for t in lines)
     assert len({t["id"] for t in lines}) == 175 and len({t["instruction"] for t in lines}) == 175
     with_input = sum(bool(t["instances"][0]["input"]) for t in lines)
     assert 0.25 <= with_input / 175 <= 0.45  # "about a third with inputs"
-    assert len(gi.load_seed_tasks(gi.SEED_TASKS_PATH)) == 175
+    assert len(self_instruct.load_seed_tasks(self_instruct.SEED_TASKS_PATH)) == 175
 
 
 def test_load_seed_tasks_reads_the_self_instruct_layout_and_reports_every_bad_line(tmp_path):
@@ -171,14 +176,14 @@ def test_load_seed_tasks_reads_the_self_instruct_layout_and_reports_every_bad_li
         )
         + "\n\n"
     )
-    assert gi.load_seed_tasks(good) == [{"instruction": "Add the numbers.", "input": "2 3", "output": "5"}]
+    assert self_instruct.load_seed_tasks(good) == [{"instruction": "Add the numbers.", "input": "2 3", "output": "5"}]
     bad = tmp_path / "bad.jsonl"
     bad.write_text(
         '{"instruction": "ok", "instances": [{"input": "", "output": "y"}]}\n{not json\n'
         '{"instances": []}\n{"instruction": "x", "instances": [{"input": ""}]}\n'
     )
     with pytest.raises(ValueError) as err:
-        gi.load_seed_tasks(bad)
+        self_instruct.load_seed_tasks(bad)
     msg = str(err.value)
     assert str(bad) in msg and "3 bad seed task(s)" in msg
     assert all(f"line {n}:" in msg for n in (2, 3, 4)) and "line 1:" not in msg
@@ -326,7 +331,7 @@ def original_filter(pool, candidates):
 
 
 def test_dedup_keeps_and_drops_exactly_as_the_original():
-    seeds = [t["instruction"] for t in gi.load_seed_tasks(gi.SEED_TASKS_PATH)]
+    seeds = [t["instruction"] for t in self_instruct.load_seed_tasks(self_instruct.SEED_TASKS_PATH)]
     rng = random.Random(1)
     candidates = []
     for i in range(240):  # edits of seed instructions (near-duplicates) and of earlier candidates, plus new ones
@@ -362,7 +367,7 @@ def test_dedup_keeps_and_drops_exactly_as_the_original():
 # ---------------------------------------------------------------------------------------------
 # The request layer against the scripted server, in this process
 SEEDS = [{"instruction": f"Describe item number {i} in detail.", "input": "", "output": f"Item {i}."} for i in range(K)]
-PROMPT = gi.encode_prompt(SEEDS)
+PROMPT = self_instruct.encode_prompt(SEEDS)
 
 
 def make_requester(fake, model, api="auto", **kw):
@@ -389,7 +394,7 @@ def test_completions_batch_one_request_and_context_errors_shrink_max_tokens(free
     assert body["logit_bias"] == {"50256": -100}  # text-davinci-003 uses the GPT-2 vocabulary
     assert len(results) == 2 and usage.total_tokens > 0
     # the server sent tasks 4..19; every fifth (5, 10, 15) is one the filters drop
-    assert len(gi.post_process_gpt3_response(K, results[0])) == 16 - 3
+    assert len(self_instruct.post_process_gpt3_response(K, results[0])) == 16 - 3
 
 
 def test_a_single_completions_prompt_goes_as_a_string_and_max_tokens_is_the_flag(free_port):
@@ -407,9 +412,9 @@ def test_chat_strips_the_echoed_header_and_sends_no_logit_bias(free_port):
     body = fake.log[0]["body"]
     assert fake.log[0]["path"] == "/v1/chat/completions" and body["messages"] == [{"role": "user", "content": PROMPT}]
     assert "logit_bias" not in body and body["stop"] == ["\n20", "20.", "20."] and body["max_tokens"] == 3072
-    kept = gi.post_process_gpt3_response(K, result)
+    kept = self_instruct.post_process_gpt3_response(K, result)
     assert [r["instruction"] for r in kept] == [
-        i for i in fake.log[0]["instructions"][0] if gi.rejection_reason(i) is None
+        i for i in fake.log[0]["instructions"][0] if self_instruct.rejection_reason(i) is None
     ]
 
 
@@ -419,7 +424,9 @@ def test_auto_switches_to_completions_when_the_server_has_no_chat_route(free_por
         (result,), _ = requester([PROMPT])
     assert [e["path"] for e in fake.log] == ["/v1/chat/completions", "/v1/completions"]
     assert requester.api == "completions" and "logit_bias" not in fake.log[1]["body"]
-    assert len(gi.post_process_gpt3_response(K, result)) == 13  # 16 tasks (4..19) less the 3 the filters drop
+    assert (
+        len(self_instruct.post_process_gpt3_response(K, result)) == 13
+    )  # 16 tasks (4..19) less the 3 the filters drop
 
 
 def test_unknown_model_and_403_fail_fast_and_retries_are_bounded_with_growing_backoff(free_port, monkeypatch):
@@ -504,7 +511,7 @@ def test_end_to_end_completions_writes_regen_and_a_train_ready_export(free_port,
         for r in records
     )
     assert {r["instruction"] for r in records} <= sent_instructions(fake)
-    assert all(gi.rejection_reason(r["instruction"]) is None for r in records)
+    assert all(self_instruct.rejection_reason(r["instruction"]) is None for r in records)
     assert all(
         e["path"] == "/v1/completions" and len(e["body"]["prompt"]) == 2 and e["body"]["logit_bias"] == {"50256": -100}
         for e in fake.log
@@ -544,7 +551,7 @@ def test_fault_injection_retries_drops_and_keeps_going(free_port, tmp_path):
     records = {r["instruction"] for r in json.loads((tmp_path / "regen.json").read_text())}
     *complete, last = log[4]["instructions"][0]
     assert last not in records and last in sent_instructions(fake)
-    assert {i for i in complete if gi.rejection_reason(i) is None} <= records
+    assert {i for i in complete if self_instruct.rejection_reason(i) is None} <= records
     assert re.search(
         r"request 2 \(1 prompt\): .*kept 12; dropped .*truncated 1", err
     )  # tasks 4..18 less 5, 10, 15 (filtered)
