@@ -1,12 +1,18 @@
 """What serve.py speaks: the request bodies of the fork's trainML route (/instruct) and of the OpenAI API, the
-mapping of a chat onto the Alpaca template, and the shapes of answers and stream events. No model here."""
+mapping of a chat onto the Alpaca template, and the shapes of answers, errors and stream events. No model here."""
 
 import json
+import logging
 from typing import List
 
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inference import GenParams
+
+logger = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -103,6 +109,41 @@ def usage(results):
 
 def sse(obj):
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def install_error_handlers(app):
+    def answer(status, message, kind="invalid_request_error", code=None):
+        return JSONResponse(ApiError(status, message, kind, code=code).body, status_code=status)
+
+    app.add_exception_handler(ApiError, lambda request, e: JSONResponse(e.body, status_code=e.status))
+    app.add_exception_handler(RequestValidationError, lambda request, e: answer(400, validation_message(e.errors())))
+    app.add_exception_handler(
+        StarletteHTTPException, lambda request, e: answer(e.status_code, str(e.detail), code=e.status_code)
+    )
+    app.add_exception_handler(
+        Exception, lambda request, e: answer(500, f"internal error ({type(e).__name__}): {e}", "server_error")
+    )
+
+
+def sse_response(events, jobs):
+    """A server-sent events answer; an error after the status line is an error event, as OpenAI sends. When it
+    ends, or its client leaves, every job of the request is cancelled (serve.py's engine drops them)."""
+
+    async def body():
+        try:
+            async for event in events:
+                yield sse(event)
+        except ApiError as e:
+            yield sse(e.body)
+        except Exception as e:  # noqa: BLE001
+            logger.exception("streaming failed")
+            yield sse(ApiError(500, f"generation failed: {e}", "server_error").body)
+        finally:  # the client left, or the stream ended: stop every job of this request
+            for job in jobs:
+                job.cancel.set()
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 def validation_message(errors):

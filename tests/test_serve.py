@@ -17,7 +17,8 @@ from scripted_llama import SCRIPT, build_scripted_llama
 
 from inference import GenParams, InstructModel
 from protocol import ChatMessage, chat_to_alpaca
-from serve import Job, create_app, take_batch
+from engine import Job
+from serve import create_app
 
 ANSWER = "".join(SCRIPT)  # the scripted model's answer to any prompt
 NAME = "scripted"  # --served_model_name in these tests
@@ -37,13 +38,13 @@ def call(app, *requests):
     """Send (method, path, kwargs) requests concurrently to the app in process; the model thread runs meanwhile."""
 
     async def go():
-        app.state.batcher.start()
+        app.state.engine.start()
         try:
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+            async with httpx.AsyncClient(transport=transport, base_url="http://localhost", timeout=60) as client:
                 return await asyncio.gather(*(client.request(m, p, **kw) for m, p, kw in requests))
         finally:
-            app.state.batcher.stop()
+            app.state.engine.stop()
 
     return asyncio.run(go())
 
