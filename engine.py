@@ -37,6 +37,10 @@ class EngineStopped(RuntimeError):
     """The server is shutting down: running and waiting requests end (serve.py answers 503)."""
 
 
+class RequestCancelled(RuntimeError):
+    """The caller left (its `cancel` event is set) before the answer was finished."""
+
+
 @dataclass(eq=False)
 class Job:
     ids: list  # prompt token ids
@@ -193,6 +197,9 @@ class Engine:
     def _without_cancelled(self, rows):
         keep = [i for i, r in enumerate(rows) if not r.job.cancel.is_set()]
         if len(keep) < len(rows):
+            for r in rows:
+                if r.job.cancel.is_set():
+                    r.job.future.set_exception(RequestCancelled("the caller left; the answer was not finished"))
             self._keep(keep)
             return [rows[i] for i in keep]
         return rows

@@ -354,10 +354,12 @@ class ServerThread:
 
 
 def main(args):
+    name = args.model_name_or_path or os.environ.get("TRAINML_CHECKPOINT_PATH") or EMBEDDED_MODEL
+    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().is_dir():
+        raise SystemExit(f"serve.py: --model_name_or_path {name}: no such folder (a checkpoint folder or a hub id)")
     try:
         server = build_server(args)
-    except (OSError, ValueError) as e:  # a missing folder, a broken checkpoint: say which, without a traceback
-        name = args.model_name_or_path or os.environ.get("TRAINML_CHECKPOINT_PATH") or EMBEDDED_MODEL
+    except (OSError, ValueError) as e:  # a broken checkpoint, an unknown hub id: say which, without a traceback
         raise SystemExit(f"serve.py: could not load the model {name!r}: {e}") from None
     server.run()
 
