@@ -12,8 +12,11 @@ then the earlier turns as "User: ..." and "Assistant: ..." lines, become the Inp
 """
 
 import json
+import logging
 
-from utils import PROMPT_DICT
+from utils import PROMPT_DICT, format_prompt
+
+logger = logging.getLogger(__name__)
 
 
 def _literal(text):
@@ -28,9 +31,9 @@ def _pieces(template):
     return head, middle, tail
 
 
-def build_template(bos_token=False):
-    """The Jinja chat template; bos_token=True starts it with the tokenizer's BOS, for tokenizers that add one when
-    encoding text (servers encode a rendered chat without adding special tokens)."""
+def build_template(prefix=""):
+    """The Jinja chat template. prefix: a Jinja expression put first, such as "bos_token", for tokenizers that add a
+    BOS when encoding text (servers encode a rendered chat without adding special tokens)."""
     head_in, mid_in, tail_in = _pieces(PROMPT_DICT["prompt_input"])
     head_no, tail_no, _ = _pieces(PROMPT_DICT["prompt_no_input"])
     fail = "{{ raise_exception(%s) }}"
@@ -62,7 +65,7 @@ def build_template(bos_token=False):
             fail % _literal("the last message is empty: the instruction must not be empty"),
             "{%- endif -%}",
             "{%- set context = (ns.system + ([ns.turns | join('\\n')] if ns.turns else [])) | join('\\n\\n') -%}",
-            "{{- bos_token -}}" if bos_token else "",
+            "{{- " + prefix + " -}}" if prefix else "",
             "{%- if context -%}",
             "{{- "
             + _literal(head_in)
@@ -81,15 +84,23 @@ def build_template(bos_token=False):
 ALPACA_CHAT_TEMPLATE = build_template()
 
 
-def adds_bos(tokenizer):
-    """Whether encoding text puts the BOS token first (sentencepiece Llama tokenizers do; GPT-2 style ones do not)."""
-    bos = tokenizer.bos_token_id
-    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
-
-
 def install_chat_template(tokenizer):
-    """Set tokenizer.chat_template to the Alpaca template (save_pretrained then writes it with the checkpoint)."""
-    tokenizer.chat_template = build_template(bos_token=adds_bos(tokenizer))
+    """Set tokenizer.chat_template to the Alpaca template (save_pretrained then writes it with the checkpoint).
+
+    A rendered chat is encoded without special tokens, so for a tokenizer that adds a BOS to text the template
+    writes it. Sentencepiece tokenizers differ on the space after it, so the variant whose ids match how
+    train.py encodes a prompt is kept."""
+    chat = [{"role": "user", "content": "Name a colour."}]
+    trained = tokenizer(format_prompt("Name a colour."))["input_ids"]
+    bos = tokenizer.bos_token_id
+    prefixes = ["bos_token", "bos_token + ' '"] if bos is not None and trained[:1] == [bos] else [""]
+    for prefix in prefixes:
+        tokenizer.chat_template = build_template(prefix)
+        rendered = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        if tokenizer(rendered, add_special_tokens=False)["input_ids"] == trained:
+            return tokenizer
+    tokenizer.chat_template = build_template(prefixes[0])
+    logger.warning("the chat template's tokens differ from the training prompt's at the start (BOS and a space)")
     return tokenizer
 
 

@@ -111,7 +111,7 @@ class Engine:
         self.model, self.max_batch_size, self.max_waiting = model, max_batch_size, max_waiting
         self.eos = set(model.eos_ids)
         # transformers 5.24 renamed forward()'s past_key_values to cache (the old name goes in 5.40)
-        params = inspect.signature(model.model.forward).parameters
+        params = inspect.signature(type(model.model).forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
         self.steps = []  # batch size of each decoding step, the last 1000 (tests and /health look at them)
         self._reset()

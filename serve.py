@@ -117,17 +117,20 @@ def outcome(future):
 
 async def run_jobs(engine, jobs, request):
     """The jobs' Completions. A caller who leaves takes its jobs out of the batch at the next step."""
+    futures = []
     try:
-        pending = {asyncio.wrap_future(submit(engine, j)) for j in jobs}
-        futures = [j.future for j in jobs]
+        futures = [asyncio.wrap_future(submit(engine, j)) for j in jobs]
+        pending = set(futures)
         while pending:
             _, pending = await asyncio.wait(pending, timeout=DISCONNECT_POLL_S)
             if pending and await request.is_disconnected():
                 raise ApiError(499, "the client closed the request", "server_error")  # nobody reads this answer
         return [outcome(f) for f in futures]
     finally:
-        for j in jobs:
+        for j, f in zip(jobs, futures):
             j.cancel.set()  # done, or the caller left: stop generating
+            if f.done() and not f.cancelled():
+                f.exception()  # retrieved: asyncio would log an unread one
 
 
 def _put(loop, deltas, item):

@@ -11,11 +11,12 @@ import time
 
 import httpx
 import pytest
+import torch
 from helpers import ROOT, serve_in_thread, subprocess_env
 from scripted_llama import SCRIPT, build_scripted_llama
 
 from inference import InstructModel, generation_limits
-from serve import create_app
+from serve import ServerThread, create_app
 
 ANSWER = "".join(SCRIPT)  # the scripted model's answer to any prompt
 NAME = "scripted"  # --served_model_name in these tests
@@ -388,3 +389,71 @@ def test_generate_instruction_end_to_end(server, tmp_path):
         "output": "77 degrees Fahrenheit",
     }
     assert rows[0]["input"] == ""  # <noinput> becomes an empty input
+
+
+# --- clients that leave, and SIGTERM ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def endless(scripted_dir):
+    """The scripted model, re-wired so that after the script's last piece comes its first again, never the end of
+    text: it answers until max_tokens. Each step sleeps 5 ms, so 8,000 tokens take 40 s or more."""
+    m = InstructModel(str(scripted_dir))
+    head = m.model.lm_head.weight
+    first = m.tokenizer.convert_tokens_to_ids(SCRIPT[0])
+    with torch.no_grad():  # build_scripted_llama: the last piece's state is basis vector len(SCRIPT)
+        head[first] += head[m.tokenizer.eos_token_id]
+        head[m.tokenizer.eos_token_id] = 0
+    real = m.model.forward
+
+    def slow(*a, **kw):
+        time.sleep(0.005)
+        return real(*a, **kw)
+
+    m.model.forward = slow
+    return m
+
+
+@pytest.fixture
+def endless_server(endless, free_port):
+    from serve import build_server, parse_args
+
+    args = parse_args(["--port", str(free_port), "--served_model_name", NAME, "--log_level", "warning"])
+    with ServerThread(build_server(args, model=endless)) as running:
+        yield running
+
+
+def wait_until(check, timeout=30):
+    """Poll check() until it holds; a bound for slow machines, not a speed target."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_clients_that_leave_stop_costing_the_model(endless_server):
+    url, engine = endless_server.url, endless_server.server.engine
+    body = {"prompt": "x", "max_tokens": 8000}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up after 2 s and closes the connection
+        httpx.post(f"{url}/v1/completions", json=body, timeout=2)
+    wait_until(lambda: engine.running() == 0)  # gone long before its 8,000 tokens (40 s or more)
+    with httpx.stream("POST", f"{url}/v1/completions", json=dict(body, stream=True), timeout=30) as r:
+        next(r.iter_lines())
+        assert engine.running() == 1
+    wait_until(lambda: engine.running() == 0)
+
+
+def test_sigterm_ends_running_requests_within_seconds(endless_server):
+    url, engine = endless_server.url, endless_server.server.engine
+    body = {"prompt": "x", "max_tokens": 8000}
+    plain = {}
+    thread = threading.Thread(target=lambda: plain.update(r=httpx.post(f"{url}/v1/completions", json=body, timeout=60)))
+    thread.start()
+    with httpx.stream("POST", f"{url}/v1/completions", json=dict(body, stream=True), timeout=60) as r:
+        lines = r.iter_lines()
+        next(lines)
+        wait_until(lambda: engine.running() == 2)
+        endless_server.stop(timeout=15)  # what `python serve.py` does on SIGTERM: Server.handle_exit
+        rest = [line for line in lines if line.startswith("data: ")]
+    thread.join(15)
+    assert json.loads(rest[-2][len("data: ") :])["error"]["message"].startswith("the server is shutting down")
+    assert rest[-1] == "data: [DONE]"
+    assert plain["r"].status_code == 503 and "shutting down" in plain["r"].json()["error"]["message"]
