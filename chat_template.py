@@ -108,7 +108,10 @@ def install(checkpoint):
     """Put the Alpaca template into a saved checkpoint's tokenizer files."""
     import transformers
 
-    tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"chat_template.py install {checkpoint}: cannot load its tokenizer ({e})") from None
     install_chat_template(tokenizer).save_pretrained(checkpoint)
     print(f"{checkpoint}: the Alpaca chat template is installed")
 

@@ -457,3 +457,44 @@ def test_sigterm_ends_running_requests_within_seconds(endless_server):
     assert json.loads(rest[-2][len("data: ") :])["error"]["message"].startswith("the server is shutting down")
     assert rest[-1] == "data: [DONE]"
     assert plain["r"].status_code == 503 and "shutting down" in plain["r"].json()["error"]["message"]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_real_serve_process(spm_tokenizer_dir, tmp_path, free_port):
+    """`python serve.py` in its own process: SIGTERM during a long stream ends it with an error event and the
+    process exits, instead of waiting for the 60,000 tokens asked for."""
+    import os
+    import signal
+
+    folder = build_scripted_llama(spm_tokenizer_dir, tmp_path / "endless", context_window=65536)
+    m = InstructModel(str(folder))
+    head = m.model.lm_head.weight
+    with torch.no_grad():  # as the endless fixture: after the last piece comes the first again
+        head[m.tokenizer.convert_tokens_to_ids(SCRIPT[0])] += head[m.tokenizer.eos_token_id]
+        head[m.tokenizer.eos_token_id] = 0
+    m.model.save_pretrained(folder)
+    url = f"http://127.0.0.1:{free_port}"
+    cmd = [sys.executable, "serve.py", "--model_name_or_path", str(folder), "--port", str(free_port)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: proc.poll() is None and _up(url), timeout=600)  # a fresh process imports torch: minutes
+        body = {"prompt": "x", "max_tokens": 60000, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            next(lines)
+            os.kill(proc.pid, signal.SIGTERM)
+            rest = [line for line in lines if line.startswith("data: ")]
+        proc.wait(timeout=30)  # uvicorn's own backstop is 5 s (timeout_graceful_shutdown)
+        assert "the server is shutting down" in rest[-2] and rest[-1] == "data: [DONE]"
+        assert proc.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _up(url):
+    try:
+        return httpx.get(f"{url}/health", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
