@@ -3,14 +3,17 @@
 A request joins the running batch at the next step (its prompt is prefilled, then its key/value cache is merged
 into the batch's), and leaves when it ends: end of text, a stop string, max_tokens, or its caller left (the
 `cancel` event). Each row samples with its own temperature and top_p; streaming rows hand on text as it grows.
-Beam search runs apart, through InstructModel.generate, between two steps.
+Beam search runs apart, through InstructModel.generate, once the batch is empty. wait_for() and stream(), at the
+end, are how asyncio request handlers use the engine.
 
 Why our own scheduler and not transformers' `init_continuous_batching` (checked with transformers 5.24 on CPU):
 that API runs and samples temperature and top_p per request, but greedy decoding is one switch for the whole
-manager (temperature 0 per request is not available), and it has no stop strings. Ours is ~250 lines over the
-model's ordinary forward() and DynamicCache, so it runs wherever InstructModel runs.
+manager (temperature 0 per request is not available), and it has no stop strings. Ours works over the model's
+ordinary forward() and DynamicCache, so it runs wherever InstructModel runs. It does not chunk prefills: a long
+prompt holds the batch for its prefill.
 """
 
+import asyncio
 import inspect
 import logging
 import queue
@@ -66,10 +69,13 @@ def sample(logits, temperature, top_p):
     logits = logits.float()
     greedy = logits.argmax(-1)
     probs = torch.softmax(logits / temperature.clamp(min=1e-5)[:, None], dim=-1)
-    sorted_probs, order = probs.sort(dim=-1, descending=True)
-    before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the likelier tokens
-    sorted_probs = sorted_probs.masked_fill(before >= top_p[:, None], 0.0)  # the likeliest token always stays
-    picked = order.gather(-1, torch.multinomial(sorted_probs, 1)).squeeze(-1)
+    nucleus = ((top_p < 1) & (temperature > 0)).nonzero().squeeze(-1)  # sorting the vocabulary costs: only these
+    if len(nucleus):
+        sorted_probs, order = probs[nucleus].sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the likelier tokens
+        sorted_probs = sorted_probs.masked_fill(before >= top_p[nucleus, None], 0.0)  # the likeliest always stays
+        probs[nucleus] = torch.zeros_like(sorted_probs).scatter(-1, order, sorted_probs)
+    picked = torch.multinomial(probs, 1).squeeze(-1)
     return torch.where(temperature == 0, greedy, picked)
 
 
@@ -212,8 +218,18 @@ class Engine:
         self.cache, self.mask = select(self.cache, self.mask, index)
         self.next_ids = self.next_ids[index]
 
+    @staticmethod
+    def _claim(job):
+        """Mark a waiting job as running; False for one whose caller left while it waited."""
+        if not job.future.set_running_or_notify_cancel():
+            return False
+        if job.cancel.is_set():
+            job.future.set_exception(RequestCancelled("the caller left before the answer started"))
+            return False
+        return True
+
     def _run_apart(self, job):
-        if job.cancel.is_set() or not job.future.set_running_or_notify_cancel():
+        if not self._claim(job):
             return
         self.beam_job = job
         try:
@@ -231,7 +247,7 @@ class Engine:
             if self.waiting[0].params.num_beams > 1:
                 break
             job = self.waiting.popleft()
-            if not job.cancel.is_set() and job.future.set_running_or_notify_cancel():
+            if self._claim(job):
                 jobs.append(job)
         if not jobs:
             return
@@ -332,3 +348,51 @@ class Engine:
         self._send(row, text)
         row.job.future.set_result(Completion(text, len(row.job.ids), row.made, reason))
         return True
+
+
+# --- for asyncio callers: serve.py's request handlers -----------------------------------------------
+async def wait_for(engine, jobs, is_disconnected, poll_s=0.25):
+    """Submit the jobs and return their Completions. Every poll_s, `await is_disconnected()` is asked: once the
+    caller has gone, its jobs leave the batch at the next step, and this raises RequestCancelled."""
+    futures = []
+    try:
+        for job in jobs:  # one at a time: if the queue fills halfway, the finally takes back those already in
+            futures.append(asyncio.wrap_future(engine.submit(job)))
+        pending = set(futures)
+        while pending:
+            _, pending = await asyncio.wait(pending, timeout=poll_s)
+            if pending and await is_disconnected():
+                raise RequestCancelled("the client closed the request")
+        return [f.result() for f in futures]
+    finally:
+        for job in jobs:
+            job.cancel.set()  # done, or the caller left: stop generating
+        for f in futures:
+            if f.done() and not f.cancelled():
+                f.exception()  # retrieved: asyncio would log an unread one
+
+
+def _put(loop, deltas, item):
+    try:
+        loop.call_soon_threadsafe(deltas.put_nowait, item)
+    except RuntimeError:  # the event loop has closed: nobody listens any more
+        pass
+
+
+def stream(engine, job):
+    """Submit a streaming job now (a full queue raises here, before any answer starts); the async iterator of its
+    text deltas, as the model thread makes them, and last its Completion. Closing it cancels the job."""
+    loop, deltas = asyncio.get_running_loop(), asyncio.Queue()
+    job.on_text = lambda text: _put(loop, deltas, text)
+    future = engine.submit(job)
+    future.add_done_callback(lambda f: _put(loop, deltas, None))
+
+    async def items():
+        try:
+            while (text := await deltas.get()) is not None:
+                yield text
+            yield future.result()
+        finally:
+            job.cancel.set()
+
+    return items()

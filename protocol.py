@@ -125,20 +125,21 @@ def install_error_handlers(app):
     )
 
 
-def sse_response(events, jobs):
-    """A server-sent events answer; an error after the status line is an error event, as OpenAI sends. When it
-    ends, or its client leaves, every job of the request is cancelled (serve.py's engine drops them)."""
+def sse_response(events, jobs, to_error):
+    """A server-sent events answer. An error after the status line is sent becomes an error event, as OpenAI sends
+    (to_error(exception) gives its ApiError). When it ends, or its client leaves, the request's jobs are cancelled
+    (serve.py's engine drops them at its next step)."""
 
     async def body():
         try:
             async for event in events:
                 yield sse(event)
-        except ApiError as e:
-            yield sse(e.body)
         except Exception as e:  # noqa: BLE001
-            logger.exception("streaming failed")
-            yield sse(ApiError(500, f"generation failed: {e}", "server_error").body)
-        finally:  # the client left, or the stream ended: stop every job of this request
+            error = to_error(e)
+            if error.status >= 500:
+                logger.error("streaming failed: %s", error.body["error"]["message"])
+            yield sse(error.body)
+        finally:
             for job in jobs:
                 job.cancel.set()
         yield "data: [DONE]\n\n"
@@ -157,7 +158,7 @@ def validation_message(errors):
 async def instruct_events(items):
     """/instruct's stream: {"text": delta} events, then one with finish_reason and usage.
 
-    items: text deltas, then the Completion (serve.stream_job)."""
+    items: text deltas, then the Completion (engine.stream)."""
     first = True
     async for item in items:
         if isinstance(item, str):

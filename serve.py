@@ -25,7 +25,6 @@ Safe by default (http_guard.py): loopback only, foreign Host headers and web pag
 """
 
 import argparse
-import asyncio
 import logging
 import os
 import signal
@@ -41,7 +40,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
-from engine import Engine, EngineStopped, Job, QueueFullError
+from engine import Engine, EngineStopped, Job, QueueFullError, RequestCancelled, stream, wait_for
 from http_guard import DEFAULT_MAX_BODY_BYTES, LOOPBACK_ORIGIN_REGEX, ApiKey, Guard, is_loopback
 from inference import (
     ContextLengthError,
@@ -98,65 +97,32 @@ def prepare(model, params, truncate, encode, openai=False):
     return ids
 
 
-def submit(engine, job):
+def api_error(e):
+    """The JSON error a request answers with, for what went wrong while it waited on the engine."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, (QueueFullError, EngineStopped)):
+        return ApiError(503, str(e), "server_error")
+    if isinstance(e, RequestCancelled):
+        return ApiError(499, str(e), "server_error")  # the client has gone: nobody reads this
+    return ApiError(500, f"generation failed ({type(e).__name__}): {e}", "server_error")
+
+
+async def answers(engine, jobs, request):
     try:
-        return engine.submit(job)
-    except (QueueFullError, EngineStopped) as e:
-        raise ApiError(503, str(e), "server_error") from e
+        return await wait_for(engine, jobs, request.is_disconnected, DISCONNECT_POLL_S)
+    except Exception as e:  # noqa: BLE001 - the model thread logged a model failure; the caller gets JSON
+        raise api_error(e) from e
 
 
-def outcome(future):
-    """A finished job's Completion, or the ApiError its caller answers with."""
+def streams(engine, jobs):
+    """The jobs' streams, submitted now: a full queue is a 503 before the status line is sent."""
     try:
-        return future.result()
-    except EngineStopped as e:
-        raise ApiError(503, str(e), "server_error") from e
-    except Exception as e:  # noqa: BLE001 - the model thread logged it; the caller gets a JSON 500
-        raise ApiError(500, f"generation failed ({type(e).__name__}): {e}", "server_error") from e
-
-
-async def run_jobs(engine, jobs, request):
-    """The jobs' Completions. A caller who leaves takes its jobs out of the batch at the next step."""
-    futures = []
-    try:
-        futures = [asyncio.wrap_future(submit(engine, j)) for j in jobs]
-        pending = set(futures)
-        while pending:
-            _, pending = await asyncio.wait(pending, timeout=DISCONNECT_POLL_S)
-            if pending and await request.is_disconnected():
-                raise ApiError(499, "the client closed the request", "server_error")  # nobody reads this answer
-        return [outcome(f) for f in futures]
-    finally:
-        for j, f in zip(jobs, futures):
-            j.cancel.set()  # done, or the caller left: stop generating
-            if f.done() and not f.cancelled():
-                f.exception()  # retrieved: asyncio would log an unread one
-
-
-def _put(loop, deltas, item):
-    try:
-        loop.call_soon_threadsafe(deltas.put_nowait, item)
-    except RuntimeError:  # the event loop has closed: nobody listens any more
-        pass
-
-
-def stream_job(engine, job):
-    """Submit a streaming job now (a full queue is a 503 before the stream starts); then yield its text deltas as
-    the model thread makes them, and last its Completion."""
-    loop, deltas = asyncio.get_running_loop(), asyncio.Queue()
-    job.on_text = lambda text: _put(loop, deltas, text)
-    future = submit(engine, job)
-    future.add_done_callback(lambda f: _put(loop, deltas, None))
-
-    async def items():
-        try:
-            while (text := await deltas.get()) is not None:
-                yield text
-            yield outcome(future)
-        finally:
-            job.cancel.set()
-
-    return items()
+        return [stream(engine, j) for j in jobs]
+    except Exception as e:  # noqa: BLE001
+        for j in jobs:  # the queue filled halfway: take back the prompts already in
+            j.cancel.set()
+        raise api_error(e) from e
 
 
 def create_app(
@@ -242,8 +208,8 @@ def create_app(
             params,
         )
         if body.stream:
-            return sse_response(instruct_events(stream_job(engine, job)), [job])
-        return (await run_jobs(engine, [job], request))[0].text.strip()
+            return sse_response(instruct_events(streams(engine, [job])[0]), [job], api_error)
+        return (await answers(engine, [job], request))[0].text.strip()
 
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
@@ -259,8 +225,8 @@ def create_app(
         jobs = [Job(prepare(model, params, body.truncate, encode(p), openai=True), params) for p in prompts]
         if body.stream:
             include = bool((body.stream_options or {}).get("include_usage"))
-            return sse_response(openai_events([stream_job(engine, j) for j in jobs], head, False, include), jobs)
-        results = await run_jobs(engine, jobs, request)
+            return sse_response(openai_events(streams(engine, jobs), head, False, include), jobs, api_error)
+        results = await answers(engine, jobs, request)
         choices = [
             dict(text=r.text, index=i, logprobs=None, finish_reason=r.finish_reason) for i, r in enumerate(results)
         ]
@@ -282,8 +248,9 @@ def create_app(
         if body.stream:
             include = bool((body.stream_options or {}).get("include_usage"))
             chunk_head = dict(head, object="chat.completion.chunk")
-            return sse_response(openai_events([stream_job(engine, job)], chunk_head, True, include), [job])
-        r = (await run_jobs(engine, [job], request))[0]
+            events = openai_events(streams(engine, [job]), chunk_head, True, include)
+            return sse_response(events, [job], api_error)
+        r = (await answers(engine, [job], request))[0]
         message = {"role": "assistant", "content": r.text.strip()}
         return dict(head, choices=[dict(index=0, message=message, finish_reason=r.finish_reason)], usage=usage([r]))
 

@@ -20,6 +20,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+from tqdm import tqdm
 
 import inference
 import serve
@@ -81,11 +82,11 @@ def send(http, path, body):
     return tokens, time.perf_counter() - start
 
 
-def run(url, requests, clients):
+def run(url, requests, clients, label):
     """(completion tokens per second, latencies) with `clients` requests in flight at a time."""
     with httpx.Client(base_url=url, timeout=1800) as http, ThreadPoolExecutor(clients) as pool:
         start = time.perf_counter()
-        answers = list(pool.map(lambda req: send(http, *req), requests))
+        answers = list(tqdm(pool.map(lambda req: send(http, *req), requests), label, len(requests), mininterval=5))
         elapsed = time.perf_counter() - start
     return sum(t for t, _ in answers) / elapsed, [s for _, s in answers]
 
@@ -99,12 +100,9 @@ def main(args):
     requests = workload(args.requests, args.max_tokens)
     argv = ["--port", str(free_port()), "--max_batch_size", str(args.clients), "--log_level", "warning"]
     with serve.ServerThread(serve.build_server(serve.parse_args(argv), model=model)) as running:
-        print(f"loaded {model.name}; warming up", flush=True)
-        run(running.url, requests[:2], 2)  # first-call costs are not throughput
-        print(f"one at a time: {len(requests)} requests", flush=True)
-        seq_rate, seq_lat = run(running.url, requests, 1)
-        print(f"concurrent: {len(requests)} requests from {args.clients} clients", flush=True)
-        conc_rate, conc_lat = run(running.url, requests, args.clients)
+        run(running.url, requests[:2], 2, "warm-up")  # first-call costs are not throughput
+        seq_rate, seq_lat = run(running.url, requests, 1, "one at a time")
+        conc_rate, conc_lat = run(running.url, requests, args.clients, f"{args.clients} clients")
     print(f"model: {model.name} on {model.model.device}; {len(requests)} requests, max_tokens {args.max_tokens}")
     print(f"one at a time: {seq_rate:.1f} completion tokens/s; latency p50 {statistics.median(seq_lat):.2f} s")
     print(

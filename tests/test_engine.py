@@ -2,12 +2,13 @@
 (conftest's tiny_llama_dir) decodes greedily, so the batched answers can be compared token for token with
 transformers' own generate() run one request at a time."""
 
+import asyncio
 import threading
 
 import pytest
 import torch
 
-from engine import Engine, EngineStopped, Job, QueueFullError, RequestCancelled, sample
+from engine import Engine, EngineStopped, Job, QueueFullError, RequestCancelled, sample, stream, wait_for
 from inference import GenParams, InstructModel
 
 PROMPTS = [
@@ -151,3 +152,34 @@ def test_beam_search_runs_apart(model, engine):
     ids = model.encode(PROMPTS[2])
     beams = GenParams(max_tokens=8, temperature=0, num_beams=2)
     assert engine.submit(Job(ids, beams)).result(timeout=120).text == solo(model, ids, beams).text
+
+
+def test_wait_for_and_stream_serve_asyncio_callers(model, engine):
+    ids = model.encode(PROMPTS[0])
+    expected = solo(model, ids, GREEDY)
+
+    async def go():
+        (done,) = await wait_for(engine, [Job(ids, GREEDY)], _false)
+        items = [item async for item in stream(engine, Job(ids, GREEDY))]
+        return done, items
+
+    done, items = asyncio.run(go())
+    assert done.text == expected.text
+    assert "".join(items[:-1]) == expected.text and items[-1].text == expected.text  # deltas, then the Completion
+
+
+def test_wait_for_gives_up_when_the_caller_leaves(model, engine):
+    job = Job(model.encode(PROMPTS[1]), GenParams(max_tokens=400, temperature=0))
+
+    async def gone():
+        return True
+
+    with pytest.raises(RequestCancelled):
+        asyncio.run(wait_for(engine, [job], gone, poll_s=0.01))
+    assert job.cancel.is_set()
+    with pytest.raises(RequestCancelled):  # the engine took it out of the batch, unfinished
+        job.future.result(timeout=120)
+
+
+async def _false():
+    return False
