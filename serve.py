@@ -348,7 +348,11 @@ def parse_args(argv=None):
         help="the model name the OpenAI routes answer to (default: --model_name_or_path as given)",
     )
     p.add_argument(
-        "--max_prompt_tokens", type=int, default=None, help="default: the tokenizer's model_max_length, else 512"
+        "--max_prompt_tokens",
+        type=int,
+        default=None,
+        help="the training length: /instruct's prompt limit, and a warning past it on the OpenAI routes "
+        "(default: the tokenizer's model_max_length, else 512)",
     )
     p.add_argument("--max_batch_size", type=int, default=8, help="requests decoded together, at most")
     p.add_argument(

@@ -149,6 +149,17 @@ def test_a_model_failure_is_a_500_json_error(model, monkeypatch):
     assert "out of memory, say" in events(streamed.text)[-1]["error"]["message"]  # headers were already sent
 
 
+def test_a_full_queue_is_a_503_streaming_or_not(model):
+    app = create_app(model, max_waiting=0)  # every request finds the queue full
+    plain, streamed = call(
+        app,
+        ("POST", "/instruct", dict(json={"instruction": "Hi"})),
+        ("POST", "/v1/completions", dict(json={"prompt": ["a", "b"], "stream": True})),
+    )
+    for r in (plain, streamed):
+        assert r.status_code == 503 and "already waiting; retry later" in r.json()["error"]["message"]
+
+
 def test_mixed_requests_share_decoding_steps_on_one_model_thread(model, monkeypatch):
     """Streaming and not, different temperatures, top_p, stops and max_tokens: all decode in shared steps, on the
     model thread only."""
