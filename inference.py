@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 MAX_BEAMS = 8
 MAX_STOPS = 4  # as the OpenAI API
+MAX_TEMPERATURE = 2  # as the OpenAI API
 
 
 class PromptTooLongError(ValueError):
@@ -72,8 +73,8 @@ def check_params(params, max_tokens_limit):
         problems.append(
             f"max_tokens must be an integer from 1 to {max_tokens_limit} (new tokens), got {p.max_tokens!r}"
         )
-    if not _is_number(p.temperature) or not 0 <= p.temperature <= 2:
-        problems.append(f"temperature must be a number from 0 to 2 (0 = greedy), got {p.temperature!r}")
+    if not _is_number(p.temperature) or not 0 <= p.temperature <= MAX_TEMPERATURE:
+        problems.append(f"temperature must be a number from 0 to {MAX_TEMPERATURE} (0 = greedy), got {p.temperature!r}")
     if not _is_number(p.top_p) or not 0 < p.top_p <= 1:
         problems.append(f"top_p must be a number above 0 and at most 1, got {p.top_p!r}")
     if not _is_int(p.num_beams) or not 1 <= p.num_beams <= MAX_BEAMS:
@@ -82,6 +83,18 @@ def check_params(params, max_tokens_limit):
         problems.append(f"stop must be at most {MAX_STOPS} non-empty strings, got {list(p.stop)!r}")
     if problems:
         raise ValueError("; ".join(problems))
+
+
+def generation_limits(max_tokens_limit):
+    """The defaults and ranges check_params enforces, for clients to show (serve.py's /health, the web page)."""
+    d = GenParams()
+    return dict(
+        max_tokens=dict(default=d.max_tokens, min=1, max=max_tokens_limit),
+        temperature=dict(default=d.temperature, min=0, max=MAX_TEMPERATURE),
+        top_p=dict(default=d.top_p, min_exclusive=0, max=1),
+        num_beams=dict(default=d.num_beams, min=1, max=MAX_BEAMS),
+        max_stops=MAX_STOPS,
+    )
 
 
 def generation_kwargs(params):
@@ -215,44 +228,49 @@ class InstructModel:
         with self.tokenizer_lock:
             return self.tokenizer(text, add_special_tokens=special)["input_ids"]
 
-    def _too_long(self, n, hint):
+    def _too_long(self, n, hint, limit=None):
+        if limit is not None and limit != self.max_prompt_tokens:
+            return PromptTooLongError(f"the prompt is {n} tokens; at most {limit} fit here. Shorten it, or {hint}")
         return PromptTooLongError(
             f"the prompt is {n} tokens; this model was trained on at most "
             f"{self.max_prompt_tokens}. Shorten it, or {hint}"
         )
 
-    def encode(self, prompt, truncate=False):
-        """Token ids of a raw prompt; with truncate, an over-long prompt keeps its last tokens (and a leading BOS)."""
+    def encode(self, prompt, truncate=False, limit=None):
+        """Token ids of a raw prompt; with truncate, an over-long prompt keeps its last tokens (and a leading BOS).
+
+        limit: the most prompt tokens (default: the training length, max_prompt_tokens)."""
         ids = self._ids(prompt)
-        limit = self.max_prompt_tokens
+        limit = self.max_prompt_tokens if limit is None else limit
         if len(ids) <= limit:
             return ids
         if not truncate:
-            raise self._too_long(len(ids), "pass truncate=true to keep its last tokens")
+            raise self._too_long(len(ids), "pass truncate=true to keep its last tokens", limit)
         bos = ids[:1] if ids[0] == self.tokenizer.bos_token_id else []
         return bos + ids[len(ids) - (limit - len(bos)) :]
 
-    def encode_instruction(self, instruction, input=None, truncate=False):
+    def encode_instruction(self, instruction, input=None, truncate=False, limit=None):
         """Token ids of the Alpaca prompt. With truncate, an over-long input (or, without one, the instruction)
-        is cut at its end so that the template around it stays whole."""
+        is cut at its end so that the template around it stays whole. limit: as in encode()."""
         ids = self._ids(format_prompt(instruction, input))
-        if len(ids) <= self.max_prompt_tokens:
+        limit = self.max_prompt_tokens if limit is None else limit
+        if len(ids) <= limit:
             return ids
         if not truncate:
-            raise self._too_long(len(ids), "pass truncate=true to cut the end of the input")
+            raise self._too_long(len(ids), "pass truncate=true to cut the end of the input", limit)
         text = input or instruction
         for _ in range(4):  # a cut can re-tokenize a token longer; retry a few times
-            over = len(ids) - self.max_prompt_tokens
+            over = len(ids) - limit
             if over <= 0:
                 return ids
             field = self._ids(text, special=False)
             if len(field) <= over:
                 raise self._too_long(
-                    len(ids), "shorten the instruction: the template and instruction alone are too long"
+                    len(ids), "shorten the instruction: the template and instruction alone are too long", limit
                 )
             text = self.decode(field[: len(field) - over - 1])
             ids = self._ids(format_prompt(instruction, text) if input else format_prompt(text))
-        raise self._too_long(len(ids), "shorten the input")
+        raise self._too_long(len(ids), "shorten the input", limit)
 
     def check_fits(self, n_prompt, max_tokens):
         if n_prompt + max_tokens > self.context_window:

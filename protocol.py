@@ -1,12 +1,18 @@
 """What serve.py speaks: the request bodies of the fork's trainML route (/instruct) and of the OpenAI API, the
-mapping of a chat onto the Alpaca template, and the shapes of answers and stream events. No model here."""
+mapping of a chat onto the Alpaca template, and the shapes of answers, errors and stream events. No model here."""
 
 import json
+import logging
 from typing import List
 
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inference import GenParams
+
+logger = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -105,6 +111,42 @@ def sse(obj):
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
+def install_error_handlers(app):
+    def answer(status, message, kind="invalid_request_error", code=None):
+        return JSONResponse(ApiError(status, message, kind, code=code).body, status_code=status)
+
+    app.add_exception_handler(ApiError, lambda request, e: JSONResponse(e.body, status_code=e.status))
+    app.add_exception_handler(RequestValidationError, lambda request, e: answer(400, validation_message(e.errors())))
+    app.add_exception_handler(
+        StarletteHTTPException, lambda request, e: answer(e.status_code, str(e.detail), code=e.status_code)
+    )
+    app.add_exception_handler(
+        Exception, lambda request, e: answer(500, f"internal error ({type(e).__name__}): {e}", "server_error")
+    )
+
+
+def sse_response(events, jobs, to_error):
+    """A server-sent events answer. An error after the status line is sent becomes an error event, as OpenAI sends
+    (to_error(exception) gives its ApiError). When it ends, or its client leaves, the request's jobs are cancelled
+    (serve.py's engine drops them at its next step)."""
+
+    async def body():
+        try:
+            async for event in events:
+                yield sse(event)
+        except Exception as e:  # noqa: BLE001
+            error = to_error(e)
+            if error.status >= 500:
+                logger.error("streaming failed: %s", error.body["error"]["message"])
+            yield sse(error.body)
+        finally:
+            for job in jobs:
+                job.cancel.set()
+        yield "data: [DONE]\n\n"
+
+    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+
 def validation_message(errors):
     """One line for FastAPI's validation errors: malformed JSON, or each bad field with what is wrong."""
     for e in errors:
@@ -116,7 +158,7 @@ def validation_message(errors):
 async def instruct_events(items):
     """/instruct's stream: {"text": delta} events, then one with finish_reason and usage.
 
-    items: text deltas, then the Completion (serve.stream_job)."""
+    items: text deltas, then the Completion (engine.stream)."""
     first = True
     async for item in items:
         if isinstance(item, str):

@@ -10,248 +10,158 @@ Routes: POST /instruct (body: instruction, input, max_tokens, temperature, top_p
 and stream; answers a JSON string, as the trainML route does), POST /v1/completions and /v1/chat/completions
 (OpenAI; `stream: true` answers with server-sent events), GET /v1/models, GET /health, GET / (front-end/).
 
+Prompts: /instruct refuses a prompt longer than the training length (--max_prompt_tokens), as the trainML route
+does; the OpenAI routes take any prompt that fits the context window with max_tokens (as vLLM), and log a warning
+past the training length.
+
 Chat on an Alpaca model: the last message must be the user's and becomes the Instruction. Everything before it
 becomes the Input: system and developer messages first, as written, then the earlier turns as "User: ..." and
-"Assistant: ..." lines. A chat of one user message uses the no-input template.
+"Assistant: ..." lines. A chat of one user message uses the no-input template (chat_template.py writes the same
+rule as a Jinja chat template for other servers).
 
-One thread runs the model. Requests wait in a queue; non-streaming requests waiting together with the same
-temperature, top_p, num_beams and stop run as one batch (up to --max_batch_size).
+One thread runs the model (engine.py): requests join the running batch at the next decoding step, each with its
+own settings, and leave when done or when their client leaves. SIGTERM ends running requests within a step.
+Safe by default (http_guard.py): loopback only, foreign Host headers and web pages refused, bodies bounded.
 """
 
 import argparse
-import asyncio
-import hmac
 import logging
-import queue
+import os
+import signal
+import sys
 import threading
 import time
 import uuid
-from collections import deque
-from concurrent.futures import Future
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
+import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
-from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from inference import ContextLengthError, GenParams, InstructModel, PromptTooLongError, check_params
+from engine import Engine, EngineStopped, Job, QueueFullError, RequestCancelled, stream, wait_for
+from http_guard import DEFAULT_MAX_BODY_BYTES, LOOPBACK_ORIGIN_REGEX, ApiKey, Guard, is_loopback
+from inference import (
+    ContextLengthError,
+    GenParams,
+    InstructModel,
+    PromptTooLongError,
+    check_params,
+    generation_limits,
+)
 from protocol import (
     ApiError,
     ChatBody,
     CompletionBody,
     InstructBody,
     chat_to_alpaca,
+    install_error_handlers,
     instruct_events,
     make_params,
     openai_events,
-    sse,
+    sse_response,
     usage,
-    validation_message,
 )
 from utils import EMBEDDED_MODEL
 
 logger = logging.getLogger(__name__)
 FRONT_END = Path(__file__).resolve().parent / "front-end"
 OPENAI_MAX_TOKENS = 16  # the OpenAI completions default when max_tokens is left out
+DISCONNECT_POLL_S = 0.25  # how often a waiting non-streaming request checks that its client is still there
 
 
-@dataclass(eq=False)
-class Job:
-    ids: list  # prompt token ids
-    params: GenParams
-    on_text: Callable | None = None  # set for streaming jobs: called from the model thread with each delta
-    cancel: threading.Event = field(default_factory=threading.Event)
-    future: Future = field(default_factory=Future)
+def prepare(model, params, truncate, encode, openai=False):
+    """Check the settings and encode the prompt; any problem becomes a 400 naming the setting or the limit.
 
-
-def take_batch(waiting, max_size):
-    """Pop the first waiting job and the later ones that can share its generate() call (same key, no stream)."""
-    first = waiting.popleft()
-    if first.on_text is not None:
-        return [first]
-    batch, rest = [first], deque()
-    while waiting:
-        job = waiting.popleft()
-        fits = len(batch) < max_size and job.on_text is None and job.params.batch_key() == first.params.batch_key()
-        (batch if fits else rest).append(job)
-    waiting.extend(rest)
-    return batch
-
-
-class Batcher:
-    """The one thread that calls the model; everything else hands it Jobs and waits on their futures."""
-
-    def __init__(self, engine, max_batch_size=8, max_waiting=256):
-        self.engine, self.max_batch_size, self.max_waiting = engine, max_batch_size, max_waiting
-        self.inbox, self.waiting, self.thread = queue.Queue(), deque(), None
-
-    def queued(self):
-        return self.inbox.qsize() + len(self.waiting)
-
-    def submit(self, job):
-        if self.queued() >= self.max_waiting:
-            raise ApiError(503, f"{self.queued()} requests are already waiting; retry later", "server_error")
-        self.inbox.put(job)
-        return job.future
-
-    def _loop(self):
-        while True:
-            try:  # wait only when nothing is waiting; then take everything else that has arrived
-                item = self.inbox.get(block=not self.waiting)
-                while True:
-                    if item is None:  # stop() was called
-                        for job in self.waiting:
-                            job.future.cancel()
-                        return
-                    self.waiting.append(item)
-                    item = self.inbox.get_nowait()
-            except queue.Empty:
-                pass
-            if self.waiting:
-                self._run(take_batch(self.waiting, self.max_batch_size))
-
-    def _run(self, batch):
-        batch = [j for j in batch if j.future.set_running_or_notify_cancel()]  # drops jobs whose caller left
-        if not batch:
-            return
-        first = batch[0]
-        try:
-            results = self.engine.generate(
-                [j.ids for j in batch],
-                first.params,
-                on_text=first.on_text,
-                cancel=first.cancel if len(batch) == 1 else None,
-                row_max_tokens=[j.params.max_tokens for j in batch],
-            )
-        except Exception as e:  # noqa: BLE001 - handed to every waiting caller, who answers 500
-            logger.exception("generation failed")
-            for j in batch:
-                j.future.set_exception(e)
-            return
-        for j, r in zip(batch, results):
-            j.future.set_result(r)
-
-    def start(self):
-        self.inbox, self.waiting = queue.Queue(), deque()
-        self.thread = threading.Thread(target=self._loop, name="model", daemon=True)
-        self.thread.start()
-
-    def stop(self, timeout=30):
-        if self.thread is not None:
-            self.inbox.put(None)
-            self.thread.join(timeout)
-
-
-def install_error_handlers(app):
-    def answer(status, message, kind="invalid_request_error", code=None):
-        return JSONResponse(ApiError(status, message, kind, code=code).body, status_code=status)
-
-    app.add_exception_handler(ApiError, lambda request, e: JSONResponse(e.body, status_code=e.status))
-    app.add_exception_handler(RequestValidationError, lambda request, e: answer(400, validation_message(e.errors())))
-    app.add_exception_handler(
-        StarletteHTTPException, lambda request, e: answer(e.status_code, str(e.detail), code=e.status_code)
-    )
-    app.add_exception_handler(
-        Exception, lambda request, e: answer(500, f"internal error ({type(e).__name__}): {e}", "server_error")
-    )
-
-
-def install_auth(app, api_key):
-    """With an API key, the model routes need 'Authorization: Bearer <key>'; / and /health stay open."""
-    if not api_key:
-        return
-
-    @app.middleware("http")
-    async def check_key(request: Request, call_next):
-        guarded = request.url.path == "/instruct" or request.url.path.startswith("/v1/")
-        if guarded and request.method != "OPTIONS":  # CORS preflights carry no credentials
-            scheme, _, token = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
-                return JSONResponse(
-                    ApiError(
-                        401,
-                        "missing or wrong API key: send the header 'Authorization: Bearer <key>'",
-                        "authentication_error",
-                        code="invalid_api_key",
-                    ).body,
-                    401,
-                )
-        return await call_next(request)
-
-
-def prepare(engine, params, encode):
-    """Check the settings and encode the prompt; any problem becomes a 400 naming the setting or the limit."""
+    encode(limit) gives the prompt's ids, at most `limit` of them (None: the training length). /instruct keeps the
+    trainML route's limit, the training length. The OpenAI routes take, as vLLM does, any prompt that fits the
+    context window with max_tokens, and log a warning past the training length."""
     try:
-        check_params(params, engine.context_window)
-        ids = encode()
-        engine.check_fits(len(ids), params.max_tokens)
-        return ids
+        check_params(params, model.context_window)
+        room = model.context_window - params.max_tokens
+        ids = encode((room if truncate else sys.maxsize) if openai else None)
+        model.check_fits(len(ids), params.max_tokens)
     except PromptTooLongError as e:
         raise ApiError(400, str(e), code="prompt_too_long") from e
     except ContextLengthError as e:
         raise ApiError(400, str(e), param="max_tokens", code="context_length_exceeded") from e
     except ValueError as e:
         raise ApiError(400, str(e)) from e
+    if len(ids) > model.max_prompt_tokens:
+        logger.warning(
+            "a prompt of %d tokens: longer than the %d this model was trained on, its answer may suffer",
+            len(ids),
+            model.max_prompt_tokens,
+        )
+    return ids
 
 
-async def run_job(batcher, job):
-    future = batcher.submit(job)
+def api_error(e):
+    """The JSON error a request answers with, for what went wrong while it waited on the engine."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, (QueueFullError, EngineStopped)):
+        return ApiError(503, str(e), "server_error")
+    if isinstance(e, RequestCancelled):
+        return ApiError(499, str(e), "server_error")  # the client has gone: nobody reads this
+    return ApiError(500, f"generation failed ({type(e).__name__}): {e}", "server_error")
+
+
+async def answers(engine, jobs, request):
     try:
-        return await asyncio.wrap_future(future)
-    except Exception as e:  # noqa: BLE001 - the model thread logged it; the caller gets a JSON 500
-        raise ApiError(500, f"generation failed ({type(e).__name__}): {e}", "server_error") from e
+        return await wait_for(engine, jobs, request.is_disconnected, DISCONNECT_POLL_S)
+    except Exception as e:  # noqa: BLE001 - the model thread logged a model failure; the caller gets JSON
+        raise api_error(e) from e
 
 
-async def stream_job(batcher, job):
-    """Yield text deltas from the model thread as they come; then the Completion."""
-    loop, deltas = asyncio.get_running_loop(), asyncio.Queue()
-    job.on_text = lambda text: loop.call_soon_threadsafe(deltas.put_nowait, text)
-    future = batcher.submit(job)
-    future.add_done_callback(lambda f: loop.call_soon_threadsafe(deltas.put_nowait, None))
+def streams(engine, jobs):
+    """The jobs' streams, submitted now: a full queue is a 503 before the status line is sent."""
     try:
-        while (text := await deltas.get()) is not None:
-            yield text
-        yield future.result()
-    finally:
-        job.cancel.set()  # the client left (or we are done): stop generating
-        future.cancel()
+        return [stream(engine, j) for j in jobs]
+    except Exception as e:  # noqa: BLE001
+        for j in jobs:  # the queue filled halfway: take back the prompts already in
+            j.cancel.set()
+        raise api_error(e) from e
 
 
-def sse_response(events):
-    async def body():
-        try:
-            async for event in events:
-                yield sse(event)
-        except Exception as e:  # noqa: BLE001 - the status line is sent: report in the stream, as OpenAI does
-            logger.exception("streaming failed")
-            yield sse(ApiError(500, f"generation failed: {e}", "server_error").body)
-        yield "data: [DONE]\n\n"
-
-    return StreamingResponse(body(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-
-
-def create_app(engine, api_key=None, served_model_name=None, max_batch_size=8, allowed_origins=("*",)):
-    """The FastAPI app around a loaded InstructModel; its model thread starts and stops with the app."""
-    batcher, name = Batcher(engine, max_batch_size), served_model_name or engine.name
+def create_app(
+    model,
+    api_key=None,
+    served_model_name=None,
+    max_batch_size=8,
+    allowed_origins=(),
+    host="127.0.0.1",
+    max_body_bytes=DEFAULT_MAX_BODY_BYTES,
+    max_waiting=256,
+):
+    """The FastAPI app around a loaded InstructModel; its engine (model thread) starts and stops with the app."""
+    engine, name = Engine(model, max_batch_size, max_waiting), served_model_name or model.name
 
     @asynccontextmanager
     async def lifespan(app):
-        batcher.start()
+        engine.start()
         yield
-        batcher.stop()
+        engine.stop()
 
     app = FastAPI(title="Alpaca instruct server", lifespan=lifespan)
-    app.state.batcher = batcher
+    app.state.engine = engine
     install_error_handlers(app)
-    install_auth(app, api_key)
-    # added last, so outermost: a 401 also carries CORS headers, and the UI can show it
-    app.add_middleware(CORSMiddleware, allow_origins=list(allowed_origins), allow_methods=["*"], allow_headers=["*"])
+    if api_key:
+        app.add_middleware(ApiKey, api_key=api_key)
+    # CORS after auth, so outside it: a 401 also carries CORS headers, and the UI can show it
+    origins = ["*"] if "*" in allowed_origins else list(allowed_origins)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=origins,
+        allow_origin_regex=LOOPBACK_ORIGIN_REGEX,
+        allow_methods=["*"],
+        allow_headers=["*"],
+    )
+    # outermost: a foreign Host or Origin, or an over-long body, is refused before anything else runs
+    app.add_middleware(
+        Guard, loopback_only=is_loopback(host), allowed_origins=allowed_origins, max_body_bytes=max_body_bytes
+    )
 
     def check_openai(body, unsupported):
         if body.model and body.model != name:
@@ -271,27 +181,38 @@ def create_app(engine, api_key=None, served_model_name=None, max_batch_size=8, a
         return dict(
             status="ok",
             model=name,
-            max_prompt_tokens=engine.max_prompt_tokens,
-            context_window=engine.context_window,
-            queued=batcher.queued(),
+            max_prompt_tokens=model.max_prompt_tokens,
+            context_window=model.context_window,
+            queued=engine.queued(),
+            running=engine.running(),
+            limits=generation_limits(model.context_window),  # the web page's defaults and ranges
         )
 
     @app.get("/v1/models")
     async def models():
-        return {"object": "list", "data": [dict(id=name, object="model", created=0, owned_by="alpaca")]}
+        card = dict(id=name, object="model", created=0, owned_by="alpaca", max_model_len=model.context_window)
+        return {"object": "list", "data": [card]}
 
     @app.post("/instruct")
-    async def instruct(body: InstructBody):
+    async def instruct(body: InstructBody, request: Request):
         params = make_params(body, GenParams.max_tokens)
         if not body.instruction.strip():
             raise ApiError(400, "instruction is empty: say what the model should do", param="instruction")
-        ids = prepare(engine, params, lambda: engine.encode_instruction(body.instruction, body.input, body.truncate))
+        job = Job(
+            prepare(
+                model,
+                params,
+                body.truncate,
+                lambda n: model.encode_instruction(body.instruction, body.input, body.truncate, n),
+            ),
+            params,
+        )
         if body.stream:
-            return sse_response(instruct_events(stream_job(batcher, Job(ids, params))))
-        return (await run_job(batcher, Job(ids, params))).text.strip()
+            return sse_response(instruct_events(streams(engine, [job])[0]), [job], api_error)
+        return (await answers(engine, [job], request))[0].text.strip()
 
     @app.post("/v1/completions")
-    async def completions(body: CompletionBody):
+    async def completions(body: CompletionBody, request: Request):
         head = dict(
             check_openai(body, [("echo", body.echo, False), ("logprobs", body.logprobs, None)]),
             object="text_completion",
@@ -300,18 +221,19 @@ def create_app(engine, api_key=None, served_model_name=None, max_batch_size=8, a
         if not prompts:
             raise ApiError(400, "prompt is an empty list", param="prompt")
         params = make_params(body, OPENAI_MAX_TOKENS, body.stop)
-        jobs = [Job(prepare(engine, params, lambda p=p: engine.encode(p, body.truncate)), params) for p in prompts]
+        encode = lambda p: lambda n: model.encode(p, body.truncate, n)  # noqa: E731
+        jobs = [Job(prepare(model, params, body.truncate, encode(p), openai=True), params) for p in prompts]
         if body.stream:
             include = bool((body.stream_options or {}).get("include_usage"))
-            return sse_response(openai_events([stream_job(batcher, j) for j in jobs], head, False, include))
-        results = await asyncio.gather(*(run_job(batcher, j) for j in jobs))
+            return sse_response(openai_events(streams(engine, jobs), head, False, include), jobs, api_error)
+        results = await answers(engine, jobs, request)
         choices = [
             dict(text=r.text, index=i, logprobs=None, finish_reason=r.finish_reason) for i, r in enumerate(results)
         ]
         return dict(head, choices=choices, usage=usage(results))
 
     @app.post("/v1/chat/completions")
-    async def chat(body: ChatBody):
+    async def chat(body: ChatBody, request: Request):
         head = dict(check_openai(body, [("logprobs", bool(body.logprobs), False)]), object="chat.completion")
         head["id"] = head["id"].replace("cmpl-", "chatcmpl-")
         if body.max_completion_tokens is not None:  # the newer name OpenAI gives max_tokens
@@ -321,14 +243,14 @@ def create_app(engine, api_key=None, served_model_name=None, max_batch_size=8, a
         except ValueError as e:
             raise ApiError(400, str(e), param="messages") from e
         params = make_params(body, GenParams.max_tokens, body.stop)
-        job = Job(
-            prepare(engine, params, lambda: engine.encode_instruction(instruction, context, body.truncate)), params
-        )
+        encode = lambda n: model.encode_instruction(instruction, context, body.truncate, n)  # noqa: E731
+        job = Job(prepare(model, params, body.truncate, encode, openai=True), params)
         if body.stream:
             include = bool((body.stream_options or {}).get("include_usage"))
             chunk_head = dict(head, object="chat.completion.chunk")
-            return sse_response(openai_events([stream_job(batcher, job)], chunk_head, True, include))
-        r = await run_job(batcher, job)
+            events = openai_events(streams(engine, [job]), chunk_head, True, include)
+            return sse_response(events, [job], api_error)
+        r = (await answers(engine, [job], request))[0]
         message = {"role": "assistant", "content": r.text.strip()}
         return dict(head, choices=[dict(index=0, message=message, finish_reason=r.finish_reason)], usage=usage([r]))
 
@@ -336,16 +258,37 @@ def create_app(engine, api_key=None, served_model_name=None, max_batch_size=8, a
     return app
 
 
-def build_server(args, engine=None):
-    """The uvicorn server for parsed args; engine: an InstructModel already loaded (default: load args' model)."""
-    import uvicorn
+class Server(uvicorn.Server):
+    """uvicorn's server, but SIGTERM (or Ctrl+C) first ends every request at the engine's next step: streams get
+    an error event, the others a 503. uvicorn alone waits for running requests, minutes for long answers."""
 
-    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+    def __init__(self, config, engine):
+        super().__init__(config)
+        self.engine = engine
+
+    def handle_exit(self, sig, frame):
+        self.engine.shutdown()
+        super().handle_exit(sig, frame)
+
+
+def build_server(args, model=None):
+    """The server for parsed args; model: an InstructModel already loaded (default: load args' model)."""
+    if not is_loopback(args.host) and not args.api_key:
         logger.warning("listening on %s without --api_key: anyone who can reach this port can use the model", args.host)
-    if engine is None:
-        engine = InstructModel(args.model_name_or_path, args.max_prompt_tokens)
-    app = create_app(engine, args.api_key, args.served_model_name, args.max_batch_size, args.allowed_origins)
-    return uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
+    if model is None:
+        model = InstructModel(args.model_name_or_path, args.max_prompt_tokens)
+    app = create_app(
+        model,
+        args.api_key,
+        args.served_model_name,
+        args.max_batch_size,
+        args.allowed_origins,
+        args.host,
+        args.max_body_bytes,
+    )
+    # the backstop: after 5 s, requests still running are cut off
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    return Server(config, app.state.engine)
 
 
 class ServerThread:
@@ -370,7 +313,7 @@ class ServerThread:
         return self
 
     def stop(self, timeout=30):
-        self.server.should_exit = True
+        self.server.handle_exit(signal.SIGTERM, None)  # what a SIGTERM does to `python serve.py`
         self.thread.join(timeout)
         if self.thread.is_alive():
             raise RuntimeError(f"the server on {self.url} did not stop within {timeout} s")
@@ -381,7 +324,14 @@ class ServerThread:
 
 
 def main(args):
-    build_server(args).run()
+    name = args.model_name_or_path or os.environ.get("TRAINML_CHECKPOINT_PATH") or EMBEDDED_MODEL
+    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().is_dir():
+        raise SystemExit(f"serve.py: --model_name_or_path {name}: no such folder (a checkpoint folder or a hub id)")
+    try:
+        server = build_server(args)
+    except (OSError, ValueError) as e:  # a broken checkpoint, an unknown hub id: say which, without a traceback
+        raise SystemExit(f"serve.py: could not load the model {name!r}: {e}") from None
+    server.run()
 
 
 def parse_args(argv=None):
@@ -398,10 +348,21 @@ def parse_args(argv=None):
         help="the model name the OpenAI routes answer to (default: --model_name_or_path as given)",
     )
     p.add_argument(
-        "--max_prompt_tokens", type=int, default=None, help="default: the tokenizer's model_max_length, else 512"
+        "--max_prompt_tokens",
+        type=int,
+        default=None,
+        help="the training length: /instruct's prompt limit, and a warning past it on the OpenAI routes "
+        "(default: the tokenizer's model_max_length, else 512)",
     )
-    p.add_argument("--max_batch_size", type=int, default=8, help="waiting requests that run as one batch, at most")
-    p.add_argument("--allowed_origins", nargs="*", default=["*"], help="CORS origins allowed to call the API")
+    p.add_argument("--max_batch_size", type=int, default=8, help="requests decoded together, at most")
+    p.add_argument(
+        "--allowed_origins",
+        nargs="*",
+        default=[],
+        help="web pages (origins such as https://app.example) allowed to call the API besides this server's own "
+        "and loopback ones; '*' allows every page",
+    )
+    p.add_argument("--max_body_bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="larger request bodies get 413")
     p.add_argument("--log_level", default="info")
     return p.parse_args(argv)
 

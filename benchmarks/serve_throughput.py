@@ -1,14 +1,18 @@
-"""Requests per second: serve.py with 8 concurrent clients against sequential instruct() calls, same model, same run.
+"""Throughput of serve.py under mixed traffic: the same requests from several clients at once (continuous batching)
+against one at a time, on one loaded model.
 
-    python -m benchmarks.serve_throughput                       # the embedded SmolLM2-135M, on CPU or GPU
-    python -m benchmarks.serve_throughput --model_name_or_path out/demo --requests 32 --max_tokens 64
+    python -m benchmarks.serve_throughput                      # the embedded SmolLM2-135M, 32 requests, 8 clients
+    python -m benchmarks.serve_throughput --model_name_or_path out/demo --requests 64 --max_tokens 64
 
-Both sides answer the same instructions greedily with the same max_tokens, on one loaded model. The sequential side
-is the fork's way of serving, one instruct() call at a time; the server batches requests that wait together.
-Prints the latency of one request, both rates, and last `serve_throughput_ratio: X` (server / sequential).
+The mix: /v1/completions and /v1/chat/completions, streaming (with stream_options.include_usage) and not,
+temperatures 0 to 1, two top_p values. Completion tokens per second come from the answers' usage. The baseline
+sends the same requests through the same server one after another, as a single client would: each request then
+has the model to itself, which is what every request had before continuous batching.
+Prints both rates and the latencies, and last `serve_throughput_ratio: X` (concurrent tokens/s / sequential).
 """
 
 import argparse
+import json
 import logging
 import socket
 import statistics
@@ -16,9 +20,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+from tqdm import tqdm
 
-import inference  # noqa: E402
-import serve  # noqa: E402
+import inference
+import serve
+from utils import format_prompt
 
 INSTRUCTIONS = [
     "Give three tips for staying healthy.",
@@ -30,6 +36,7 @@ INSTRUCTIONS = [
     "List four kinds of fruit.",
     "What is a prime number?",
 ]
+TEMPERATURES = [0, 0.3, 0.7, 1.0]
 
 
 def free_port():
@@ -38,54 +45,79 @@ def free_port():
         return s.getsockname()[1]
 
 
-def run_sequential(instructions, max_tokens):
-    start, latencies = time.perf_counter(), []
-    for i, text in enumerate(instructions, 1):
-        t = time.perf_counter()
-        inference.instruct(text, max_tokens=max_tokens, temperature=0)
-        latencies.append(time.perf_counter() - t)
-        print(f"sequential: request {i}/{len(instructions)} took {latencies[-1]:.2f} s", flush=True)
-    return len(instructions) / (time.perf_counter() - start), latencies
+def workload(n, max_tokens):
+    """n (path, body) requests: completions and chat, streaming and not, temperatures 0 to 1, in a fixed mix."""
+    requests = []
+    for i in range(n):
+        text, chat, stream = INSTRUCTIONS[i % len(INSTRUCTIONS)], i % 2 == 0, i % 4 >= 2
+        body = dict(max_tokens=max_tokens, temperature=TEMPERATURES[(i // 4) % 4], top_p=[1.0, 0.9][(i // 2) % 2])
+        if chat:
+            body["messages"] = [{"role": "user", "content": text}]
+        else:
+            body["prompt"] = format_prompt(text)
+        if stream:
+            body |= dict(stream=True, stream_options={"include_usage": True})
+        requests.append(("/v1/chat/completions" if chat else "/v1/completions", body))
+    return requests
 
 
-def run_concurrent(url, instructions, max_tokens, clients):
-    body = lambda text: {"instruction": text, "max_tokens": max_tokens, "temperature": 0}  # noqa: E731
-    with httpx.Client(base_url=url, timeout=600) as http, ThreadPoolExecutor(clients) as pool:
+def send(http, path, body):
+    """(completion tokens, seconds) for one request, read to its end."""
+    start = time.perf_counter()
+    if not body.get("stream"):
+        r = http.post(path, json=body)
+        r.raise_for_status()
+        return r.json()["usage"]["completion_tokens"], time.perf_counter() - start
+    tokens = None
+    with http.stream("POST", path, json=body) as r:
+        r.raise_for_status()
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                event = json.loads(line[len("data: ") :])
+                if "error" in event:
+                    raise RuntimeError(event["error"]["message"])
+                tokens = (event.get("usage") or {}).get("completion_tokens", tokens)
+    if tokens is None:
+        raise RuntimeError(f"{path}: the stream carried no usage")
+    return tokens, time.perf_counter() - start
+
+
+def run(url, requests, clients, label):
+    """(completion tokens per second, latencies) with `clients` requests in flight at a time."""
+    with httpx.Client(base_url=url, timeout=1800) as http, ThreadPoolExecutor(clients) as pool:
         start = time.perf_counter()
-        responses = list(pool.map(lambda text: http.post("/instruct", json=body(text)), instructions))
+        answers = list(tqdm(pool.map(lambda req: send(http, *req), requests), label, len(requests), mininterval=5))
         elapsed = time.perf_counter() - start
-    bad = [r.text for r in responses if r.status_code != 200]
-    if bad:
-        raise RuntimeError(f"{len(bad)} requests failed, e.g. {bad[0]}")
-    return len(instructions) / elapsed
+    return sum(t for t, _ in answers) / elapsed, [s for _, s in answers]
+
+
+def p95(values):
+    return statistics.quantiles(values, n=20, method="inclusive")[-1]
 
 
 def main(args):
-    engine = inference.load_model(args.model_name_or_path)
-    work = [INSTRUCTIONS[i % len(INSTRUCTIONS)] for i in range(args.requests)]
-    print(f"loaded {engine.name}; warming up", flush=True)
-    inference.instruct(work[0], max_tokens=4, temperature=0)  # warm up: first-call costs are not throughput
-    server_args = serve.parse_args(
-        ["--port", str(free_port()), "--max_batch_size", str(args.max_batch_size), "--log_level", "warning"]
+    model = inference.load_model(args.model_name_or_path)
+    requests = workload(args.requests, args.max_tokens)
+    argv = ["--port", str(free_port()), "--max_batch_size", str(args.clients), "--log_level", "warning"]
+    with serve.ServerThread(serve.build_server(serve.parse_args(argv), model=model)) as running:
+        run(running.url, requests[:2], 2, "warm-up")  # first-call costs are not throughput
+        seq_rate, seq_lat = run(running.url, requests, 1, "one at a time")
+        conc_rate, conc_lat = run(running.url, requests, args.clients, f"{args.clients} clients")
+    print(f"model: {model.name} on {model.model.device}; {len(requests)} requests, max_tokens {args.max_tokens}")
+    print(f"one at a time: {seq_rate:.1f} completion tokens/s; latency p50 {statistics.median(seq_lat):.2f} s")
+    print(
+        f"{args.clients} clients: {conc_rate:.1f} completion tokens/s; "
+        f"latency p50 {statistics.median(conc_lat):.2f} s, p95 {p95(conc_lat):.2f} s"
     )
-    with serve.ServerThread(serve.build_server(server_args, engine=engine)) as running:  # shares the loaded model
-        seq_rps, latencies = run_sequential(work, args.max_tokens)
-        print(f"concurrent: {len(work)} requests from {args.clients} clients", flush=True)
-        conc_rps = run_concurrent(running.url, work, args.max_tokens, args.clients)
-    print(f"model: {engine.name} on {engine.model.device}; {args.requests} requests, max_tokens {args.max_tokens}")
-    print(f"one request (sequential instruct()): median {statistics.median(latencies):.2f} s")
-    print(f"sequential instruct(): {seq_rps:.3f} requests/s")
-    print(f"serve.py, {args.clients} concurrent clients: {conc_rps:.3f} requests/s")
-    print(f"serve_throughput_ratio: {conc_rps / seq_rps:.2f}")
+    print(f"serve_throughput_ratio: {conc_rate / seq_rate:.2f}")
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model_name_or_path", default=None, help="default: the embedded SmolLM2-135M")
-    p.add_argument("--requests", type=int, default=16)
-    p.add_argument("--clients", type=int, default=8)
+    p.add_argument("--requests", type=int, default=32)
+    p.add_argument("--clients", type=int, default=8, help="requests in flight at once (also --max_batch_size)")
     p.add_argument("--max_tokens", type=int, default=32)
-    p.add_argument("--max_batch_size", type=int, default=8)
     return p.parse_args(argv)
 
 

@@ -1,15 +1,20 @@
 // The Alpaca Instruct page: posts {instruction, input, max_tokens, temperature, top_p, num_beams} to
 // <endpoint>/instruct, the route serve.py and the fork's trainML endpoint both serve. With "stream" on, it
 // adds stream: true and reads serve.py's server-sent events ({"text": delta} ... then [DONE]).
+// The settings' defaults and ranges come from the server (GET /health "limits", from inference.py's GenParams and
+// check_params); an empty field sends nothing, so the server's default applies.
 "use strict";
 
 const STORE_KEY = "alpaca-instruct-config";
 const TIMEOUT_MS = 300000; // a long answer on a CPU can take minutes
 const DEFAULTS = {
   endpoint: /^https?:$/.test(location.protocol) ? location.origin : "",
-  api_key: "", max_tokens: 256, temperature: 1, top_p: 0.75, num_beams: 1, stream: true,
+  api_key: "", max_tokens: "", temperature: "", top_p: "", num_beams: "", stream: true,
 };
 const FIELDS = Object.keys(DEFAULTS);
+const NUMBERS = { max_tokens: ["Max tokens", true], temperature: ["Temperature", false], top_p: ["Top p", false],
+                  num_beams: ["Beams", true] }; // id: [label, whole numbers only]
+let LIMITS = null; // the server's {max_tokens: {default, min, max}, top_p: {default, min_exclusive, max}, ...}
 const $ = (id) => document.getElementById(id);
 
 function loadConfig() {
@@ -31,28 +36,51 @@ function saveConfig() {
   try { localStorage.setItem(STORE_KEY, JSON.stringify(values)); } catch (e) { /* private mode: not kept */ }
 }
 
+// "0 to 2", "above 0, at most 1"
+function rangeText(rule) {
+  return rule.min !== undefined ? `${rule.min} to ${rule.max}` : `above ${rule.min_exclusive}, at most ${rule.max}`;
+}
+
+// Ask the server for its defaults and ranges; a server without /health (a trainML endpoint) checks them itself.
+async function loadLimits() {
+  LIMITS = null;
+  const endpoint = $("endpoint").value.trim().replace(/\/+$/, "");
+  if (/^https?:\/\/\S+$/.test(endpoint)) {
+    try {
+      const res = await fetch(`${endpoint}/health`, { signal: AbortSignal.timeout(10000) });
+      if (res.ok) LIMITS = (await res.json()).limits || null;
+    } catch (e) { /* unreachable or no /health: the first request will say so */ }
+  }
+  for (const id of Object.keys(NUMBERS)) {
+    const el = $(id), rule = LIMITS && LIMITS[id];
+    el.placeholder = rule ? String(rule.default) : "server default";
+    if (rule) {
+      el.min = String(rule.min !== undefined ? rule.min : rule.min_exclusive);
+      el.max = String(rule.max);
+    } else { el.removeAttribute("min"); el.removeAttribute("max"); }
+    $(`${id}_range`).textContent = rule ? `${rangeText(rule)}; default ${rule.default}.` : "";
+  }
+}
+
 // Read and check the settings; throws an Error naming every bad field, as the server would.
 function readConfig() {
   const problems = [];
-  const num = (id, label, ok, rule, integer) => {
+  const num = (id) => {
+    const [label, integer] = NUMBERS[id];
     const raw = $(id).value.trim();
-    const value = Number(raw);
-    if (raw === "" || !Number.isFinite(value) || (integer && !Number.isInteger(value)) || !ok(value)) {
-      problems.push(`${label} must be ${rule} (got "${raw}")`);
+    if (raw === "") return undefined; // the server's default
+    const value = Number(raw), rule = LIMITS && LIMITS[id];
+    const inRange = !rule || (value <= rule.max && (rule.min !== undefined ? value >= rule.min : value > rule.min_exclusive));
+    if (!Number.isFinite(value) || (integer && !Number.isInteger(value)) || !inRange) {
+      const kind = integer ? "a whole number" : "a number";
+      problems.push(`${label} must be ${kind}${rule ? ` ${rule.min !== undefined ? "from " : ""}${rangeText(rule)}` : ""} (got "${raw}")`);
     }
     return value;
   };
   const endpoint = $("endpoint").value.trim().replace(/\/+$/, "");
   if (!/^https?:\/\/\S+$/.test(endpoint)) problems.push(`Endpoint address must start with http:// or https:// (got "${endpoint}")`);
-  const config = {
-    endpoint,
-    apiKey: $("api_key").value.trim(),
-    stream: $("stream").checked,
-    max_tokens: num("max_tokens", "Max tokens", (v) => v >= 1, "a whole number of at least 1", true),
-    temperature: num("temperature", "Temperature", (v) => v >= 0 && v <= 2, "between 0 and 2", false),
-    top_p: num("top_p", "Top p", (v) => v > 0 && v <= 1, "above 0 and at most 1", false),
-    num_beams: num("num_beams", "Beams", (v) => v >= 1 && v <= 8, "a whole number from 1 to 8", true),
-  };
+  const config = { endpoint, apiKey: $("api_key").value.trim(), stream: $("stream").checked };
+  for (const id of Object.keys(NUMBERS)) config[id] = num(id);
   if (problems.length) throw new Error(problems.join("; "));
   return config;
 }
@@ -125,8 +153,8 @@ async function send(event) {
   }
   saveConfig();
   const input = $("input").value;
-  const body = { instruction, max_tokens: config.max_tokens, temperature: config.temperature,
-                 top_p: config.top_p, num_beams: config.num_beams };
+  const body = { instruction };
+  for (const id of Object.keys(NUMBERS)) if (config[id] !== undefined) body[id] = config[id];
   if (input.trim()) body.input = input;
   if (config.stream) body.stream = true;
   const headers = { "Content-Type": "application/json" };
@@ -175,6 +203,8 @@ document.addEventListener("DOMContentLoaded", () => {
   $("instruction").addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) $("ask").requestSubmit(); });
   $("input").addEventListener("keydown", (e) => { if (e.key === "Enter" && (e.ctrlKey || e.metaKey)) $("ask").requestSubmit(); });
   $("config").addEventListener("change", saveConfig);
-  $("reset").addEventListener("click", () => { setConfig(DEFAULTS); saveConfig(); });
+  $("reset").addEventListener("click", () => { setConfig(DEFAULTS); saveConfig(); loadLimits(); });
+  $("endpoint").addEventListener("change", loadLimits);
+  loadLimits();
   $("error-close").addEventListener("click", hideError);
 });

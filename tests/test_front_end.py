@@ -65,11 +65,21 @@ def test_send_shows_the_answer_then_the_error_bar_when_the_endpoint_is_down(chro
             expect(page.locator("#endpoint")).to_have_value(url)  # served by serve.py: it points at itself
             expect(page.locator("#error-bar")).to_be_hidden()
 
+            # the defaults and ranges come from the server's /health (inference.GenParams and check_params)
+            expect(page.locator("#max_tokens")).to_have_attribute("placeholder", "256")
+            expect(page.locator("#max_tokens")).to_have_attribute("max", "8192")  # the scripted model's window
+            expect(page.locator("#temperature_range")).to_have_text("0 to 2; default 1.")
+
             page.click("#send")  # no instruction yet: refused in the page, nothing sent
             expect(page.locator("#error-text")).to_contain_text("Instruction is required")
             page.click("#error-close")
 
             page.fill("#instruction", "Suggest a name for a bakery.")
+            page.fill("#temperature", "3")
+            page.click("#send")  # out of the server's range: refused in the page
+            expect(page.locator("#error-text")).to_contain_text('Temperature must be a number from 0 to 2 (got "3")')
+            page.click("#error-close")
+            page.fill("#temperature", "")
             page.fill("#input", "It sells rye bread only.")
             page.fill("#max_tokens", "16")
             page.click("#send")

@@ -8,16 +8,14 @@ import subprocess
 import sys
 import threading
 import time
-from collections import deque
 
 import httpx
 import pytest
 from helpers import ROOT, serve_in_thread, subprocess_env
 from scripted_llama import SCRIPT, build_scripted_llama
 
-from inference import GenParams, InstructModel
-from protocol import ChatMessage, chat_to_alpaca
-from serve import Job, create_app, take_batch
+from inference import InstructModel, generation_limits
+from serve import create_app
 
 ANSWER = "".join(SCRIPT)  # the scripted model's answer to any prompt
 NAME = "scripted"  # --served_model_name in these tests
@@ -29,7 +27,7 @@ def scripted_dir(tmp_path_factory, spm_tokenizer_dir):
 
 
 @pytest.fixture(scope="module")
-def engine(scripted_dir):
+def model(scripted_dir):
     return InstructModel(str(scripted_dir))
 
 
@@ -37,13 +35,13 @@ def call(app, *requests):
     """Send (method, path, kwargs) requests concurrently to the app in process; the model thread runs meanwhile."""
 
     async def go():
-        app.state.batcher.start()
+        app.state.engine.start()
         try:
             transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+            async with httpx.AsyncClient(transport=transport, base_url="http://localhost", timeout=60) as client:
                 return await asyncio.gather(*(client.request(m, p, **kw) for m, p, kw in requests))
         finally:
-            app.state.batcher.stop()
+            app.state.engine.stop()
 
     return asyncio.run(go())
 
@@ -59,49 +57,9 @@ def events(text):
     return [json.loads(d) for d in data[:-1]]
 
 
-# --- pure pieces ------------------------------------------------------------------------------
-def test_chat_maps_onto_the_alpaca_template():
-    m = lambda role, content: ChatMessage(role=role, content=content)  # noqa: E731
-    assert chat_to_alpaca([m("user", " Name a colour. ")]) == ("Name a colour.", None)
-    got = chat_to_alpaca(
-        [
-            m("system", "Be brief."),
-            m("user", "Hi"),
-            m("assistant", "Hello!"),
-            m("user", [{"type": "text", "text": "Name a colour."}]),
-        ]
-    )
-    assert got == ("Name a colour.", "Be brief.\n\nUser: Hi\nAssistant: Hello!")
-    for bad, needle in [
-        ([], "no messages"),
-        ([m("user", "Hi"), m("assistant", "Yo")], "role 'assistant'"),
-        ([m("user", "  ")], "messages[0].content is empty"),
-        ([m("tool", "x"), m("user", "Hi")], "messages[0].role is 'tool'"),
-        ([m("user", [{"type": "image_url", "image_url": {}}])], "image_url"),
-    ]:
-        with pytest.raises(ValueError, match=needle.replace("[", r"\[").replace("]", r"\]")):
-            chat_to_alpaca(bad)
-
-
-def test_take_batch_groups_compatible_waiting_jobs():
-    a, b = GenParams(temperature=0), GenParams(temperature=0.5)
-    jobs = [
-        Job([1], a),
-        Job([2], b),
-        Job([3], GenParams(temperature=0, max_tokens=9)),
-        Job([4], a, on_text=print),
-        Job([5], a),
-        Job([6], a),
-    ]
-    waiting = deque(jobs)
-    assert take_batch(waiting, max_size=3) == [jobs[0], jobs[2], jobs[4]]  # max_tokens may differ; streams run alone
-    assert list(waiting) == [jobs[1], jobs[3], jobs[5]]  # the rest keep their order
-    assert take_batch(waiting, 3) == [jobs[1]] and take_batch(waiting, 3) == [jobs[3]]
-
-
 # --- routes in process ------------------------------------------------------------------------
-def test_instruct_route_health_models_and_ui(engine):
-    app = create_app(engine, served_model_name=NAME)
+def test_instruct_route_health_models_and_ui(model):
+    app = create_app(model, served_model_name=NAME)
     r1, r2, r3, r4, r5 = call(
         app,
         ("POST", "/instruct", dict(json={"instruction": "Name a bakery.", "temperature": 0})),
@@ -117,8 +75,8 @@ def test_instruct_route_health_models_and_ui(engine):
     assert r5.status_code == 200 and 'id="instruction"' in r5.text and 'id="error-bar"' in r5.text
 
 
-def test_instruct_streams_server_sent_events(engine):
-    r = post(create_app(engine), "/instruct", {"instruction": "Name a bakery.", "stream": True})
+def test_instruct_streams_server_sent_events(model):
+    r = post(create_app(model), "/instruct", {"instruction": "Name a bakery.", "stream": True})
     assert r.headers["content-type"].startswith("text/event-stream")
     evs = events(r.text)
     assert "".join(e["text"] for e in evs) == ANSWER.strip()
@@ -153,17 +111,17 @@ def test_instruct_streams_server_sent_events(engine):
         ),
     ],
 )
-def test_bad_input_gets_a_4xx_json_error(engine, path, body, status, needle):
+def test_bad_input_gets_a_4xx_json_error(model, path, body, status, needle):
     kw = (
         dict(content=body, headers={"Content-Type": "application/json"}) if isinstance(body, bytes) else dict(json=body)
     )
-    (r,) = call(create_app(engine, served_model_name=NAME), ("POST", path, kw))
+    (r,) = call(create_app(model, served_model_name=NAME), ("POST", path, kw))
     assert r.status_code == status, r.text
     assert needle in r.json()["error"]["message"]
 
 
-def test_api_key_is_required_when_set(engine):
-    app = create_app(engine, api_key="sekret")
+def test_api_key_is_required_when_set(model):
+    app = create_app(model, api_key="sekret")
     body = dict(json={"instruction": "Hi", "max_tokens": 1})
     none, wrong, right, health = call(
         app,
@@ -177,13 +135,13 @@ def test_api_key_is_required_when_set(engine):
     assert right.status_code == 200 and health.status_code == 200
 
 
-def test_a_model_failure_is_a_500_json_error(engine, monkeypatch):
+def test_a_model_failure_is_a_500_json_error(model, monkeypatch):
     def broken(*a, **kw):
         raise RuntimeError("out of memory, say")
 
-    monkeypatch.setattr(engine, "generate", broken)
+    monkeypatch.setattr(model.model, "forward", broken)
     plain, streamed = call(
-        create_app(engine),
+        create_app(model),
         ("POST", "/instruct", dict(json={"instruction": "Hi"})),
         ("POST", "/instruct", dict(json={"instruction": "Hi", "stream": True})),
     )
@@ -191,37 +149,117 @@ def test_a_model_failure_is_a_500_json_error(engine, monkeypatch):
     assert "out of memory, say" in events(streamed.text)[-1]["error"]["message"]  # headers were already sent
 
 
-def test_concurrent_requests_share_batches_on_one_model_thread(engine, monkeypatch):
-    """The model is never entered by two threads at once, and requests waiting together run as one batch."""
-    inside, seen, sizes, lock = [0], set(), [], threading.Lock()
-    real = engine.generate
-
-    def tracked(prompts, *a, **kw):
-        with lock:
-            inside[0] += 1
-            assert inside[0] == 1, "two threads inside generate()"
-        seen.add(threading.current_thread().name)
-        sizes.append(len(prompts))
-        time.sleep(0.02)  # hold the model a little, as a real one would, so that requests pile up
-        try:
-            return real(prompts, *a, **kw)
-        finally:
-            with lock:
-                inside[0] -= 1
-
-    monkeypatch.setattr(engine, "generate", tracked)
-    app = create_app(engine, max_batch_size=8)
-    rs = call(
+def test_a_full_queue_is_a_503_streaming_or_not(model):
+    app = create_app(model, max_waiting=0)  # every request finds the queue full
+    plain, streamed = call(
         app,
-        *[
-            ("POST", "/instruct", dict(json={"instruction": f"Task {i}", "max_tokens": 2, "temperature": 0}))
-            for i in range(24)
-        ],
+        ("POST", "/instruct", dict(json={"instruction": "Hi"})),
+        ("POST", "/v1/completions", dict(json={"prompt": ["a", "b"], "stream": True})),
     )
+    for r in (plain, streamed):
+        assert r.status_code == 503 and "already waiting; retry later" in r.json()["error"]["message"]
+
+
+def test_mixed_requests_share_decoding_steps_on_one_model_thread(model, monkeypatch):
+    """Streaming and not, different temperatures, top_p, stops and max_tokens: all decode in shared steps, on the
+    model thread only."""
+    sizes, threads = [], set()
+    real = model.model.forward
+
+    def tracked(*a, **kw):
+        threads.add(threading.current_thread().name)
+        sizes.append(kw["input_ids"].shape[0])  # rows in this forward: a prefill or a decoding step
+        time.sleep(0.01)  # hold the model a little, as a real one would, so that requests pile up
+        return real(*a, **kw)
+
+    monkeypatch.setattr(model.model, "forward", tracked)
+    body = lambda i: {  # noqa: E731
+        "instruction": f"Task {i}",
+        "max_tokens": 2 + i % 3,
+        "temperature": [0, 0.5, 1.0][i % 3],
+        "top_p": [1.0, 0.9][i % 2],
+        "stream": i % 2 == 0,
+    }
+    rs = call(create_app(model, max_batch_size=8), *[("POST", "/instruct", dict(json=body(i))) for i in range(24)])
     assert [r.status_code for r in rs] == [200] * 24
-    assert {r.json() for r in rs} == {(SCRIPT[0] + SCRIPT[1]).strip()}
-    assert seen == {"model"} and sum(sizes) == 24
+    texts = [r.json() if i % 2 else "".join(e["text"] for e in events(r.text)) for i, r in enumerate(rs)]
+    # the scripted answer cut at each request's max_tokens (one script piece per token); streams keep trailing space
+    assert [t.rstrip() for t in texts] == ["".join(SCRIPT[: 2 + i % 3]).strip() for i in range(24)]
+    assert threads == {"model"}
     assert max(sizes) > 1 and max(sizes) <= 8  # batched, within --max_batch_size
+
+
+def test_openai_routes_take_prompts_up_to_the_context_window(model, caplog):
+    app = create_app(model, served_model_name=NAME)
+    long = "Hi " * 600  # over the 512-token training length, well under the scripted model's 8192 window
+    fits, chat, over, cut = call(
+        app,
+        ("POST", "/v1/completions", dict(json={"prompt": long, "max_tokens": 20, "temperature": 0})),
+        ("POST", "/v1/chat/completions", dict(json={"messages": [{"role": "user", "content": long}]})),
+        ("POST", "/v1/completions", dict(json={"prompt": long, "max_tokens": 7800})),
+        ("POST", "/v1/completions", dict(json={"prompt": long, "max_tokens": 7800, "truncate": True})),
+    )
+    assert fits.status_code == 200 and fits.json()["choices"][0]["text"] == ANSWER
+    assert fits.json()["usage"]["prompt_tokens"] > 512
+    assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["content"] == ANSWER.strip()
+    assert over.status_code == 400 and over.json()["error"]["code"] == "context_length_exceeded"
+    assert "maximum context length is 8192" in over.json()["error"]["message"]
+    assert cut.status_code == 200 and cut.json()["usage"]["prompt_tokens"] == 8192 - 7800  # the room left
+    assert "longer than the 512 this model was trained on" in caplog.text
+
+
+def test_health_tells_the_limits_the_server_checks(model):
+    (r,) = call(create_app(model), ("GET", "/health", {}))
+    assert r.json()["limits"] == generation_limits(8192)  # the scripted model's context window
+    assert r.json()["limits"]["max_tokens"] == {"default": 256, "min": 1, "max": 8192}
+
+
+# --- safe by default --------------------------------------------------------------------------
+def test_the_app_is_guarded(model):
+    """http_guard's rules are in place (tests/test_http_guard.py tests them one by one)."""
+    big = {"instruction": "x" * 2000}
+    foreign, too_big = call(
+        create_app(model, max_body_bytes=1000),
+        ("GET", "/health", dict(headers={"Host": "evil.example"})),
+        ("POST", "/instruct", dict(json=big)),
+    )
+    assert foreign.status_code == 403 and too_big.status_code == 413
+    assert call(create_app(model, host="0.0.0.0"), ("GET", "/health", dict(headers={"Host": "my.lan"})))[0].is_success
+
+
+def test_only_loopback_own_and_allowed_origins_may_call(model):
+    def ask(app, origin, method="POST", host="localhost:8000"):
+        headers = {"Origin": origin, "Host": host}
+        if method == "OPTIONS":  # a CORS preflight
+            headers |= {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "content-type"}
+            return call(app, ("OPTIONS", "/instruct", dict(headers=headers)))[0]
+        return call(app, ("POST", "/instruct", dict(json={"instruction": "Hi", "max_tokens": 1}, headers=headers)))[0]
+
+    app = create_app(model)
+    refused = ask(app, "https://evil.example")
+    assert refused.status_code == 403 and "--allowed_origins https://evil.example" in refused.json()["error"]["message"]
+    assert ask(app, "https://evil.example", "OPTIONS").status_code in (400, 403)  # no CORS grant
+    assert ask(app, "null").status_code == 403  # a file:// page or a sandboxed frame
+    own = ask(app, "http://localhost:8000")
+    assert own.status_code == 200
+    local = ask(app, "http://127.0.0.1:5173", "OPTIONS")
+    assert local.status_code == 200 and local.headers["access-control-allow-origin"] == "http://127.0.0.1:5173"
+    wider = create_app(model, allowed_origins=["https://app.example"])
+    r = ask(wider, "https://app.example")
+    assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "https://app.example"
+    assert ask(create_app(model, allowed_origins=["*"]), "https://anything.example").status_code == 200
+
+
+def test_a_missing_or_broken_checkpoint_is_one_clear_message(tmp_path):
+    from serve import main, parse_args
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text("{")
+    for path, needle in [(tmp_path / "missing", "no such folder"), (broken, "not a valid JSON file")]:
+        with pytest.raises(SystemExit) as e:
+            main(parse_args(["--model_name_or_path", str(path), "--port", "1"]))
+        assert str(path) in str(e.value.code) and needle in str(e.value.code)  # a message, so exit status 1
 
 
 # --- a real server ----------------------------------------------------------------------------

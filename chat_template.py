@@ -1,0 +1,122 @@
+"""The Alpaca chat template: a Jinja template that turns a chat into the Alpaca prompt, so that servers which
+apply a checkpoint's chat template (vLLM, TGI, llama.cpp, `transformers serve`) prompt a fine-tuned model in the
+format it was trained on, instead of the base model's (SmolLM2's ChatML, say).
+
+    python chat_template.py print > alpaca.jinja     # for `vllm serve CHECKPOINT --chat-template alpaca.jinja`
+    python chat_template.py install out/demo         # save it into a checkpoint's tokenizer files
+
+The rule is the one serve.py applies (protocol.chat_to_alpaca; tests/test_chat_template.py checks that they agree
+on many chats): the last message must be the user's and becomes the Instruction; system and developer messages,
+then the earlier turns as "User: ..." and "Assistant: ..." lines, become the Input; the prompt ends at
+"### Response:". The template text itself comes from utils.PROMPT_DICT, its one home.
+"""
+
+import json
+import logging
+
+from utils import PROMPT_DICT, format_prompt
+
+logger = logging.getLogger(__name__)
+
+
+def _literal(text):
+    """A Jinja string literal: JSON's escapes (\\n, \\", \\uXXXX) are also Jinja's."""
+    return json.dumps(text)
+
+
+def _pieces(template):
+    """The fixed text of a PROMPT_DICT template around its {instruction} and {input} fields, in order."""
+    head, rest = template.split("{instruction}")
+    middle, tail = rest.split("{input}") if "{input}" in rest else (rest, None)
+    return head, middle, tail
+
+
+def build_template(prefix=""):
+    """The Jinja chat template. prefix: a Jinja expression put first, such as "bos_token", for tokenizers that add a
+    BOS when encoding text (servers encode a rendered chat without adding special tokens)."""
+    head_in, mid_in, tail_in = _pieces(PROMPT_DICT["prompt_input"])
+    head_no, tail_no, _ = _pieces(PROMPT_DICT["prompt_no_input"])
+    fail = "{{ raise_exception(%s) }}"
+    return "".join(
+        [
+            "{%- if not messages or messages[-1].role != 'user' -%}",
+            fail % _literal("the last message must come from the user (it becomes the instruction)"),
+            "{%- endif -%}",
+            "{%- set ns = namespace(system=[], turns=[], instruction='') -%}",
+            "{%- for m in messages -%}",
+            "{%- set parts = namespace(text='') -%}",
+            "{%- if m.content is string -%}{%- set parts.text = m.content -%}",
+            "{%- elif m.content -%}{%- for p in m.content -%}",
+            "{%- if p.type != 'text' -%}",
+            fail % _literal("only text content parts are supported"),
+            "{%- endif -%}",
+            "{%- set parts.text = parts.text + (p.text or '') -%}",
+            "{%- endfor -%}{%- endif -%}",
+            "{%- set text = parts.text | trim -%}",
+            "{%- if loop.last -%}{%- set ns.instruction = text -%}",
+            "{%- elif m.role not in ['system', 'developer', 'user', 'assistant'] -%}",
+            fail % _literal("roles must be system, developer, user or assistant"),
+            "{%- elif not text -%}",
+            "{%- elif m.role in ['system', 'developer'] -%}{%- set ns.system = ns.system + [text] -%}",
+            "{%- else -%}{%- set ns.turns = ns.turns + [('User: ' if m.role == 'user' else 'Assistant: ') + text] -%}",
+            "{%- endif -%}",
+            "{%- endfor -%}",
+            "{%- if not ns.instruction -%}",
+            fail % _literal("the last message is empty: the instruction must not be empty"),
+            "{%- endif -%}",
+            "{%- set context = (ns.system + ([ns.turns | join('\\n')] if ns.turns else [])) | join('\\n\\n') -%}",
+            "{{- " + prefix + " -}}" if prefix else "",
+            "{%- if context -%}",
+            "{{- "
+            + _literal(head_in)
+            + " + ns.instruction + "
+            + _literal(mid_in)
+            + " + context + "
+            + _literal(tail_in),
+            " -}}",
+            "{%- else -%}",
+            "{{- " + _literal(head_no) + " + ns.instruction + " + _literal(tail_no) + " -}}",
+            "{%- endif -%}",
+        ]
+    )
+
+
+ALPACA_CHAT_TEMPLATE = build_template()
+
+
+def install_chat_template(tokenizer):
+    """Set tokenizer.chat_template to the Alpaca template (save_pretrained then writes it with the checkpoint).
+
+    A rendered chat is encoded without special tokens, so for a tokenizer that adds a BOS to text the template
+    writes it. Sentencepiece tokenizers differ on the space after it, so the variant whose ids match how
+    train.py encodes a prompt is kept."""
+    chat = [{"role": "user", "content": "Name a colour."}]
+    trained = tokenizer(format_prompt("Name a colour."))["input_ids"]
+    bos = tokenizer.bos_token_id
+    prefixes = ["bos_token", "bos_token + ' '"] if bos is not None and trained[:1] == [bos] else [""]
+    for prefix in prefixes:
+        tokenizer.chat_template = build_template(prefix)
+        rendered = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+        if tokenizer(rendered, add_special_tokens=False)["input_ids"] == trained:
+            return tokenizer
+    tokenizer.chat_template = build_template(prefixes[0])
+    logger.warning("the chat template's tokens differ from the training prompt's at the start (BOS and a space)")
+    return tokenizer
+
+
+def install(checkpoint):
+    """Put the Alpaca template into a saved checkpoint's tokenizer files."""
+    import transformers
+
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"chat_template.py install {checkpoint}: cannot load its tokenizer ({e})") from None
+    install_chat_template(tokenizer).save_pretrained(checkpoint)
+    print(f"{checkpoint}: the Alpaca chat template is installed")
+
+
+if __name__ == "__main__":
+    import fire
+
+    fire.Fire({"print": lambda: print(ALPACA_CHAT_TEMPLATE), "install": install})

@@ -1,0 +1,76 @@
+"""protocol.py: the chat-to-Alpaca mapping, request settings, error messages and the OpenAI stream events. Pure
+functions, no model."""
+
+import asyncio
+
+import pytest
+
+from inference import Completion, GenParams
+from protocol import ChatMessage, CompletionBody, chat_to_alpaca, make_params, openai_events, validation_message
+
+
+def m(role, content):
+    return ChatMessage(role=role, content=content)
+
+
+def test_chat_maps_onto_the_alpaca_template():
+    assert chat_to_alpaca([m("user", " Name a colour. ")]) == ("Name a colour.", None)
+    got = chat_to_alpaca(
+        [
+            m("system", "Be brief."),
+            m("user", "Hi"),
+            m("assistant", "Hello!"),
+            m("developer", "  "),  # empty: left out
+            m("user", [{"type": "text", "text": "Name a colour."}]),
+        ]
+    )
+    assert got == ("Name a colour.", "Be brief.\n\nUser: Hi\nAssistant: Hello!")
+
+
+@pytest.mark.parametrize(
+    "messages,needle",
+    [
+        ([], "no messages"),
+        ([m("user", "Hi"), m("assistant", "Yo")], "role 'assistant'"),
+        ([m("user", "  ")], "messages[0].content is empty"),
+        ([m("tool", "x"), m("user", "Hi")], "messages[0].role is 'tool'"),
+        ([m("user", [{"type": "image_url", "image_url": {}}])], "image_url"),
+    ],
+)
+def test_chats_that_cannot_map_name_the_message(messages, needle):
+    with pytest.raises(ValueError) as e:
+        chat_to_alpaca(messages)
+    assert needle in str(e.value)
+
+
+def test_make_params_takes_defaults_and_one_stop_string():
+    body = CompletionBody(prompt="x", temperature=0, stop="###")
+    assert make_params(body, 16, body.stop) == GenParams(max_tokens=16, temperature=0, top_p=1.0, stop=("###",))
+
+
+def test_validation_message_names_each_field():
+    errors = [
+        {"loc": ("body", "max_tokens"), "msg": "Input should be a valid integer"},
+        {"loc": ("body",), "msg": "Field required"},
+    ]
+    assert validation_message(errors) == "max_tokens: Input should be a valid integer; body: Field required"
+
+
+def test_openai_stream_events_with_usage():
+    async def items():
+        for piece in [" Hello", " world"]:
+            yield piece
+        yield Completion(" Hello world", prompt_tokens=5, completion_tokens=3, finish_reason="stop")
+
+    async def collect():
+        return [e async for e in openai_events([items()], {"id": "c"}, True, include_usage=True)]
+
+    events = asyncio.run(collect())
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert [e["choices"][0]["delta"].get("content") for e in events[1:3]] == ["Hello", " world"]  # chat: lstripped
+    assert events[3]["choices"][0]["finish_reason"] == "stop"
+    assert events[4] == {
+        "id": "c",
+        "choices": [],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+    }

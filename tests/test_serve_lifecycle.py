@@ -1,0 +1,133 @@
+"""serve.py over time: clients that leave stop costing the model, and SIGTERM ends running requests within
+seconds, on a thread of this process and (slow) on a real `python serve.py` process. The model is
+tests/scripted_llama.py's, re-wired to answer without end."""
+
+import json
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import pytest
+import torch
+from helpers import ROOT, subprocess_env
+from scripted_llama import SCRIPT, build_scripted_llama
+
+from inference import InstructModel
+from serve import ServerThread
+
+NAME = "scripted"
+
+
+@pytest.fixture(scope="module")
+def scripted_dir(tmp_path_factory, spm_tokenizer_dir):
+    return build_scripted_llama(spm_tokenizer_dir, tmp_path_factory.mktemp("scripted"))
+
+
+@pytest.fixture(scope="module")
+def endless(scripted_dir):
+    """The scripted model, re-wired so that after the script's last piece comes its first again, never the end of
+    text: it answers until max_tokens. Each step sleeps 5 ms, so 8,000 tokens take 40 s or more."""
+    m = InstructModel(str(scripted_dir))
+    head = m.model.lm_head.weight
+    first = m.tokenizer.convert_tokens_to_ids(SCRIPT[0])
+    with torch.no_grad():  # build_scripted_llama: the last piece's state is basis vector len(SCRIPT)
+        head[first] += head[m.tokenizer.eos_token_id]
+        head[m.tokenizer.eos_token_id] = 0
+    real = m.model.forward
+
+    def slow(*a, **kw):
+        time.sleep(0.005)
+        return real(*a, **kw)
+
+    m.model.forward = slow
+    return m
+
+
+@pytest.fixture
+def endless_server(endless, free_port):
+    from serve import build_server, parse_args
+
+    args = parse_args(["--port", str(free_port), "--served_model_name", NAME, "--log_level", "warning"])
+    with ServerThread(build_server(args, model=endless)) as running:
+        yield running
+
+
+def wait_until(check, timeout=30):
+    """Poll check() until it holds; a bound for slow machines, not a speed target."""
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.05)
+
+
+def test_clients_that_leave_stop_costing_the_model(endless_server):
+    url, engine = endless_server.url, endless_server.server.engine
+    body = {"prompt": "x", "max_tokens": 8000}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up after 2 s and closes the connection
+        httpx.post(f"{url}/v1/completions", json=body, timeout=2)
+    wait_until(lambda: engine.running() == 0)  # gone long before its 8,000 tokens (40 s or more)
+    with httpx.stream("POST", f"{url}/v1/completions", json=dict(body, stream=True), timeout=30) as r:
+        next(r.iter_lines())
+        assert engine.running() == 1
+    wait_until(lambda: engine.running() == 0)
+
+
+def test_sigterm_ends_running_requests_within_seconds(endless_server):
+    url, engine = endless_server.url, endless_server.server.engine
+    body = {"prompt": "x", "max_tokens": 8000}
+    plain = {}
+    thread = threading.Thread(target=lambda: plain.update(r=httpx.post(f"{url}/v1/completions", json=body, timeout=60)))
+    thread.start()
+    with httpx.stream("POST", f"{url}/v1/completions", json=dict(body, stream=True), timeout=60) as r:
+        lines = r.iter_lines()
+        next(lines)
+        wait_until(lambda: engine.running() == 2)
+        endless_server.stop(timeout=15)  # what `python serve.py` does on SIGTERM: Server.handle_exit
+        rest = [line for line in lines if line.startswith("data: ")]
+    thread.join(15)
+    assert json.loads(rest[-2][len("data: ") :])["error"]["message"].startswith("the server is shutting down")
+    assert rest[-1] == "data: [DONE]"
+    assert plain["r"].status_code == 503 and "shutting down" in plain["r"].json()["error"]["message"]
+
+
+@pytest.mark.slow
+def test_sigterm_stops_a_real_serve_process(spm_tokenizer_dir, tmp_path, free_port):
+    """`python serve.py` in its own process: SIGTERM during a long stream ends it with an error event and the
+    process exits, instead of waiting for the 60,000 tokens asked for."""
+    import os
+    import signal
+
+    folder = build_scripted_llama(spm_tokenizer_dir, tmp_path / "endless", context_window=65536)
+    m = InstructModel(str(folder))
+    head = m.model.lm_head.weight
+    with torch.no_grad():  # as the endless fixture: after the last piece comes the first again
+        head[m.tokenizer.convert_tokens_to_ids(SCRIPT[0])] += head[m.tokenizer.eos_token_id]
+        head[m.tokenizer.eos_token_id] = 0
+    m.model.save_pretrained(folder)
+    url = f"http://127.0.0.1:{free_port}"
+    cmd = [sys.executable, "serve.py", "--model_name_or_path", str(folder), "--port", str(free_port)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        wait_until(lambda: proc.poll() is None and _up(url), timeout=600)  # a fresh process imports torch: minutes
+        body = {"prompt": "x", "max_tokens": 60000, "stream": True}
+        with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as r:
+            lines = r.iter_lines()
+            next(lines)
+            os.kill(proc.pid, signal.SIGTERM)
+            rest = [line for line in lines if line.startswith("data: ")]
+        proc.wait(timeout=30)  # uvicorn's own backstop is 5 s (timeout_graceful_shutdown)
+        assert "the server is shutting down" in rest[-2] and rest[-1] == "data: [DONE]"
+        assert proc.returncode in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has shut down
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _up(url):
+    try:
+        return httpx.get(f"{url}/health", timeout=5).status_code == 200
+    except httpx.HTTPError:
+        return False
