@@ -116,7 +116,12 @@ def install(checkpoint):
     print(f"{checkpoint}: the Alpaca chat template is installed")
 
 
-if __name__ == "__main__":
-    import fire
+def show():
+    """Print the Alpaca chat template."""
+    print(ALPACA_CHAT_TEMPLATE)
 
-    fire.Fire({"print": lambda: print(ALPACA_CHAT_TEMPLATE), "install": install})
+
+if __name__ == "__main__":
+    from cli import run_fire
+
+    run_fire({"print": show, "install": install}, "chat_template.py")

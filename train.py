@@ -28,6 +28,7 @@ from transformers import Trainer
 
 import cli
 import utils
+from chat_template import install_chat_template
 from collators import DataCollatorForSupervisedDataset, make_collator
 from dataset import SupervisedDataset, _tokenize_fn, load_data, make_supervised_data_module, preprocess
 from launch import cpu_world_size, find_resume_checkpoint, setup_cpu_ranks, translate_legacy_args
@@ -207,6 +208,7 @@ def load_model_and_tokenizer(model_args, training_args):
         padding_side="right",
     )
     smart_tokenizer_and_embedding_resize(missing_special_tokens(tokenizer), tokenizer, model)
+    install_chat_template(tokenizer)  # every checkpoint says how to prompt it: vLLM, TGI, llama.cpp read this
     return model, tokenizer
 
 

@@ -91,7 +91,11 @@ def test_two_step_fine_tune_of_the_default_model_loads_back(embedded_dir, tmp_pa
     assert str(trainer.model.config.name_or_path) == str(embedded_dir)  # the default really was the embedded model
     model = transformers.AutoModelForCausalLM.from_pretrained(out)
     assert model.config.num_hidden_layers == 30
-    transformers.AutoTokenizer.from_pretrained(out)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    # the checkpoint carries the Alpaca chat template, not SmolLM2's ChatML: a peer server prompts it as trained
+    chat = [{"role": "user", "content": "Name a colour."}]
+    rendered = tokenizer.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert rendered.endswith(utils.format_prompt("Name a colour.")) and "<|im_start|>" not in rendered
     state = json.loads((out / "trainer_state.json").read_text())
     assert state["global_step"] == 2 and any("eval_loss" in h for h in state["log_history"][1:])
     assert state["log_history"][0]["step"] == 0 and "eval_loss" in state["log_history"][0]  # the untrained model's
