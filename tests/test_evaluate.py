@@ -350,7 +350,7 @@ def test_judge_through_serve_py(tmp_path, spm_tokenizer_dir):
     model_dir = build_scripted_llama(spm_tokenizer_dir, tmp_path / "judge", pieces=("Output (b)",))
     argv = ["--model_name_or_path", str(model_dir), "--port", str(helpers.free_port()), "--served_model_name", "j"]
     # --max_prompt_tokens: serve.py's OpenAI routes cap prompts at the training length (512) until issue 15 lands
-    with serve_in_thread(argv + ["--max_prompt_tokens", "4096", "--log_level", "warning"]) as running:
+    with serve_in_thread(argv + ["--log_level", "warning"]) as running:
         for api in ("chat", "completions"):
             rows = outputs(6, (), "m")
             evaluate.judge(

@@ -665,7 +665,7 @@ def test_against_serve_py(scripted_model, api, tmp_path):
         "--served_model_name",
         "scripted",
     ]
-    with serve_in_thread(argv + ["--max_prompt_tokens", "4096", "--log_level", "warning"]) as running:
+    with serve_in_thread(argv + ["--log_level", "warning"]) as running:
         assert generate_against(f"{running.url}/v1", "scripted", api, tmp_path) == SCRIPTED_TASKS
 
 
