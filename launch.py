@@ -43,6 +43,17 @@ def setup_cpu_ranks(args):
         args.use_cpu = True  # accelerate's MULTI_CPU over gloo; FSDP is switched on in SupervisedTrainer
 
 
+def close_ranks():
+    """End a multi-rank run in step: every rank waits for the others, then the process group is destroyed. Left to
+    interpreter exit, a rank's gloo threads can be torn down while a peer still talks to them ("terminate called
+    without an active exception" on one node, and the other then waits out torchrun's 300 s exit barrier)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 # Flags from the original README and the trainML fork that current transformers rejects.
 LEGACY_FLAGS = {
     "--evaluation_strategy": "--eval_strategy",  # renamed in transformers 4.46, removed in 5

@@ -41,6 +41,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from inference import ContextLengthError, GenParams, InstructModel, PromptTooLongError, check_params
+from precision import DTYPE_CHOICES, DTYPE_HELP
 from protocol import (
     ApiError,
     ChatBody,
@@ -343,7 +344,7 @@ def build_server(args, engine=None):
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         logger.warning("listening on %s without --api_key: anyone who can reach this port can use the model", args.host)
     if engine is None:
-        engine = InstructModel(args.model_name_or_path, args.max_prompt_tokens)
+        engine = InstructModel(args.model_name_or_path, args.max_prompt_tokens, dtype=args.dtype)
     app = create_app(engine, args.api_key, args.served_model_name, args.max_batch_size, args.allowed_origins)
     return uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
 
@@ -403,6 +404,7 @@ def parse_args(argv=None):
     p.add_argument("--max_batch_size", type=int, default=8, help="waiting requests that run as one batch, at most")
     p.add_argument("--allowed_origins", nargs="*", default=["*"], help="CORS origins allowed to call the API")
     p.add_argument("--log_level", default="info")
+    p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help=DTYPE_HELP)
     return p.parse_args(argv)
 
 
