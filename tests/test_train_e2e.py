@@ -1,6 +1,8 @@
 """End-to-end: the seed's launch commands run as printed (2 CPU ranks instead of 4 GPUs, a tiny Llama)."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -192,7 +194,11 @@ def test_two_torchrun_nodes_on_one_machine_train_and_exit_together(tmp_path, tin
         cmd = f"""torchrun --nnodes 2 --node_rank {rank} --nproc_per_node 1 --master_addr 127.0.0.1 \\
         --master_port {free_port} train.py {flags}"""
         logs.append(open(tmp_path / f"node{rank}.log", "w"))  # files, not pipes: a full pipe would stall a node
-        nodes.append(subprocess.Popen(["bash", "-c", cmd], cwd=model_path, env=env, stdout=logs[-1], stderr=logs[-1]))
+        nodes.append(
+            subprocess.Popen(
+                ["bash", "-c", cmd], cwd=model_path, env=env, stdout=logs[-1], stderr=logs[-1], start_new_session=True
+            )
+        )
     try:
         deadline = time.time() + TIMEOUT
         while len(ended) < 2 and time.time() < deadline:
@@ -202,10 +208,12 @@ def test_two_torchrun_nodes_on_one_machine_train_and_exit_together(tmp_path, tin
             time.sleep(0.5)
     finally:
         for node, log in zip(nodes, logs):
-            node.kill()
+            if node.poll() is None:  # timed out: stop torchrun and its rank too, not just bash
+                os.killpg(node.pid, signal.SIGKILL)
             node.wait()
             log.close()
     text = [(tmp_path / f"node{rank}.log").read_text() for rank in (0, 1)]
+    assert len(ended) == 2, f"a node was still running after {TIMEOUT} s: {ended}"
     assert [node.returncode for node in nodes] == [0, 0], "\n---\n".join(t[-4000:] for t in text)
     assert not any("terminate called" in t for t in text)  # an abort at exit, seen in 1 of 5 runs before close_ranks
     # torchrun's exit barrier waits up to 300 s for a node that did not finish cleanly: the nodes end together
