@@ -5,12 +5,9 @@ fp32; without it, bf16 is emulated and slower than fp32, so it is only worth ask
 """
 
 import functools
-import logging
 from pathlib import Path
 
 import torch
-
-logger = logging.getLogger(__name__)
 
 # /proc/cpuinfo flags of bf16 arithmetic in hardware: x86 "flags" and aarch64 "Features" lines
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
