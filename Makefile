@@ -23,7 +23,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 demo: setup
 	$(PY) train.py --output_dir out/demo --num_train_epochs 1 --per_device_train_batch_size 4 \
 		--gradient_accumulation_steps 2 --learning_rate 3e-5 --warmup_ratio 0.03 --lr_scheduler_type cosine \
-		--logging_steps 2 --save_strategy no --report_to none --demo_generations 3 --model_max_length 256
+		--logging_steps 2 --save_strategy no --report_to none --demo_generations 3 --model_max_length 256 --bf16 True
 	@echo "wrote out/demo: model, trainer_state.json, loss.png"
 
 test: setup

@@ -1,5 +1,6 @@
 """Collators: the original's padded micro-batches, and the padding-free layout train.py uses by default."""
 
+import itertools
 from dataclasses import dataclass
 from typing import Dict, Sequence
 
@@ -25,21 +26,34 @@ class DataCollatorForSupervisedDataset:
 
 
 def pack_rows(lengths, max_row_tokens):
-    """Spread example indices over as few rows of at most max_row_tokens tokens as fit, with sums as even as
-    possible, since every row is padded to the longest: longest first, each into the emptiest row."""
+    """Spread example indices over rows of at most max_row_tokens tokens. Every row is padded to the longest, so the
+    cost is rows x longest row: longest first, try the fewest rows that fit with each example going to the emptiest row
+    (even sums) and to the fullest row it fits in (tight rows, room left for the rest); keep the cheaper layout."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    n_rows = max(1, -(-sum(lengths) // max_row_tokens))
-    while True:
-        rows, sums = [[] for _ in range(n_rows)], [0] * n_rows
-        for i in order:
-            r = min(range(n_rows), key=sums.__getitem__)
-            if sums[r] + lengths[i] > max_row_tokens:
-                break  # it fits in no row: one row more
-            rows[r].append(i)
-            sums[r] += lengths[i]
-        else:
-            return [sorted(row) for row in rows if row]
-        n_rows += 1
+    fewest = max(1, -(-sum(lengths) // max_row_tokens))
+    layouts = [
+        next(
+            rows
+            for n_rows in itertools.count(fewest)
+            if (rows := _fill_rows(order, lengths, n_rows, max_row_tokens, even))
+        )
+        for even in (True, False)
+    ]
+    return min(layouts, key=lambda rows: len(rows) * max(sum(lengths[i] for i in row) for row in rows))
+
+
+def _fill_rows(order, lengths, n_rows, max_row_tokens, even):
+    """Place examples in order into n_rows rows (the emptiest or the fullest that fits): rows, or None if one fits
+    nowhere."""
+    rows, sums = [[] for _ in range(n_rows)], [0] * n_rows
+    for i in order:
+        fits = [r for r in range(n_rows) if sums[r] + lengths[i] <= max_row_tokens]
+        if not fits:
+            return None
+        r = (min if even else max)(fits, key=sums.__getitem__)
+        rows[r].append(i)
+        sums[r] += lengths[i]
+    return [sorted(row) for row in rows if row]
 
 
 @dataclass
@@ -75,22 +89,26 @@ class DataCollatorPaddingFree:
     def __call__(self, instances: Sequence[Dict]) -> Dict[str, torch.Tensor]:
         lengths = [len(x["input_ids"]) for x in instances]
         rows = pack_rows(lengths, max(self.max_row_tokens, max(lengths)))
-        width = max(sum(lengths[i] for i in row) for row in rows)
+        order = [i for row in rows for i in row]  # examples in the order they are laid out, row after row
+        n = torch.tensor([lengths[i] for i in order])
+        row_of = torch.tensor([r for r, row in enumerate(rows) for _ in row])
+        used = torch.zeros(len(rows), dtype=torch.long).index_add_(0, row_of, n)  # (rows,) tokens before padding
+        width = int(used.max())
+        # every token of the concatenated examples: its example, row, column and position within its example
+        example = torch.repeat_interleave(torch.arange(len(order)), n)
+        flat = torch.arange(int(n.sum()))
+        first = n.cumsum(0) - n  # (examples,) flat index of each example's first token
+        row, col = row_of[example], flat - (used.cumsum(0) - used)[row_of[example]]
+        labels_flat = torch.cat([instances[i]["labels"] for i in order])
+        labels_flat[first] = IGNORE_INDEX  # predicted by the previous example's last token: never trained
         input_ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        input_ids[row, col] = torch.cat([instances[i]["input_ids"] for i in order])
         labels = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
-        position_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        labels[row, col] = labels_flat
+        position_ids = torch.arange(width).repeat(len(rows), 1) - used[:, None]  # padding counts from 0 after the row
+        position_ids[row, col] = flat - first[example]
         segment = torch.full((len(rows), width), -1, dtype=torch.long)  # padding: one segment of its own
-        for r, row in enumerate(rows):
-            start = 0
-            for i in row:
-                n = lengths[i]
-                input_ids[r, start : start + n] = instances[i]["input_ids"]
-                labels[r, start : start + n] = instances[i]["labels"]
-                labels[r, start] = IGNORE_INDEX  # predicted by the previous example's last token: never trained
-                position_ids[r, start : start + n] = torch.arange(n)
-                segment[r, start : start + n] = i
-                start += n
-            position_ids[r, start:] = torch.arange(width - start)
+        segment[row, col] = example
         batch = dict(input_ids=input_ids, labels=labels, position_ids=position_ids)
         if self.attention == "mask":
             batch["attention_mask"] = block_causal_mask(segment, self.mask_dtype)

@@ -4,8 +4,8 @@
     python deploy_endpoint.py --checkpoint alpaca
     python deploy_endpoint.py --checkpoint alpaca --gpu-count 1 --gpu-type rtx3090 --dry-run  # print, create nothing
 
-It uploads inference.py, utils.py and cli.py (staged in a temp folder: not this whole checkout, .venv and all) as the
-job's model, attaches the checkpoint (the endpoint sees it at $TRAINML_CHECKPOINT_PATH), waits until the
+It uploads inference.py, precision.py, utils.py and cli.py (staged in a temp folder: not this whole checkout, .venv
+and all) as the job's model, attaches the checkpoint (the endpoint sees it at $TRAINML_CHECKPOINT_PATH), waits until the
 endpoint runs and prints its URL. Stop it when done: trainml job stop "Instruction-Trained LLM Endpoint Example"
 """
 
@@ -20,7 +20,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 JOB_NAME = "Instruction-Trained LLM Endpoint Example"
-ENDPOINT_FILES = ("inference.py", "utils.py", "cli.py")  # what instruct() imports from this repo, and utils' CLI
+ENDPOINT_FILES = ("inference.py", "precision.py", "utils.py", "cli.py")  # what instruct() imports, and utils' CLI
 # (name, type, optional): the fields instruct() takes, as the fork's route declared them
 ROUTE_BODY = (
     ("instruction", "str", False),

@@ -18,6 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 import transformers
 
+from precision import DTYPE_CHOICES, DTYPE_HELP, resolve_dtype
 from utils import DEFAULT_MODEL_MAX_LENGTH, EMBEDDED_MODEL, format_prompt, from_pretrained
 
 logger = logging.getLogger(__name__)
@@ -181,7 +182,8 @@ class InstructModel:
     ):
         """Load model_name_or_path (default $TRAINML_CHECKPOINT_PATH, else the embedded model), or wrap an already
         loaded `model` and `tokenizer` (train.py's demo answers, on the model being trained). dtype: None picks
-        bf16/fp16 on a GPU and fp32 on CPU; or a torch dtype or its name."""
+        bf16/fp16 on a GPU and fp32 on CPU; "auto" bf16 where the device computes it natively (a CPU with
+        AVX512-BF16/AMX too), else fp32; or a torch dtype or its name."""
         if model is not None:
             self.name, self.model, self.tokenizer = model_name_or_path or model.name_or_path, model, tokenizer
             dtype = model.dtype
@@ -211,7 +213,7 @@ class InstructModel:
         cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
         if dtype is None:
             dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
-        dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+        dtype = resolve_dtype(dtype, "cuda" if cuda else "cpu")
         self.tokenizer = from_pretrained(transformers.AutoTokenizer, self.name)
         # device_map="auto" spreads a model too big for one GPU over all of them, as the fork did
         placement = dict(device_map="auto") if cuda and device is None else {}
@@ -332,11 +334,11 @@ _MODEL = None
 _LOAD_LOCK = threading.Lock()
 
 
-def load_model(model_name_or_path=None, max_prompt_tokens=None):
+def load_model(model_name_or_path=None, max_prompt_tokens=None, dtype=None):
     """Load (or replace) the model instruct() uses."""
     global _MODEL
     with _LOAD_LOCK:
-        _MODEL = InstructModel(model_name_or_path, max_prompt_tokens)
+        _MODEL = InstructModel(model_name_or_path, max_prompt_tokens, dtype=dtype)
         return _MODEL
 
 
@@ -371,8 +373,7 @@ def main(args):
     check_params(GenParams(**{k: v for k, v in given.items() if v is not None}), max_tokens_limit=2**31)
     if not args.instruction.strip():
         raise ValueError("--instruction is empty")
-    if args.model_name_or_path or args.max_prompt_tokens:
-        load_model(args.model_name_or_path, args.max_prompt_tokens)
+    load_model(args.model_name_or_path, args.max_prompt_tokens, args.dtype)
     print(
         instruct(
             args.instruction, args.input, args.max_tokens, args.temperature, args.top_p, args.num_beams, args.truncate
@@ -397,6 +398,7 @@ def parse_args(argv=None):
         "--max_prompt_tokens", type=int, default=None, help="default: the tokenizer's model_max_length, else 512"
     )
     p.add_argument("--truncate", action="store_true", help="cut an over-long input instead of refusing it")
+    p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help=DTYPE_HELP)
     return p.parse_args(argv)
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import torch
 
+import precision
+
 logger = logging.getLogger(__name__)
 
 
@@ -41,6 +43,17 @@ def setup_cpu_ranks(args):
         args.use_cpu = True  # accelerate's MULTI_CPU over gloo; FSDP is switched on in SupervisedTrainer
 
 
+def close_ranks():
+    """End a multi-rank run in step: every rank waits for the others, then the process group is destroyed. Left to
+    interpreter exit, a rank's gloo threads can be torn down while a peer still talks to them ("terminate called
+    without an active exception" on one node, and the other then waits out torchrun's 300 s exit barrier)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 # Flags from the original README and the trainML fork that current transformers rejects.
 LEGACY_FLAGS = {
     "--evaluation_strategy": "--eval_strategy",  # renamed in transformers 4.46, removed in 5
@@ -63,8 +76,9 @@ def _take_value(argv, i):
     return None, i + 1
 
 
-def translate_legacy_args(argv, has_gpu=None):
-    """Rewrite the seed's command-line flags for today's transformers. Returns (argv, notes)."""
+def translate_legacy_args(argv, has_gpu=None, cpu_bf16=None):
+    """Rewrite the seed's command-line flags for today's transformers. Returns (argv, notes). cpu_bf16: the CPU flag
+    that shows native bf16 (precision.cpu_bf16_flag(), looked up when None; "" for none)."""
     has_gpu = torch.cuda.is_available() if has_gpu is None else has_gpu
     out, notes, layer_cls, i = [], [], None, 0
     while i < len(argv):
@@ -86,7 +100,9 @@ def translate_legacy_args(argv, has_gpu=None):
         elif flag in ("--bf16", "--tf32", "--fp16") and not has_gpu:
             value, i = _take_value(argv, i)
             if value is None or value.lower() in ("true", "1", "yes"):
-                notes.append(f"no GPU found: ignoring {flag} {value or 'True'} and training in fp32 on CPU")
+                extra, note = _cpu_precision(flag, value, cpu_bf16)
+                out += extra
+                notes.append(note)
         else:
             out.append(argv[i])
             i += 1
@@ -95,6 +111,18 @@ def translate_legacy_args(argv, has_gpu=None):
             raise ValueError("give --fsdp_transformer_layer_cls_to_wrap inside --fsdp_config, not both")
         out += ["--fsdp_config", f'{{"transformer_layer_cls_to_wrap": ["{layer_cls}"]}}']
     return out, notes
+
+
+def _cpu_precision(flag, value, cpu_bf16):
+    """--bf16/--tf32/--fp16 True with no GPU: bf16 autocast where the CPU has it natively (the Trainer wants use_cpu
+    for bf16 without a GPU), else dropped: fp16 and emulated bf16 are slower than fp32 on a CPU. (argv, note)"""
+    cpu_bf16 = precision.cpu_bf16_flag() if cpu_bf16 is None else cpu_bf16
+    if flag == "--bf16" and cpu_bf16:
+        return ["--bf16", "True", "--use_cpu", "True"], (
+            f"no GPU found: --bf16 trains in bf16 mixed precision (autocast) on the CPU, which has {cpu_bf16}"
+        )
+    why = " (this CPU has no native bf16)" if flag == "--bf16" else ""
+    return [], f"no GPU found: ignoring {flag} {value or 'True'} and training in fp32 on CPU{why}"
 
 
 def find_resume_checkpoint(training_args):

@@ -50,6 +50,7 @@ from inference import (
     check_params,
     generation_limits,
 )
+from precision import DTYPE_CHOICES, DTYPE_HELP
 from protocol import (
     ApiError,
     ChatBody,
@@ -276,7 +277,7 @@ def build_server(args, model=None):
     if not is_loopback(args.host) and not args.api_key:
         logger.warning("listening on %s without --api_key: anyone who can reach this port can use the model", args.host)
     if model is None:
-        model = InstructModel(args.model_name_or_path, args.max_prompt_tokens)
+        model = InstructModel(args.model_name_or_path, args.max_prompt_tokens, dtype=args.dtype)
     app = create_app(
         model,
         args.api_key,
@@ -364,6 +365,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--max_body_bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="larger request bodies get 413")
     p.add_argument("--log_level", default="info")
+    p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help=DTYPE_HELP)
     return p.parse_args(argv)
 
 

@@ -31,7 +31,7 @@ import utils
 from chat_template import install_chat_template
 from collators import DataCollatorForSupervisedDataset, make_collator
 from dataset import SupervisedDataset, _tokenize_fn, load_data, make_supervised_data_module, preprocess
-from launch import cpu_world_size, find_resume_checkpoint, setup_cpu_ranks, translate_legacy_args
+from launch import close_ranks, cpu_world_size, find_resume_checkpoint, setup_cpu_ranks, translate_legacy_args
 from reporting import demo_answers, plot_loss, print_demo, title_for
 from special_tokens import missing_special_tokens, smart_tokenizer_and_embedding_resize
 from utils import (
@@ -272,6 +272,7 @@ def train(argv=None):
             after = demo_answers(trainer, tokenizer, data_args)
             eval_after = trainer.evaluate()["eval_loss"] if eval_before is not None else None
             print_demo(before, after, eval_before, eval_after)
+    close_ranks()  # every rank exits together, with its process group shut down
     return trainer
 
 

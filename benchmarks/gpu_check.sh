@@ -17,7 +17,7 @@ for attn in sdpa flash_attention_2; do
         echo "flash-attn not installed: skipping flash_attention_2"; continue
     fi
     echo "== $attn, bf16"
-    timeout 150 "$PY" -m benchmarks.train_throughput --model "$MODEL" --device cuda --dtype bf16 --attn "$attn" \
-        --steps 10 --batch_sizes 4,16
+    timeout 150 "$PY" -m benchmarks.train_throughput --case padding_free --model "$MODEL" --device cuda --dtype bf16 \
+        --attn "$attn" --steps 10 --batch_sizes 4,16
 done
-timeout 120 "$PY" -m pytest -q tests/test_padding_free.py
+timeout 120 "$PY" -m pytest -q tests/test_collators.py

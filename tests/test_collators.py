@@ -52,6 +52,9 @@ def test_pack_rows_fills_rows_up_to_the_limit_and_keeps_every_example_once():
     # rows are padded to the longest, so they are balanced: first fit would give [300, 200] and [100, 50] (width 500)
     assert collators.pack_rows([300, 200, 100, 50], 512) == [[0, 3], [1, 2]]  # 350 and 300 tokens
     assert collators.pack_rows([60, 60, 60], 100) == [[0], [1], [2]]  # 180 tokens fit 2 rows of 100 only on paper
+    # each into the emptiest row gives 5+3+2 and 4+4: 2 rows of width 10; into the fullest that fits, 4+5 and 4+3+2:
+    # width 9, 18 token slots instead of 20
+    assert collators.pack_rows([4, 4, 3, 5, 2], 10) == [[0, 3], [1, 2, 4]]
 
 
 def test_collator_layout_positions_labels_and_mask():

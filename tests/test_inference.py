@@ -4,6 +4,7 @@ import importlib.util
 from types import SimpleNamespace
 
 import pytest
+import torch
 from helpers import ROOT
 from scripted_llama import SCRIPT, build_scripted_llama
 
@@ -199,3 +200,15 @@ def test_cli_mistakes_are_refused_before_any_model_loads(argv, expected, monkeyp
     monkeypatch.setattr(inference.transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail())
     with pytest.raises(ValueError, match=expected):
         inference.main(inference.parse_args(argv))
+
+
+@pytest.mark.parametrize("native, expected", [(True, "bfloat16"), (False, "float32")])
+def test_dtype_auto_is_bf16_only_on_a_cpu_that_computes_it(tiny_llama_dir, monkeypatch, native, expected):
+    import precision
+
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    model = InstructModel(str(tiny_llama_dir), device="cpu", dtype="auto")
+    assert str(model.model.dtype) == f"torch.{expected}"
+    assert InstructModel(str(tiny_llama_dir), device="cpu").model.dtype == torch.float32  # None: fp32 on CPU, as before
+    assert inference.parse_args(["--instruction", "x"]).dtype is None  # today's choice unless asked
+    assert inference.parse_args(["--instruction", "x", "--dtype", "float32"]).dtype == "float32"

@@ -63,7 +63,7 @@ SEED_ARGS = [
 
 
 def test_legacy_flags_map_to_current_arguments_on_cpu():
-    argv, notes = launch.translate_legacy_args(SEED_ARGS, has_gpu=False)
+    argv, notes = launch.translate_legacy_args(SEED_ARGS, has_gpu=False, cpu_bf16="")  # a CPU without native bf16
     assert "--evaluation_strategy" not in argv and "--warmup_ratio" not in argv and "--bf16" not in argv
     assert len(notes) == 5  # eval strategy, warmup, fsdp layer class, bf16, tf32: one line each
     _, _, args = transformers.HfArgumentParser(
@@ -77,4 +77,4 @@ def test_legacy_flags_map_to_current_arguments_on_cpu():
 def test_legacy_flags_keep_precision_flags_on_gpu_and_map_group_by_length():
     argv, notes = launch.translate_legacy_args(["--bf16", "True", "--tf32=True", "--group_by_length"], has_gpu=True)
     assert argv == ["--bf16", "True", "--tf32=True", "--train_sampling_strategy", "group_by_length"]
-    assert launch.translate_legacy_args(["--bf16", "False"], has_gpu=False)[1] == []  # nothing to say
+    assert launch.translate_legacy_args(["--bf16", "False"], has_gpu=False, cpu_bf16="avx512_bf16")[1] == []
