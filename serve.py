@@ -343,7 +343,7 @@ def build_server(args, engine=None):
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         logger.warning("listening on %s without --api_key: anyone who can reach this port can use the model", args.host)
     if engine is None:
-        engine = InstructModel(args.model_name_or_path, args.max_prompt_tokens)
+        engine = InstructModel(args.model_name_or_path, args.max_prompt_tokens, base_model=args.base_model)
     app = create_app(engine, args.api_key, args.served_model_name, args.max_batch_size, args.allowed_origins)
     return uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level))
 
@@ -389,6 +389,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--model_name_or_path", default=None, help=f"default: $TRAINML_CHECKPOINT_PATH, else {EMBEDDED_MODEL}"
     )
+    p.add_argument("--base_model", default=None, help="the base of a LoRA adapter folder (default: its own record)")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface (use --api_key)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api_key", default=None, help="require 'Authorization: Bearer KEY' on /instruct and /v1/*")

@@ -27,6 +27,7 @@ import transformers
 from transformers import Trainer
 
 import cli
+import lora
 import utils
 from collators import DataCollatorForSupervisedDataset, make_collator
 from dataset import SupervisedDataset, _tokenize_fn, load_data, make_supervised_data_module, preprocess
@@ -57,7 +58,7 @@ SAMPLE_EVAL = HERE / "data" / "sample_eval.json"
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(lora.LoraArguments):  # --use_peft, --lora_r, ...: in the model's arguments, as in TRL
     model_name_or_path: str | None = field(
         default=EMBEDDED_MODEL,
         metadata={
@@ -159,6 +160,7 @@ def parse_args(argv=None):
             unknown, [f"--{f.name}" for dc in ARGUMENT_CLASSES for f in dataclasses.fields(dc)]
         )
     check_ranges(data_args, training_args)
+    lora.check_args(model_args, training_args)
     if data_args.data_path is None:
         data_args.data_path = str(SAMPLE_TRAIN)
         if data_args.eval_data_path is None and not data_args.val_set_size:
@@ -191,7 +193,9 @@ def check_ranges(data_args, training_args):
 
 def load_model_and_tokenizer(model_args, training_args):
     name = model_args.model_name_or_path
-    model = utils.from_pretrained(transformers.AutoModelForCausalLM, name, cache_dir=training_args.cache_dir)
+    model = utils.from_pretrained(
+        transformers.AutoModelForCausalLM, name, cache_dir=training_args.cache_dir, **lora.load_kwargs(model_args)
+    )
     tokenizer = utils.from_pretrained(
         transformers.AutoTokenizer,
         name,
@@ -199,7 +203,12 @@ def load_model_and_tokenizer(model_args, training_args):
         model_max_length=training_args.model_max_length,
         padding_side="right",
     )
-    smart_tokenizer_and_embedding_resize(missing_special_tokens(tokenizer), tokenizer, model)
+    added = missing_special_tokens(tokenizer)
+    smart_tokenizer_and_embedding_resize(added, tokenizer, model)
+    if model_args.use_peft:  # the base stays frozen; the adapter also trains the rows just added
+        model = lora.add_adapters(
+            model, model_args, training_args, tokenizer.convert_tokens_to_ids(list(added.values()))
+        )
     return model, tokenizer
 
 
