@@ -124,6 +124,7 @@ def load_kwargs(args):
 def add_adapters(model, args, training_args, new_token_ids):
     """Wrap a loaded (and resized) model in a LoRA adapter; new_token_ids: the rows train.py added, trained too."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers.integrations import is_deepspeed_zero3_enabled
 
     if args.load_in_4bit or args.load_in_8bit:
         # casts norms to fp32, freezes the base, and makes checkpointed layers see inputs that require grad
@@ -135,6 +136,11 @@ def add_adapters(model, args, training_args, new_token_ids):
     elif training_args.gradient_checkpointing:
         model.enable_input_require_grads()  # else the frozen embeddings give checkpointed layers no grad to carry
     tokens = None
+    if new_token_ids and not torch.cuda.is_available() and is_deepspeed_zero3_enabled():
+        raise ValueError(  # peft 0.21 gathers the partitioned embedding rows with torch.cuda
+            f"--use_peft under ZeRO-3 cannot train the {len(new_token_ids)} new special-token rows without a GPU; "
+            "use ZeRO-2 (ds_config_zero2_offload.json) or --fsdp on CPU"
+        )
     if new_token_ids:
         # lm_head tied to the embeddings (SmolLM2) follows the embedding rows; an untied one gets its own rows
         tokens = {"embed_tokens": list(new_token_ids)}

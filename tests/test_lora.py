@@ -4,6 +4,9 @@ resume and serving. The launches under deepspeed and torchrun are marked slow, l
 import hashlib
 import json
 import math
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,14 +195,15 @@ def test_base_model_overrides_the_one_the_adapter_names(lora_run, tmp_path, tiny
         inference.InstructModel(str(moved), base_model=str(other))
 
 
-def test_qlora_trains_with_falling_loss_and_merges_into_the_fp32_base(tiny_llama_dir, tmp_path, probe):
+@pytest.mark.parametrize("flag, layer", [("--load_in_4bit", "Linear4bit"), ("--load_in_8bit", "Linear8bitLt")])
+def test_qlora_trains_with_falling_loss_and_merges_into_the_fp32_base(tiny_llama_dir, tmp_path, probe, flag, layer):
     from peft import PeftModel
 
     data = tmp_path / "data.json"
     data.write_text(json.dumps(make_rows(48, seed=4)))
     out = tmp_path / "qlora"
-    trainer = train.train(lora_argv(tiny_llama_dir, data, out, "--load_in_4bit", "True", "--max_steps", "12"))
-    assert type(trainer.model.base_model.model.model.layers[0].mlp.up_proj.base_layer).__name__ == "Linear4bit"
+    trainer = train.train(lora_argv(tiny_llama_dir, data, out, flag, "True", "--max_steps", "12"))
+    assert type(trainer.model.base_model.model.model.layers[0].mlp.up_proj.base_layer).__name__ == layer
     losses = list(train_losses(out).values())
     assert len(losses) == 12 and all(math.isfinite(x) for x in losses)
     assert sum(losses[-3:]) < sum(losses[:3]), losses  # ln(400) ~ 6 at the start of a random model
@@ -253,6 +257,23 @@ def test_readme_fsdp_command_with_use_peft_saves_an_adapter_that_merges(tmp_path
     proc = run(cmd, model_path, subprocess_env())
     assert "2 rank(s), DistributedType.FSDP" in proc.stderr
     assert_adapter_merges(out, tiny_llama_dir, tmp_path)
+
+
+@pytest.mark.slow
+def test_zero3_with_use_peft_on_cpu_is_one_clear_error(tmp_path, tiny_llama_dir, free_port):
+    model_path = job_dir(tmp_path, 64)
+    cmd = f"""torchrun --nproc_per_node=2 --master_port={free_port} train.py \\
+      --model_name_or_path {tiny_llama_dir} --data_path ./alpaca_data.json --output_dir {tmp_path / "z3_out"} \\
+      --deepspeed "./configs/default_offload_opt_param.json" --report_to none --use_peft True"""
+    env = subprocess_env()
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    proc = subprocess.run(["bash", "-c", cmd], cwd=model_path, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode != 0
+    # peft 0.21 sets up trainable tokens under ZeRO-3 with torch.cuda: refused by name, not a CUDA traceback
+    assert "train.py: error: --use_peft under ZeRO-3 cannot train the 1 new special-token rows without a GPU" in (
+        proc.stderr
+    )
+    assert "Torch not compiled with CUDA" not in proc.stderr
 
 
 def assert_adapter_merges(out, base_dir, tmp_path):
