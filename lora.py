@@ -113,7 +113,7 @@ def load_kwargs(args):
         config = transformers.BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
-            bnb_4bit_use_double_quant=True,  # the QLoRA paper's: quantize the block scales too (~0.4 bit/param less)
+            bnb_4bit_use_double_quant=True,  # the QLoRA paper's: quantize the block scales too (0.37 bit/param less)
             bnb_4bit_compute_dtype=compute,
         )
     # bitsandbytes quantizes as weights land on their device: each rank's whole model on its own GPU
@@ -124,7 +124,6 @@ def load_kwargs(args):
 def add_adapters(model, args, training_args, new_token_ids):
     """Wrap a loaded (and resized) model in a LoRA adapter; new_token_ids: the rows train.py added, trained too."""
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers.integrations import is_deepspeed_zero3_enabled
 
     if args.load_in_4bit or args.load_in_8bit:
         # casts norms to fp32, freezes the base, and makes checkpointed layers see inputs that require grad
@@ -135,23 +134,12 @@ def add_adapters(model, args, training_args, new_token_ids):
         )
     elif training_args.gradient_checkpointing:
         model.enable_input_require_grads()  # else the frozen embeddings give checkpointed layers no grad to carry
-    tokens = None
-    if new_token_ids and not torch.cuda.is_available() and is_deepspeed_zero3_enabled():
-        raise ValueError(  # peft 0.21 gathers the partitioned embedding rows with torch.cuda
-            f"--use_peft under ZeRO-3 cannot train the {len(new_token_ids)} new special-token rows without a GPU; "
-            "use ZeRO-2 (ds_config_zero2_offload.json) or --fsdp on CPU"
-        )
-    if new_token_ids:
-        # lm_head tied to the embeddings (SmolLM2) follows the embedding rows; an untied one gets its own rows
-        tokens = {"embed_tokens": list(new_token_ids)}
-        if not model.config.get_text_config().tie_word_embeddings:
-            tokens["lm_head"] = list(new_token_ids)
     config = LoraConfig(
         r=args.lora_r,
         lora_alpha=args.lora_alpha,
         lora_dropout=args.lora_dropout,
         target_modules=target_modules(args),
-        trainable_token_indices=tokens,
+        trainable_token_indices=token_rows(model, new_token_ids),
         task_type="CAUSAL_LM",
     )
     transformers.set_seed(training_args.seed)  # lora_A starts random: --seed makes a run repeatable (and resumable)
@@ -169,6 +157,24 @@ def add_adapters(model, args, training_args, new_token_ids):
             "LoRA r=%d: %d of %d parameters trainable (%.2f%%)", args.lora_r, trainable, total, 100 * trainable / total
         )
     return model
+
+
+def token_rows(model, new_token_ids):
+    """peft's trainable_token_indices for the rows train.py added: None when it added none."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if not new_token_ids:
+        return None
+    if not torch.cuda.is_available() and is_deepspeed_zero3_enabled():
+        raise ValueError(  # peft 0.21 gathers the partitioned embedding rows with torch.cuda
+            f"--use_peft under ZeRO-3 cannot train the {len(new_token_ids)} new special-token rows without a GPU; "
+            "use ZeRO-2 (ds_config_zero2_offload.json) or --fsdp on CPU"
+        )
+    tokens = {"embed_tokens": list(new_token_ids)}
+    # lm_head tied to the embeddings (SmolLM2) follows the embedding rows; an untied one gets its own rows
+    if not model.config.get_text_config().tie_word_embeddings:
+        tokens["lm_head"] = list(new_token_ids)
+    return tokens
 
 
 def base_name(name_or_path):

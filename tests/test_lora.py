@@ -167,6 +167,29 @@ def test_merge_refuses_an_adapter_of_another_base(lora_run, tmp_path, bpe_tokeni
     assert not (tmp_path / "merged").exists()
 
 
+def test_merge_takes_the_whole_tables_peft_saves_for_a_resized_vocabulary(tiny_llama_dir, tmp_path, probe):
+    """An adapter from elsewhere (peft's default save): the resized embedding and lm_head saved whole."""
+    from peft import LoraConfig, get_peft_model
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tiny_llama_dir)
+    train.smart_tokenizer_and_embedding_resize({"pad_token": "[PAD]"}, tokenizer, model)
+    torch.manual_seed(0)
+    with torch.no_grad():  # a fine-tune that changed the whole tables
+        for table in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
+            table.add_(torch.randn_like(table) * 0.1)
+    config = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
+    peft_model = get_peft_model(model, config)
+    peft_model.save_pretrained(tmp_path / "adapter", save_embedding_layers=True)
+    tokenizer.save_pretrained(tmp_path / "adapter")
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert "base_model.model.lm_head.weight" in saved and "base_model.model.model.embed_tokens.weight" in saved
+    merged = weight_diff.merge_lora(str(tiny_llama_dir), str(tmp_path / "adapter"), str(tmp_path / "merged"))
+    expected = logits(peft_model, probe)
+    got = logits(transformers.AutoModelForCausalLM.from_pretrained(merged), probe)
+    assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
+
+
 def test_instruct_answers_from_an_adapter_folder_as_the_merged_model_does(lora_run, merged_dir, monkeypatch):
     _, out, _ = lora_run
     monkeypatch.setattr(inference, "_MODEL", None)
@@ -280,6 +303,8 @@ def assert_adapter_merges(out, base_dir, tmp_path):
     """The launch saved an adapter (not a model) that changed, and it merges into a model that loads."""
     saved = load_file(out / "adapter_model.safetensors")
     assert not (out / "model.safetensors").exists()
+    # the [PAD] rows as trainable tokens, not whole embedding tables: the launcher saved through our save_pretrained
+    assert all(".lora_" in k or k.endswith("trainable_tokens_delta") for k in saved), sorted(saved)
     assert any(".lora_B." in k and v.abs().sum() > 0 for k, v in saved.items()), "lora_B still all zero"
     merged = weight_diff.merge_lora(str(base_dir), str(out), str(tmp_path / "merged"))
     model = transformers.AutoModelForCausalLM.from_pretrained(merged)
