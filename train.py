@@ -3,6 +3,9 @@
     # the embedded demo model on the project's sample data, on CPU
     python train.py --output_dir out/demo --num_train_epochs 1
 
+    # LoRA (QLoRA with --load_in_4bit True): an adapter in out/lora, the base untouched; see lora.py
+    python train.py --output_dir out/lora --use_peft True --learning_rate 2e-4
+
     # the trainML fork's recipe: ZeRO-2 with CPU optimizer offload on 4x24GB GPUs
     deepspeed --num_gpus 4 train.py --model_name_or_path llama-7b --data_path alpaca_data.json \
         --bf16 True --output_dir out --num_train_epochs 3 --per_device_train_batch_size 16 \
