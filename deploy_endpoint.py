@@ -4,7 +4,7 @@
     python deploy_endpoint.py --checkpoint alpaca
     python deploy_endpoint.py --checkpoint alpaca --gpu-count 1 --gpu-type rtx3090 --dry-run  # print, create nothing
 
-It uploads inference.py, precision.py, utils.py and cli.py (staged in a temp folder: not this whole checkout, .venv
+It uploads inference.py and the modules it imports (staged in a temp folder: not this whole checkout, .venv
 and all) as the job's model, attaches the checkpoint (the endpoint sees it at $TRAINML_CHECKPOINT_PATH), waits until the
 endpoint runs and prints its URL. Stop it when done: trainml job stop "Instruction-Trained LLM Endpoint Example"
 """
@@ -20,7 +20,14 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 JOB_NAME = "Instruction-Trained LLM Endpoint Example"
-ENDPOINT_FILES = ("inference.py", "precision.py", "utils.py", "cli.py")  # what instruct() imports, and utils' CLI
+ENDPOINT_FILES = (
+    "inference.py",
+    "utils.py",
+    "precision.py",
+    "lora.py",
+    "special_tokens.py",
+    "cli.py",
+)  # instruct() imports
 # (name, type, optional): the fields instruct() takes, as the fork's route declared them
 ROUTE_BODY = (
     ("instruction", "str", False),
@@ -31,7 +38,7 @@ ROUTE_BODY = (
     ("num_beams", "int", True),
 )
 # The endpoint's environment predates the transformers release inference.py is written for.
-PIP_PACKAGES = ("transformers>=5.20,<6", "accelerate>=1.10,<2", "sentencepiece>=0.2,<0.3")
+PIP_PACKAGES = ("transformers>=5.20,<6", "accelerate>=1.10,<2", "sentencepiece>=0.2,<0.3", "peft>=0.17,<0.22")
 MAX_GPUS = 4
 
 
@@ -96,6 +103,8 @@ def main(args):
         spec = endpoint_job_spec(
             args.checkpoint, stage_endpoint_files(tmp), args.gpu_count, args.gpu_type, args.disk_size, args.environment
         )
+        if args.base_model:  # the endpoint has no command line: inference.InstructModel reads it from there
+            spec["environment"]["env"] = [dict(key="ALPACA_BASE_MODEL", value=args.base_model)]
         if args.dry_run:
             print(json.dumps(spec, indent=2))
             return None
@@ -117,6 +126,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--environment", default="DEEPLEARNING_PY310", help="trainML environment (transformers 5 needs Python 3.10+)"
     )
+    p.add_argument("--base_model", default=None, help="base of a LoRA adapter checkpoint (default: its own record)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds to wait for the endpoint to run")
     p.add_argument("--dry-run", dest="dry_run", action="store_true", help="print the job spec and stop")
     return p.parse_args(argv)

@@ -6,7 +6,8 @@
 
 The checkpoint is --model_name_or_path (or load_model(path)), else $TRAINML_CHECKPOINT_PATH (set on trainML
 endpoints), else the embedded SmolLM2-135M-Instruct. It loads on first use, once per process, on the GPU if
-there is one. The trainML route maps POST /instruct to instruct() here; serve.py serves the same thing locally.
+there is one; a LoRA adapter folder goes onto its base (or --base_model, $ALPACA_BASE_MODEL), merged.
+The trainML route maps POST /instruct to instruct() here; serve.py serves the same thing locally.
 """
 
 import argparse
@@ -18,6 +19,7 @@ from dataclasses import dataclass, replace
 import torch
 import transformers
 
+import lora
 from precision import DTYPE_CHOICES, DTYPE_HELP, resolve_dtype
 from utils import DEFAULT_MODEL_MAX_LENGTH, EMBEDDED_MODEL, format_prompt, from_pretrained
 
@@ -178,18 +180,27 @@ class InstructModel:
     """A checkpoint and its tokenizer; generate() holds a lock, so calls from several threads run one at a time."""
 
     def __init__(
-        self, model_name_or_path=None, max_prompt_tokens=None, device=None, dtype=None, *, model=None, tokenizer=None
+        self,
+        model_name_or_path=None,
+        max_prompt_tokens=None,
+        device=None,
+        dtype=None,
+        *,
+        model=None,
+        tokenizer=None,
+        base_model=None,
     ):
         """Load model_name_or_path (default $TRAINML_CHECKPOINT_PATH, else the embedded model), or wrap an already
         loaded `model` and `tokenizer` (train.py's demo answers, on the model being trained). dtype: None picks
         bf16/fp16 on a GPU and fp32 on CPU; "auto" bf16 where the device computes it natively (a CPU with
-        AVX512-BF16/AMX too), else fp32; or a torch dtype or its name."""
+        AVX512-BF16/AMX too), else fp32; or a torch dtype or its name.
+        base_model: overrides an adapter's base."""
         if model is not None:
             self.name, self.model, self.tokenizer = model_name_or_path or model.name_or_path, model, tokenizer
             dtype = model.dtype
         else:
             self.name = model_name_or_path or os.environ.get("TRAINML_CHECKPOINT_PATH") or EMBEDDED_MODEL
-            dtype = self._load(device, dtype)
+            dtype = self._load(device, dtype, base_model or os.environ.get("ALPACA_BASE_MODEL"))
         self.context_window = getattr(self.model.config, "max_position_embeddings", None) or 2048
         self.max_prompt_tokens = max_prompt_tokens or training_length(self.tokenizer, self.context_window)
         eos = self.model.generation_config.eos_token_id
@@ -209,15 +220,19 @@ class InstructModel:
             self.context_window,
         )
 
-    def _load(self, device, dtype):
+    def _load(self, device, dtype, base_model=None):
         cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
         if dtype is None:
             dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
         dtype = resolve_dtype(dtype, "cuda" if cuda else "cpu")
-        self.tokenizer = from_pretrained(transformers.AutoTokenizer, self.name)
         # device_map="auto" spreads a model too big for one GPU over all of them, as the fork did
         placement = dict(device_map="auto") if cuda and device is None else {}
-        self.model = from_pretrained(transformers.AutoModelForCausalLM, self.name, dtype=dtype, **placement).eval()
+        if lora.is_adapter(self.name):
+            self.model, self.tokenizer = lora.load_merged(self.name, base_model, dtype=dtype, **placement)
+        else:
+            self.tokenizer = from_pretrained(transformers.AutoTokenizer, self.name)
+            self.model = from_pretrained(transformers.AutoModelForCausalLM, self.name, dtype=dtype, **placement)
+        self.model.eval()
         if not placement:
             self.model.to(device or "cpu")
         return dtype
@@ -334,11 +349,11 @@ _MODEL = None
 _LOAD_LOCK = threading.Lock()
 
 
-def load_model(model_name_or_path=None, max_prompt_tokens=None, dtype=None):
-    """Load (or replace) the model instruct() uses."""
+def load_model(model_name_or_path=None, max_prompt_tokens=None, dtype=None, base_model=None):
+    """Load (or replace) the model instruct() uses; base_model: the base of an adapter folder."""
     global _MODEL
     with _LOAD_LOCK:
-        _MODEL = InstructModel(model_name_or_path, max_prompt_tokens, dtype=dtype)
+        _MODEL = InstructModel(model_name_or_path, max_prompt_tokens, dtype=dtype, base_model=base_model)
         return _MODEL
 
 
@@ -373,7 +388,7 @@ def main(args):
     check_params(GenParams(**{k: v for k, v in given.items() if v is not None}), max_tokens_limit=2**31)
     if not args.instruction.strip():
         raise ValueError("--instruction is empty")
-    load_model(args.model_name_or_path, args.max_prompt_tokens, args.dtype)
+    load_model(args.model_name_or_path, args.max_prompt_tokens, args.dtype, args.base_model)
     print(
         instruct(
             args.instruction, args.input, args.max_tokens, args.temperature, args.top_p, args.num_beams, args.truncate
@@ -388,6 +403,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--model_name_or_path", default=None, help=f"default: $TRAINML_CHECKPOINT_PATH, else {EMBEDDED_MODEL}"
     )
+    p.add_argument("--base_model", default=None, help="the base of a LoRA adapter folder (default: its own record)")
     p.add_argument("--max_tokens", type=int, default=None, help=f"new tokens (default {GenParams.max_tokens})")
     p.add_argument(
         "--temperature", type=float, default=None, help=f"0 to 2; 0 = greedy (default {GenParams.temperature})"

@@ -277,7 +277,9 @@ def build_server(args, model=None):
     if not is_loopback(args.host) and not args.api_key:
         logger.warning("listening on %s without --api_key: anyone who can reach this port can use the model", args.host)
     if model is None:
-        model = InstructModel(args.model_name_or_path, args.max_prompt_tokens, dtype=args.dtype)
+        model = InstructModel(
+            args.model_name_or_path, args.max_prompt_tokens, dtype=args.dtype, base_model=args.base_model
+        )
     app = create_app(
         model,
         args.api_key,
@@ -340,6 +342,7 @@ def parse_args(argv=None):
     p.add_argument(
         "--model_name_or_path", default=None, help=f"default: $TRAINML_CHECKPOINT_PATH, else {EMBEDDED_MODEL}"
     )
+    p.add_argument("--base_model", default=None, help="the base of a LoRA adapter folder (default: its own record)")
     p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to listen on every interface (use --api_key)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api_key", default=None, help="require 'Authorization: Bearer KEY' on /instruct and /v1/*")

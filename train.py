@@ -3,6 +3,9 @@
     # the embedded demo model on the project's sample data, on CPU
     python train.py --output_dir out/demo --num_train_epochs 1
 
+    # LoRA (QLoRA with --load_in_4bit True): an adapter in out/lora, the base untouched; see lora.py
+    python train.py --output_dir out/lora --use_peft True --learning_rate 2e-4
+
     # the trainML fork's recipe: ZeRO-2 with CPU optimizer offload on 4x24GB GPUs
     deepspeed --num_gpus 4 train.py --model_name_or_path llama-7b --data_path alpaca_data.json \
         --bf16 True --output_dir out --num_train_epochs 3 --per_device_train_batch_size 16 \
@@ -24,9 +27,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import transformers
-from transformers import Trainer
 
 import cli
+import lora
 import utils
 from chat_template import install_chat_template
 from collators import DataCollatorForSupervisedDataset, make_collator
@@ -58,7 +61,7 @@ SAMPLE_EVAL = HERE / "data" / "sample_eval.json"
 
 
 @dataclass
-class ModelArguments:
+class ModelArguments(lora.LoraArguments):  # --use_peft, --lora_r, ...: in the model's arguments, as in TRL
     model_name_or_path: str | None = field(
         default=EMBEDDED_MODEL,
         metadata={
@@ -128,7 +131,7 @@ class ArgumentParser(transformers.HfArgumentParser):
         raise cli.UserError(message)
 
 
-class SupervisedTrainer(Trainer):
+class SupervisedTrainer(transformers.Trainer):
     """The HF Trainer; evaluation keeps the original padded collator, so eval_loss is the original's to the digit
     (the Trainer weights each eval batch by its number of rows, which packing would change)."""
 
@@ -167,6 +170,7 @@ def parse_args(argv=None):
             unknown, [f"--{f.name}" for dc in ARGUMENT_CLASSES for f in dataclasses.fields(dc)]
         )
     check_ranges(data_args, training_args)
+    lora.check_args(model_args, training_args)
     if data_args.data_path is None:
         data_args.data_path = str(SAMPLE_TRAIN)
         if data_args.eval_data_path is None and not data_args.val_set_size:
@@ -199,7 +203,9 @@ def check_ranges(data_args, training_args):
 
 def load_model_and_tokenizer(model_args, training_args):
     name = model_args.model_name_or_path
-    model = utils.from_pretrained(transformers.AutoModelForCausalLM, name, cache_dir=training_args.cache_dir)
+    model = utils.from_pretrained(
+        transformers.AutoModelForCausalLM, name, cache_dir=training_args.cache_dir, **lora.load_kwargs(model_args)
+    )
     tokenizer = utils.from_pretrained(
         transformers.AutoTokenizer,
         name,
@@ -207,7 +213,12 @@ def load_model_and_tokenizer(model_args, training_args):
         model_max_length=training_args.model_max_length,
         padding_side="right",
     )
-    smart_tokenizer_and_embedding_resize(missing_special_tokens(tokenizer), tokenizer, model)
+    added = missing_special_tokens(tokenizer)
+    smart_tokenizer_and_embedding_resize(added, tokenizer, model)
+    if model_args.use_peft:  # the base stays frozen; the adapter also trains the rows just added
+        model = lora.add_adapters(
+            model, model_args, training_args, tokenizer.convert_tokens_to_ids(list(added.values()))
+        )
     install_chat_template(tokenizer)  # every checkpoint says how to prompt it: vLLM, TGI, llama.cpp read this
     return model, tokenizer
 

@@ -3,6 +3,7 @@
     python weight_diff.py make_diff --path_raw llama-7b --path_tuned out --path_diff out-diff
     python weight_diff.py recover --path_raw llama-7b --path_diff alpaca-7b-wdiff --path_tuned alpaca-7b
     python weight_diff.py recover --path_raw R --path_diff D --path_tuned T --test_inference False
+    python weight_diff.py merge_lora --path_raw llama-7b --path_adapter out-lora --path_tuned alpaca-lora-7b
 
 The diff is tuned - raw in fp32 and recover writes raw + diff. If the raw tokenizer lacks the special
 tokens train.py adds ([PAD] for LLaMA), the raw embeddings first get the same mean-initialised rows.
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+import lora_merge
 import utils
 from checkpoint_io import (
     Checkpoint,
@@ -257,7 +259,12 @@ def recover(
     return None if path_tuned is None else str(path_tuned)
 
 
-COMMANDS = {"make_diff": make_diff, "recover": recover}
+def merge_lora(path_raw, path_adapter, path_tuned, chunk_mb=16, max_shard_mb=2048):
+    """Write the base with a train.py --use_peft adapter merged in, a plain fp32 model; see lora_merge."""
+    return lora_merge.merge(path_raw, path_adapter, path_tuned, chunk_mb, max_shard_mb)
+
+
+COMMANDS = {"make_diff": make_diff, "recover": recover, "merge_lora": merge_lora}
 
 
 def main(argv=None):
