@@ -22,6 +22,7 @@ HERE = Path(__file__).resolve().parent
 JOB_NAME = "Instruction-Trained LLM Endpoint Example"
 ENDPOINT_FILES = (
     "inference.py",
+    "decoding.py",
     "utils.py",
     "precision.py",
     "lora.py",

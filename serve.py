@@ -40,16 +40,10 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
+from decoding import GenParams, check_params, generation_limits
 from engine import Engine, EngineStopped, Job, QueueFullError, RequestCancelled, stream, wait_for
 from http_guard import DEFAULT_MAX_BODY_BYTES, LOOPBACK_ORIGIN_REGEX, ApiKey, Guard, is_loopback
-from inference import (
-    ContextLengthError,
-    GenParams,
-    InstructModel,
-    PromptTooLongError,
-    check_params,
-    generation_limits,
-)
+from inference import ContextLengthError, InstructModel, PromptTooLongError
 from precision import DTYPE_CHOICES, DTYPE_HELP
 from protocol import (
     ApiError,

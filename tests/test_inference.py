@@ -8,6 +8,7 @@ import torch
 from helpers import ROOT
 from scripted_llama import SCRIPT, build_scripted_llama
 
+import decoding
 import inference
 from inference import GenParams, InstructModel, PromptTooLongError
 from utils import EMBEDDED_MODEL, format_prompt
@@ -32,9 +33,9 @@ def tiny(tiny_llama_dir):
 
 # --- pure helpers -----------------------------------------------------------------------------
 def test_check_params_reports_every_bad_setting_with_its_range():
-    inference.check_params(GenParams(max_tokens=1, temperature=0, top_p=1, num_beams=8, stop=("a",) * 4), 100)
+    decoding.check_params(GenParams(max_tokens=1, temperature=0, top_p=1, num_beams=8, stop=("a",) * 4), 100)
     with pytest.raises(ValueError) as e:
-        inference.check_params(GenParams(max_tokens=0, temperature=2.5, top_p=0, num_beams=9, stop=("",)), 100)
+        decoding.check_params(GenParams(max_tokens=0, temperature=2.5, top_p=0, num_beams=9, stop=("",)), 100)
     msg = str(e.value)
     for needle in [
         "max_tokens must be an integer from 1 to 100",
@@ -45,22 +46,22 @@ def test_check_params_reports_every_bad_setting_with_its_range():
     ]:
         assert needle in msg
     with pytest.raises(ValueError, match="max_tokens"):
-        inference.check_params(GenParams(max_tokens=True), 100)  # a bool is not a token count
+        decoding.check_params(GenParams(max_tokens=True), 100)  # a bool is not a token count
 
 
 def test_stop_helpers():
-    assert inference.cut_at_stop("abc 20. def", ["20.", "\n20"]) == ("abc ", True)
-    assert inference.cut_at_stop("abc", ["x"]) == ("abc", False)
-    assert inference.cut_at_stop("a\n20 b 20.", ["20.", "\n20"]) == ("a", True)  # the earliest stop wins
-    assert inference.stop_holdback("answer 2", ["20."]) == 1  # "2" may become "20."
-    assert inference.stop_holdback("answer 20", ["20."]) == 2
-    assert inference.stop_holdback("answer", ["20."]) == 0
-    assert inference.stop_holdback("x", []) == 0
+    assert decoding.cut_at_stop("abc 20. def", ["20.", "\n20"]) == ("abc ", True)
+    assert decoding.cut_at_stop("abc", ["x"]) == ("abc", False)
+    assert decoding.cut_at_stop("a\n20 b 20.", ["20.", "\n20"]) == ("a", True)  # the earliest stop wins
+    assert decoding.stop_holdback("answer 2", ["20."]) == 1  # "2" may become "20."
+    assert decoding.stop_holdback("answer 20", ["20."]) == 2
+    assert decoding.stop_holdback("answer", ["20."]) == 0
+    assert decoding.stop_holdback("x", []) == 0
 
 
 def test_generation_kwargs_greedy_at_temperature_zero():
-    assert inference.generation_kwargs(GenParams(temperature=0))["do_sample"] is False
-    kw = inference.generation_kwargs(GenParams(temperature=0.7, top_p=0.9, num_beams=2))
+    assert decoding.generation_kwargs(GenParams(temperature=0))["do_sample"] is False
+    kw = decoding.generation_kwargs(GenParams(temperature=0.7, top_p=0.9, num_beams=2))
     assert (kw["do_sample"], kw["temperature"], kw["top_p"], kw["num_beams"]) == (True, 0.7, 0.9, 2)
 
 

@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from inference import Completion, GenParams
+from decoding import Completion, GenParams
 from protocol import ChatMessage, CompletionBody, chat_to_alpaca, make_params, openai_events, validation_message
 
 

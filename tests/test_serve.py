@@ -14,7 +14,8 @@ import pytest
 from helpers import ROOT, serve_in_thread, subprocess_env
 from scripted_llama import SCRIPT, build_scripted_llama
 
-from inference import InstructModel, generation_limits
+from decoding import generation_limits
+from inference import InstructModel
 from serve import create_app
 
 ANSWER = "".join(SCRIPT)  # the scripted model's answer to any prompt

@@ -1,0 +1,143 @@
+"""Decoding settings and their limits, and stop strings: the rules InstructModel (inference.py) and the serving
+engine (engine.py) share, so a request means the same on every path."""
+
+from dataclasses import dataclass
+
+import torch
+import transformers
+
+MAX_BEAMS = 8
+MAX_STOPS = 4  # as the OpenAI API
+MAX_TEMPERATURE = 2  # as the OpenAI API
+
+
+@dataclass(frozen=True)
+class GenParams:
+    """Decoding settings. max_tokens counts new tokens only (the fork's max_length also counted the prompt)."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 0.75  # the fork's defaults for temperature, top_p and num_beams
+    num_beams: int = 1
+    stop: tuple = ()  # strings that end the answer; not included in it
+
+    def batch_key(self):
+        """Requests with equal keys can share one generate() call (max_tokens may differ)."""
+        return (self.temperature, self.top_p, self.num_beams, self.stop)
+
+
+@dataclass
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (end of text or a stop string) or "length" (ran into max_tokens)
+
+
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def check_params(params, max_tokens_limit):
+    """Raise ValueError listing every out-of-range setting; the message says the allowed range."""
+    p, problems = params, []
+    if not _is_int(p.max_tokens) or not 1 <= p.max_tokens <= max_tokens_limit:
+        problems.append(
+            f"max_tokens must be an integer from 1 to {max_tokens_limit} (new tokens), got {p.max_tokens!r}"
+        )
+    if not _is_number(p.temperature) or not 0 <= p.temperature <= MAX_TEMPERATURE:
+        problems.append(f"temperature must be a number from 0 to {MAX_TEMPERATURE} (0 = greedy), got {p.temperature!r}")
+    if not _is_number(p.top_p) or not 0 < p.top_p <= 1:
+        problems.append(f"top_p must be a number above 0 and at most 1, got {p.top_p!r}")
+    if not _is_int(p.num_beams) or not 1 <= p.num_beams <= MAX_BEAMS:
+        problems.append(f"num_beams must be an integer from 1 to {MAX_BEAMS}, got {p.num_beams!r}")
+    if len(p.stop) > MAX_STOPS or not all(isinstance(s, str) and s for s in p.stop):
+        problems.append(f"stop must be at most {MAX_STOPS} non-empty strings, got {list(p.stop)!r}")
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
+def generation_limits(max_tokens_limit):
+    """The defaults and ranges check_params enforces, for clients to show (serve.py's /health, the web page)."""
+    d = GenParams()
+    return dict(
+        max_tokens=dict(default=d.max_tokens, min=1, max=max_tokens_limit),
+        temperature=dict(default=d.temperature, min=0, max=MAX_TEMPERATURE),
+        top_p=dict(default=d.top_p, min_exclusive=0, max=1),
+        num_beams=dict(default=d.num_beams, min=1, max=MAX_BEAMS),
+        max_stops=MAX_STOPS,
+    )
+
+
+def generation_kwargs(params):
+    """Arguments for model.generate(): sampling unless temperature is 0, beam search when num_beams > 1."""
+    if params.temperature == 0:
+        return dict(do_sample=False, num_beams=params.num_beams, temperature=None, top_p=None, top_k=None)
+    return dict(
+        do_sample=True,
+        num_beams=params.num_beams,
+        temperature=float(params.temperature),
+        top_p=float(params.top_p),
+        top_k=None,
+    )  # float(): transformers refuses an int temperature; top_k off: the fork and OpenAI sample with top_p alone
+
+
+def cut_at_stop(text, stops):
+    """(text before the earliest stop string, whether one was found)."""
+    hits = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return (text[: min(hits)], True) if hits else (text, False)
+
+
+def stop_holdback(text, stops):
+    """How many trailing characters of text could still grow into a stop string; a stream must not send them yet."""
+    return max(
+        (k for s in stops for k in range(min(len(s) - 1, len(text)), 0, -1) if s.startswith(text[-k:])), default=0
+    )
+
+
+class StopCriteria(transformers.StoppingCriteria):
+    """Ends each row once its new text holds a stop string, and every row once `cancel` is set."""
+
+    def __init__(self, decode, prompt_len, stops, cancel):
+        self.decode, self.prompt_len, self.stops, self.cancel = decode, prompt_len, stops, cancel
+
+    def __call__(self, input_ids, scores, **kwargs):
+        if self.cancel is not None and self.cancel.is_set():
+            return torch.ones(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        done = [
+            cut_at_stop(self.decode(row[self.prompt_len :]), self.stops)[1] if self.stops else False
+            for row in input_ids
+        ]
+        return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
+
+
+class TextStreamer:
+    """transformers streamer that hands on_text(delta) each piece of new text that is final: text that could
+    still become a stop string, or half a UTF-8 character, waits for the next token."""
+
+    def __init__(self, decode, stops, on_text):
+        self.decode, self.stops, self.on_text = decode, stops, on_text
+        self.ids, self.sent, self.seen_prompt, self.stopped = [], 0, False, False
+
+    def put(self, value):
+        if not self.seen_prompt:  # generate() first hands over the prompt
+            self.seen_prompt = True
+            return
+        self.ids.extend(value.reshape(-1).tolist())
+        text, self.stopped = cut_at_stop(self.decode(self.ids), self.stops)
+        end = len(text) if self.stopped else len(text) - stop_holdback(text, self.stops)
+        if not self.stopped and text.endswith("\ufffd"):
+            end = min(end, len(text) - 1)
+        self._send(text[:end])
+
+    def end(self):
+        pass
+
+    def _send(self, upto):
+        if len(upto) > self.sent:
+            self.on_text(upto[self.sent :])
+            self.sent = len(upto)
