@@ -94,7 +94,10 @@ def merge(cache, mask, new_cache, new_mask):
     """One batch from two: rows are left-padded to the longer one (keys/values (batch, heads, seq, dim) with zeros,
     the attention mask (batch, seq) with 0), so that every row's next token goes in the same last column."""
     width = max(mask.shape[1], new_mask.shape[1])
-    pad = lambda t, n: F.pad(t, (0, 0, n, 0))  # noqa: E731 - left of the seq dimension
+
+    def pad(t, n):  # n zero steps left of the seq dimension
+        return F.pad(t, (0, 0, n, 0))
+
     a, b = width - mask.shape[1], width - new_mask.shape[1]
     kv = [
         (torch.cat([pad(k1, a), pad(k2, b)]), torch.cat([pad(v1, a), pad(v2, b)]))
@@ -176,7 +179,7 @@ class Engine:
                 self._admit()
                 if self.rows:
                     self._step()
-            except Exception as e:  # noqa: BLE001 - handed to every caller in the batch, who answers 500
+            except Exception as e:  # handed to every caller in the batch, who answers 500
                 logger.exception("generation failed")
                 self._end(self.rows, e)
 
@@ -234,7 +237,7 @@ class Engine:
         self.beam_job = job
         try:
             job.future.set_result(self.model.generate([job.ids], job.params, job.on_text, job.cancel)[0])
-        except Exception as e:  # noqa: BLE001 - the caller answers 500
+        except Exception as e:  # the caller answers 500
             logger.exception("generation failed")
             job.future.set_exception(e)
         finally:
@@ -338,7 +341,7 @@ class Engine:
         if row.job.on_text is not None and len(upto) > row.sent:
             try:
                 row.job.on_text(upto[row.sent :])
-            except Exception:  # noqa: BLE001 - a broken listener ends its own request, not the batch
+            except Exception:  # a broken listener ends its own request, not the batch
                 logger.exception("on_text failed; the request is cancelled")
                 row.job.cancel.set()
             row.sent = len(upto)

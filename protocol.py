@@ -134,7 +134,7 @@ def sse_response(events, jobs, to_error):
         try:
             async for event in events:
                 yield sse(event)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             error = to_error(e)
             if error.status >= 500:
                 logger.error("streaming failed: %s", error.body["error"]["message"])

@@ -106,7 +106,7 @@ def api_error(e):
 async def answers(engine, jobs, request):
     try:
         return await wait_for(engine, jobs, request.is_disconnected, DISCONNECT_POLL_S)
-    except Exception as e:  # noqa: BLE001 - the model thread logged a model failure; the caller gets JSON
+    except Exception as e:  # the model thread logged a model failure; the caller gets JSON
         raise api_error(e) from e
 
 
@@ -114,7 +114,7 @@ def streams(engine, jobs):
     """The jobs' streams, submitted now: a full queue is a 503 before the status line is sent."""
     try:
         return [stream(engine, j) for j in jobs]
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         for j in jobs:  # the queue filled halfway: take back the prompts already in
             j.cancel.set()
         raise api_error(e) from e

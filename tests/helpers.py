@@ -58,7 +58,10 @@ def make_rows(n, seed=0, with_input_share=0.4):
     rng = random.Random(seed)
     rows = []
     for i in range(n):
-        sent = lambda: f"{rng.choice(_SUBJECTS).capitalize()} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}."  # noqa: E731
+
+        def sent():
+            return f"{rng.choice(_SUBJECTS).capitalize()} {rng.choice(_VERBS)} {rng.choice(_OBJECTS)}."
+
         has_input = rng.random() < with_input_share
         rows.append(
             {

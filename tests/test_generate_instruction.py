@@ -574,8 +574,13 @@ def wait_for(condition, what, timeout=180):
 
 def test_kill_9_at_several_points_then_resume_loses_nothing_saved_and_duplicates_nothing(free_port, tmp_path):
     regen = tmp_path / "regen.json"
-    mtime = lambda: regen.stat().st_mtime_ns if regen.exists() else 0  # noqa: E731
-    temp_file = lambda: any(tmp_path.glob(".regen.json.*.tmp"))  # noqa: E731
+
+    def mtime():
+        return regen.stat().st_mtime_ns if regen.exists() else 0
+
+    def temp_file():
+        return any(tmp_path.glob(".regen.json.*.tmp"))
+
     with FakeOpenAI(free_port, delay_s=0.3) as fake:  # 0.3 s per answer, so kills land while requests are in flight
         cmd = script(
             fake, tmp_path, "--model_name", "fake-chat", "--num_instructions_to_generate", 100, "--max_workers", 2

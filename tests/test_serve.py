@@ -174,13 +174,16 @@ def test_mixed_requests_share_decoding_steps_on_one_model_thread(model, monkeypa
         return real(*a, **kw)
 
     monkeypatch.setattr(model.model, "forward", tracked)
-    body = lambda i: {  # noqa: E731
-        "instruction": f"Task {i}",
-        "max_tokens": 2 + i % 3,
-        "temperature": [0, 0.5, 1.0][i % 3],
-        "top_p": [1.0, 0.9][i % 2],
-        "stream": i % 2 == 0,
-    }
+
+    def body(i):
+        return {
+            "instruction": f"Task {i}",
+            "max_tokens": 2 + i % 3,
+            "temperature": [0, 0.5, 1.0][i % 3],
+            "top_p": [1.0, 0.9][i % 2],
+            "stream": i % 2 == 0,
+        }
+
     rs = call(create_app(model, max_batch_size=8), *[("POST", "/instruct", dict(json=body(i))) for i in range(24)])
     assert [r.status_code for r in rs] == [200] * 24
     texts = [r.json() if i % 2 else "".join(e["text"] for e in events(r.text)) for i, r in enumerate(rs)]

@@ -135,7 +135,10 @@ def test_bin_input_gives_the_same_manifest(tiny_llama_dir, tuned_dir, diff_dir, 
     torch.save(load_file(raw_bin / "model.safetensors"), raw_bin / "pytorch_model.bin")
     (raw_bin / "model.safetensors").unlink()
     weight_diff.make_diff(raw_bin, tuned_dir, tmp_path / "diff", chunk_mb=CHUNK_MB)
-    manifest = lambda d: json.loads((d / weight_diff.MANIFEST).read_text())["tensors"]  # noqa: E731
+
+    def manifest(d):
+        return json.loads((d / weight_diff.MANIFEST).read_text())["tensors"]
+
     assert manifest(tmp_path / "diff") == manifest(diff_dir)
 
 
