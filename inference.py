@@ -95,8 +95,6 @@ class InstructModel:
 
     def _load(self, device, dtype, base_model=None):
         cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
-        if dtype is None:
-            dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
         dtype = resolve_dtype(dtype, "cuda" if cuda else "cpu")
         # device_map="auto" spreads a model too big for one GPU over all of them, as the fork did
         placement = dict(device_map="auto") if cuda and device is None else {}

@@ -60,7 +60,11 @@ def auto_dtype(device=None):
 
 
 def resolve_dtype(dtype, device=None):
-    """'auto' -> auto_dtype(device); a name ('bfloat16', 'float32', ...) -> its torch dtype; a torch dtype as is."""
+    """None -> the serving default (bf16, or fp16 on older GPUs; fp32 on CPU, where bf16 generation was not faster);
+    'auto' -> auto_dtype(device); a name ('bfloat16', 'float32', ...) -> its torch dtype; a torch dtype as is."""
+    if dtype is None:
+        cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
+        return (torch.bfloat16 if gpu_has_bf16() else torch.float16) if cuda else torch.float32
     if dtype == "auto":
         return auto_dtype(device)
     if isinstance(dtype, str):
