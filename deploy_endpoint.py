@@ -4,9 +4,10 @@
     python deploy_endpoint.py --checkpoint alpaca
     python deploy_endpoint.py --checkpoint alpaca --gpu-count 1 --gpu-type rtx3090 --dry-run  # print, create nothing
 
-It uploads inference.py and the modules it imports (staged in a temp folder: not this whole checkout, .venv
-and all) as the job's model, attaches the checkpoint (the endpoint sees it at $TRAINML_CHECKPOINT_PATH), waits until the
-endpoint runs and prints its URL. Stop it when done: trainml job stop "Instruction-Trained LLM Endpoint Example"
+It uploads inference.py and the alpaca_trainml package it imports (staged in a temp folder: not this whole checkout,
+.venv and all) as the job's model, attaches the checkpoint (the endpoint sees it at $TRAINML_CHECKPOINT_PATH), waits
+until the endpoint runs and prints its URL. Stop it when done:
+    trainml job stop "Instruction-Trained LLM Endpoint Example"
 """
 
 import argparse
@@ -20,15 +21,7 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 JOB_NAME = "Instruction-Trained LLM Endpoint Example"
-ENDPOINT_FILES = (
-    "inference.py",
-    "decoding.py",
-    "utils.py",
-    "precision.py",
-    "lora.py",
-    "special_tokens.py",
-    "cli.py",
-)  # instruct() imports
+ENDPOINT_FILES = ("inference.py", "alpaca_trainml")  # instruct() and the package it imports
 # (name, type, optional): the fields instruct() takes, as the fork's route declared them
 ROUTE_BODY = (
     ("instruction", "str", False),
@@ -82,7 +75,10 @@ def stage_endpoint_files(dest, files=ENDPOINT_FILES):
     """Copy the files the endpoint imports into dest; return dest."""
     dest = Path(dest)
     for name in files:
-        shutil.copy2(HERE / name, dest / name)
+        if (HERE / name).is_dir():
+            shutil.copytree(HERE / name, dest / name, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy2(HERE / name, dest / name)
     return dest
 
 

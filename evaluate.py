@@ -26,10 +26,10 @@ from pathlib import Path
 
 import tqdm
 
-import judging
-import utils
-from api_client import API_CHOICES, FatalRequestError, Requester, make_client
-from cli import check_flags, integer, number, run_fire
+from alpaca_trainml import jsonio
+from alpaca_trainml.cli import check_flags, integer, number, run_fire
+from alpaca_trainml.evaluation import judging
+from alpaca_trainml.self_instruct.api_client import API_CHOICES, FatalRequestError, Requester, make_client
 
 logger = logging.getLogger(__name__)
 REASK_TEMPERATURE = 1.0  # an unparseable verdict is asked again sampled, so a greedy judge can answer differently
@@ -41,7 +41,7 @@ def load_rows(path, flag, needs_output):
     if not path.is_file():
         raise ValueError(f"--{flag} {path}: no such file")
     try:
-        rows = utils.jload(path)
+        rows = jsonio.jload(path)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"--{flag} {path}: not valid JSON ({e})") from e
     if not isinstance(rows, list):
@@ -103,7 +103,8 @@ def generate(
     )
     rows = load_rows(instructions, "instructions", needs_output=False)
     check_flags([], judging.repeated_tasks(rows, "--instructions"))  # judge could not pair a task given twice
-    from inference import GenParams, InstructModel  # here: `judge` needs no torch
+    from alpaca_trainml.generation.decoding import GenParams
+    from alpaca_trainml.generation.model import InstructModel  # here: `judge` needs no torch
 
     model = InstructModel(model_name_or_path, max_prompt_tokens)
     generator = generator or Path(str(model.name).rstrip("/")).name
@@ -125,7 +126,7 @@ def generate(
                     output=result.text.strip(),
                     generator=generator,
                 )
-            utils.jdump([done[judging.pair_key(r)] for r in rows if judging.pair_key(r) in done], output)  # atomic
+            jsonio.jdump([done[judging.pair_key(r)] for r in rows if judging.pair_key(r) in done], output)  # atomic
             bar.update(len(batch))
     logger.info("wrote %d outputs of %s to %s", len(rows), generator, output)
     return str(output)
@@ -232,7 +233,7 @@ def resume(path, annotations):
     if not path.exists():
         return annotations
     try:
-        earlier = utils.jload(path)
+        earlier = jsonio.jload(path)
         finished = {
             (a["instruction"], a["input"], a["output_1"], a["output_2"]): a
             for a in earlier
@@ -267,7 +268,7 @@ def run_judge(requester, annotations, path, verdict_retries, max_workers):
     pending = [i for i, a in enumerate(annotations) if a["status"] == "todo"]
 
     def save():  # atomic: a kill leaves the old file or the new one
-        utils.jdump([a for a in annotations if a["status"] != "todo"], path)
+        jsonio.jdump([a for a in annotations if a["status"] != "todo"], path)
 
     save()
     with tqdm.tqdm(total=len(annotations), initial=len(annotations) - len(pending), unit="pair") as bar:
@@ -307,7 +308,7 @@ def write_leaderboard(path, s, annotations, where, seed):
         f"b0 = {s['length_fit']['b0']:.3f}, b1 = {s['length_fit']['b1']:.3f}). Lengths are in characters. Failed "
         "pairs (no parseable verdict) are left out of both rates.",
     ]
-    utils.atomic_write(path, lambda fh: fh.write("\n".join(lines) + "\n"))
+    jsonio.atomic_write(path, lambda fh: fh.write("\n".join(lines) + "\n"))
 
 
 def plot(path, s, annotations):
@@ -336,7 +337,7 @@ def plot(path, s, annotations):
     right.set(xlabel="length difference, model - reference (characters)", ylabel="preference (1 = model won)")
     fig.suptitle(f"{annotations[0]['generator_2']} against {annotations[0]['generator_1']}")
     fig.tight_layout()
-    utils.atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100), mode="wb")
+    jsonio.atomic_write(path, lambda fh: fig.savefig(fh, format="png", dpi=100), mode="wb")
     plt.close(fig)
 
 

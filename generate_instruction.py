@@ -25,12 +25,11 @@ import numpy as np
 import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-import api_client
-import utils
-from api_client import FatalRequestError, choose_api, make_client, uses_gpt2_tokenizer
-from cli import check_flags, integer, number, run_fire
-from rouge_dedup import RougeLDeduper, similarity_fields
-from self_instruct import (
+from alpaca_trainml import jsonio
+from alpaca_trainml.cli import check_flags, integer, number, run_fire
+from alpaca_trainml.self_instruct import api_client
+from alpaca_trainml.self_instruct.api_client import FatalRequestError, choose_api, make_client, uses_gpt2_tokenizer
+from alpaca_trainml.self_instruct.prompting import (
     NUM_PROMPT_TASKS,
     SEED_TASKS_PATH,
     STOP_SEQUENCES,
@@ -40,6 +39,7 @@ from self_instruct import (
     record_rejection_reason,
     strip_chat_echo,
 )
+from alpaca_trainml.self_instruct.rouge_dedup import RougeLDeduper, similarity_fields
 
 logger = logging.getLogger(__name__)
 DEFAULT_MODEL = "gpt-4o-mini"  # the original's text-davinci-003 is retired; a current, cheap OpenAI chat model
@@ -78,7 +78,7 @@ def load_regen(path):
     if not path.exists():
         return []
     try:
-        records = utils.jload(path)
+        records = jsonio.jload(path)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e}); move it away to start over") from e
     if not isinstance(records, list) or not all(
@@ -253,7 +253,7 @@ def run_requests(requester, make_prompts, records, deduper, regen_path, target, 
                         records,
                         stats,
                     )
-                utils.jdump(records, regen_path)  # atomic: a kill leaves the old file or the new one
+                jsonio.jdump(records, regen_path)  # atomic: a kill leaves the old file or the new one
                 seconds.append(secs)
                 stats.update(requests=1, tokens=getattr(usage, "total_tokens", 0) or 0)
                 log_request(stats, before, len(prompts), secs)
@@ -310,7 +310,7 @@ def log_request(stats, before, n_prompts, secs):
 
 def export_alpaca_rows(records, out_path):
     rows = [{"instruction": r["instruction"], "input": r.get("input", ""), "output": r["output"]} for r in records]
-    utils.jdump(rows, out_path)
+    jsonio.jdump(rows, out_path)
     logger.info("wrote %d Alpaca rows to %s", len(rows), out_path)
     return str(out_path)
 

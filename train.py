@@ -28,25 +28,36 @@ from pathlib import Path
 
 import transformers
 
-import cli
-import lora
-import utils
-from chat_template import install_chat_template
-from collators import DataCollatorForSupervisedDataset, make_collator
-from dataset import SupervisedDataset, _tokenize_fn, load_data, make_supervised_data_module, preprocess
-from launch import close_ranks, cpu_world_size, find_resume_checkpoint, setup_cpu_ranks, translate_legacy_args
-from reporting import demo_answers, plot_loss, print_demo, title_for
-from special_tokens import missing_special_tokens, smart_tokenizer_and_embedding_resize
-from utils import (
+from alpaca_trainml import cli, models
+from alpaca_trainml.data.chat_template import install_chat_template
+from alpaca_trainml.data.collators import DataCollatorForSupervisedDataset, make_collator
+from alpaca_trainml.data.dataset import (
+    SupervisedDataset,
+    _tokenize_fn,
+    load_data,
+    make_supervised_data_module,
+    preprocess,
+)
+from alpaca_trainml.data.prompts import PROMPT_DICT
+from alpaca_trainml.data.special_tokens import (
     DEFAULT_BOS_TOKEN,
     DEFAULT_EOS_TOKEN,
-    DEFAULT_MODEL_MAX_LENGTH,
     DEFAULT_PAD_TOKEN,
     DEFAULT_UNK_TOKEN,
-    EMBEDDED_MODEL,
     IGNORE_INDEX,
-    PROMPT_DICT,
+    missing_special_tokens,
+    smart_tokenizer_and_embedding_resize,
 )
+from alpaca_trainml.models import DEFAULT_MODEL_MAX_LENGTH, EMBEDDED_MODEL
+from alpaca_trainml.training import lora
+from alpaca_trainml.training.launch import (
+    close_ranks,
+    cpu_world_size,
+    find_resume_checkpoint,
+    setup_cpu_ranks,
+    translate_legacy_args,
+)
+from alpaca_trainml.training.reporting import demo_answers, plot_loss, print_demo, title_for
 
 # What the original train.py defined, importable from train as before (the machinery now lives in flat modules).
 __all__ = ["IGNORE_INDEX", "DEFAULT_PAD_TOKEN", "DEFAULT_EOS_TOKEN", "DEFAULT_BOS_TOKEN", "DEFAULT_UNK_TOKEN"]
@@ -203,10 +214,10 @@ def check_ranges(data_args, training_args):
 
 def load_model_and_tokenizer(model_args, training_args):
     name = model_args.model_name_or_path
-    model = utils.from_pretrained(
+    model = models.from_pretrained(
         transformers.AutoModelForCausalLM, name, cache_dir=training_args.cache_dir, **lora.load_kwargs(model_args)
     )
-    tokenizer = utils.from_pretrained(
+    tokenizer = models.from_pretrained(
         transformers.AutoTokenizer,
         name,
         cache_dir=training_args.cache_dir,

@@ -22,9 +22,11 @@ from pathlib import Path
 
 import torch
 
-import lora_merge
-import utils
-from checkpoint_io import (
+from alpaca_trainml import jsonio, models
+from alpaca_trainml.cli import run_fire
+from alpaca_trainml.data.special_tokens import embedding_resize, mean_row, raw_rows
+from alpaca_trainml.training import lora_merge
+from alpaca_trainml.training.checkpoint_io import (
     Checkpoint,
     as_bytes,
     copy_side_files,
@@ -33,8 +35,6 @@ from checkpoint_io import (
     staging,
     write_model,
 )
-from cli import run_fire
-from special_tokens import embedding_resize, mean_row, raw_rows
 
 logger = logging.getLogger(__name__)
 
@@ -101,7 +101,7 @@ def _prepare(path_raw, path_other, other_name):
 
 def make_diff(path_raw, path_tuned, path_diff, device="cpu", chunk_mb=16, max_shard_mb=2048):
     """Write tuned - raw (fp32) to path_diff with the tuned config and tokenizer and a sha256 manifest."""
-    path_raw = utils.resolve_model_path(path_raw)  # embedded:smollm2-135m, train.py's default base
+    path_raw = models.resolve_model_path(path_raw)  # embedded:smollm2-135m, train.py's default base
     raw, tuned, resize, means, shapes, _ = _prepare(path_raw, path_tuned, f"the tuned model {path_tuned}")
     hashes = {}
 
@@ -119,7 +119,7 @@ def make_diff(path_raw, path_tuned, path_diff, device="cpu", chunk_mb=16, max_sh
         write_model(tmp, shapes, produce, int(max_shard_mb * MiB), "make_diff")
         copy_side_files(path_tuned, tmp)
         tensors = {k: {"shape": list(shapes[k]), "sha256": hashes[k]} for k in sorted(shapes)}
-        utils.jdump(
+        jsonio.jdump(
             {
                 "format": MANIFEST_FORMAT,
                 "hash": "sha256 of raw + diff in float32, row-major little-endian bytes",
@@ -141,7 +141,7 @@ def load_manifest(path_diff, shapes):
             MANIFEST,
         )
         return None
-    tensors = utils.jload(path)["tensors"]
+    tensors = jsonio.jload(path)["tensors"]
     problems = [f"{k}: in the weights but not in the manifest" for k in sorted(shapes.keys() - tensors.keys())]
     problems += [f"{k}: in the manifest but not in the weights" for k in sorted(tensors.keys() - shapes.keys())]
     problems += [
@@ -186,7 +186,8 @@ def check_naive_sum(total, path_raw):
 
 def sample_completion(path, device="cpu", instruction=TEST_INSTRUCTION, max_length=256):
     """One sampled completion (top_p 0.9, as the original) from the model in `path`, through InstructModel."""
-    from inference import GenParams, InstructModel  # loads torch models: only when a recovery asks for it
+    from alpaca_trainml.generation.decoding import GenParams
+    from alpaca_trainml.generation.model import InstructModel  # loads torch models: only when a recovery asks for it
 
     model = InstructModel(str(path), device=device, dtype="float32")
     ids = model.encode_instruction(instruction)
@@ -212,7 +213,7 @@ def recover(
 
     Returns the folder; the original returned the model, which we never hold. Without path_tuned the
     result goes to a temp folder for the checks and the test generation, then is deleted."""
-    path_raw = utils.resolve_model_path(path_raw)
+    path_raw = models.resolve_model_path(path_raw)
     raw, diff, resize, means, shapes, order = _prepare(path_raw, path_diff, f"the diff {path_diff}")
     expected = load_manifest(path_diff, shapes)
     naive = check_integrity_naively and naive_check_applies(path_diff)

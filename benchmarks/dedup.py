@@ -21,8 +21,8 @@ import numpy as np
 from rouge_score import rouge_scorer, tokenizers
 from tqdm import tqdm
 
-import rouge_dedup
-import self_instruct
+from alpaca_trainml.self_instruct import prompting as self_instruct
+from alpaca_trainml.self_instruct import rouge_dedup
 
 VERBS = (
     "Explain Describe Summarize Compare List Suggest Rewrite Classify Outline Evaluate Name Estimate Propose Rank"

@@ -44,9 +44,9 @@ def run_mode(args):
     """In the child: train a few steps in one mode; print one JSON line."""
     import torch
 
-    import dataset
     import train
-    from collators import make_collator
+    from alpaca_trainml.data import dataset
+    from alpaca_trainml.data.collators import make_collator
 
     with tempfile.TemporaryDirectory() as tmp:
         argv = ["--model_name_or_path", args.model, "--output_dir", tmp, "--report_to", "none"]

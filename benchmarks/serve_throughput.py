@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 import inference
 import serve
-from utils import format_prompt
+from alpaca_trainml.data.prompts import format_prompt
 
 INSTRUCTIONS = [
     "Give three tips for staying healthy.",

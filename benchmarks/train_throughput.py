@@ -28,11 +28,10 @@ from pathlib import Path
 import torch
 import transformers
 
-import collators
-import dataset
 import train
-import utils
-from special_tokens import missing_special_tokens, smart_tokenizer_and_embedding_resize
+from alpaca_trainml import models
+from alpaca_trainml.data import collators, dataset, special_tokens
+from alpaca_trainml.data.special_tokens import missing_special_tokens, smart_tokenizer_and_embedding_resize
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # bf16 dense peak, for MFU on GPU
 CASES = ("padding_free", "small", "precision")
@@ -41,7 +40,9 @@ CASES = ("padding_free", "small", "precision")
 def parse_args():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--case", default="all", choices=("all", *CASES))
-    p.add_argument("--model", default=utils.EMBEDDED_MODEL, help="HF folder or id (default: the embedded SmolLM2-135M)")
+    p.add_argument(
+        "--model", default=models.EMBEDDED_MODEL, help="HF folder or id (default: the embedded SmolLM2-135M)"
+    )
     p.add_argument("--data_path", default=str(train.SAMPLE_TRAIN))
     p.add_argument(
         "--lengthen",
@@ -94,7 +95,7 @@ def load_dataset(args, tokenizer):
 
 
 def embedded_model(args, dtype=torch.float32):
-    path = utils.resolve_model_path(args.model)
+    path = models.resolve_model_path(args.model)
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=args.attn)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, model_max_length=args.max_length, padding_side="right")
     smart_tokenizer_and_embedding_resize(missing_special_tokens(tokenizer), tokenizer, model)
@@ -237,7 +238,7 @@ def compare_precision(model, tokenizer, data, args, batch_size=4, max_length=256
                 seconds[precision] += took
                 losses[precision].append(loss.item())
             print(f"  step {k + 1}/{len(batches)}, {precision}: {took:.1f} s, loss {loss.item():.4f}", flush=True)
-    tokens = sum(int(b["labels"].ne(utils.IGNORE_INDEX).sum()) for b in batches[1:])  # trained tokens
+    tokens = sum(int(b["labels"].ne(special_tokens.IGNORE_INDEX).sum()) for b in batches[1:])  # trained tokens
     result = {p: (tokens / seconds[p], losses[p][-1]) for p in runs}
     print(f"\nprecision, {args.steps} AdamW steps at batch {batch_size} x up to {max_length} tokens on {args.device}")
     print("| precision | trained tok/s | loss after the same steps |\n|---|---|---|")

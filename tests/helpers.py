@@ -8,7 +8,7 @@ from pathlib import Path
 import transformers
 from safetensors.torch import load_file
 
-from special_tokens import missing_special_tokens
+from alpaca_trainml.data.special_tokens import missing_special_tokens
 from utils import PROMPT_DICT
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -4,7 +4,7 @@ chat hook. The retry and fail-fast rules are exercised in tests/test_generate_in
 import pytest
 from fake_openai import FakeOpenAI
 
-import api_client
+from alpaca_trainml.self_instruct import api_client
 
 
 def requester(fake, api, **kw):

@@ -6,8 +6,8 @@ import random
 import pytest
 from transformers import AutoTokenizer
 
-from chat_template import ALPACA_CHAT_TEMPLATE, install_chat_template
-from protocol import ChatMessage, chat_to_alpaca
+from alpaca_trainml.data.chat_template import ALPACA_CHAT_TEMPLATE, install_chat_template
+from alpaca_trainml.generation.protocol import ChatMessage, chat_to_alpaca
 from utils import format_prompt
 
 TEXTS = ["Hi", "  Name a colour.  ", "", "   ", "Line one.\nLine two.", 'Quotes " and \\ backslash', "Ünïcödé ✓"]

@@ -8,8 +8,8 @@ import pytest
 from fake_openai import FakeOpenAI
 from helpers import ROOT, subprocess_env
 
-import cli
-from cli import check_flags, integer, number, run_fire
+from alpaca_trainml import cli
+from alpaca_trainml.cli import check_flags, integer, number, run_fire
 
 CALLS = []
 

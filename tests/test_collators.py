@@ -7,8 +7,8 @@ import torch
 from helpers import make_rows, tiny_llama_config
 from transformers import LlamaForCausalLM
 
-import collators
 import train
+from alpaca_trainml.data import collators
 
 PAD = 0
 LENGTHS = [37, 5, 52, 18, 29, 44, 11]  # one micro-batch; rows of at most 64 tokens below

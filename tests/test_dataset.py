@@ -6,8 +6,8 @@ import pytest
 import torch
 from helpers import load_tokenizer, make_rows, original_labels
 
-import dataset
 import train
+from alpaca_trainml.data import dataset
 
 
 @pytest.mark.parametrize("which", ["spm_tokenizer_dir", "bpe_tokenizer_dir"])

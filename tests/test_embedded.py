@@ -7,9 +7,10 @@ import pytest
 import transformers
 from helpers import ROOT
 
-import dataset
 import train
 import utils
+from alpaca_trainml import models
+from alpaca_trainml.data import dataset
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +35,7 @@ def test_conversion_gives_a_normal_checkpoint_and_is_cached(embedded_dir, embedd
     def no_second_conversion(*a, **k):
         raise AssertionError("converted again despite the cache")
 
-    monkeypatch.setattr(utils, "convert_gguf_to_hf", no_second_conversion)
+    monkeypatch.setattr(models, "convert_gguf_to_hf", no_second_conversion)
     assert utils.embedded_model_path() == embedded_dir
     assert utils.resolve_model_path(utils.EMBEDDED_MODEL) == embedded_dir
     assert utils.resolve_model_path("some/hub-id") == "some/hub-id"

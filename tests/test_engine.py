@@ -8,7 +8,16 @@ import threading
 import pytest
 import torch
 
-from engine import Engine, EngineStopped, Job, QueueFullError, RequestCancelled, sample, stream, wait_for
+from alpaca_trainml.generation.engine import (
+    Engine,
+    EngineStopped,
+    Job,
+    QueueFullError,
+    RequestCancelled,
+    sample,
+    stream,
+    wait_for,
+)
 from inference import GenParams, InstructModel
 
 PROMPTS = [

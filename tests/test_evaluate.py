@@ -17,7 +17,7 @@ from helpers import ROOT, serve_in_thread, subprocess_env
 from scripted_llama import build_scripted_llama
 
 import evaluate
-import judging
+from alpaca_trainml.evaluation import judging
 
 MARK = "[best]"  # the scripted judge prefers the output holding this
 

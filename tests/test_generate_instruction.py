@@ -19,11 +19,10 @@ from helpers import ROOT, serve_in_thread, subprocess_env
 from rouge_score import rouge_scorer, tokenizers
 from scripted_llama import build_scripted_llama
 
-import api_client
-import dataset
 import generate_instruction as gi
-import rouge_dedup
-import self_instruct
+from alpaca_trainml.data import dataset
+from alpaca_trainml.self_instruct import api_client, rouge_dedup
+from alpaca_trainml.self_instruct import prompting as self_instruct
 
 K = 3  # example tasks per prompt, the original's default
 

@@ -8,8 +8,8 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from http_guard import ApiKey, Guard, host_name, is_loopback, origin_allowed
-from protocol import install_error_handlers
+from alpaca_trainml.generation.http_guard import ApiKey, Guard, host_name, is_loopback, origin_allowed
+from alpaca_trainml.generation.protocol import install_error_handlers
 
 
 def app_with(**guard):

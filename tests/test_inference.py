@@ -5,11 +5,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import transformers
 from helpers import ROOT
 from scripted_llama import SCRIPT, build_scripted_llama
 
-import decoding
 import inference
+from alpaca_trainml.generation import decoding
+from alpaca_trainml.generation import model as model_module
 from inference import GenParams, InstructModel, PromptTooLongError
 from utils import EMBEDDED_MODEL, format_prompt
 
@@ -66,9 +68,9 @@ def test_generation_kwargs_greedy_at_temperature_zero():
 
 
 def test_training_length_comes_from_the_saved_tokenizer_else_512():
-    assert inference.training_length(SimpleNamespace(model_max_length=256), 2048) == 256  # as train.py saves it
-    assert inference.training_length(SimpleNamespace(model_max_length=int(1e30)), 2048) == 512  # "no limit" sentinel
-    assert inference.training_length(SimpleNamespace(model_max_length=int(1e30)), 128) == 128
+    assert model_module.training_length(SimpleNamespace(model_max_length=256), 2048) == 256  # as train.py saves it
+    assert model_module.training_length(SimpleNamespace(model_max_length=int(1e30)), 2048) == 512  # "no limit" sentinel
+    assert model_module.training_length(SimpleNamespace(model_max_length=int(1e30)), 128) == 128
 
 
 def test_the_default_model_is_trainml_checkpoint_then_embedded(monkeypatch):
@@ -78,7 +80,7 @@ def test_the_default_model_is_trainml_checkpoint_then_embedded(monkeypatch):
         asked.append(name)
         raise RuntimeError("stop before loading")
 
-    monkeypatch.setattr(inference, "from_pretrained", fake_from_pretrained)
+    monkeypatch.setattr(model_module, "from_pretrained", fake_from_pretrained)
     monkeypatch.delenv("TRAINML_CHECKPOINT_PATH", raising=False)
     for _ in range(2):
         with pytest.raises(RuntimeError):
@@ -198,14 +200,14 @@ def test_cli_prints_the_answer(scripted_dir, capsys, monkeypatch):
 )
 def test_cli_mistakes_are_refused_before_any_model_loads(argv, expected, monkeypatch):
     monkeypatch.setattr(inference, "_MODEL", None)
-    monkeypatch.setattr(inference.transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail())
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail())
     with pytest.raises(ValueError, match=expected):
         inference.main(inference.parse_args(argv))
 
 
 @pytest.mark.parametrize("native, expected", [(True, "bfloat16"), (False, "float32")])
 def test_dtype_auto_is_bf16_only_on_a_cpu_that_computes_it(tiny_llama_dir, monkeypatch, native, expected):
-    import precision
+    from alpaca_trainml import precision
 
     monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
     model = InstructModel(str(tiny_llama_dir), device="cpu", dtype="auto")

@@ -2,8 +2,8 @@
 
 import transformers
 
-import launch
 import train
+from alpaca_trainml.training import launch
 
 
 def test_resume_skips_a_checkpoint_that_was_killed_while_saving(tmp_path):

@@ -15,11 +15,11 @@ from helpers import ROOT, build_tiny_llama, make_rows, subprocess_env
 from safetensors.torch import load_file
 from test_train_e2e import TRAINML_COMMAND, job_dir, run
 
-import cli
 import inference
-import lora
 import train
 import weight_diff
+from alpaca_trainml import cli
+from alpaca_trainml.training import lora
 
 # the tiny Llama's sentencepiece tokenizer has <unk>, <s> and </s>: train.py adds [PAD] as token 400 (vocab 400)
 NEW_TOKEN = 400

@@ -6,9 +6,9 @@ import pytest
 import torch
 from helpers import make_rows
 
-import launch
-import precision
 import train
+from alpaca_trainml import precision
+from alpaca_trainml.training import launch
 
 X86_CPUINFO = (
     "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512bw avx512_bf16 amx_tile amx_bf16\n\nprocessor\t: 1\n"

@@ -5,8 +5,15 @@ import asyncio
 
 import pytest
 
-from decoding import Completion, GenParams
-from protocol import ChatMessage, CompletionBody, chat_to_alpaca, make_params, openai_events, validation_message
+from alpaca_trainml.generation.decoding import Completion, GenParams
+from alpaca_trainml.generation.protocol import (
+    ChatMessage,
+    CompletionBody,
+    chat_to_alpaca,
+    make_params,
+    openai_events,
+    validation_message,
+)
 
 
 def m(role, content):

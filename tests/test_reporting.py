@@ -2,8 +2,8 @@
 
 import transformers
 
-import reporting
 import train
+from alpaca_trainml.training import reporting
 
 
 def test_loss_picture_title_names_the_scheduler_and_batch():

@@ -14,7 +14,7 @@ import pytest
 from helpers import ROOT, serve_in_thread, subprocess_env
 from scripted_llama import SCRIPT, build_scripted_llama
 
-from decoding import generation_limits
+from alpaca_trainml.generation.decoding import generation_limits
 from inference import InstructModel
 from serve import create_app
 

@@ -5,9 +5,9 @@ import inspect
 import pytest
 from helpers import make_rows
 
-import cli
 import train
 import utils
+from alpaca_trainml import cli
 
 
 def test_the_original_train_py_names_are_importable_from_train_with_their_signatures():

@@ -13,7 +13,7 @@ import torch
 import transformers
 from helpers import ROOT, make_rows, subprocess_env
 
-import precision
+from alpaca_trainml import precision
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-import precision
+from alpaca_trainml import precision
 
 logger = logging.getLogger(__name__)
 

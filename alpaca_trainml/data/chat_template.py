@@ -14,7 +14,7 @@ then the earlier turns as "User: ..." and "Assistant: ..." lines, become the Inp
 import json
 import logging
 
-from utils import PROMPT_DICT, format_prompt
+from alpaca_trainml.data.prompts import PROMPT_DICT, format_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +122,6 @@ def show():
 
 
 if __name__ == "__main__":
-    from cli import run_fire
+    from alpaca_trainml.cli import run_fire
 
     run_fire({"print": show, "install": install}, "chat_template.py")

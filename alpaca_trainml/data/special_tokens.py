@@ -8,7 +8,12 @@ from typing import Dict
 import torch
 import transformers
 
-from utils import DEFAULT_BOS_TOKEN, DEFAULT_EOS_TOKEN, DEFAULT_PAD_TOKEN, DEFAULT_UNK_TOKEN
+IGNORE_INDEX = -100  # label value that the cross-entropy loss skips
+DEFAULT_PAD_TOKEN = "[PAD]"
+DEFAULT_EOS_TOKEN = "</s>"
+DEFAULT_BOS_TOKEN = "<s>"
+DEFAULT_UNK_TOKEN = "<unk>"
+
 
 MEAN_BLOCK_ROWS = 1024  # fixed, so make_diff and recover sum the mean row in the same order
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
-from decoding import Completion, GenParams, cut_at_stop, stop_holdback
+from alpaca_trainml.generation.decoding import Completion, GenParams, cut_at_stop, stop_holdback
 
 logger = logging.getLogger(__name__)
 

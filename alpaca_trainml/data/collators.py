@@ -7,7 +7,7 @@ from typing import Dict, Sequence
 import torch
 import transformers
 
-from utils import IGNORE_INDEX
+from alpaca_trainml.data.special_tokens import IGNORE_INDEX
 
 
 @dataclass

@@ -12,9 +12,10 @@ import torch
 import transformers
 from torch.utils.data import Dataset
 
-import utils
-from collators import DataCollatorForSupervisedDataset
-from utils import IGNORE_INDEX
+from alpaca_trainml import jsonio
+from alpaca_trainml.data import prompts
+from alpaca_trainml.data.collators import DataCollatorForSupervisedDataset
+from alpaca_trainml.data.special_tokens import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ def validate_rows(rows, path) -> None:
 def load_rows(data_path):
     """Read and validate an Alpaca data file; errors name the file."""
     try:
-        rows = utils.jload(data_path)
+        rows = jsonio.jload(data_path)
     except FileNotFoundError:
         raise ValueError(
             f"{data_path}: no such file (for the original data run `python utils.py download_alpaca_data`)"
@@ -97,7 +98,7 @@ def load_rows(data_path):
 
 def build_example_texts(rows, eos_token):
     """(sources, targets): the Alpaca prompt for each row, and its output followed by EOS."""
-    sources = [utils.format_prompt(r["instruction"], r.get("input")) for r in rows]
+    sources = [prompts.format_prompt(r["instruction"], r.get("input")) for r in rows]
     targets = [f"{r['output']}{eos_token}" for r in rows]
     return sources, targets
 

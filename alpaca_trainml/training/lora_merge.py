@@ -16,10 +16,17 @@ import torch
 import transformers
 from safetensors.torch import load_file
 
-import lora
-import utils
-from checkpoint_io import Checkpoint, copy_side_files, meta_model, row_chunks, staging, write_model
-from special_tokens import embedding_resize, mean_row, raw_rows
+from alpaca_trainml import jsonio, models
+from alpaca_trainml.data.special_tokens import embedding_resize, mean_row, raw_rows
+from alpaca_trainml.training import lora
+from alpaca_trainml.training.checkpoint_io import (
+    Checkpoint,
+    copy_side_files,
+    meta_model,
+    row_chunks,
+    staging,
+    write_model,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +126,7 @@ def tied_token_rows(adapter, path_raw, shapes):
 def merge(path_raw, path_adapter, path_tuned, chunk_mb=16, max_shard_mb=2048):
     """Write base + adapter (fp32 safetensors, config, the adapter's tokenizer) to path_tuned; return the folder.
     path_raw None: the base adapter_config.json names."""
-    path_raw = utils.resolve_model_path(lora.base_of(path_adapter, path_raw))
+    path_raw = models.resolve_model_path(lora.base_of(path_adapter, path_raw))
     adapter = Adapter(path_adapter)
     raw = Checkpoint(path_raw)
     resize = {k: r for k, r in embedding_resize(path_raw, meta_model(path_raw), raw.shapes).items() if r[1]}
@@ -141,7 +148,7 @@ def merge(path_raw, path_adapter, path_tuned, chunk_mb=16, max_shard_mb=2048):
         config = json.loads((tmp / "config.json").read_text())
         if resize:
             config["vocab_size"] = len(tokenizer)  # what resize_token_embeddings writes into the config
-        utils.jdump(config, tmp / "config.json")
+        jsonio.jdump(config, tmp / "config.json")
         tokenizer.save_pretrained(tmp)  # the adapter's: the base's plus the special tokens train.py added
     logger.info("merged %s (%d adapted tensors) into %s: %s", path_adapter, len(adapter.keys()), path_raw, path_tuned)
     return str(path_tuned)

@@ -34,8 +34,9 @@ def plot_loss(log_history, path, title):
 
 def demo_answers(trainer, tokenizer, data_args, max_new_tokens=64):
     """Greedy answers of the model being trained to the first N eval instructions: [(instruction, answer)]."""
-    from dataset import load_rows
-    from inference import GenParams, InstructModel
+    from alpaca_trainml.data.dataset import load_rows
+    from alpaca_trainml.generation.decoding import GenParams
+    from alpaca_trainml.generation.model import InstructModel
 
     rows = load_rows(data_args.eval_data_path or data_args.data_path)[: data_args.demo_generations]
     model = InstructModel(model=trainer.model, tokenizer=tokenizer)

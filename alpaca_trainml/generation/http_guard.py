@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from starlette.exceptions import HTTPException
 
-from protocol import ApiError
+from alpaca_trainml.generation.protocol import ApiError
 
 DEFAULT_MAX_BODY_BYTES = 1 << 20  # 1 MiB: a 3,072-token prompt is ~12 KB; a base64 image would need more
 LOOPBACK_ORIGIN_REGEX = r"https?://(localhost|127(\.\d{1,3}){3}|\[::1\])(:\d+)?"

@@ -7,7 +7,9 @@ import string
 from collections import Counter
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+from alpaca_trainml import REPO_ROOT
+
+HERE = REPO_ROOT  # prompt.txt and seed_tasks.jsonl
 PROMPT_PATH = HERE / "prompt.txt"
 SEED_TASKS_PATH = HERE / "seed_tasks.jsonl"
 STOP_SEQUENCES = ["\n20", "20.", "20."]  # as the original: the prompt asks for 20 tasks, stop before the 20th

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 import transformers
 
-import utils
-from special_tokens import missing_special_tokens, smart_tokenizer_and_embedding_resize
+from alpaca_trainml import models
+from alpaca_trainml.data.special_tokens import missing_special_tokens, smart_tokenizer_and_embedding_resize
 
 logger = logging.getLogger(__name__)
 # bitsandbytes on an AVX512-BF16 CPU tries to fetch an optional kernel from the hub at import and warns "pip install
@@ -182,8 +182,8 @@ def token_rows(model, new_token_ids):
 
 def base_name(name_or_path):
     """What adapter_config.json records as the base: the embedded model's name, a folder's absolute path, a hub id."""
-    if name_or_path in (None, "", utils.EMBEDDED_MODEL):
-        return utils.EMBEDDED_MODEL
+    if name_or_path in (None, "", models.EMBEDDED_MODEL):
+        return models.EMBEDDED_MODEL
     path = Path(name_or_path).expanduser()
     return str(path.resolve()) if path.is_dir() else str(name_or_path)
 
@@ -213,8 +213,8 @@ def resized_base(path, base_model=None, **kwargs):
     """(base model, tokenizer) as train.py had them before the adapter: the special tokens added, the new rows mean-
     initialised. Checks that the adapter's tokenizer is the one this base grows into."""
     base = base_of(path, base_model)
-    model = utils.from_pretrained(transformers.AutoModelForCausalLM, base, **kwargs)
-    tokenizer = utils.from_pretrained(transformers.AutoTokenizer, base)
+    model = models.from_pretrained(transformers.AutoModelForCausalLM, base, **kwargs)
+    tokenizer = models.from_pretrained(transformers.AutoTokenizer, base)
     smart_tokenizer_and_embedding_resize(missing_special_tokens(tokenizer), tokenizer, model)
     adapter_tokens = transformers.AutoTokenizer.from_pretrained(path)
     check_vocab(path, len(adapter_tokens), base, len(tokenizer))

@@ -15,7 +15,7 @@ import transformers
 from safetensors import safe_open
 from tqdm import tqdm
 
-import utils
+from alpaca_trainml import jsonio
 
 
 class Checkpoint:
@@ -143,7 +143,7 @@ def write_model(out_dir, shapes, produce, max_shard_bytes, desc):
     if len(shards) > 1:
         weight_map = {k: name for name, keys in zip(names, shards) for k in keys}
         total = sum(4 * prod(s) for s in shapes.values())  # bytes of fp32 weights
-        utils.jdump(
+        jsonio.jdump(
             {"metadata": {"total_size": total}, "weight_map": weight_map}, out_dir / "model.safetensors.index.json"
         )
 
@@ -175,7 +175,7 @@ def copy_side_files(src, dst):
     config["dtype"] = "float32"
     for stale in ("torch_dtype", "quantization_config"):  # the <5 name of dtype; our weights are plain fp32
         config.pop(stale, None)
-    utils.jdump(config, Path(dst) / "config.json")
+    jsonio.jdump(config, Path(dst) / "config.json")
     if (Path(src) / "generation_config.json").is_file():
         shutil.copyfile(Path(src) / "generation_config.json", Path(dst) / "generation_config.json")
     transformers.AutoTokenizer.from_pretrained(src).save_pretrained(dst)

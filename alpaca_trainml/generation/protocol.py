@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from decoding import GenParams
+from alpaca_trainml.generation.decoding import GenParams
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,205 @@
+"""InstructModel: a checkpoint and its tokenizer, with the Alpaca prompt, limits and decoding around generate()."""
+
+import logging
+import os
+import threading
+from dataclasses import replace
+
+import torch
+import transformers
+
+from alpaca_trainml.data.prompts import format_prompt
+from alpaca_trainml.generation.decoding import (
+    Completion,
+    StopCriteria,
+    TextStreamer,
+    check_params,
+    cut_at_stop,
+    generation_kwargs,
+)
+from alpaca_trainml.models import DEFAULT_MODEL_MAX_LENGTH, EMBEDDED_MODEL, from_pretrained
+from alpaca_trainml.precision import resolve_dtype
+from alpaca_trainml.training import lora
+
+logger = logging.getLogger(__name__)
+
+
+class PromptTooLongError(ValueError):
+    """The prompt has more tokens than the model was trained on, and truncation was not asked for."""
+
+
+class ContextLengthError(ValueError):
+    """Prompt plus max_tokens do not fit the model's context window (OpenAI's context_length_exceeded)."""
+
+
+def training_length(tokenizer, context_window):
+    """The prompt limit: the model_max_length train.py saved with the tokenizer, else 512."""
+    n = getattr(tokenizer, "model_max_length", None)
+    return n if isinstance(n, int) and 0 < n <= context_window else min(DEFAULT_MODEL_MAX_LENGTH, context_window)
+
+
+class InstructModel:
+    """A checkpoint and its tokenizer; generate() holds a lock, so calls from several threads run one at a time."""
+
+    def __init__(
+        self,
+        model_name_or_path=None,
+        max_prompt_tokens=None,
+        device=None,
+        dtype=None,
+        *,
+        model=None,
+        tokenizer=None,
+        base_model=None,
+    ):
+        """Load model_name_or_path (default $TRAINML_CHECKPOINT_PATH, else the embedded model), or wrap an already
+        loaded `model` and `tokenizer` (train.py's demo answers, on the model being trained). dtype: None picks
+        bf16/fp16 on a GPU and fp32 on CPU; "auto" bf16 where the device computes it natively (a CPU with
+        AVX512-BF16/AMX too), else fp32; or a torch dtype or its name.
+        base_model: overrides an adapter's base."""
+        if model is not None:
+            self.name, self.model, self.tokenizer = model_name_or_path or model.name_or_path, model, tokenizer
+            dtype = model.dtype
+        else:
+            self.name = model_name_or_path or os.environ.get("TRAINML_CHECKPOINT_PATH") or EMBEDDED_MODEL
+            dtype = self._load(device, dtype, base_model or os.environ.get("ALPACA_BASE_MODEL"))
+        self.context_window = getattr(self.model.config, "max_position_embeddings", None) or 2048
+        self.max_prompt_tokens = max_prompt_tokens or training_length(self.tokenizer, self.context_window)
+        eos = self.model.generation_config.eos_token_id
+        eos = list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []
+        self.eos_ids = sorted(
+            {*eos, *([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [])}
+        )
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.lock = threading.Lock()  # one generate() at a time
+        self.tokenizer_lock = threading.RLock()  # the tokenizer is shared with request threads that encode
+        logger.info(
+            "loaded %s on %s (%s): prompts up to %d tokens, context window %d",
+            self.name,
+            self.model.device,
+            dtype,
+            self.max_prompt_tokens,
+            self.context_window,
+        )
+
+    def _load(self, device, dtype, base_model=None):
+        cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
+        dtype = resolve_dtype(dtype, "cuda" if cuda else "cpu")
+        # device_map="auto" spreads a model too big for one GPU over all of them, as the fork did
+        placement = dict(device_map="auto") if cuda and device is None else {}
+        if lora.is_adapter(self.name):
+            self.model, self.tokenizer = lora.load_merged(self.name, base_model, dtype=dtype, **placement)
+        else:
+            self.tokenizer = from_pretrained(transformers.AutoTokenizer, self.name)
+            self.model = from_pretrained(transformers.AutoModelForCausalLM, self.name, dtype=dtype, **placement)
+        self.model.eval()
+        if not placement:
+            self.model.to(device or "cpu")
+        return dtype
+
+    def decode(self, ids):
+        with self.tokenizer_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _ids(self, text, special=True):
+        with self.tokenizer_lock:
+            return self.tokenizer(text, add_special_tokens=special)["input_ids"]
+
+    def _too_long(self, n, hint, limit=None):
+        if limit is not None and limit != self.max_prompt_tokens:
+            return PromptTooLongError(f"the prompt is {n} tokens; at most {limit} fit here. Shorten it, or {hint}")
+        return PromptTooLongError(
+            f"the prompt is {n} tokens; this model was trained on at most "
+            f"{self.max_prompt_tokens}. Shorten it, or {hint}"
+        )
+
+    def encode(self, prompt, truncate=False, limit=None):
+        """Token ids of a raw prompt; with truncate, an over-long prompt keeps its last tokens (and a leading BOS).
+
+        limit: the most prompt tokens (default: the training length, max_prompt_tokens)."""
+        ids = self._ids(prompt)
+        limit = self.max_prompt_tokens if limit is None else limit
+        if len(ids) <= limit:
+            return ids
+        if not truncate:
+            raise self._too_long(len(ids), "pass truncate=true to keep its last tokens", limit)
+        bos = ids[:1] if ids[0] == self.tokenizer.bos_token_id else []
+        return bos + ids[len(ids) - (limit - len(bos)) :]
+
+    def encode_instruction(self, instruction, input=None, truncate=False, limit=None):
+        """Token ids of the Alpaca prompt. With truncate, an over-long input (or, without one, the instruction)
+        is cut at its end so that the template around it stays whole. limit: as in encode()."""
+        ids = self._ids(format_prompt(instruction, input))
+        limit = self.max_prompt_tokens if limit is None else limit
+        if len(ids) <= limit:
+            return ids
+        if not truncate:
+            raise self._too_long(len(ids), "pass truncate=true to cut the end of the input", limit)
+        text = input or instruction
+        for _ in range(4):  # a cut can re-tokenize a token longer; retry a few times
+            over = len(ids) - limit
+            if over <= 0:
+                return ids
+            field = self._ids(text, special=False)
+            if len(field) <= over:
+                raise self._too_long(
+                    len(ids), "shorten the instruction: the template and instruction alone are too long", limit
+                )
+            text = self.decode(field[: len(field) - over - 1])
+            ids = self._ids(format_prompt(instruction, text) if input else format_prompt(text))
+        raise self._too_long(len(ids), "shorten the input", limit)
+
+    def check_fits(self, n_prompt, max_tokens):
+        if n_prompt + max_tokens > self.context_window:
+            raise ContextLengthError(
+                f"This model's maximum context length is {self.context_window} tokens. However, you requested "
+                f"{n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} for the completion). "
+                "Please reduce your prompt; or completion length."
+            )  # OpenAI's wording, which clients look for
+
+    @torch.inference_mode()
+    def generate(self, prompts, params, on_text=None, cancel=None, row_max_tokens=None):
+        """One Completion per prompt (token id lists), batched in one generate() call.
+
+        row_max_tokens: each row's own max_tokens (default params.max_tokens); the batch runs to the largest.
+        on_text(delta) streams the text of a single prompt as it grows; cancel (a threading.Event) stops early."""
+        limits = list(row_max_tokens or [params.max_tokens] * len(prompts))
+        for ids, limit in zip(prompts, limits):
+            check_params(replace(params, max_tokens=limit), self.context_window)
+            self.check_fits(len(ids), limit)
+        width = max(len(ids) for ids in prompts)
+        # left padding: every row's new tokens then start at column `width`
+        input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts])
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+        stream = on_text is not None and len(prompts) == 1 and params.num_beams == 1  # beams cannot stream
+        streamer = TextStreamer(self.decode, params.stop, on_text) if stream else None
+        criteria = transformers.StoppingCriteriaList([StopCriteria(self.decode, width, params.stop, cancel)])
+        device = self.model.device
+        with self.lock:
+            out = self.model.generate(
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
+                max_new_tokens=max(limits),
+                pad_token_id=self.pad_id,
+                eos_token_id=self.eos_ids,
+                stopping_criteria=criteria,
+                streamer=streamer,
+                **generation_kwargs(params),
+            )
+        results = [
+            self._finish(row[width : width + limit].tolist(), len(p), params.stop, limit)
+            for row, p, limit in zip(out, prompts, limits)
+        ]
+        if on_text is not None:  # the rest: what the stream held back, or everything when beams ran
+            sent = streamer.sent if streamer else 0
+            if len(results[0].text) > sent:
+                on_text(results[0].text[sent:])
+        return results
+
+    def _finish(self, new_ids, n_prompt, stops, limit):
+        """Cut one row at its end-of-text token and stop string."""
+        ends = [i for i, t in enumerate(new_ids) if t in self.eos_ids or t == self.pad_id]  # rows done early are padded
+        used = new_ids[: ends[0] + 1] if ends else new_ids
+        text, stopped = cut_at_stop(self.decode(used), stops)
+        reason = "stop" if ends or stopped or len(used) < limit else "length"
+        return Completion(text, n_prompt, len(used), reason)
