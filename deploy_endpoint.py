@@ -18,6 +18,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from alpaca_trainml import cli
+
 logger = logging.getLogger(__name__)
 HERE = Path(__file__).resolve().parent
 JOB_NAME = "Instruction-Trained LLM Endpoint Example"
@@ -47,7 +49,7 @@ def endpoint_job_spec(
 ):
     """Keyword arguments for TrainML().jobs.create: one route, /instruct -> inference.instruct.
 
-    Raises ValueError listing every bad argument."""
+    Raises cli.UsageError listing every bad argument."""
     problems = []
     if not isinstance(checkpoint, str) or not checkpoint.strip():
         problems.append(f"--checkpoint must name a trainML checkpoint, got {checkpoint!r}")
@@ -56,7 +58,7 @@ def endpoint_job_spec(
     if not isinstance(disk_size, int) or disk_size < 1:
         problems.append(f"--disk-size must be at least 1 (GB), got {disk_size!r}")
     if problems:
-        raise ValueError("; ".join(problems))
+        raise cli.UsageError("; ".join(problems))
     body = [dict(name=n, type=t, optional=True) if opt else dict(name=n, type=t) for n, t, opt in ROUTE_BODY]
     route = dict(path="/instruct", verb="POST", file="inference", function="instruct", positional=False, body=body)
     return dict(
@@ -82,11 +84,19 @@ def stage_endpoint_files(dest, files=ENDPOINT_FILES):
     return dest
 
 
+def trainml_sdk():
+    """The SDK's TrainML class; without the SDK a cli.UsageError that says how to install it. Imported here, not at
+    the top: --dry-run, the job spec and the tests need no SDK."""
+    try:
+        from trainml.trainml import TrainML
+    except ImportError as e:
+        raise cli.UsageError(f"the trainML SDK is not installed ({e}): pip install trainml && trainml configure") from e
+    return TrainML
+
+
 async def deploy(spec, timeout_s):
     """Create the endpoint job, upload the staged model folder, wait for it to run; return its URL."""
-    from trainml.trainml import TrainML  # lazy: the spec and the tests need no SDK
-
-    job = await TrainML().jobs.create(**spec)
+    job = await trainml_sdk()().jobs.create(**spec)
     print(f"created endpoint job {job.id}; uploading {spec['model']['source_uri']}")
     await job.wait_for("waiting for data/model download")
     await job.connect()  # a local model source uploads through this connection
@@ -96,6 +106,8 @@ async def deploy(spec, timeout_s):
 
 
 def main(args):
+    if not args.dry_run:
+        trainml_sdk()  # a missing SDK is said before anything is staged
     with tempfile.TemporaryDirectory(prefix="alpaca-endpoint-") as tmp:
         spec = endpoint_job_spec(
             args.checkpoint, stage_endpoint_files(tmp), args.gpu_count, args.gpu_type, args.disk_size, args.environment
@@ -131,7 +143,4 @@ def parse_args(argv=None):
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        main(parse_args())
-    except ValueError as e:
-        raise SystemExit(f"deploy_endpoint.py: {e}") from None
+    cli.run("deploy_endpoint.py", main, parse_args())

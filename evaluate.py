@@ -27,8 +27,9 @@ from pathlib import Path
 import tqdm
 
 from alpaca_trainml import jsonio
-from alpaca_trainml.cli import check_flags, integer, number, run_fire
+from alpaca_trainml.cli import UsageError, check_flags, integer, number, run_fire
 from alpaca_trainml.evaluation import judging
+from alpaca_trainml.generation.limits import flag_checks
 from alpaca_trainml.self_instruct.api_client import API_CHOICES, FatalRequestError, Requester, make_client
 
 logger = logging.getLogger(__name__)
@@ -36,16 +37,16 @@ REASK_TEMPERATURE = 1.0  # an unparseable verdict is asked again sampled, so a g
 
 
 def load_rows(path, flag, needs_output):
-    """A JSON list of {instruction, input?, output?, generator?} rows; ValueError naming the file and every bad row."""
+    """A JSON list of {instruction, input?, output?, generator?} rows; UsageError naming the file and every bad row."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"--{flag} {path}: no such file")
+        raise UsageError(f"--{flag} {path}: no such file")
     try:
         rows = jsonio.jload(path)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"--{flag} {path}: not valid JSON ({e})") from e
+        raise UsageError(f"--{flag} {path}: not valid JSON ({e})") from e
     if not isinstance(rows, list):
-        raise ValueError(f"--{flag} {path}: expected a JSON list of rows, found {type(rows).__name__}")
+        raise UsageError(f"--{flag} {path}: expected a JSON list of rows, found {type(rows).__name__}")
     fields = ("instruction", "output") if needs_output else ("instruction",)
     problems = [
         f"row {i}: needs string field(s) {', '.join(fields)} and an optional string 'input'"
@@ -55,20 +56,20 @@ def load_rows(path, flag, needs_output):
         or not isinstance(r.get("input") or "", str)
     ]
     if problems:
-        raise ValueError(f"--{flag} {path}: {len(problems)} bad row(s):\n  " + "\n  ".join(problems[:20]))
+        raise UsageError(f"--{flag} {path}: {len(problems)} bad row(s):\n  " + "\n  ".join(problems[:20]))
     return rows
 
 
 # ---------------------------------------------------------------------------------------------
 # generate: model_outputs for a list of instructions, through inference.InstructModel
 def encode_row(model, row, i, max_tokens):
-    """The row's prompt ids; an over-long input is cut at its end. ValueError naming the row if it cannot fit."""
+    """The row's prompt ids; an over-long input is cut at its end. UsageError naming the row if it cannot fit."""
     try:
         ids = model.encode_instruction(row["instruction"], row.get("input") or None, truncate=True)
         model.check_fits(len(ids), max_tokens)
         return ids
     except ValueError as e:
-        raise ValueError(f"--instructions row {i}: {e}") from e
+        raise UsageError(f"--instructions row {i}: {e}") from e
 
 
 def generate(
@@ -91,8 +92,7 @@ def generate(
             ("output", output, isinstance(output, (str, Path)), "a file path"),
             ("max_tokens", max_tokens, integer(max_tokens, 1), "an integer of at least 1"),
             ("batch_size", batch_size, integer(batch_size, 1), "an integer of at least 1"),
-            ("temperature", temperature, number(temperature, 0, 2), "a number from 0 to 2 (0 = greedy)"),
-            ("top_p", top_p, number(top_p, 0.001, 1), "a number above 0 and at most 1"),
+            *flag_checks(temperature, top_p),
             (
                 "max_prompt_tokens",
                 max_prompt_tokens,
@@ -133,7 +133,7 @@ def generate(
 
 
 def load_partial_outputs(path, rows, generator):
-    """{task: row} of an earlier run's OUT, to resume; ValueError when OUT is not a partial run of this command."""
+    """{task: row} of an earlier run's OUT, to resume; UsageError when OUT is not a partial run of this command."""
     if not path.exists():
         return {}
     earlier = load_rows(path, "output", needs_output=True)
@@ -142,7 +142,7 @@ def load_partial_outputs(path, rows, generator):
         i for i, r in enumerate(earlier) if judging.pair_key(r) not in wanted or r.get("generator") != generator
     ]
     if strangers:
-        raise ValueError(
+        raise UsageError(
             f"--output {path} holds {len(strangers)} row(s) (first: row {strangers[0]}) that are not {generator}'s "
             "answers to --instructions; pass another --output, or --generator, or move the file away"
         )
@@ -191,7 +191,7 @@ def judge(
         load_rows(reference_outputs, "reference_outputs", needs_output=True),
     )
     if not pairs:
-        raise ValueError(f"--model_outputs {model_outputs}: no rows, nothing to judge")
+        raise UsageError(f"--model_outputs {model_outputs}: no rows, nothing to judge")
     out = Path(output_dir)
     rng = random.Random(seed)  # one draw per pair, in model_outputs' order: the same seed shows the same orders
     todo = [new_annotation(m, r, model_first=rng.random() < 0.5) for m, r in pairs]
@@ -240,7 +240,7 @@ def resume(path, annotations):
             if a["status"] in ("judged", "failed", "identical") and "preference" in a
         }
     except (json.JSONDecodeError, TypeError, KeyError) as e:
-        raise ValueError(f"{path}: not an annotations file of evaluate.py ({e}); move it away to start over") from e
+        raise UsageError(f"{path}: not an annotations file of evaluate.py ({e}); move it away to start over") from e
     out = [finished.get((a["instruction"], a["input"], a["output_1"], a["output_2"]), a) for a in annotations]
     logger.info("%d of %d pairs already judged in %s", sum(a["status"] != "todo" for a in out), len(out), path)
     return out
@@ -282,9 +282,7 @@ def run_judge(requester, annotations, path, verdict_retries, max_workers):
             except FatalRequestError as e:
                 requester.stop_event.set()  # the other threads stop retrying
                 pool.shutdown(wait=False, cancel_futures=True)
-                raise SystemExit(
-                    f"evaluate judge: {e}\nthe verdicts so far are saved in {path}; rerun to resume"
-                ) from e
+                raise UsageError(f"judge: {e}\nthe verdicts so far are saved in {path}; rerun to resume") from e
 
 
 def write_leaderboard(path, s, annotations, where, seed):

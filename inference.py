@@ -14,6 +14,7 @@ import argparse
 import logging
 import threading
 
+from alpaca_trainml import cli
 from alpaca_trainml.generation.decoding import GenParams, check_params
 from alpaca_trainml.generation.model import ContextLengthError, InstructModel, PromptTooLongError
 from alpaca_trainml.models import EMBEDDED_MODEL
@@ -59,17 +60,22 @@ def instruct(instruction, input=None, max_tokens=None, temperature=None, top_p=N
 
 
 def main(args):
+    """Answer --instruction; a setting out of range, an empty instruction, a missing model folder or a prompt too
+    long (without --truncate) is a cli.UsageError."""
     given = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p, num_beams=args.num_beams)
     # settings out of range are refused before the model loads; max_tokens' limit needs the model's window
-    check_params(GenParams(**{k: v for k, v in given.items() if v is not None}), max_tokens_limit=2**31)
+    with cli.user_errors():
+        check_params(GenParams(**{k: v for k, v in given.items() if v is not None}), max_tokens_limit=2**31)
     if not args.instruction.strip():
-        raise ValueError("--instruction is empty")
+        raise cli.UsageError("--instruction is empty")
     load_model(args.model_name_or_path, args.max_prompt_tokens, args.dtype, args.base_model)
-    print(
-        instruct(
+    try:
+        answer = instruct(
             args.instruction, args.input, args.max_tokens, args.temperature, args.top_p, args.num_beams, args.truncate
         )
-    )
+    except (PromptTooLongError, ContextLengthError) as e:
+        raise cli.UsageError(str(e)) from e
+    print(answer)
 
 
 def parse_args(argv=None):
@@ -96,7 +102,4 @@ def parse_args(argv=None):
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        main(parse_args())
-    except ValueError as e:
-        raise SystemExit(f"inference.py: {e}") from None
+    cli.run("inference.py", main, parse_args())

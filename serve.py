@@ -29,6 +29,7 @@ import logging
 import os
 from pathlib import Path
 
+from alpaca_trainml import cli
 from alpaca_trainml.generation.http_guard import DEFAULT_MAX_BODY_BYTES
 from alpaca_trainml.generation.server import ServerThread, build_server, create_app
 from alpaca_trainml.models import EMBEDDED_MODEL
@@ -38,13 +39,14 @@ __all__ = ["create_app", "build_server", "ServerThread", "main", "parse_args"]
 
 
 def main(args):
+    """Load the model and serve until SIGTERM; a missing or broken checkpoint is a cli.UsageError naming it."""
     name = args.model_name_or_path or os.environ.get("TRAINML_CHECKPOINT_PATH") or EMBEDDED_MODEL
     if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().is_dir():
-        raise SystemExit(f"serve.py: --model_name_or_path {name}: no such folder (a checkpoint folder or a hub id)")
+        raise cli.UsageError(f"--model_name_or_path {name}: no such folder (a checkpoint folder or a hub id)")
     try:
         server = build_server(args)
     except (OSError, ValueError) as e:  # a broken checkpoint, an unknown hub id: say which, without a traceback
-        raise SystemExit(f"serve.py: could not load the model {name!r}: {e}") from None
+        raise cli.UsageError(f"could not load the model {name!r}: {e}") from e
     server.run()
 
 
@@ -85,4 +87,4 @@ def parse_args(argv=None):
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    main(parse_args())
+    cli.run("serve.py", main, parse_args())

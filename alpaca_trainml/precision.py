@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from alpaca_trainml.cli import UsageError
+
 # /proc/cpuinfo flags of bf16 arithmetic in hardware: x86 "flags" and aarch64 "Features" lines
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16", "bf16")
 DTYPE_CHOICES = ("auto", "bfloat16", "float32")  # inference.py's and serve.py's --dtype
@@ -70,6 +72,6 @@ def resolve_dtype(dtype, device=None):
     if isinstance(dtype, str):
         found = getattr(torch, dtype, None)
         if not isinstance(found, torch.dtype):
-            raise ValueError(f"unknown dtype {dtype!r}: give one of {', '.join(DTYPE_CHOICES)}")
+            raise UsageError(f"unknown dtype {dtype!r}: give one of {', '.join(DTYPE_CHOICES)}")
         return found
     return dtype

@@ -1,5 +1,6 @@
-"""cli.run_fire: an unknown command or flag is refused, with one message naming it and the valid ones, before the
-command runs; a ValueError from the command is one line, not a traceback. Then the repo's fire CLIs, for real."""
+"""cli: one UsageError, printed by every script as `script.py: error: ...` with exit status 2; any other exception
+keeps its traceback. run_fire refuses an unknown command or flag before the command runs. Then the scripts, for real:
+run as a user runs them, each mistake is one line on stderr and exit status 2."""
 
 import subprocess
 import sys
@@ -17,7 +18,9 @@ CALLS = []
 def greet(name="world", times=1, loud=False):
     CALLS.append((name, times, loud))
     if times < 0:
-        raise ValueError(f"--times {times}: expected at least 0")
+        raise cli.UsageError(f"--times {times}: expected at least 0")
+    if times > 100:
+        raise ValueError("a bug: a plain ValueError is not the user's mistake")
     return None
 
 
@@ -40,26 +43,37 @@ def test_an_unknown_flag_is_refused_before_the_command_runs(capsys):
         run_fire(COMMANDS, "prog", ["greet", "--nmae", "x", "--times", "3"])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and CALLS == []
-    assert "prog greet: unknown flag --nmae (did you mean --name?)" in err
+    assert err.startswith("prog: error: greet: unknown flag --nmae (did you mean --name?)")
     assert "valid flags: --name --times --loud" in err
 
 
 def test_an_unknown_command_lists_the_valid_ones(capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_fire(COMMANDS, "prog", ["gret"])
-    assert exit_info.value.code == 2 and "unknown command 'gret'; expected one of: greet" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err == "prog: error: unknown command 'gret'; expected one of: greet\n"
 
 
-def test_a_value_error_from_the_command_is_one_line():
+def test_a_usage_error_from_the_command_is_one_line_and_exit_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
         run_fire(COMMANDS, "prog", ["greet", "--times", "-1"])
-    assert exit_info.value.code == "prog: error: --times -1: expected at least 0"  # SystemExit(str): printed, status 1
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err == "prog: error: --times -1: expected at least 0\n"
+
+
+def test_any_other_error_from_the_command_keeps_its_traceback():
+    with pytest.raises(ValueError, match="a bug"):  # not turned into an exit: the traceback shows where
+        run_fire(COMMANDS, "prog", ["greet", "--times", "101"])
+
+
+def test_usage_error_is_a_value_error_and_user_error_its_old_name():
+    assert issubclass(cli.UsageError, ValueError) and cli.UserError is cli.UsageError
 
 
 def test_check_flags_lists_every_bad_value():
     assert integer(3, 1) and not integer(True) and not integer(2.0) and not integer(0, 1) and integer(5, 1, 5)
     assert number(0.5, 0, 1) and number(1, 0, 1) and not number("1") and not number(False)
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(cli.UsageError) as err:
         check_flags([("a", "x", integer("x"), "an integer"), ("b", 1, True, "-"), ("c", -1, number(-1, 0), "0+")])
     assert str(err.value) == "invalid options:\n  --a 'x': expected an integer\n  --c -1: expected 0+"
 
@@ -82,13 +96,13 @@ def test_other_errors_stay_bugs_with_their_traceback():
         cli.run("x.py", lambda: {}["missing"])
 
 
-def test_run_prints_one_line_and_exits_non_zero():
+def test_run_prints_one_line_and_exits_2(capsys):
     def main(path):
-        raise cli.UserError(f"{path}: no such folder")
+        raise cli.UsageError(f"{path}: no such folder")
 
     with pytest.raises(SystemExit) as exc:
         cli.run("x.py", main, "out/model")
-    assert exc.value.code == "x.py: error: out/model: no such folder"  # sys.exit(str) prints it, exits 1
+    assert exc.value.code == 2 and capsys.readouterr().err == "x.py: error: out/model: no such folder\n"
     assert cli.run("x.py", lambda a: a + 1, 1) == 2
 
 
@@ -126,10 +140,46 @@ def test_generate_instruction_sends_nothing_for_a_misspelled_flag(free_port, tmp
 def test_weight_diff_commands_refuse_an_unknown_flag(capsys):
     import weight_diff
 
-    with pytest.raises(SystemExit):  # the dict weight_diff.py's __main__ runs; nothing is read or written
-        run_fire(
-            {"make_diff": weight_diff.make_diff, "recover": weight_diff.recover},
-            "weight_diff.py",
-            ["recover", "--path_raw", "a", "--path_dif", "b"],
-        )
-    assert "unknown flag --path_dif (did you mean --path_diff?)" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # the commands weight_diff.py's __main__ runs; nothing is read or written
+        weight_diff.main(["recover", "--path_raw", "a", "--path_dif", "b"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("weight_diff.py: error: recover: unknown flag --path_dif (did you mean --path_diff?)")
+
+
+def run_script(*argv, env=None):
+    """`python <argv>` from the repository root, as a user runs it."""
+    return subprocess.run(
+        [sys.executable, *map(str, argv)],
+        cwd=ROOT,
+        env=env or subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def test_generate_instruction_a_bad_regen_file_is_one_line_with_exit_2(tmp_path):
+    (tmp_path / "regen.json").write_text("[{")
+    proc = run_script("-m", "generate_instruction", "export_alpaca", "--regen_path", tmp_path / "regen.json")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"generate_instruction.py: error: {tmp_path / 'regen.json'}: not")
+
+
+def test_inference_out_of_range_settings_are_one_line_with_exit_2():
+    proc = run_script("inference.py", "--instruction", "Say hi.", "--top_p", "0", "--temperature", "3")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()  # both settings on the one line, found before any model loads
+    assert line.startswith("inference.py: error: temperature must be a number from 0 to 2") and "top_p" in line
+
+
+def test_deploy_endpoint_without_the_sdk_says_how_to_install_it(tmp_path):
+    (tmp_path / "trainml.py").write_text("raise ImportError('No module named trainml.trainml')\n")  # a broken SDK
+    env = subprocess_env()
+    env["PYTHONPATH"] = f"{tmp_path}:{env.get('PYTHONPATH', '')}"
+    proc = run_script("deploy_endpoint.py", "--checkpoint", "alpaca", env=env)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("deploy_endpoint.py: error: the trainML SDK is not installed")
+    assert "pip install trainml" in line

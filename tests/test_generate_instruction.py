@@ -19,9 +19,9 @@ from helpers import ROOT, serve_in_thread, subprocess_env
 from rouge_score import rouge_scorer, tokenizers
 from scripted_llama import build_scripted_llama
 
-import generate_instruction as gi
 from alpaca_trainml.data import dataset
 from alpaca_trainml.self_instruct import api_client, rouge_dedup
+from alpaca_trainml.self_instruct import generate as gi
 from alpaca_trainml.self_instruct import prompting as self_instruct
 
 K = 3  # example tasks per prompt, the original's default
@@ -559,7 +559,8 @@ def test_fault_injection_retries_drops_and_keeps_going(free_port, tmp_path):
 def test_bad_api_key_fails_fast_without_retrying(free_port, tmp_path):
     with FakeOpenAI(free_port, faults=["401"]) as fake:
         proc = run_script(fake, tmp_path, "--model_name", "fake-chat", "--max_workers", 1)
-    assert proc.returncode == 1 and "401" in proc.stderr and "OPENAI_API_KEY" in proc.stderr
+    assert proc.returncode == 2 and "401" in proc.stderr and "OPENAI_API_KEY" in proc.stderr
+    assert "Traceback" not in proc.stderr and "generate_instruction.py: error: " in proc.stderr
     assert len(fake.log) == 1 and not (tmp_path / "regen.json").exists()
 
 

@@ -254,7 +254,8 @@ def test_only_loopback_own_and_allowed_origins_may_call(model):
     assert ask(create_app(model, allowed_origins=["*"]), "https://anything.example").status_code == 200
 
 
-def test_a_missing_or_broken_checkpoint_is_one_clear_message(tmp_path):
+def test_a_missing_or_broken_checkpoint_is_one_clear_message(tmp_path, capsys):
+    from alpaca_trainml import cli
     from serve import main, parse_args
 
     broken = tmp_path / "broken"
@@ -262,8 +263,9 @@ def test_a_missing_or_broken_checkpoint_is_one_clear_message(tmp_path):
     (broken / "config.json").write_text("{")
     for path, needle in [(tmp_path / "missing", "no such folder"), (broken, "not a valid JSON file")]:
         with pytest.raises(SystemExit) as e:
-            main(parse_args(["--model_name_or_path", str(path), "--port", "1"]))
-        assert str(path) in str(e.value.code) and needle in str(e.value.code)  # a message, so exit status 1
+            cli.run("serve.py", main, parse_args(["--model_name_or_path", str(path), "--port", "1"]))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("serve.py: error: ") and str(path) in err and needle in err
 
 
 # --- a real server ----------------------------------------------------------------------------

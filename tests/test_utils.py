@@ -6,6 +6,7 @@ import pytest
 from helpers import make_rows
 
 import utils
+from alpaca_trainml.cli import UsageError
 
 
 def test_templates_are_byte_for_byte_the_originals():
@@ -50,7 +51,7 @@ def test_download_verifies_sha1_and_rows_and_deletes_bad_files(tmp_path):
     with pytest.raises(ValueError, match="SHA-1"):
         utils.download_alpaca_data(dest, url=src.as_uri(), expected_sha1="0" * 40, expected_rows=7)
     assert not dest.exists()
-    with pytest.raises(SystemExit, match="offline"):
+    with pytest.raises(UsageError, match="offline"):
         utils.download_alpaca_data(dest, url="http://127.0.0.1:9/alpaca_data.json", timeout=5)
 
 

@@ -12,7 +12,8 @@ from helpers import load_all
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-import weight_diff
+import weight_diff as script
+from alpaca_trainml.training import weight_diff
 from train import missing_special_tokens, smart_tokenizer_and_embedding_resize
 
 # tiny tensors, so small limits make every path run: the 401x32 fp32 embedding (51 KB) spans 6 chunks
@@ -163,7 +164,7 @@ def test_naive_check_only_for_alpaca_7b(tmp_path, diff_dir, caplog):
         json.dumps(dict(weight_diff.ALPACA_7B_CONFIG, architectures=["LlamaForCausalLM"]))
     )
     assert weight_diff.naive_check_applies(tmp_path)
-    with caplog.at_level(logging.INFO, logger="weight_diff"):
+    with caplog.at_level(logging.INFO, logger="alpaca_trainml.training.weight_diff"):
         assert not weight_diff.naive_check_applies(diff_dir)
     assert "not the Alpaca-7B diff" in caplog.text
     # fp32 sums added in state_dict order, keys outside it last
@@ -176,7 +177,7 @@ def test_cli_round_trip_loads_and_generates(tiny_llama_dir, tuned_dir, tmp_path,
     again: minutes on a busy 2-core machine)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    weight_diff.main(
+    script.main(
         [
             "make_diff",
             "--path_raw",
@@ -187,8 +188,8 @@ def test_cli_round_trip_loads_and_generates(tiny_llama_dir, tuned_dir, tmp_path,
             str(tmp_path / "d"),
         ]
     )
-    with caplog.at_level(logging.INFO, logger="weight_diff"):
-        weight_diff.main(
+    with caplog.at_level(logging.INFO, logger="alpaca_trainml.training.weight_diff"):
+        script.main(
             [
                 "recover",
                 "--path_raw",
@@ -220,7 +221,15 @@ def test_cli_round_trip_loads_and_generates(tiny_llama_dir, tuned_dir, tmp_path,
 
 
 def test_unknown_task_lists_the_valid_ones(capsys):
-    with pytest.raises(SystemExit):
-        weight_diff.main(["bogus"])
-    out = capsys.readouterr()
-    assert "make_diff" in out.out + out.err and "recover" in out.out + out.err
+    with pytest.raises(SystemExit) as exc:
+        script.main(["bogus"])
+    assert exc.value.code == 2  # cli.USAGE_EXIT, as argparse
+    err = capsys.readouterr().err.strip()
+    assert err == "weight_diff.py: error: unknown command 'bogus'; expected one of: make_diff, recover, merge_lora"
+
+
+def test_a_missing_raw_folder_is_one_line_with_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        script.main(["recover", "--path_raw", str(tmp_path / "nope"), "--path_diff", str(tmp_path / "d")])
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.strip() == f"weight_diff.py: error: {tmp_path / 'nope'}: no such folder"

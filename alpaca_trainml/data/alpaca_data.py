@@ -6,6 +6,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from alpaca_trainml.cli import UsageError
 from alpaca_trainml.jsonio import atomic_write
 
 ALPACA_DATA_URL = "https://raw.githubusercontent.com/tatsu-lab/stanford_alpaca/main/alpaca_data.json"
@@ -49,7 +50,7 @@ def download_alpaca_data(
         with urllib.request.urlopen(url, timeout=timeout) as resp:
             data = resp.read()
     except (urllib.error.URLError, TimeoutError, OSError) as e:
-        raise SystemExit(
+        raise UsageError(
             f"could not download {url} ({e}). Are you offline? Fetch it elsewhere and copy it to {path}."
         ) from None
     atomic_write(path, lambda fh: fh.write(data), mode="wb")

@@ -14,6 +14,7 @@ then the earlier turns as "User: ..." and "Assistant: ..." lines, become the Inp
 import json
 import logging
 
+from alpaca_trainml.cli import UsageError, run_fire
 from alpaca_trainml.data.prompts import PROMPT_DICT, format_prompt
 
 logger = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ def install(checkpoint):
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
     except (OSError, ValueError) as e:
-        raise SystemExit(f"chat_template.py install {checkpoint}: cannot load its tokenizer ({e})") from None
+        raise UsageError(f"install {checkpoint}: cannot load its tokenizer ({e})") from e
     install_chat_template(tokenizer).save_pretrained(checkpoint)
     print(f"{checkpoint}: the Alpaca chat template is installed")
 
@@ -122,6 +123,4 @@ def show():
 
 
 if __name__ == "__main__":
-    from alpaca_trainml.cli import run_fire
-
     run_fire({"print": show, "install": install}, "chat_template.py")

@@ -9,6 +9,8 @@ import re
 
 import numpy as np
 
+from alpaca_trainml.cli import UsageError
+
 REFERENCE, MODEL, DRAW = 1.0, 2.0, 1.5
 
 JUDGE_PROMPT = """You are judging two answers to the same request. Prefer the answer that follows the instruction \
@@ -88,7 +90,7 @@ def match_pairs(model_rows, reference_rows):
             problems.append(f"--reference_outputs row {i} has no match in --model_outputs: {short(row)}")
     if problems:
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
-        raise ValueError(
+        raise UsageError(
             f"{len(problems)} row(s) cannot be paired (pairs match on instruction and input):\n  "
             + "\n  ".join(problems[:20])
             + more

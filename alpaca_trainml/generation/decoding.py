@@ -1,14 +1,12 @@
-"""Decoding settings and their limits, and stop strings: the rules InstructModel (inference.py) and the serving
-engine (engine.py) share, so a request means the same on every path."""
+"""Decoding settings and their limits (ranges in limits.py), and stop strings: the rules InstructModel (model.py) and
+the serving engine (engine.py) share, so a request means the same on every path."""
 
 from dataclasses import dataclass
 
 import torch
 import transformers
 
-MAX_BEAMS = 8
-MAX_STOPS = 4  # as the OpenAI API
-MAX_TEMPERATURE = 2  # as the OpenAI API
+from alpaca_trainml.generation.limits import MAX_BEAMS, MAX_STOPS, MAX_TEMPERATURE, temperature_ok, top_p_ok
 
 
 @dataclass(frozen=True)
@@ -38,10 +36,6 @@ def _is_int(x):
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def _is_number(x):
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
-
-
 def check_params(params, max_tokens_limit):
     """Raise ValueError listing every out-of-range setting; the message says the allowed range."""
     p, problems = params, []
@@ -49,9 +43,9 @@ def check_params(params, max_tokens_limit):
         problems.append(
             f"max_tokens must be an integer from 1 to {max_tokens_limit} (new tokens), got {p.max_tokens!r}"
         )
-    if not _is_number(p.temperature) or not 0 <= p.temperature <= MAX_TEMPERATURE:
+    if not temperature_ok(p.temperature):
         problems.append(f"temperature must be a number from 0 to {MAX_TEMPERATURE} (0 = greedy), got {p.temperature!r}")
-    if not _is_number(p.top_p) or not 0 < p.top_p <= 1:
+    if not top_p_ok(p.top_p):
         problems.append(f"top_p must be a number above 0 and at most 1, got {p.top_p!r}")
     if not _is_int(p.num_beams) or not 1 <= p.num_beams <= MAX_BEAMS:
         problems.append(f"num_beams must be an integer from 1 to {MAX_BEAMS}, got {p.num_beams!r}")

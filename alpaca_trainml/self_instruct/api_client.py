@@ -13,6 +13,8 @@ import re
 import threading
 import time
 
+from alpaca_trainml.cli import UsageError
+
 logger = logging.getLogger(__name__)
 API_CHOICES = ("completions", "chat")
 
@@ -38,7 +40,7 @@ def choose_api(api, model_name):
     babbage-002), chat for everything else (every current OpenAI model and what vLLM, llama.cpp, Ollama and serve.py
     serve). A chat endpoint that turns out to be missing (404 not naming a model) switches to completions once."""
     if api not in ("auto", *API_CHOICES):
-        raise ValueError(f"--api {api!r}: expected auto, completions or chat")
+        raise UsageError(f"--api {api!r}: expected auto, completions or chat")
     if api != "auto":
         return api
     family = model_family(model_name)
@@ -80,7 +82,7 @@ def make_client(base_url, api_key, request_timeout):
     api_key = api_key or os.environ.get("OPENAI_API_KEY")
     if not api_key:
         if not base_url:
-            raise SystemExit("no API key: set OPENAI_API_KEY or pass --api_key (or --base_url for a local server)")
+            raise UsageError("no API key: set OPENAI_API_KEY or pass --api_key (or --base_url for a local server)")
         api_key = "no-key"  # local servers (vLLM, llama.cpp, serve.py) ignore it, but the client needs one
     # max_retries=0: our Requester does the retrying, with a bound, backoff and fail-fast rules of its own
     return openai.OpenAI(base_url=base_url, api_key=api_key, timeout=request_timeout, max_retries=0), base_url
@@ -108,7 +110,7 @@ class Requester:
         **decoding,
     ):
         if api not in API_CHOICES:
-            raise ValueError(f"api {api!r}: expected one of {', '.join(API_CHOICES)}")
+            raise UsageError(f"api {api!r}: expected one of {', '.join(API_CHOICES)}")
         self.client, self.api, self.model_name, self.auto = client, api, model_name, auto
         self.decoding, self.logit_bias = decoding, logit_bias
         self.max_tokens = max_tokens  # shared by the threads; shrinks for everyone after a context-length error

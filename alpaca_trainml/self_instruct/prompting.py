@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from alpaca_trainml import REPO_ROOT
+from alpaca_trainml.cli import UsageError
 
 HERE = REPO_ROOT  # prompt.txt and seed_tasks.jsonl
 PROMPT_PATH = HERE / "prompt.txt"
@@ -24,7 +25,7 @@ def load_seed_tasks(path):
 
     Reads the original Self-Instruct file unchanged. Raises ValueError listing every bad line."""
     if not Path(path).is_file():
-        raise ValueError(f"{path}: no such seed task file; pass --seed_tasks_path (default {SEED_TASKS_PATH})")
+        raise UsageError(f"{path}: no such seed task file; pass --seed_tasks_path (default {SEED_TASKS_PATH})")
     rows, problems = [], []
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, 1):
@@ -44,7 +45,7 @@ def load_seed_tasks(path):
             else:
                 rows.append({"instruction": task["instruction"], "input": first["input"], "output": first["output"]})
     if problems:
-        raise ValueError(
+        raise UsageError(
             f"{path}: {len(problems)} bad seed task(s), expected the Self-Instruct schema:\n  "
             + "\n  ".join(problems[:20])
         )

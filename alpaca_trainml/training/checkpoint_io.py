@@ -16,6 +16,7 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from alpaca_trainml import jsonio
+from alpaca_trainml.cli import UsageError
 
 
 class Checkpoint:
@@ -29,7 +30,7 @@ class Checkpoint:
     def __init__(self, folder):
         self.folder = Path(folder)
         if not self.folder.is_dir():
-            raise ValueError(f"{folder}: no such folder" if not self.folder.exists() else f"{folder}: not a folder")
+            raise UsageError(f"{folder}: no such folder" if not self.folder.exists() else f"{folder}: not a folder")
         self.files = {}  # tensor name -> the file holding it
         for index, single in self.LAYOUTS:
             if (self.folder / index).is_file():
@@ -40,18 +41,18 @@ class Checkpoint:
                 self.files = {k: self.folder / single for k in self._scan(self.folder / single)}
                 break
         if not self.files:
-            raise ValueError(
+            raise UsageError(
                 f"{self.folder}: found neither model.safetensors(.index.json) nor "
                 "pytorch_model.bin(.index.json); give the folder save_pretrained wrote"
             )
         self.shapes = {}
         for path in sorted(set(self.files.values())):
             if not path.is_file():
-                raise ValueError(f"{path}: listed in the index of {self.folder} but missing")
+                raise UsageError(f"{path}: listed in the index of {self.folder} but missing")
             self.shapes.update({k: s for k, s in self._scan(path).items() if self.files.get(k) == path})
         if self.files.keys() - self.shapes.keys():
             missing = sorted(self.files.keys() - self.shapes.keys())
-            raise ValueError(f"{self.folder}: the index lists tensors its files lack: {missing[:5]}")
+            raise UsageError(f"{self.folder}: the index lists tensors its files lack: {missing[:5]}")
 
     @staticmethod
     def _scan(path):
@@ -153,10 +154,10 @@ def staging(dest, inputs):
     """Yield a temp folder next to dest; rename it to dest only if the block finishes without error."""
     dest = Path(dest).resolve()
     if any(Path(p).resolve() == dest for p in inputs):
-        raise ValueError(f"{dest} is one of the input folders; write the output to a new folder")
+        raise UsageError(f"{dest} is one of the input folders; write the output to a new folder")
     # deviation: the original wrote into an existing folder; we refuse one with files in it
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
-        raise ValueError(f"{dest} already exists and is not an empty folder; remove it or choose another path")
+        raise UsageError(f"{dest} already exists and is not an empty folder; remove it or choose another path")
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.partial."))
     try:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from alpaca_trainml import precision
+from alpaca_trainml.cli import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -37,7 +38,7 @@ def setup_cpu_ranks(args):
         if args.accelerator_config is None:
             args.accelerator_config = {}
         if not isinstance(args.accelerator_config, dict):
-            raise ValueError("with no GPU, give --accelerator_config as a JSON dict (or not at all) under --deepspeed")
+            raise UsageError("with no GPU, give --accelerator_config as a JSON dict (or not at all) under --deepspeed")
         args.accelerator_config["use_configured_state"] = True
     else:
         args.use_cpu = True  # accelerate's MULTI_CPU over gloo; FSDP is switched on in SupervisedTrainer
@@ -108,7 +109,7 @@ def translate_legacy_args(argv, has_gpu=None, cpu_bf16=None):
             i += 1
     if layer_cls is not None:
         if any(_split_flag(a)[0] == "--fsdp_config" for a in out):
-            raise ValueError("give --fsdp_transformer_layer_cls_to_wrap inside --fsdp_config, not both")
+            raise UsageError("give --fsdp_transformer_layer_cls_to_wrap inside --fsdp_config, not both")
         out += ["--fsdp_config", f'{{"transformer_layer_cls_to_wrap": ["{layer_cls}"]}}']
     return out, notes
 
@@ -131,7 +132,7 @@ def find_resume_checkpoint(training_args):
     if flag in ("True", "true", True):
         last = last_complete_checkpoint(training_args.output_dir)
         if last is None:
-            raise ValueError(
+            raise UsageError(
                 f"--resume_from_checkpoint True, but {training_args.output_dir} holds no complete checkpoint-*"
             )
         return last

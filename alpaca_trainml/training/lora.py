@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 import transformers
 
-from alpaca_trainml import models
+from alpaca_trainml import models, precision
+from alpaca_trainml.cli import UsageError
 from alpaca_trainml.data.special_tokens import missing_special_tokens, smart_tokenizer_and_embedding_resize
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def check_args(args, training_args):
 
 def _raise(problems):
     if problems:
-        raise ValueError("; ".join(problems))
+        raise UsageError("; ".join(problems))
 
 
 def _installed(package):
@@ -109,10 +110,9 @@ def load_kwargs(args):
     if args.load_in_8bit:
         config = transformers.BitsAndBytesConfig(load_in_8bit=True)
     else:
-        # bf16 matmuls where the GPU has them; fp32 on CPU, where bf16 would only add rounding
-        compute = (
-            torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else torch.float16 if cuda else torch.float32
-        )
+        # precision's default rule: bf16 matmuls where the GPU has them (else fp16); fp32 on CPU, where bf16 would
+        # only add rounding
+        compute = precision.resolve_dtype(None, "cuda" if cuda else "cpu")
         config = transformers.BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
@@ -169,7 +169,7 @@ def token_rows(model, new_token_ids):
     if not new_token_ids:
         return None
     if not torch.cuda.is_available() and is_deepspeed_zero3_enabled():
-        raise ValueError(  # peft 0.21 gathers the partitioned embedding rows with torch.cuda
+        raise UsageError(  # peft 0.21 gathers the partitioned embedding rows with torch.cuda
             f"--use_peft under ZeRO-3 cannot train the {len(new_token_ids)} new special-token rows without a GPU; "
             "use ZeRO-2 (ds_config_zero2_offload.json) or --fsdp on CPU"
         )
@@ -197,7 +197,7 @@ def adapter_config(path):
     """The adapter's peft config as a dict; a LoRA adapter only (what merge and serving understand)."""
     config = json.loads((Path(path) / ADAPTER_CONFIG).read_text())
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"{Path(path) / ADAPTER_CONFIG}: peft_type {config.get('peft_type')!r}, expected 'LORA'")
+        raise UsageError(f"{Path(path) / ADAPTER_CONFIG}: peft_type {config.get('peft_type')!r}, expected 'LORA'")
     return config
 
 
@@ -205,7 +205,7 @@ def base_of(path, base_model=None):
     """The base model of an adapter folder: base_model if given, else what its adapter_config.json records."""
     base = base_model or adapter_config(path).get("base_model_name_or_path")
     if not base:
-        raise ValueError(f"{Path(path) / ADAPTER_CONFIG} names no base model; give it with --base_model")
+        raise UsageError(f"{Path(path) / ADAPTER_CONFIG} names no base model; give it with --base_model")
     return base
 
 
@@ -224,7 +224,7 @@ def resized_base(path, base_model=None, **kwargs):
 def check_vocab(path, adapter_tokens, base, base_tokens):
     """The adapter's tokenizer must be the one the base grows into with train.py's special tokens."""
     if adapter_tokens != base_tokens:
-        raise ValueError(
+        raise UsageError(
             f"{path}: its tokenizer has {adapter_tokens} tokens, but the base {base} with the special tokens "
             f"train.py adds has {base_tokens}: this adapter was trained on another base; give it with --base_model"
         )

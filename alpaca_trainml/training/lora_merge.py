@@ -17,6 +17,7 @@ import transformers
 from safetensors.torch import load_file
 
 from alpaca_trainml import jsonio, models
+from alpaca_trainml.cli import UsageError
 from alpaca_trainml.data.special_tokens import embedding_resize, mean_row, raw_rows
 from alpaca_trainml.training import lora
 from alpaca_trainml.training.checkpoint_io import (
@@ -44,11 +45,11 @@ class Adapter:
         config = lora.adapter_config(path)
         used = [k for k in UNSUPPORTED if config.get(k)]
         if used:
-            raise ValueError(f"{self.path / lora.ADAPTER_CONFIG}: merge_lora does not handle {', '.join(used)}")
+            raise UsageError(f"{self.path / lora.ADAPTER_CONFIG}: merge_lora does not handle {', '.join(used)}")
         self.scaling = config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
         weights = self.path / "adapter_model.safetensors"
         if not weights.is_file():
-            raise ValueError(f"{self.path}: no adapter_model.safetensors; give the folder train.py --use_peft wrote")
+            raise UsageError(f"{self.path}: no adapter_model.safetensors; give the folder train.py --use_peft wrote")
         ids = config.get("trainable_token_indices") or {}
         ids = ids if isinstance(ids, dict) else {"embed_tokens": ids}  # a plain list means the input embeddings
         self.lora, self.tokens, self.full, problems = {}, {}, {}, []
@@ -72,7 +73,7 @@ class Adapter:
             else:
                 problems.append(f"{name}: lora_{part} is not a LoRA linear layer, which is all merge_lora handles")
         if problems:
-            raise ValueError(f"{weights}:\n  " + "\n  ".join(problems))
+            raise UsageError(f"{weights}:\n  " + "\n  ".join(problems))
 
     def keys(self):
         return self.lora.keys() | self.tokens.keys() | self.full.keys()
@@ -92,7 +93,7 @@ def check_pairs(adapter, shapes, path_raw):
         if key in shapes and tuple(tensor.shape) != tuple(shapes[key]):
             problems.append(f"{key}: {list(tensor.shape)} in the adapter, {list(shapes[key])} after the resize")
     if problems:
-        raise ValueError(f"the adapter does not fit the base {path_raw} (another base?):\n  " + "\n  ".join(problems))
+        raise UsageError(f"the adapter does not fit the base {path_raw} (another base?):\n  " + "\n  ".join(problems))
 
 
 def merged_rows(adapter, key, start, stop, base_rows):
