@@ -2,7 +2,9 @@
 seconds, on a thread of this process and (slow) on a real `python serve.py` process. The model is
 tests/scripted_llama.py's, re-wired to answer without end."""
 
+import gc
 import json
+import logging
 import subprocess
 import sys
 import threading
@@ -72,6 +74,25 @@ def test_clients_that_leave_stop_costing_the_model(endless_server):
         next(r.iter_lines())
         assert engine.running() == 1
     wait_until(lambda: engine.running() == 0)
+
+
+def test_a_client_that_leaves_mid_generation_is_one_info_line(endless_server, caplog):
+    """A cancelled request is normal: one INFO line per request, no asyncio "Future exception was never retrieved"
+    ERROR for the RequestCancelled the engine sets once the request has left."""
+    url, engine = endless_server.url, endless_server.server.engine
+    body = {"prompt": "x", "max_tokens": 8000}
+    with caplog.at_level(logging.INFO):
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up after 2 s and closes the connection
+            httpx.post(f"{url}/v1/completions", json=body, timeout=2)
+        with httpx.stream("POST", f"{url}/v1/completions", json=dict(body, stream=True), timeout=30) as r:
+            next(r.iter_lines())  # a stream, left after its first event
+        wait_until(lambda: engine.running() == 0 and engine.queued() == 0)
+        wait_until(lambda: sum("the client left" in r.getMessage() for r in caplog.records) == 2)
+        time.sleep(0.5)  # the engine's RequestCancelled reaches the event loop's futures
+        gc.collect()  # an unread future exception is logged when the future is collected
+    left = [r for r in caplog.records if "the client left" in r.getMessage()]
+    assert [r.levelno for r in left] == [logging.INFO, logging.INFO]  # one per request
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 
 def test_sigterm_ends_running_requests_within_seconds(endless_server):

@@ -131,15 +131,20 @@ def sse_response(events, jobs, to_error):
     (serve.py's engine drops them at its next step)."""
 
     async def body():
+        ended = False
         try:
             async for event in events:
                 yield sse(event)
+            ended = True
         except Exception as e:
+            ended = True
             error = to_error(e)
             if error.status >= 500:
                 logger.error("streaming failed: %s", error.body["error"]["message"])
             yield sse(error.body)
         finally:
+            if not ended:  # normal: a client may stop reading
+                logger.info("the client left a stream before the answer was finished; stopped")
             for job in jobs:
                 job.cancel.set()
         yield "data: [DONE]\n\n"

@@ -92,6 +92,9 @@ def api_error(e):
 async def answers(engine, jobs, request):
     try:
         return await wait_for(engine, jobs, request.is_disconnected, DISCONNECT_POLL_S)
+    except RequestCancelled as e:  # normal: a client may stop waiting
+        logger.info("%s %s: the client left before the answer was finished; stopped", request.method, request.url.path)
+        raise api_error(e) from e
     except Exception as e:  # the model thread logged a model failure; the caller gets JSON
         raise api_error(e) from e
 
