@@ -112,7 +112,7 @@ def main(args):
         spec = endpoint_job_spec(
             args.checkpoint, stage_endpoint_files(tmp), args.gpu_count, args.gpu_type, args.disk_size, args.environment
         )
-        if args.base_model:  # the endpoint has no command line: inference.InstructModel reads it from there
+        if args.base_model:  # the endpoint has no command line: InstructModel reads it from there
             spec["environment"]["env"] = [dict(key="ALPACA_BASE_MODEL", value=args.base_model)]
         if args.dry_run:
             print(json.dumps(spec, indent=2))

@@ -61,7 +61,7 @@ def load_rows(path, flag, needs_output):
 
 
 # ---------------------------------------------------------------------------------------------
-# generate: model_outputs for a list of instructions, through inference.InstructModel
+# generate: model_outputs for a list of instructions, through generation.model.InstructModel
 def encode_row(model, row, i, max_tokens):
     """The row's prompt ids; an over-long input is cut at its end. UsageError naming the row if it cannot fit."""
     try:

@@ -16,12 +16,13 @@ past the training length.
 
 Chat on an Alpaca model: the last message must be the user's and becomes the Instruction. Everything before it
 becomes the Input: system and developer messages first, as written, then the earlier turns as "User: ..." and
-"Assistant: ..." lines. A chat of one user message uses the no-input template (chat_template.py writes the same
-rule as a Jinja chat template for other servers).
+"Assistant: ..." lines. A chat of one user message uses the no-input template (alpaca_trainml/data/chat_template.py
+writes the same rule as a Jinja chat template for other servers).
 
-One thread runs the model (engine.py): requests join the running batch at the next decoding step, each with its
-own settings, and leave when done or when their client leaves. SIGTERM ends running requests within a step.
-Safe by default (http_guard.py): loopback only, foreign Host headers and web pages refused, bodies bounded.
+One thread runs the model (alpaca_trainml/generation/engine.py): requests join the running batch at the next decoding
+step, each with its own settings, and leave when done or when their client leaves. SIGTERM ends running requests
+within a step. Safe by default (generation/http_guard.py): loopback only, foreign Host headers and web pages refused,
+bodies bounded. The routes: alpaca_trainml/generation/routes/.
 """
 
 import argparse

@@ -3,7 +3,7 @@
     # the embedded demo model on the project's sample data, on CPU
     python train.py --output_dir out/demo --num_train_epochs 1
 
-    # LoRA (QLoRA with --load_in_4bit True): an adapter in out/lora, the base untouched; see lora.py
+    # LoRA (QLoRA with --load_in_4bit True): an adapter in out/lora, the base untouched; alpaca_trainml/training/lora.py
     python train.py --output_dir out/lora --use_peft True --learning_rate 2e-4
 
     # the trainML fork's recipe: ZeRO-2 with CPU optimizer offload on 4x24GB GPUs

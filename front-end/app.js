@@ -1,8 +1,8 @@
 // The Alpaca Instruct page: posts {instruction, input, max_tokens, temperature, top_p, num_beams} to
 // <endpoint>/instruct, the route serve.py and the fork's trainML endpoint both serve. With "stream" on, it
 // adds stream: true and reads serve.py's server-sent events ({"text": delta} ... then [DONE]).
-// The settings' defaults and ranges come from the server (GET /health "limits", from inference.py's GenParams and
-// check_params); an empty field sends nothing, so the server's default applies.
+// The settings' defaults and ranges come from the server (GET /health "limits": GenParams and the ranges of
+// alpaca_trainml/generation/limits.py); an empty field sends nothing, so the server's default applies.
 "use strict";
 
 const STORE_KEY = "alpaca-instruct-config";

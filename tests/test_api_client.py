@@ -59,3 +59,30 @@ def test_chat_sends_one_user_message_and_applies_the_hook(free_port):
     assert result == {"text": "YOU SAID: HI", "finish_reason": "stop"} and usage.total_tokens > 0
     with pytest.raises(ValueError, match="expected one of completions, chat"):
         api_client.Requester(client, "responses", "m", 50)
+
+
+def test_choose_api_from_the_model_name_and_the_gpt2_vocabulary_check():
+    table = {
+        "gpt-4o-mini": "chat",
+        "gpt-5": "chat",
+        "o3-mini": "chat",
+        "meta-llama/Llama-3.1-8B-Instruct": "chat",
+        "smollm2": "chat",
+        "text-davinci-003": "completions",
+        "gpt-3.5-turbo-instruct": "completions",
+        "davinci-002": "completions",
+        "openai-community/gpt2": "completions",
+    }
+    assert {m: api_client.choose_api("auto", m) for m in table} == table
+    assert api_client.choose_api("completions", "gpt-4o-mini") == "completions"
+    with pytest.raises(ValueError, match="expected auto, completions or chat"):
+        api_client.choose_api("responses", "gpt-4o-mini")
+    # token 50256 is <|endoftext|> only in the GPT-2/GPT-3 vocabularies; in cl100k (davinci-002) it is a word piece
+    assert [
+        api_client.uses_gpt2_tokenizer(m) for m in ("text-davinci-003", "gpt2-xl", "davinci-002", "gpt-4o-mini")
+    ] == [
+        True,
+        True,
+        False,
+        False,
+    ]

@@ -65,7 +65,7 @@ def test_send_shows_the_answer_then_the_error_bar_when_the_endpoint_is_down(chro
             expect(page.locator("#endpoint")).to_have_value(url)  # served by serve.py: it points at itself
             expect(page.locator("#error-bar")).to_be_hidden()
 
-            # the defaults and ranges come from the server's /health (inference.GenParams and check_params)
+            # the defaults and ranges come from the server's /health (GenParams and generation/limits.py)
             expect(page.locator("#max_tokens")).to_have_attribute("placeholder", "256")
             expect(page.locator("#max_tokens")).to_have_attribute("max", "8192")  # the scripted model's window
             expect(page.locator("#temperature_range")).to_have_text("0 to 2; default 1.")

@@ -2,8 +2,9 @@
 apply a checkpoint's chat template (vLLM, TGI, llama.cpp, `transformers serve`) prompt a fine-tuned model in the
 format it was trained on, instead of the base model's (SmolLM2's ChatML, say).
 
-    python chat_template.py print > alpaca.jinja     # for `vllm serve CHECKPOINT --chat-template alpaca.jinja`
-    python chat_template.py install out/demo         # save it into a checkpoint's tokenizer files
+    # print it, for `vllm serve CHECKPOINT --chat-template alpaca.jinja`; save it into a checkpoint's tokenizer files
+    python -m alpaca_trainml.data.chat_template print > alpaca.jinja
+    python -m alpaca_trainml.data.chat_template install out/demo
 
 The rule is the one serve.py applies (protocol.chat_to_alpaca; tests/test_chat_template.py checks that they agree
 on many chats): the last message must be the user's and becomes the Instruction; system and developer messages,

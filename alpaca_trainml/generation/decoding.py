@@ -1,5 +1,5 @@
-"""Decoding settings and their limits (ranges in limits.py), and stop strings: the rules InstructModel (model.py) and
-the serving engine (engine.py) share, so a request means the same on every path."""
+"""Decoding settings and their limits (the ranges live in limits.py), and stop strings: the rules InstructModel
+(model.py) and the serving engine (engine.py) share, so a request means the same on every path."""
 
 from dataclasses import dataclass
 

@@ -370,15 +370,8 @@ async def wait_for(engine, jobs, is_disconnected, poll_s=0.25):
     finally:
         for job in jobs:
             job.cancel.set()  # done, or the caller left: stop generating
-        for f in futures:
-            # read each exception, now or when it lands (a job cancelled above ends with RequestCancelled after the
-            # caller has gone): asyncio logs an unread one as "ERROR Future exception was never retrieved"
-            f.add_done_callback(_retrieve)
-
-
-def _retrieve(future):
-    if not future.cancelled():
-        future.exception()
+        for f in futures:  # read each exception, now or when it lands: asyncio logs an unread one as an ERROR
+            f.add_done_callback(lambda f: f.cancelled() or f.exception())
 
 
 def _put(loop, deltas, item):

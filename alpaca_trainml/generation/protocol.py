@@ -128,7 +128,7 @@ def install_error_handlers(app):
 def sse_response(events, jobs, to_error):
     """A server-sent events answer. An error after the status line is sent becomes an error event, as OpenAI sends
     (to_error(exception) gives its ApiError). When it ends, or its client leaves, the request's jobs are cancelled
-    (serve.py's engine drops them at its next step)."""
+    (the engine drops them at its next step)."""
 
     async def body():
         ended = False

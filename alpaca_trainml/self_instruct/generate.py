@@ -147,22 +147,10 @@ def generate_instruction_following_data(
     dedup's LCS matrix. seed: seeds the choice of example tasks (the original did not seed). max_tokens: the most
     new tokens a request may ask for (prompt plus max_tokens must fit the model's context window)."""
     seeds = load_seed_tasks(seed_tasks_path)
-    chosen = check_options(
-        api,
-        model_name,
-        len(seeds),
-        num_prompt_instructions,
-        temperature=temperature,
-        top_p=top_p,
-        request_timeout=request_timeout,
-        retry_base_s=retry_base_s,
-        max_retries=max_retries,
-        max_workers=max_workers,
-        request_batch_size=request_batch_size,
-        max_tokens=max_tokens,
-        num_cpus=num_cpus,
-        num_instructions_to_generate=num_instructions_to_generate,
-    )
+    numeric = dict(temperature=temperature, top_p=top_p, request_timeout=request_timeout, retry_base_s=retry_base_s)
+    numeric.update(max_retries=max_retries, max_workers=max_workers, request_batch_size=request_batch_size)
+    numeric.update(max_tokens=max_tokens, num_cpus=num_cpus, num_instructions_to_generate=num_instructions_to_generate)
+    chosen = check_options(api, model_name, len(seeds), num_prompt_instructions, **numeric)
     client, base_url = make_client(base_url, api_key, request_timeout)
     requester = Requester(
         client,
@@ -179,13 +167,14 @@ def generate_instruction_following_data(
     regen_path = Path(output_dir) / "regen.json"
     records = load_regen(regen_path)
     deduper = RougeLDeduper([s["instruction"] for s in seeds] + [r["instruction"] for r in records], workers=num_cpus)
+    where = base_url or "api.openai.com"
     logger.info(
         "%d seed tasks, %d instructions from an earlier run; %s API, model %s at %s",
         len(seeds),
         len(records),
         chosen,
         model_name,
-        base_url or "api.openai.com",
+        where,
     )
     rng = random.Random(seed)
 
@@ -196,22 +185,27 @@ def generate_instruction_following_data(
     stats, seconds = run_requests(
         requester, make_prompts, records, deduper, regen_path, num_instructions_to_generate, max_workers
     )
+    log_run(stats, seconds, requester.retries, len(records), regen_path)
+    if export_alpaca:
+        export_alpaca_rows(records, export_alpaca)
+    return str(regen_path)
+
+
+def log_run(stats, seconds, retries, n_records, regen_path):
+    """The run's one summary line: requests, seconds each, tokens, and what was kept and dropped."""
     drops = drop_counts(stats)
     logger.info(
         "done: %d requests (%.2f s each on average, %d retries), %d tokens; kept %d, dropped %d (%s); %d in %s",
         stats["requests"],
         float(np.mean(seconds)) if seconds else 0.0,
-        requester.retries,
+        retries,
         stats["tokens"],
         stats["kept"],
         sum(drops.values()),
         ", ".join(f"{k} {v}" for k, v in drops.items()) or "none",
-        len(records),
+        n_records,
         regen_path,
     )
-    if export_alpaca:
-        export_alpaca_rows(records, export_alpaca)
-    return str(regen_path)
 
 
 def run_requests(requester, make_prompts, records, deduper, regen_path, target, max_workers):

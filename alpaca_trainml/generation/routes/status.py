@@ -1,0 +1,17 @@
+"""GET /health: the model, its limits and the engine's load; the web page reads its defaults and ranges here."""
+
+from alpaca_trainml.generation.decoding import generation_limits
+
+
+def add_routes(app, model, engine, name):
+    @app.get("/health")
+    async def health():
+        return dict(
+            status="ok",
+            model=name,
+            max_prompt_tokens=model.max_prompt_tokens,
+            context_window=model.context_window,
+            queued=engine.queued(),
+            running=engine.running(),
+            limits=generation_limits(model.context_window),  # the web page's defaults and ranges
+        )
