@@ -1,5 +1,5 @@
 """api_client.py: the server's own reason in errors, one prompt sent as a string, per-request overrides, and the
-chat hook. The retry and fail-fast rules are exercised in tests/test_generate_instruction.py."""
+chat hook, the fail-fast and bounded retry rules, and the API chosen from the model name."""
 
 import pytest
 from fake_openai import FakeOpenAI
@@ -7,9 +7,9 @@ from fake_openai import FakeOpenAI
 from alpaca_trainml.self_instruct import api_client
 
 
-def requester(fake, api, **kw):
+def requester(fake, api, model="fake-model", **kw):
     client, _ = api_client.make_client(fake.base_url, "test-key", 10)
-    return api_client.Requester(client, api, "fake-model", 50, retry_base_s=0.01, **kw)
+    return api_client.Requester(client, api, model, 50, retry_base_s=0.01, **kw)
 
 
 def echo(prompt, rng, chat, fault):
@@ -86,3 +86,22 @@ def test_choose_api_from_the_model_name_and_the_gpt2_vocabulary_check():
         False,
         False,
     ]
+
+
+def test_unknown_model_and_403_fail_fast_and_retries_are_bounded_with_growing_backoff(free_port, monkeypatch):
+    with FakeOpenAI(free_port, models=["served-model"]) as fake:
+        with pytest.raises(api_client.FatalRequestError, match="404 for model 'no-such-model'.*--model_name"):
+            requester(fake, "chat", model="no-such-model")(["Say hi."])
+    assert len(fake.log) == 1  # no retry
+    with FakeOpenAI(free_port, faults=["403"]) as fake:
+        with pytest.raises(api_client.FatalRequestError, match="403: the server rejected the API key"):
+            requester(fake, "chat")(["Say hi."])
+    assert len(fake.log) == 1
+    delays = []
+    monkeypatch.setattr(api_client.time, "sleep", delays.append)
+    with FakeOpenAI(free_port, faults=["500"] * 9) as fake:
+        with pytest.raises(api_client.FatalRequestError, match="gave up after 4 attempts"):
+            requester(fake, "chat", max_retries=3)(["Say hi."])
+    assert len(fake.log) == 4  # 1 try + 3 retries
+    for i, delay in enumerate(delays):  # base 0.01 s * 2**i, with jitter in [0.5, 1.5)
+        assert 0.01 * 2**i * 0.5 <= delay < 0.01 * 2**i * 1.5

@@ -18,14 +18,14 @@ from helpers import ROOT, serve_in_thread, subprocess_env
 from scripted_llama import build_scripted_llama
 
 from alpaca_trainml.data import dataset
-from alpaca_trainml.self_instruct import api_client, rouge_dedup
 from alpaca_trainml.self_instruct import generate as gi
 from alpaca_trainml.self_instruct import prompting as self_instruct
+from alpaca_trainml.self_instruct import rouge_dedup
 
 K = 3  # example tasks per prompt, the original's default
 
 
-def test_records_holding_the_prompts_scaffolding_are_dropped_and_counted():
+def test_records_holding_the_prompts_scaffolding_are_dropped_and_counted():  # the rule: test_prompting.py
     # what a weak local teacher sent (issue 15): its own numbering inside one task
     leaked = {
         "instruction": "1. Instruction: Write a story about a person who is a hero.\n2. Input:\n<noinput>",
@@ -34,17 +34,10 @@ def test_records_holding_the_prompts_scaffolding_are_dropped_and_counted():
     }
     in_output = {"instruction": "Explain why the sky is blue.", "input": "", "output": "Light.\n7. Output: again"}
     plain = {"instruction": "Explain why leaves turn red.", "input": "", "output": "Step 1. Pigments change."}
-    assert [self_instruct.record_rejection_reason(r) for r in (leaked, in_output, plain)] == [
-        "scaffolding",
-        "scaffolding",
-        None,
-    ]
     stats, records = Counter(), []
     gi.add_response([leaked, in_output, plain], rouge_dedup.RougeLDeduper(["Name a colour."]), records, stats)
     assert [r["instruction"] for r in records] == [plain["instruction"]]
     assert gi.drop_counts(stats) == {"scaffolding": 2}  # listed in the summary with the other filters
-    text = " Write a story.\n4. Input:\n<noinput>\n4. Output:\n1. Instruction: Tell a joke.\n###"
-    assert self_instruct.post_process_gpt3_response(K, {"text": text, "finish_reason": "stop"}) == []
 
 
 GOOD_OPTIONS = dict(
@@ -110,19 +103,11 @@ def make_requester(fake, model, api="auto", **kw):
 def test_completions_batch_one_request_and_context_errors_shrink_max_tokens(free_port):
     with FakeOpenAI(free_port, context_max_tokens=2000) as fake:
         results, usage = make_requester(fake, "text-davinci-003")([PROMPT, PROMPT])
-    assert [e["body"]["max_tokens"] for e in fake.log] == [
-        3072,
-        2457,
-        1965,
-    ]  # int(x * 0.8) until <= 2000, as the original
+    assert [e["body"]["max_tokens"] for e in fake.log] == [3072, 2457, 1965]  # int(x * 0.8) until <= 2000
     body = fake.log[-1]["body"]
     assert fake.log[-1]["path"] == "/v1/completions" and body["prompt"] == [PROMPT, PROMPT]  # both prompts, one request
-    assert (
-        body["stop"] == ["\n20", "20.", "20."]
-        and body["n"] == 1
-        and body["temperature"] == 1.0
-        and body["top_p"] == 1.0
-    )
+    assert body["stop"] == ["\n20", "20.", "20."] and body["n"] == 1
+    assert body["temperature"] == 1.0 and body["top_p"] == 1.0
     assert body["logit_bias"] == {"50256": -100}  # text-davinci-003 uses the GPT-2 vocabulary
     assert len(results) == 2 and usage.total_tokens > 0
     # the server sent tasks 4..19; every fifth (5, 10, 15) is one the filters drop
@@ -156,28 +141,7 @@ def test_auto_switches_to_completions_when_the_server_has_no_chat_route(free_por
         (result,), _ = requester([PROMPT])
     assert [e["path"] for e in fake.log] == ["/v1/chat/completions", "/v1/completions"]
     assert requester.api == "completions" and "logit_bias" not in fake.log[1]["body"]
-    assert (
-        len(self_instruct.post_process_gpt3_response(K, result)) == 13
-    )  # 16 tasks (4..19) less the 3 the filters drop
-
-
-def test_unknown_model_and_403_fail_fast_and_retries_are_bounded_with_growing_backoff(free_port, monkeypatch):
-    with FakeOpenAI(free_port, models=["served-model"]) as fake:
-        with pytest.raises(gi.FatalRequestError, match="404 for model 'no-such-model'.*--model_name"):
-            make_requester(fake, "no-such-model", api="chat")([PROMPT])
-    assert len(fake.log) == 1  # no retry
-    with FakeOpenAI(free_port, faults=["403"]) as fake:
-        with pytest.raises(gi.FatalRequestError, match="403: the server rejected the API key"):
-            make_requester(fake, "fake-chat")([PROMPT])
-    assert len(fake.log) == 1
-    delays = []
-    monkeypatch.setattr(api_client.time, "sleep", delays.append)
-    with FakeOpenAI(free_port, faults=["500"] * 9) as fake:
-        with pytest.raises(gi.FatalRequestError, match="gave up after 4 attempts"):
-            make_requester(fake, "fake-chat", max_retries=3)([PROMPT])
-    assert len(fake.log) == 4  # 1 try + 3 retries
-    for i, delay in enumerate(delays):  # base 0.01 s * 2**i, with jitter in [0.5, 1.5)
-        assert 0.01 * 2**i * 0.5 <= delay < 0.01 * 2**i * 1.5
+    assert len(self_instruct.post_process_gpt3_response(K, result)) == 13  # tasks 4..19 less the 3 filtered
 
 
 # ---------------------------------------------------------------------------------------------

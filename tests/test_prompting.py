@@ -70,6 +70,17 @@ def test_parse_response_counts_and_rejection_reasons():
     assert reasons == [None, "blocklist", "program", "length", "punctuation", "non_ascii", None]
 
 
+def test_the_prompts_scaffolding_inside_a_record_is_a_rejection_reason():
+    # what a weak local teacher sent (issue 15): its own numbering inside one task
+    leaked = {"instruction": "1. Instruction: Write a story.\n2. Input:\n<noinput>", "input": "", "output": "Once."}
+    in_output = {"instruction": "Explain why the sky is blue.", "input": "", "output": "Light.\n7. Output: again"}
+    plain = {"instruction": "Explain why leaves turn red.", "input": "", "output": "Step 1. Pigments change."}
+    reasons = [self_instruct.record_rejection_reason(r) for r in (leaked, in_output, plain)]
+    assert reasons == ["scaffolding", "scaffolding", None]
+    text = " Write a story.\n4. Input:\n<noinput>\n4. Output:\n1. Instruction: Tell a joke.\n###"
+    assert self_instruct.post_process_gpt3_response(K, {"text": text, "finish_reason": "stop"}) == []
+
+
 def test_filters_word_count_bounds_and_blocklist_words():
     assert self_instruct.rejection_reason("one two three") == "length"  # <= 3 words dropped
     assert self_instruct.rejection_reason("one two three four") is None
