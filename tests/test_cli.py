@@ -167,6 +167,12 @@ def test_generate_instruction_a_bad_regen_file_is_one_line_with_exit_2(tmp_path)
     assert len(lines) == 1 and lines[0].startswith(f"generate_instruction.py: error: {tmp_path / 'regen.json'}: not")
 
 
+def test_weight_diff_recover_as_the_readme_prints_it_names_a_missing_folder_with_exit_2(tmp_path):
+    proc = run_script("weight_diff.py", "recover", "--path_raw", tmp_path / "llama-7b", "--path_diff", tmp_path / "d")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == f"weight_diff.py: error: {tmp_path / 'llama-7b'}: no such folder"
+
+
 def test_inference_out_of_range_settings_are_one_line_with_exit_2():
     proc = run_script("inference.py", "--instruction", "Say hi.", "--top_p", "0", "--temperature", "3")
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
