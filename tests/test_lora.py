@@ -102,6 +102,24 @@ def test_impossible_combinations_are_refused_together_before_anything_loads(tmp_
     assert lora.target_modules(model_args) == ["q_proj", "v_proj"] and model_args.lora_r == 16  # TRL's default
 
 
+@pytest.mark.parametrize(
+    "cuda, gpu_bf16, expected",
+    [(False, False, "float32"), (True, False, "float16"), (True, True, "bfloat16")],
+)
+def test_qlora_compute_dtype_is_precisions_default_rule(monkeypatch, cuda, gpu_bf16, expected):
+    """load_kwargs asks precision.resolve_dtype: bf16 on a GPU that has it, else fp16; fp32 on CPU."""
+    from types import SimpleNamespace
+
+    from alpaca_trainml import precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(precision, "gpu_has_bf16", lambda: gpu_bf16)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    kwargs = lora.load_kwargs(SimpleNamespace(load_in_4bit=True, load_in_8bit=False))
+    assert kwargs["quantization_config"].bnb_4bit_compute_dtype == getattr(torch, expected)
+    assert kwargs["device_map"] == {"": "cuda:0" if cuda else "cpu"}  # each rank's whole model on its own device
+
+
 def test_output_folder_holds_the_adapter_and_the_base_is_untouched(lora_run, tiny_llama_dir):
     _, out, before = lora_run
     for name in ("adapter_config.json", "adapter_model.safetensors", "tokenizer_config.json", "trainer_state.json"):
