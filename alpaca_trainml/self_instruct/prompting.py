@@ -1,5 +1,5 @@
 """Self-Instruct as Alpaca ran it: the seed tasks, the prompt built from them, and the parsing and filtering of
-what the model answers. Pure functions over text; generate_instruction.py does the requests and the bookkeeping."""
+what the model answers. Pure functions over text; generate.py does the requests and the bookkeeping."""
 
 import json
 import re

@@ -1,6 +1,6 @@
 """The original Alpaca dedup: drop a new instruction whose ROUGE-L F-measure against any seed or kept instruction is
 above 0.7, with the same scores and decisions as rouge_score, at C speed (rapidfuzz's LCS on token codes, one matrix
-per batch instead of a multiprocessing.Pool per candidate). generate_instruction.py uses it; benchmarks/dedup.py
+per batch instead of a multiprocessing.Pool per candidate). self_instruct/generate.py uses it; benchmarks/dedup.py
 compares it with the original.
 """
 
