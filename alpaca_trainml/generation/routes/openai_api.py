@@ -3,6 +3,7 @@ answers with server-sent events). A chat becomes one Alpaca prompt (protocol.cha
 
 import time
 import uuid
+from functools import partial
 
 from fastapi import Request
 
@@ -54,11 +55,8 @@ def add_routes(app, model, engine, name):
         if not prompts:
             raise ApiError(400, "prompt is an empty list", param="prompt")
         params = make_params(body, OPENAI_MAX_TOKENS, body.stop)
-
-        def encode(prompt):
-            return lambda n: model.encode(prompt, body.truncate, n)
-
-        jobs = [Job(prepare(model, params, body.truncate, encode(p), openai=True), params) for p in prompts]
+        encodes = [partial(model.encode, p, body.truncate) for p in prompts]  # each: limit -> the prompt's ids
+        jobs = [Job(prepare(model, params, body.truncate, encode, openai=True), params) for encode in encodes]
         if body.stream:
             include = bool((body.stream_options or {}).get("include_usage"))
             return sse_response(openai_events(streams(engine, jobs), head, False, include), jobs, api_error)
@@ -79,10 +77,7 @@ def add_routes(app, model, engine, name):
         except ValueError as e:
             raise ApiError(400, str(e), param="messages") from e
         params = make_params(body, GenParams.max_tokens, body.stop)
-
-        def encode(n):
-            return model.encode_instruction(instruction, context, body.truncate, n)
-
+        encode = partial(model.encode_instruction, instruction, context, body.truncate)
         job = Job(prepare(model, params, body.truncate, encode, openai=True), params)
         if body.stream:
             include = bool((body.stream_options or {}).get("include_usage"))
