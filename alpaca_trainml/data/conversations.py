@@ -9,7 +9,7 @@ a server sends the model before that answer. The answer's text follows it and is
 - a model's own template (ChatML, ...): what the template adds when the answer is appended, up to and with its
   end-of-turn token (EOS; ChatML's newline after it is not trained). Each prompt extends the text so far, so one
   example trains every answer.
-The text is tokenized once, and a token is trained when it starts inside an answer's span (its offsets).
+The text is tokenized once; a span's token boundaries are the token counts of the text before them.
 """
 
 import logging
@@ -78,29 +78,17 @@ def render_conversation(tokenizer, messages, alpaca):
 
 
 def tokenize_spans(tokenizer, text, spans):
-    """(ids, token spans): the text's token ids and, per character span, the [first, last + 1) tokens that start in
-    it. Tokenizers without offsets tokenize the pieces one by one."""
-    try:
-        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    except NotImplementedError:
-        return tokenize_pieces(tokenizer, text, spans)
-    ids, starts = enc["input_ids"], [start for start, _ in enc["offset_mapping"]]
-    token_spans = []
-    for a, b in spans:
-        inside = [t for t, s in enumerate(starts) if a <= s < b]
-        if inside:
-            token_spans.append((inside[0], inside[-1] + 1))
-    return ids, token_spans
+    """(ids, token spans): the text's token ids and each character span as [start, end) token indices, where a
+    boundary at character c falls after len(tokenize(text[:c])) tokens: the original's rule for the prompt (mask
+    len(tokenize(source)) tokens), applied at every boundary. Chat templates end turns with special tokens, where
+    tokens cannot straddle a boundary."""
 
+    def count(c):
+        return len(tokenizer(text[:c], add_special_tokens=False)["input_ids"]) if c < len(text) else len(ids)
 
-def tokenize_pieces(tokenizer, text, spans):
-    ids, token_spans, at = [], [], 0
-    for a, b in spans:
-        ids += tokenizer(text[at:a], add_special_tokens=False)["input_ids"] if a > at else []
-        answer = tokenizer(text[a:b], add_special_tokens=False)["input_ids"]
-        token_spans.append((len(ids), len(ids) + len(answer)))
-        ids, at = ids + answer, b
-    return ids, token_spans
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    token_spans = [(count(a), count(b)) for a, b in spans]
+    return ids, [(a, b) for a, b in token_spans if b > a]
 
 
 def truncate(ids, token_spans, first, max_length):

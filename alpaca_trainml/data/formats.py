@@ -119,8 +119,8 @@ def row_problems(rows, path):
         found = row_shape(row)
         if found not in (None, shape):
             problems.append(
-                f"row {i}: a {SHAPE_NAMES[found]} row in a file of {SHAPE_NAMES[shape]} rows; one file holds one "
-                "shape (split it, and join the files with a comma in --data_path)"
+                f"row {i}: {SHAPE_NAMES[found]} in a file of {SHAPE_NAMES[shape]}; one file holds one shape "
+                "(split it, and join the files with a comma in --data_path)"
             )
             continue
         if shape == ALPACA:
