@@ -143,3 +143,9 @@ def test_padding_free_chat_batches_give_the_padded_loss_and_gradients(bpe_tokeni
     free = loss_and_grads(collators.make_collator(tokenizer, model.config, 160)(examples))
     assert torch.allclose(free[0], padded[0], rtol=1e-5)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(free[1], padded[1]))
+
+
+def test_a_chat_the_template_refuses_is_a_value_error_naming_it(bpe_tokenizer_dir):
+    tokenizer = styled(load_tokenizer(bpe_tokenizer_dir), "alpaca")  # it renders prompts only: no final answer
+    with pytest.raises(ValueError, match="cannot render a conversation: the last message must come from the user"):
+        encode(tokenizer, CHAT, alpaca=False)

@@ -37,6 +37,8 @@ def test_auto_keeps_alpaca_rows_on_the_original_prompt_and_gives_chats_the_model
     assert prompts.choose_style("auto", bpe, has_chat_rows=False).name == "alpaca"  # label-identical Alpaca rows
     assert prompts.choose_style("auto", bpe, has_chat_rows=True).name == "model"
     assert prompts.choose_style("alpaca", bpe, has_chat_rows=True).name == "alpaca"
+    chat_template.apply_style(bpe, prompts.ALPACA)  # a checkpoint of ours trained in the Alpaca style, fine-tuned again
+    assert prompts.choose_style("auto", bpe, has_chat_rows=True).name == "alpaca"  # its template is the Alpaca one
     bpe.chat_template = None
     with pytest.raises(ValueError, match="no chat template; use --prompt_style alpaca"):
         prompts.choose_style("model", bpe, has_chat_rows=True)

@@ -15,6 +15,7 @@ The text is tokenized once; a span's token boundaries are the token counts of th
 import logging
 from dataclasses import dataclass, field
 
+import jinja2
 import torch
 
 from alpaca_trainml.data.special_tokens import IGNORE_INDEX
@@ -40,7 +41,10 @@ class ChatStats:
 
 
 def render(tokenizer, messages, generation_prompt):
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except jinja2.TemplateError as e:  # the template's own raise_exception: a chat it refuses
+        raise ValueError(f"the chat template cannot render a conversation: {e}") from e
 
 
 def answer_text(tokenizer, messages, k, prompt, alpaca):

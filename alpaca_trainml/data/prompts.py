@@ -89,13 +89,15 @@ def get_style(name):
 
 def choose_style(requested, tokenizer, has_chat_rows):
     """The style train.py uses. auto: Alpaca rows alone keep the original prompt; chat data uses the model's own
-    chat template when its tokenizer has one, else the Alpaca chat template."""
+    chat template when its tokenizer has one, else the Alpaca chat template (and so does a checkpoint that was
+    trained in the Alpaca style: its template is the Alpaca one)."""
     if requested != AUTO:
         style = get_style(requested)
         if style.name == "model" and not tokenizer.chat_template:
             raise ValueError("--prompt_style model: this tokenizer has no chat template; use --prompt_style alpaca")
         return style
-    if has_chat_rows and tokenizer.chat_template:
+    trained_as = getattr(tokenizer, "init_kwargs", {}).get(STYLE_KEY)  # a checkpoint of ours carries its style
+    if has_chat_rows and tokenizer.chat_template and trained_as != ALPACA.name:
         return PROMPT_STYLES["model"]
     return ALPACA
 
