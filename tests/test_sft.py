@@ -90,12 +90,14 @@ def test_chat_training_saves_its_template_and_style_and_padding_free_equals_padd
     assert model.tokenizer.decode(ids) == f"### user\nCount the words.{model.tokenizer.eos_token}\n### assistant\n"
 
 
-def test_prompt_style_alpaca_installs_the_alpaca_template_for_chat_data(chat_llama_dir, tmp_path):
+def test_prompt_style_alpaca_installs_the_alpaca_template_for_chat_data(chat_llama_dir, tmp_path, capsys):
     (tmp_path / "chats.json").write_text(json.dumps(chats(4, seed=3)))
     argv = common_args(chat_llama_dir, tmp_path / "chats.json", tmp_path / "out", "--max_steps", "1")
-    sft.train(argv + ["--prompt_style", "alpaca"])
+    sft.train(argv + ["--prompt_style", "alpaca", "--demo_generations", "1"])
     tok = AutoTokenizer.from_pretrained(tmp_path / "out")
     assert prompts.load_style(tok).name == "alpaca" and "### Response:" in tok.chat_template
+    first_user = chats(4, seed=3)[0]["messages"][0]["content"]
+    assert f"### Instruction: {first_user}\n--- before:" in capsys.readouterr().out  # the demo asks a chat's question
 
 
 def spy_on_embeddings(monkeypatch, records):
