@@ -88,9 +88,15 @@ def tokenize_spans(tokenizer, text, spans):
     tokens cannot straddle a boundary."""
 
     def count(c):
-        return len(tokenizer(text[:c], add_special_tokens=False)["input_ids"]) if c < len(text) else len(ids)
+        return (
+            len(tokenizer(text[:c], add_special_tokens=False, verbose=False)["input_ids"])
+            if c < len(text)
+            else len(ids)
+        )
 
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)[
+        "input_ids"
+    ]  # no "longer than" warning: truncate() cuts by turns
     token_spans = [(count(a), count(b)) for a, b in spans]
     return ids, [(a, b) for a, b in token_spans if b > a]
 
