@@ -94,9 +94,8 @@ def tokenize_spans(tokenizer, text, spans):
             else len(ids)
         )
 
-    ids = tokenizer(text, add_special_tokens=False, verbose=False)[
-        "input_ids"
-    ]  # no "longer than" warning: truncate() cuts by turns
+    # verbose=False: no "longer than the maximum" warning; truncate() cuts by whole turns and counts them
+    ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
     token_spans = [(count(a), count(b)) for a, b in spans]
     return ids, [(a, b) for a, b in token_spans if b > a]
 
