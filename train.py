@@ -1,7 +1,12 @@
-"""Supervised fine-tuning of a causal LM on Alpaca-format data with the HF Trainer.
+"""Supervised fine-tuning of a causal LM with the HF Trainer, on Alpaca rows or chats (README: Data formats).
 
     # the embedded demo model on the project's sample data, on CPU
     python train.py --output_dir out/demo --num_train_epochs 1
+
+    # chats (OpenAI messages or ShareGPT conversations), loss on every assistant turn; look at the labels first
+    python train.py --data_path data/sample_chat.jsonl --show_labels 2
+    python train.py --data_path data/sample_chat.jsonl,data/sample_train.json --output_dir out/chat \
+        --neftune_noise_alpha 5
 
     # LoRA (QLoRA with --load_in_4bit True): an adapter in out/lora, the base untouched; alpaca_trainml/training/lora.py
     python train.py --output_dir out/lora --use_peft True --learning_rate 2e-4

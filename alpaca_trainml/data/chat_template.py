@@ -9,14 +9,15 @@ format it was trained on, instead of the base model's (SmolLM2's ChatML, say).
 The rule is the one serve.py applies (protocol.chat_to_alpaca; tests/test_chat_template.py checks that they agree
 on many chats): the last message must be the user's and becomes the Instruction; system and developer messages,
 then the earlier turns as "User: ..." and "Assistant: ..." lines, become the Input; the prompt ends at
-"### Response:". The template text itself comes from utils.PROMPT_DICT, its one home.
+"### Response:". The template is generated from the Alpaca style of the prompt registry (prompts.ALPACA), its one
+home; train.py renders chat data through it, so a chat is trained on exactly as it is later prompted.
 """
 
 import json
 import logging
 
 from alpaca_trainml.cli import UsageError, run_fire
-from alpaca_trainml.data.prompts import PROMPT_DICT, format_prompt
+from alpaca_trainml.data.prompts import ALPACA, format_prompt, save_style
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,7 @@ def _literal(text):
 
 
 def _pieces(template):
-    """The fixed text of a PROMPT_DICT template around its {instruction} and {input} fields, in order."""
+    """The fixed text of an Alpaca template around its {instruction} and {input} fields, in order."""
     head, rest = template.split("{instruction}")
     middle, tail = rest.split("{input}") if "{input}" in rest else (rest, None)
     return head, middle, tail
@@ -36,8 +37,8 @@ def _pieces(template):
 def build_template(prefix=""):
     """The Jinja chat template. prefix: a Jinja expression put first, such as "bos_token", for tokenizers that add a
     BOS when encoding text (servers encode a rendered chat without adding special tokens)."""
-    head_in, mid_in, tail_in = _pieces(PROMPT_DICT["prompt_input"])
-    head_no, tail_no, _ = _pieces(PROMPT_DICT["prompt_no_input"])
+    head_in, mid_in, tail_in = _pieces(ALPACA.templates["prompt_input"])
+    head_no, tail_no, _ = _pieces(ALPACA.templates["prompt_no_input"])
     fail = "{{ raise_exception(%s) }}"
     return "".join(
         [
@@ -103,6 +104,17 @@ def install_chat_template(tokenizer):
             return tokenizer
     tokenizer.chat_template = build_template(prefixes[0])
     logger.warning("the chat template's tokens differ from the training prompt's at the start (BOS and a space)")
+    return tokenizer
+
+
+def apply_style(tokenizer, style):
+    """Give the tokenizer the chat template of a prompt style and record the style's name; save_pretrained writes
+    both with the checkpoint, so servers and llama.cpp prompt it exactly as train.py rendered its data."""
+    if style.name == ALPACA.name:
+        install_chat_template(tokenizer)
+    elif not tokenizer.chat_template:
+        raise ValueError(f"prompt style {style.name!r} needs the tokenizer's own chat template, and it has none")
+    save_style(tokenizer, style)
     return tokenizer
 
 

@@ -1,7 +1,8 @@
-"""Alpaca rows from disk to training examples: load, validate, build the prompts, tokenize and mask.
+"""Training data from disk to examples: load, validate (formats.py), build the prompts, tokenize and mask.
 
-The labelling is the original's: the prompt is tokenized alone and with the output (both truncated at
-model_max_length) and the first len(prompt) labels become IGNORE_INDEX.
+Alpaca rows in the Alpaca style keep the original's labelling: the prompt is tokenized alone and with the output
+(both truncated at model_max_length) and the first len(prompt) labels become IGNORE_INDEX. Chats (and, in a model's
+own chat template style, Alpaca rows too) go through conversations.py.
 """
 
 import copy
@@ -13,7 +14,7 @@ import transformers
 from torch.utils.data import Dataset
 
 from alpaca_trainml import jsonio
-from alpaca_trainml.data import prompts
+from alpaca_trainml.data import conversations, formats, prompts
 from alpaca_trainml.data.collators import DataCollatorForSupervisedDataset
 from alpaca_trainml.data.special_tokens import IGNORE_INDEX
 
@@ -54,45 +55,50 @@ def preprocess_by_construction(sources, targets, tokenizer) -> Dict:
 MAX_REPORTED_PROBLEMS = 20
 
 
-def validate_rows(rows, path) -> None:
-    """Raise ValueError listing every malformed row (up to a cap): file, row index, field, and what was found."""
+def validate_rows(rows, path):
+    """The file's shape (formats.py); ValueError listing every malformed row (up to a cap): file, row, field, and
+    what was found."""
     if not isinstance(rows, list):
         raise ValueError(
             f"{path}: expected a JSON list of rows (or .jsonl, one object a line), found {type(rows).__name__}"
         )
     if not rows:
         raise ValueError(f"{path}: the file holds no rows")
-    problems = []
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            problems.append(f"row {i}: expected an object with instruction/input/output, found {type(row).__name__}")
-            continue
-        for key in ("instruction", "output"):
-            if key not in row:
-                problems.append(f"row {i}: missing field '{key}'")
-            elif not isinstance(row[key], str):
-                problems.append(f"row {i}: field '{key}' must be a string, found {type(row[key]).__name__}")
-            elif not row[key].strip():
-                problems.append(f"row {i}: field '{key}' is empty")
-        if row.get("input") is not None and not isinstance(row["input"], str):
-            problems.append(f"row {i}: field 'input' must be a string, found {type(row['input']).__name__}")
+    shape, problems = formats.row_problems(rows, path)
     if problems:
         shown = problems[:MAX_REPORTED_PROBLEMS]
         more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
         raise ValueError(f"{path}: {len(problems)} problem(s) in the data:\n  " + "\n  ".join(shown) + more)
+    return shape
+
+
+def read_file(path):
+    try:
+        return jsonio.jload(path)
+    except FileNotFoundError:
+        raise ValueError(
+            f"{path}: no such file (for the original data run `python utils.py download_alpaca_data`)"
+        ) from None
+    except ValueError as e:  # json.JSONDecodeError
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
 
 
 def load_rows(data_path):
-    """Read and validate an Alpaca data file; errors name the file."""
-    try:
-        rows = jsonio.jload(data_path)
-    except FileNotFoundError:
-        raise ValueError(
-            f"{data_path}: no such file (for the original data run `python utils.py download_alpaca_data`)"
-        ) from None
-    except ValueError as e:  # json.JSONDecodeError
-        raise ValueError(f"{data_path}: not valid JSON ({e})") from e
-    validate_rows(rows, data_path)
+    """Read and validate data files (comma-separated paths are joined in order): Alpaca rows as they are, chat rows
+    as {"messages": [...]} (formats.to_messages). Errors name the file; every bad file is reported."""
+    rows, errors = [], []
+    for path in [p.strip() for p in str(data_path).split(",") if p.strip()]:
+        try:
+            file_rows = read_file(path)
+            shape = validate_rows(file_rows, path)
+        except ValueError as e:
+            errors.append(str(e))
+            continue
+        rows += file_rows if shape == formats.ALPACA else [{"messages": formats.to_messages(r)} for r in file_rows]
+    if errors:
+        raise ValueError("\n".join(errors))
+    if not rows:
+        raise ValueError(f"--data_path {data_path!r} names no file")
     return rows
 
 
@@ -103,28 +109,55 @@ def build_example_texts(rows, eos_token):
     return sources, targets
 
 
+def row_messages(row):
+    """A row as a chat: a chat row's messages, or an Alpaca row as one user turn and the answer."""
+    if "messages" in row:
+        return row["messages"]
+    return prompts.instruction_messages(row["instruction"], row.get("input")) + [
+        {"role": "assistant", "content": row["output"]}
+    ]
+
+
 class SupervisedDataset(Dataset):
-    """Dataset for supervised fine-tuning."""
+    """Dataset for supervised fine-tuning: Alpaca rows and chats, in the tokenizer's prompt style (prompts.py).
+
+    In the Alpaca style Alpaca rows are labelled as the original did, chats through the Alpaca chat template; in the
+    model style every row is a chat through the model's own template. example_rows[i]: the row example i came from."""
 
     def __init__(self, data_path: str, tokenizer: transformers.PreTrainedTokenizer, rows=None, by_construction=False):
         super().__init__()
         rows = load_rows(data_path) if rows is None else rows
+        alpaca_style = prompts.load_style(tokenizer).name == prompts.ALPACA.name
         logger.info("tokenizing %d rows from %s", len(rows), data_path)
-        sources, targets = build_example_texts(rows, tokenizer.eos_token)
-        data_dict = (preprocess_by_construction if by_construction else preprocess)(sources, targets, tokenizer)
-        self.input_ids = data_dict["input_ids"]
-        self.labels = data_dict["labels"]
+        per_row = [[] for _ in rows]
+        plain = [i for i, r in enumerate(rows) if alpaca_style and "messages" not in r]
+        if plain:
+            sources, targets = build_example_texts([rows[i] for i in plain], tokenizer.eos_token)
+            data_dict = (preprocess_by_construction if by_construction else preprocess)(sources, targets, tokenizer)
+            for i, ids, labels in zip(plain, data_dict["input_ids"], data_dict["labels"]):
+                per_row[i].append((ids, labels))
+        self.chat_stats = conversations.ChatStats()
+        for i in sorted(set(range(len(rows))) - set(plain)):
+            per_row[i] = conversations.encode_conversation(
+                tokenizer, row_messages(rows[i]), alpaca_style, self.chat_stats
+            )
+        self.example_rows = [i for i, examples in enumerate(per_row) for _ in examples]
+        self.input_ids = [ids for examples in per_row for ids, _ in examples]
+        self.labels = [labels for examples in per_row for _, labels in examples]
         n = tokenizer.model_max_length
-        self.num_truncated = sum(len(ids) >= n for ids in self.input_ids)
+        self.num_truncated = sum(len(per_row[i][0][0]) >= n for i in plain)
         self.num_fully_masked = sum(bool((lab == IGNORE_INDEX).all()) for lab in self.labels)
-        logger.info(
-            "%s: %d rows, %d reached model_max_length=%d (truncated), %d have no trainable label",
-            data_path,
-            len(rows),
-            self.num_truncated,
-            n,
-            self.num_fully_masked,
-        )
+        if plain:
+            logger.info(
+                "%s: %d Alpaca rows, %d reached model_max_length=%d (truncated), %d have no trainable label",
+                data_path,
+                len(plain),
+                self.num_truncated,
+                n,
+                self.num_fully_masked,
+            )
+        if self.chat_stats.conversations:
+            conversations.log_stats(data_path, self.chat_stats, n)
 
     def __len__(self):
         return len(self.input_ids)

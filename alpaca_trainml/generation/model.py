@@ -8,7 +8,7 @@ from dataclasses import replace
 import torch
 import transformers
 
-from alpaca_trainml.data.prompts import format_prompt
+from alpaca_trainml.data.prompts import load_style
 from alpaca_trainml.generation.decoding import (
     Completion,
     StopCriteria,
@@ -63,6 +63,7 @@ class InstructModel:
         else:
             self.name = model_name_or_path or os.environ.get("TRAINML_CHECKPOINT_PATH") or EMBEDDED_MODEL
             dtype = self._load(device, dtype, base_model or os.environ.get("ALPACA_BASE_MODEL"))
+        self.prompt_style = load_style(self.tokenizer, None if model is not None else self.name)  # train.py saved it
         self.context_window = getattr(self.model.config, "max_position_embeddings", None) or 2048
         self.max_prompt_tokens = max_prompt_tokens or training_length(self.tokenizer, self.context_window)
         eos = self.model.generation_config.eos_token_id
@@ -105,6 +106,12 @@ class InstructModel:
         with self.tokenizer_lock:
             return self.tokenizer(text, add_special_tokens=special)["input_ids"]
 
+    def _prompt_ids(self, instruction, input=None):
+        """Token ids of the prompt in the checkpoint's prompt style."""
+        with self.tokenizer_lock:
+            text = self.prompt_style.apply(instruction, input, self.tokenizer)
+        return self._ids(text, special=self.prompt_style.add_special_tokens)
+
     def _too_long(self, n, hint, limit=None):
         if limit is not None and limit != self.max_prompt_tokens:
             return PromptTooLongError(f"the prompt is {n} tokens; at most {limit} fit here. Shorten it, or {hint}")
@@ -127,9 +134,10 @@ class InstructModel:
         return bos + ids[len(ids) - (limit - len(bos)) :]
 
     def encode_instruction(self, instruction, input=None, truncate=False, limit=None):
-        """Token ids of the Alpaca prompt. With truncate, an over-long input (or, without one, the instruction)
-        is cut at its end so that the template around it stays whole. limit: as in encode()."""
-        ids = self._ids(format_prompt(instruction, input))
+        """Token ids of the prompt (the checkpoint's prompt style; Alpaca by default). With truncate, an over-long
+        input (or, without one, the instruction) is cut at its end so that the template around it stays whole.
+        limit: as in encode()."""
+        ids = self._prompt_ids(instruction, input)
         limit = self.max_prompt_tokens if limit is None else limit
         if len(ids) <= limit:
             return ids
@@ -146,7 +154,7 @@ class InstructModel:
                     len(ids), "shorten the instruction: the template and instruction alone are too long", limit
                 )
             text = self.decode(field[: len(field) - over - 1])
-            ids = self._ids(format_prompt(instruction, text) if input else format_prompt(text))
+            ids = self._prompt_ids(instruction, text) if input else self._prompt_ids(text)
         raise self._too_long(len(ids), "shorten the input", limit)
 
     def check_fits(self, n_prompt, max_tokens):

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import transformers
 
 from alpaca_trainml import REPO_ROOT, cli
+from alpaca_trainml.data.prompts import AUTO, PROMPT_STYLES
 from alpaca_trainml.models import DEFAULT_MODEL_MAX_LENGTH, EMBEDDED_MODEL
 from alpaca_trainml.training import lora
 from alpaca_trainml.training.launch import (
@@ -35,7 +36,8 @@ class DataArguments:
     data_path: str = field(
         default=None,
         metadata={
-            "help": "Training data: a JSON list (or .jsonl) of instruction/input/output rows. "
+            "help": "Training data: JSON lists (or .jsonl) of Alpaca instruction/input/output rows, OpenAI "
+            "`messages` chats or ShareGPT `conversations`, detected per file; comma-separated files are joined. "
             "Default: the project sample in data/."
         },
     )
@@ -50,6 +52,22 @@ class DataArguments:
         metadata={
             "help": "Tokenize prompt and output apart and join them, so the mask is exact. Default off: the original "
             "masks len(tokenize(prompt)) tokens of tokenize(prompt+output)."
+        },
+    )
+    prompt_style: str = field(
+        default=AUTO,
+        metadata={
+            "help": "How rows become prompts (alpaca_trainml/data/prompts.py): alpaca, model (the model's own chat "
+            "template), or auto: alpaca for Alpaca rows alone; for chat data the model's template if it has one, "
+            "else the Alpaca chat template. Saved with the checkpoint.",
+            "choices": [AUTO, *PROMPT_STYLES],
+        },
+    )
+    show_labels: int = field(
+        default=0,
+        metadata={
+            "help": "Print the first N training examples as tokenized, the trained tokens marked [[ ... ]] (colour "
+            "on a terminal), with their token counts, then exit without loading the model or training."
         },
     )
     demo_generations: int = field(
@@ -124,6 +142,7 @@ def check_ranges(data_args, training_args):
             ("model_max_length", training_args.model_max_length, training_args.model_max_length >= 8, "at least 8"),
             ("val_set_size", data_args.val_set_size, data_args.val_set_size >= 0, "0 or more"),
             ("demo_generations", data_args.demo_generations, data_args.demo_generations >= 0, "0 or more"),
+            ("show_labels", data_args.show_labels, data_args.show_labels >= 0, "0 or more"),
             ("learning_rate", training_args.learning_rate, training_args.learning_rate > 0, "above 0"),
             ("num_train_epochs", training_args.num_train_epochs, training_args.num_train_epochs > 0, "above 0"),
         )

@@ -44,6 +44,8 @@ def demo_answers(trainer, tokenizer, data_args, max_new_tokens=64):
     params = GenParams(max_tokens=max_new_tokens, temperature=0)
     answers = []
     for row in rows:
+        if "messages" in row:  # a chat: its first user turn, asked alone
+            row = {"instruction": next(m["content"] for m in row["messages"] if m["role"] == "user")}
         ids = model.encode_instruction(row["instruction"], row.get("input") or None, truncate=True)
         answers.append((row["instruction"], model.generate([ids], params)[0].text.strip()))
     return answers

@@ -6,12 +6,14 @@ from pathlib import Path
 import transformers
 
 from alpaca_trainml import cli, models
-from alpaca_trainml.data.chat_template import install_chat_template
+from alpaca_trainml.data import prompts
+from alpaca_trainml.data.chat_template import apply_style
 from alpaca_trainml.data.collators import DataCollatorForSupervisedDataset, make_collator
 from alpaca_trainml.data.dataset import (
     load_data,
     make_supervised_data_module,
 )
+from alpaca_trainml.data.show_labels import show_labels
 from alpaca_trainml.data.special_tokens import (
     missing_special_tokens,
     smart_tokenizer_and_embedding_resize,
@@ -54,26 +56,49 @@ class SupervisedTrainer(transformers.Trainer):
             self.data_collator = train_collator
 
 
-def load_model_and_tokenizer(model_args, training_args):
-    name = model_args.model_name_or_path
-    model = models.from_pretrained(
-        transformers.AutoModelForCausalLM, name, cache_dir=training_args.cache_dir, **lora.load_kwargs(model_args)
-    )
-    tokenizer = models.from_pretrained(
+def load_tokenizer(model_args, training_args):
+    return models.from_pretrained(
         transformers.AutoTokenizer,
-        name,
+        model_args.model_name_or_path,
         cache_dir=training_args.cache_dir,
         model_max_length=training_args.model_max_length,
         padding_side="right",
     )
+
+
+def has_chat_rows(rows):
+    """Whether load_data's (train rows, eval rows or None) hold a chat."""
+    return any("messages" in r for part in rows if part for r in part)
+
+
+def load_model_and_tokenizer(model_args, training_args, prompt_style=prompts.AUTO, chat_data=False):
+    """(model, tokenizer): the special tokens added, the adapter on with --use_peft, and the prompt style's chat
+    template installed (prompts.choose_style; chat_data: the training data holds chats)."""
+    name = model_args.model_name_or_path
+    model = models.from_pretrained(
+        transformers.AutoModelForCausalLM, name, cache_dir=training_args.cache_dir, **lora.load_kwargs(model_args)
+    )
+    tokenizer = load_tokenizer(model_args, training_args)
+    style = prompts.choose_style(prompt_style, tokenizer, chat_data)
     added = missing_special_tokens(tokenizer)
     smart_tokenizer_and_embedding_resize(added, tokenizer, model)
     if model_args.use_peft:  # the base stays frozen; the adapter also trains the rows just added
         model = lora.add_adapters(
             model, model_args, training_args, tokenizer.convert_tokens_to_ids(list(added.values()))
         )
-    install_chat_template(tokenizer)  # every checkpoint says how to prompt it: vLLM, TGI, llama.cpp read this
+    apply_style(tokenizer, style)  # every checkpoint says how to prompt it: serve.py, vLLM, llama.cpp read this
     return model, tokenizer
+
+
+def print_labels(model_args, data_args, training_args, rows):
+    """--show_labels: tokenize as training would, with the tokenizer alone, and print the first examples."""
+    tokenizer = load_tokenizer(model_args, training_args)
+    style = prompts.choose_style(data_args.prompt_style, tokenizer, has_chat_rows(rows))
+    tokenizer.add_special_tokens(missing_special_tokens(tokenizer))
+    apply_style(tokenizer, style)
+    logger.info("prompt style: %s", style.name)
+    data_module = make_supervised_data_module(tokenizer, data_args, training_args.seed, rows=rows)
+    show_labels(data_module["train_dataset"], tokenizer, data_args.show_labels)
 
 
 def train(argv=None):
@@ -85,7 +110,13 @@ def train(argv=None):
             if training_args.process_index == 0:
                 logger.warning(note)
         rows = load_data(data_args, training_args.seed)  # before the model: a bad row costs seconds, not minutes
-        model, tokenizer = load_model_and_tokenizer(model_args, training_args)
+        if data_args.show_labels:
+            if training_args.process_index == 0:
+                print_labels(model_args, data_args, training_args, rows)
+            return None
+        model, tokenizer = load_model_and_tokenizer(
+            model_args, training_args, data_args.prompt_style, has_chat_rows(rows)
+        )
         data_module = make_supervised_data_module(tokenizer, data_args, training_args.seed, rows=rows)
     if data_args.padding_free:
         collator = make_collator(tokenizer, model.config, training_args.model_max_length)
