@@ -6,10 +6,10 @@ added, new rows mean-initialised), so DeepSpeed and FSDP can prepare it like the
 base with the adapter disabled, and no second copy is loaded.
 """
 
+import dataclasses
 import logging
 from pathlib import Path
 
-import torch
 import transformers
 from trl import DPOTrainer
 
@@ -46,6 +46,16 @@ class PreferenceTrainer(DPOTrainer):
         if self.args.fsdp and state.get("distributed_type") == DistributedType.MULTI_CPU:
             state["distributed_type"] = DistributedType.MULTI_GPU
         super().create_accelerator_and_postprocess()
+
+
+def load_policy(model_args, training_args):
+    """(model, tokenizer) as train.py loads them, but with --use_peft the adapter trains no rows of the special tokens
+    train.py adds: TRL computes the log-probabilities from lm_head.weight itself, past peft's trainable-token wrapper.
+    Those rows stay the mean-initialised ones that lora.resized_base rebuilds under the adapter; [PAD] is masked."""
+    if not model_args.use_peft:
+        return load_model_and_tokenizer(model_args, training_args)
+    model, tokenizer = load_model_and_tokenizer(dataclasses.replace(model_args, use_peft=False), training_args)
+    return lora.add_adapters(model, model_args, training_args, new_token_ids=[]), tokenizer
 
 
 def load_data(data_args, seed=42):
@@ -85,52 +95,27 @@ def make_datasets(pairs, tokenizer):
     return train, (Dataset.from_list(to_trl_rows(eval_pairs, tokenizer)) if eval_pairs else None)
 
 
-def likelihood_wins(trainer):
-    """(pairs where the policy gives chosen a higher log-likelihood than rejected, pairs) over the eval set: a
-    measure that, unlike the reward accuracy (0 before training, when policy = reference), means something at step 0.
-    None when several ranks share the eval set."""
-    if trainer.args.world_size > 1:
-        return None
-    model = trainer.accelerator.unwrap_model(trainer.model)
-    was_training, wins, total = model.training, 0, 0
-    model.eval()
-    with torch.no_grad():
-        for batch in trainer.get_eval_dataloader():
-            ids = batch["input_ids"].to(trainer.args.device)  # (2 * pairs, seq): chosen rows, then rejected rows
-            logits = model(input_ids=ids, attention_mask=batch["attention_mask"].to(ids.device)).logits[:, :-1]
-            token_logps = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-            sums = (token_logps * batch["completion_mask"][:, 1:].to(ids.device)).sum(1)
-            chosen, rejected = sums.chunk(2)
-            wins += int((chosen > rejected).sum())
-            total += len(chosen)
-    model.train(was_training)
-    return wins, total
-
-
 def held_out_report(trainer):
-    """Reward accuracy and margin (TRL's eval metrics) and the likelihood ranking on the held-out pairs."""
-    metrics = trainer.evaluate()
+    """Reward accuracy, mean reward margin and loss on the held-out pairs (TRL's eval metrics). After training, the
+    Trainer's own end-of-epoch evaluation of the final weights is reused rather than run again."""
+    last = next((h for h in reversed(trainer.state.log_history) if "eval_rewards/accuracies" in h), None)
+    done = trainer.state.global_step > 0 and last is not None and last.get("step") == trainer.state.global_step
+    metrics = last if done else trainer.evaluate()
     return dict(
-        accuracy=metrics.get("eval_rewards/accuracies"),
-        margin=metrics.get("eval_rewards/margins"),
-        loss=metrics.get("eval_loss"),
-        wins=likelihood_wins(trainer),
-        metrics=metrics,
+        accuracy=metrics["eval_rewards/accuracies"],
+        margin=metrics["eval_rewards/margins"],
+        loss=metrics["eval_loss"],
+        metrics={k: v for k, v in metrics.items() if k.startswith("eval_")},
     )
 
 
 def print_report(before, after):
-    """Held-out reward accuracy and margin before and after training, one line each, as make demo-dpo prints them."""
-
-    def wins(r):
-        return "n/a" if r["wins"] is None else f"{r['wins'][0]}/{r['wins'][1]}"
-
+    """Held-out reward accuracy, margin and loss before and after training, as make demo-dpo prints them."""
     print(
         f"\nheld-out reward accuracy: before {before['accuracy']:.3f}, after {after['accuracy']:.3f} "
-        "(before training the policy is the reference: every reward is 0, no pair is won)\n"
+        "(before training the policy is the reference: every reward is 0 and no pair is won)\n"
         f"held-out mean reward margin: before {before['margin']:.4f}, after {after['margin']:.4f}\n"
-        f"held-out eval loss: before {before['loss']:.4f}, after {after['loss']:.4f}\n"
-        f"held-out pairs where chosen is more likely than rejected: before {wins(before)}, after {wins(after)}",
+        f"held-out DPO loss: before {before['loss']:.4f}, after {after['loss']:.4f}",
         flush=True,
     )
 
@@ -163,7 +148,7 @@ def train_dpo(argv=None):
             if training_args.process_index == 0:
                 logger.warning(note)
         pairs = load_data(data_args, training_args.seed)  # before the model: a bad row costs seconds, not minutes
-        model, tokenizer = load_model_and_tokenizer(model_args, training_args)
+        model, tokenizer = load_policy(model_args, training_args)
         ref_model = load_reference(model_args, training_args, tokenizer)
         train_set, eval_set = make_datasets(pairs, tokenizer)
     trainer = PreferenceTrainer(
