@@ -121,8 +121,8 @@ def _trl_answer(answer, key):
 
 def parse_row(row, shape):
     """({'messages', 'chosen', 'rejected'}, problems) for one row of a file of the given shape."""
-    missing = [k for k in (("conversations",) if shape == "sharegpt" else ("prompt",)) + ("chosen", "rejected")]
-    missing = [k for k in missing if k not in row]
+    prompt_key = "conversations" if shape == "sharegpt" else "prompt"
+    missing = [k for k in (prompt_key, "chosen", "rejected") if k not in row]
     if missing:
         return None, [f"missing field(s) {', '.join(repr(k) for k in missing)}"]
     if shape == "sharegpt":
