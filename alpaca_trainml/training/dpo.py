@@ -173,6 +173,8 @@ def train_dpo(argv=None):
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(training_args.output_dir)  # with the chat template the prompts were rendered by
         title = "DPO " + title_for(model_args, training_args) + f", beta {training_args.beta:g}"
+        if training_args.max_steps > 0:  # it ends the run before num_train_epochs, which the title names
+            title += f", max_steps {training_args.max_steps}"
         plot_loss(trainer.state.log_history, Path(training_args.output_dir) / "loss.png", title)
         if before is not None:
             print_report(before, after)
