@@ -245,6 +245,21 @@ def test_lora_dpo_saves_an_adapter_and_leaves_the_base(tmp_path, tiny_llama_dir)
     assert lora_b and any(v.abs().sum() > 0 for v in lora_b), "the adapter did not train"
 
 
+def test_a_second_run_resumes_from_the_last_checkpoint(tmp_path, tiny_llama_dir, caplog):
+    (tmp_path / "train.json").write_text(json.dumps(sharegpt_pairs(16, seed=4)))
+    out = tmp_path / "out"
+    argv = dpo_argv(tiny_llama_dir, tmp_path / "train.json", out, "--learning_rate", "1e-3")
+    argv[argv.index("--save_strategy") + 1] = "steps"
+    train_dpo.train_dpo(argv + ["--save_steps", "2", "--max_steps", "2"])
+    assert (out / "checkpoint-2" / "trainer_state.json").exists()
+    with caplog.at_level("WARNING"):
+        trainer = train_dpo.train_dpo(argv + ["--save_steps", "2", "--max_steps", "4"])
+    assert f"resuming from {out / 'checkpoint-2'}" in caplog.text
+    assert trainer.state.global_step == 4
+    steps = [h["step"] for h in trainer.state.log_history if "loss" in h]
+    assert steps == [1, 2, 3, 4]  # the first run's two steps, from the checkpoint, then two more
+
+
 # --- the seed's launch command
 
 
