@@ -153,3 +153,16 @@ def last_complete_checkpoint(output_dir):
             return str(path)
         logger.warning("skipping %s: it has no trainer_state.json (the run was stopped while saving it)", path)
     return None
+
+
+class CpuFsdpMixin:
+    """For a Trainer subclass: --fsdp on CPU ranks. accelerate turns FSDP on only from a GPU-type state; on CPU ranks
+    (gloo) let it, the device stays CPU."""
+
+    def create_accelerator_and_postprocess(self):
+        from accelerate.state import DistributedType, PartialState
+
+        state = PartialState._shared_state
+        if self.args.fsdp and state.get("distributed_type") == DistributedType.MULTI_CPU:
+            state["distributed_type"] = DistributedType.MULTI_GPU
+        super().create_accelerator_and_postprocess()

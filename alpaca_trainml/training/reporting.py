@@ -6,30 +6,58 @@ from pathlib import Path
 logger = logging.getLogger(__name__)
 
 
+REWARD_KEYS = ("rewards/margins", "rewards/accuracies")  # what DPOTrainer logs besides the loss
+
+
+def series(log_history, key):
+    """[(step, value)] of one logged quantity, in order."""
+    return [(h["step"], h[key]) for h in log_history if key in h]
+
+
 def plot_loss(log_history, path, title):
-    """Draw train and eval loss against the step into path. Drawing must never fail a run: warn instead."""
+    """Draw train and eval loss against the step into path; a DPO run's history (rewards/margins and
+    rewards/accuracies) gets a second panel with them. Drawing must never fail a run: warn instead."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        train_pts = [(h["step"], h["loss"]) for h in log_history if "loss" in h]
-        eval_pts = [(h["step"], h["eval_loss"]) for h in log_history if "eval_loss" in h]
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        for pts, label, style in ((train_pts, "train", "-"), (eval_pts, "eval", "o--")):
-            if pts:
-                ax.plot(*zip(*pts), style, label=label)
+        rewards = any(series(log_history, k) or series(log_history, f"eval_{k}") for k in REWARD_KEYS)
+        fig, axes = plt.subplots(1, 2 if rewards else 1, figsize=(13 if rewards else 8, 4.5), squeeze=False)
+        ax = axes[0][0]
+        for key, label, style in (("loss", "train", "-"), ("eval_loss", "eval", "o--")):
+            if series(log_history, key):
+                ax.plot(*zip(*series(log_history, key)), style, label=label)
         ax.set_xlabel("optimizer step")
-        ax.set_ylabel("loss (cross-entropy, nats/token)")
+        ax.set_ylabel("DPO loss (nats/pair)" if rewards else "loss (cross-entropy, nats/token)")
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(loc="upper right")
+        if rewards:
+            plot_rewards(axes[0][1], log_history)
         fig.tight_layout()
         fig.savefig(path, dpi=100)
         plt.close(fig)
     except Exception as e:  # a missing font or backend must not cost a finished training run
         logger.warning("could not draw %s: %s", path, e)
+
+
+def plot_rewards(ax, log_history):
+    """Reward margin (chosen minus rejected, left axis) and reward accuracy (share of pairs won, right axis)."""
+    right = ax.twinx()
+    for prefix, split, style in (("", "train", "-"), ("eval_", "eval", "o--")):
+        for key, axis, colour in ((REWARD_KEYS[0], ax, "tab:blue"), (REWARD_KEYS[1], right, "tab:green")):
+            if series(log_history, prefix + key):
+                axis.plot(*zip(*series(log_history, prefix + key)), style, color=colour, label=f"{split} {key}")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("reward margin (beta * log-ratio)")
+    right.set_ylabel("reward accuracy")
+    right.set_ylim(-0.05, 1.05)
+    ax.grid(alpha=0.3)
+    lines = ax.get_legend_handles_labels()
+    more = right.get_legend_handles_labels()
+    ax.legend(lines[0] + more[0], lines[1] + more[1], loc="lower right", fontsize=8)
 
 
 def demo_answers(trainer, tokenizer, data_args, max_new_tokens=64):

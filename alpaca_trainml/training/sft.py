@@ -21,6 +21,7 @@ from alpaca_trainml.data.special_tokens import (
 from alpaca_trainml.training import lora
 from alpaca_trainml.training.arguments import parse_args
 from alpaca_trainml.training.launch import (
+    CpuFsdpMixin,
     close_ranks,
     find_resume_checkpoint,
 )
@@ -29,22 +30,13 @@ from alpaca_trainml.training.reporting import demo_answers, plot_loss, print_dem
 logger = logging.getLogger(__name__)
 
 
-class SupervisedTrainer(transformers.Trainer):
+class SupervisedTrainer(CpuFsdpMixin, transformers.Trainer):
     """The HF Trainer; evaluation keeps the original padded collator, so eval_loss is the original's to the digit
     (the Trainer weights each eval batch by its number of rows, which packing would change)."""
 
     def __init__(self, *args, eval_data_collator=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.eval_data_collator = eval_data_collator
-
-    def create_accelerator_and_postprocess(self):
-        # accelerate turns --fsdp on only from a GPU-type state; on CPU ranks (gloo) let it, the device stays CPU
-        from accelerate.state import DistributedType, PartialState
-
-        state = PartialState._shared_state
-        if self.args.fsdp and state.get("distributed_type") == DistributedType.MULTI_CPU:
-            state["distributed_type"] = DistributedType.MULTI_GPU
-        super().create_accelerator_and_postprocess()
 
     def get_eval_dataloader(self, eval_dataset=None):
         if self.eval_data_collator is None:
