@@ -20,6 +20,9 @@ TESTED_WITH_THEIR_SCRIPT = {
     "self_instruct/generate.py": "test_generate_instruction.py",
     "training/arguments.py": "test_train.py",
     "training/sft.py": "test_train.py",
+    "data/preference.py": "test_train_dpo.py",
+    "training/dpo.py": "test_train_dpo.py",
+    "training/dpo_arguments.py": "test_train_dpo.py",
 }
 
 
