@@ -2,10 +2,10 @@
 the model's own weights and a static slot cache, with as few tensor operations per token as we could keep.
 
 Why: a batch-1 decode step reads every weight once, so its floor is the memory bandwidth; what transformers' forward
-adds per token on a CPU (module calls, cache bookkeeping, mask building) cost as much again as the matmuls at 135M
-parameters. Here a layer is 2 norms (transformers' own modules, so the numbers are the same), 7 matmuls, the
-rotary embedding (transformers' function), an in-place cache write and a 4-operation attention. Greedy tokens are
-tested equal to transformers' generate().
+adds per token on a CPU (module calls, cache bookkeeping, mask building) costs about as much again as the matmuls at
+135M parameters. Here a layer is 2 norms (F.rms_norm: the same numbers as transformers' module), 7 matmuls, one
+rotary embedding for queries and keys together (transformers' formula), an in-place cache write and a 4-operation
+attention. Greedy tokens are tested equal to transformers' generate() (tests/test_llama_step.py).
 """
 
 import os
@@ -13,7 +13,7 @@ import os
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.llama.modeling_llama import LlamaForCausalLM, apply_rotary_pos_emb
+from transformers.models.llama.modeling_llama import LlamaForCausalLM, rotate_half
 
 from alpaca_trainml.generation.kv_cache import SlotCache
 
@@ -57,11 +57,16 @@ class LlamaStep:
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.scale = self.head_dim**-0.5
         self.layers = [
-            (lyr.input_layernorm, *(m.weight for m in _attn(lyr)), lyr.post_attention_layernorm)
+            (lyr.input_layernorm.weight, *(m.weight for m in _attn(lyr)), lyr.post_attention_layernorm.weight)
             + tuple(m.weight for m in _mlp(lyr))
             for lyr in model.model.layers
         ]
-        self.embed, self.norm, self.rotary = model.model.embed_tokens.weight, model.model.norm, model.model.rotary_emb
+        self.embed, self.norm, self.rotary = (
+            model.model.embed_tokens.weight,
+            model.model.norm.weight,
+            model.model.rotary_emb,
+        )
+        self.eps = c.rms_norm_eps
         self.lm_head = model.lm_head.weight
         self.cache = SlotCache(len(self.layers), self.kv_heads, self.head_dim, self.embed.dtype, self.embed.device)
 
@@ -144,15 +149,25 @@ class LlamaStep:
         """x (batch, seq) ids -> (batch, vocab) logits of the last position; attention(i, k, v) -> attend(q)."""
         b, s = x.shape
         h = F.embedding(x, self.embed)
-        cos, sin = self.rotary(h, positions)
+        cos, sin = (t[:, None] for t in self.rotary(h, positions))  # (batch, 1, seq, dim)
         for i, (ln1, wq, wk, wv, wo, ln2, wg, wu, wd) in enumerate(self.layers):
-            y = ln1(h)
-            q = F.linear(y, wq).view(b, s, -1, self.head_dim).transpose(1, 2)
-            k = F.linear(y, wk).view(b, s, -1, self.head_dim).transpose(1, 2)
+            y = self._norm(h, ln1)
+            q = F.linear(y, wq).view(b, s, -1, self.head_dim)
+            k = F.linear(y, wk).view(b, s, -1, self.head_dim)
             v = F.linear(y, wv).view(b, s, -1, self.head_dim).transpose(1, 2)
-            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            # queries and keys rotate together: one rotary embedding, not two (the same arithmetic per head)
+            qk = torch.cat([q, k], 2).transpose(1, 2)
+            qk = qk * cos + rotate_half(qk) * sin
+            q, k = qk[:, : self.heads], qk[:, self.heads :]
             o = attention(i, k, v)(q)  # (batch, heads, seq, dim)
             h = h + F.linear(o.transpose(1, 2).reshape(b, s, -1), wo)
-            y = ln2(h)
+            y = self._norm(h, ln2)
             h = h + F.linear(F.silu(F.linear(y, wg)) * F.linear(y, wu), wd)
-        return F.linear(self.norm(h[:, -1]), self.lm_head)
+        return F.linear(self._norm(h[:, -1], self.norm), self.lm_head)
+
+    def _norm(self, h, weight):
+        """transformers' LlamaRMSNorm in 2 operations instead of 7 (fp32 math, then the weight in the model's dtype);
+        the same numbers, bit for bit (tests/test_llama_step.py)."""
+        if h.dtype == torch.float32:
+            return F.rms_norm(h, (h.shape[-1],), None, self.eps) * weight
+        return F.rms_norm(h.float(), (h.shape[-1],), None, self.eps).to(h.dtype) * weight
