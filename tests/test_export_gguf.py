@@ -1,5 +1,6 @@
 """export_gguf.py and alpaca_trainml/export: a tiny Llama built here -> GGUF -> read back with gguf's reader; and,
-when .venv-peers has llama-cpp-python, llama.cpp on the exported embedded model gives InstructModel's greedy tokens."""
+when .venv-peers has llama-cpp-python, llama.cpp on the exported embedded model gives InstructModel's greedy tokens,
+and the same answers through its chat API with the chat template the file carries."""
 
 import json
 import subprocess
@@ -82,15 +83,21 @@ LLAMA_CPP_GREEDY = """
 import json, sys
 from llama_cpp import Llama
 llm = Llama(model_path=sys.argv[1], n_ctx=512, n_threads=2, verbose=False)
-answers = []
-for ids in json.loads(sys.stdin.read()):
+job, answers = json.loads(sys.stdin.read()), []
+for ids in job["prompts"]:
     out = []
     for tok in llm.generate(ids, top_k=1, temp=0.0, repeat_penalty=1.0, reset=True):
         out.append(tok)
         if len(out) == 32 or tok == llm.token_eos():
             break
     answers.append(out)
-print(json.dumps(answers))
+chats = [  # through llama.cpp's chat API: the GGUF's chat template (ours) renders the prompt
+    llm.create_chat_completion(
+        [{"role": "user", "content": text}], temperature=0.0, top_k=1, repeat_penalty=1.0, max_tokens=32
+    )["choices"][0]["message"]["content"]
+    for text in job["chats"]
+]
+print(json.dumps(dict(greedy=answers, chats=chats)))
 """
 
 
@@ -108,7 +115,7 @@ def test_llama_cpp_gives_our_greedy_tokens_on_the_exported_embedded_model(tmp_pa
     ours = [model.generate([p], GenParams(max_tokens=32, temperature=0))[0] for p in prompts]
     run = subprocess.run(
         [str(PEERS_PYTHON), "-c", LLAMA_CPP_GREEDY, str(out)],
-        input=json.dumps(prompts),
+        input=json.dumps(dict(prompts=prompts, chats=instructions[:2])),
         capture_output=True,
         text=True,
         timeout=600,
@@ -116,6 +123,8 @@ def test_llama_cpp_gives_our_greedy_tokens_on_the_exported_embedded_model(tmp_pa
     assert run.returncode == 0, run.stderr[-2000:]
     theirs = json.loads(run.stdout.strip().splitlines()[-1])
     eos = set(model.eos_ids)
-    for mine, tokens in zip(ours, theirs):
+    for mine, tokens in zip(ours, theirs["greedy"]):
         text = model.decode([t for t in tokens if t not in eos])
         assert text == mine.text and len(tokens) == mine.completion_tokens
+    for mine, chat in zip(ours, theirs["chats"]):  # a one-message chat is the Alpaca prompt of its instruction
+        assert chat.strip() == mine.text.strip()
