@@ -18,6 +18,7 @@ from alpaca_trainml.generation.engine import (
     stream,
     wait_for,
 )
+from alpaca_trainml.generation.llama_step import LlamaStep
 from inference import GenParams, InstructModel
 
 PROMPTS = [
@@ -138,7 +139,8 @@ def test_a_model_failure_fails_the_batch_and_the_engine_goes_on(model, engine, m
         raise RuntimeError("out of memory, say")
 
     ids = model.encode(PROMPTS[0])
-    monkeypatch.setattr(model.model, "forward", broken)
+    monkeypatch.setattr(model.model, "forward", broken)  # transformers' forward (the generic step)
+    monkeypatch.setattr(LlamaStep, "prefill", broken)  # and our Llama step
     jobs = [Job(ids, GREEDY), Job(ids, GREEDY)]
     for j in jobs:
         engine.submit(j)

@@ -15,6 +15,7 @@ from helpers import ROOT, serve_in_thread, subprocess_env
 from scripted_llama import SCRIPT, build_scripted_llama
 
 from alpaca_trainml.generation.decoding import generation_limits
+from alpaca_trainml.generation.llama_step import LlamaStep
 from inference import InstructModel
 from serve import create_app
 
@@ -140,7 +141,8 @@ def test_a_model_failure_is_a_500_json_error(model, monkeypatch):
     def broken(*a, **kw):
         raise RuntimeError("out of memory, say")
 
-    monkeypatch.setattr(model.model, "forward", broken)
+    monkeypatch.setattr(model.model, "forward", broken)  # transformers' forward (the generic step)
+    monkeypatch.setattr(LlamaStep, "prefill", broken)  # and our Llama step
     plain, streamed = call(
         create_app(model),
         ("POST", "/instruct", dict(json={"instruction": "Hi"})),
@@ -165,15 +167,15 @@ def test_mixed_requests_share_decoding_steps_on_one_model_thread(model, monkeypa
     """Streaming and not, different temperatures, top_p, stops and max_tokens: all decode in shared steps, on the
     model thread only."""
     sizes, threads = [], set()
-    real = model.model.forward
+    real = LlamaStep.decode
 
-    def tracked(*a, **kw):
+    def tracked(self, ids):
         threads.add(threading.current_thread().name)
-        sizes.append(kw["input_ids"].shape[0])  # rows in this forward: a prefill or a decoding step
+        sizes.append(ids.shape[0])  # rows in this decoding step
         time.sleep(0.01)  # hold the model a little, as a real one would, so that requests pile up
-        return real(*a, **kw)
+        return real(self, ids)
 
-    monkeypatch.setattr(model.model, "forward", tracked)
+    monkeypatch.setattr(LlamaStep, "decode", tracked)
 
     def body(i):
         return {

@@ -107,31 +107,3 @@ class StopCriteria(transformers.StoppingCriteria):
             for row in input_ids
         ]
         return torch.tensor(done, dtype=torch.bool, device=input_ids.device)
-
-
-class TextStreamer:
-    """transformers streamer that hands on_text(delta) each piece of new text that is final: text that could
-    still become a stop string, or half a UTF-8 character, waits for the next token."""
-
-    def __init__(self, decode, stops, on_text):
-        self.decode, self.stops, self.on_text = decode, stops, on_text
-        self.ids, self.sent, self.seen_prompt, self.stopped = [], 0, False, False
-
-    def put(self, value):
-        if not self.seen_prompt:  # generate() first hands over the prompt
-            self.seen_prompt = True
-            return
-        self.ids.extend(value.reshape(-1).tolist())
-        text, self.stopped = cut_at_stop(self.decode(self.ids), self.stops)
-        end = len(text) if self.stopped else len(text) - stop_holdback(text, self.stops)
-        if not self.stopped and text.endswith("\ufffd"):
-            end = min(end, len(text) - 1)
-        self._send(text[:end])
-
-    def end(self):
-        pass
-
-    def _send(self, upto):
-        if len(upto) > self.sent:
-            self.on_text(upto[self.sent :])
-            self.sent = len(upto)

@@ -9,14 +9,9 @@ import torch
 import transformers
 
 from alpaca_trainml.data.prompts import load_style
-from alpaca_trainml.generation.decoding import (
-    Completion,
-    StopCriteria,
-    TextStreamer,
-    check_params,
-    cut_at_stop,
-    generation_kwargs,
-)
+from alpaca_trainml.generation.batch import Job, run_to_end
+from alpaca_trainml.generation.decoding import Completion, StopCriteria, check_params, cut_at_stop, generation_kwargs
+from alpaca_trainml.generation.kv_cache import left_pad
 from alpaca_trainml.models import DEFAULT_MODEL_MAX_LENGTH, EMBEDDED_MODEL, from_pretrained
 from alpaca_trainml.precision import resolve_dtype
 from alpaca_trainml.training import lora
@@ -165,44 +160,44 @@ class InstructModel:
                 "Please reduce your prompt; or completion length."
             )  # OpenAI's wording, which clients look for
 
-    @torch.inference_mode()
     def generate(self, prompts, params, on_text=None, cancel=None, row_max_tokens=None):
-        """One Completion per prompt (token id lists), batched in one generate() call.
+        """One Completion per prompt (token id lists), decoded together by the decoder core (batch.py), the same
+        one serve.py's engine runs; beam search goes through transformers' generate().
 
-        row_max_tokens: each row's own max_tokens (default params.max_tokens); the batch runs to the largest.
+        row_max_tokens: each row's own max_tokens (default params.max_tokens).
         on_text(delta) streams the text of a single prompt as it grows; cancel (a threading.Event) stops early."""
         limits = list(row_max_tokens or [params.max_tokens] * len(prompts))
         for ids, limit in zip(prompts, limits):
             check_params(replace(params, max_tokens=limit), self.context_window)
             self.check_fits(len(ids), limit)
+        if params.num_beams > 1:
+            results = self._beam_search(prompts, params, cancel, limits)
+            if on_text is not None and results[0].text:  # beams cannot stream: the whole text at the end
+                on_text(results[0].text)
+            return results
+        stream = on_text if len(prompts) == 1 else None
+        jobs = [Job(list(p), replace(params, max_tokens=n), on_text=stream) for p, n in zip(prompts, limits)]
+        return run_to_end(self, jobs, cancel)
+
+    @torch.inference_mode()
+    def _beam_search(self, prompts, params, cancel, limits):
         width = max(len(ids) for ids in prompts)
-        # left padding: every row's new tokens then start at column `width`
-        input_ids = torch.tensor([[self.pad_id] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-        stream = on_text is not None and len(prompts) == 1 and params.num_beams == 1  # beams cannot stream
-        streamer = TextStreamer(self.decode, params.stop, on_text) if stream else None
+        input_ids, mask = left_pad(prompts, self.pad_id, self.model.device)
         criteria = transformers.StoppingCriteriaList([StopCriteria(self.decode, width, params.stop, cancel)])
-        device = self.model.device
         with self.lock:
             out = self.model.generate(
-                input_ids=input_ids.to(device),
-                attention_mask=mask.to(device),
+                input_ids=input_ids,
+                attention_mask=mask,
                 max_new_tokens=max(limits),
                 pad_token_id=self.pad_id,
                 eos_token_id=self.eos_ids,
                 stopping_criteria=criteria,
-                streamer=streamer,
                 **generation_kwargs(params),
             )
-        results = [
+        return [
             self._finish(row[width : width + limit].tolist(), len(p), params.stop, limit)
             for row, p, limit in zip(out, prompts, limits)
         ]
-        if on_text is not None:  # the rest: what the stream held back, or everything when beams ran
-            sent = streamer.sent if streamer else 0
-            if len(results[0].text) > sent:
-                on_text(results[0].text[sent:])
-        return results
 
     def _finish(self, new_ids, n_prompt, stops, limit):
         """Cut one row at its end-of-text token and stop string."""

@@ -1,0 +1,167 @@
+"""The decoder core, used by InstructModel.generate (one call, run to the end) and by the serving Engine (rows join
+and leave between steps): the running rows, their sampling, their stop handling and the stream hold-back, over a
+model step (llama_step.LlamaStep where it applies, else hf_step.HFStep)."""
+
+import logging
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from alpaca_trainml.generation.decoding import Completion, GenParams, cut_at_stop, stop_holdback
+from alpaca_trainml.generation.hf_step import HFStep
+from alpaca_trainml.generation.llama_step import LlamaStep, supports
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Job:
+    ids: list  # prompt token ids
+    params: GenParams
+    on_text: Callable | None = None  # for streams: called from the model thread with each new piece of text
+    cancel: threading.Event = field(default_factory=threading.Event)  # set when the caller leaves
+    future: Future = field(default_factory=Future)  # the Completion
+
+
+def sample(logits, temperature, top_p):
+    """One token per row of logits (batch, vocab), each row with its own temperature (0 = greedy) and top_p:
+    the smallest set of likeliest tokens whose probability reaches top_p, as transformers' TopPLogitsWarper."""
+    logits = logits.float()
+    greedy = logits.argmax(-1)
+    probs = torch.softmax(logits / temperature.clamp(min=1e-5)[:, None], dim=-1)
+    nucleus = ((top_p < 1) & (temperature > 0)).nonzero().squeeze(-1)  # sorting the vocabulary costs: only these
+    if len(nucleus):
+        sorted_probs, order = probs[nucleus].sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the likelier tokens
+        sorted_probs = sorted_probs.masked_fill(before >= top_p[nucleus, None], 0.0)  # the likeliest always stays
+        probs[nucleus] = torch.zeros_like(sorted_probs).scatter(-1, order, sorted_probs)
+    picked = torch.multinomial(probs, 1).squeeze(-1)
+    return torch.where(temperature == 0, greedy, picked)
+
+
+def sample_rows(rows, logits):
+    """The next token of each row; an all-greedy batch (the common case in evaluation) is one argmax."""
+    settings = [(float(r.job.params.temperature), float(r.job.params.top_p)) for r in rows]
+    if all(t == 0 for t, _ in settings):
+        return logits.argmax(-1)
+    temperature, top_p = torch.tensor(settings, device=logits.device).unbind(-1)
+    return sample(logits, temperature, top_p)
+
+
+def fail(job, error):
+    """End a job, running or still waiting, with `error` (unless it has ended already)."""
+    future = job.future
+    if not future.done() and (future.running() or future.set_running_or_notify_cancel()):
+        future.set_exception(error)
+
+
+class Row:
+    """A job in the running batch: the tokens it has made (end-of-text excluded), how much text its stream has had,
+    and the rules that end it: end of text, a stop string, max_tokens, the context window."""
+
+    def __init__(self, job, decode, eos, context_window):
+        self.job, self.decode, self.eos, self.context_window = job, decode, eos, context_window
+        self.ids, self.made, self.sent = [], 0, 0  # made counts end-of-text too, as usage does
+
+    def add(self, token):
+        """Append one token; True when the row has ended (and its caller has the Completion)."""
+        params = self.job.params
+        self.made += 1
+        if token in self.eos:
+            return self.finish("stop")
+        self.ids.append(token)
+        if params.stop or self.job.on_text:
+            text, stopped = cut_at_stop(self.decode(self.ids), params.stop)
+            if stopped:
+                return self.finish("stop")
+            end = len(text) - stop_holdback(text, params.stop)  # text that may still become a stop string waits
+            if text.endswith("\ufffd"):  # half a UTF-8 character waits for its other half
+                end = min(end, len(text) - 1)
+            self._send(text[:end])
+        if self.made >= params.max_tokens or len(self.job.ids) + self.made >= self.context_window:
+            return self.finish("length")
+        return False
+
+    def finish(self, reason):
+        text = cut_at_stop(self.decode(self.ids), self.job.params.stop)[0]
+        self._send(text)
+        self.job.future.set_result(Completion(text, len(self.job.ids), self.made, reason))
+        return True
+
+    def fail(self, error):
+        fail(self.job, error)
+
+    def _send(self, upto):
+        if self.job.on_text is not None and len(upto) > self.sent:
+            try:
+                self.job.on_text(upto[self.sent :])
+            except Exception:  # a broken listener ends its own request, not the batch
+                logger.exception("on_text failed; the request is cancelled")
+                self.job.cancel.set()
+            self.sent = len(upto)
+
+
+class DecodeBatch:
+    """The running rows over one model step. admit() prefills jobs into the batch, step() decodes one token for
+    every row; rows that end leave at once. Each forward holds the model's lock (one forward at a time)."""
+
+    def __init__(self, model):
+        self.model = model  # an InstructModel
+        self.stepper = LlamaStep(model.model) if supports(model.model) else HFStep(model.model, model.pad_id)
+        self.eos = frozenset(model.eos_ids)
+        self.rows, self.next_ids = [], None  # next_ids (rows,): each row's sampled, not yet fed token
+
+    def admit(self, jobs):
+        new = [Row(j, self.model.decode, self.eos, self.model.context_window) for j in jobs]
+        try:
+            with self.model.lock:
+                logits = self.stepper.prefill([j.ids for j in jobs])
+        finally:
+            self.rows += new  # on an error the new callers get it too (end())
+        ids = sample_rows(new, logits)
+        self.next_ids = ids if self.next_ids is None else torch.cat([self.next_ids, ids])
+        self._emit(new, len(self.rows) - len(new))
+
+    def step(self):
+        with self.model.lock:
+            logits = self.stepper.decode(self.next_ids)
+        self.next_ids = sample_rows(self.rows, logits)
+        self._emit(self.rows, 0)
+
+    def drop(self, leaving):
+        """Take rows out of the batch (their callers are told apart)."""
+        gone = {id(r) for r in leaving}
+        keep = [i for i, r in enumerate(self.rows) if id(r) not in gone]
+        if len(keep) < len(self.rows):
+            self.stepper.keep(keep)
+            self.rows = [self.rows[i] for i in keep]
+            self.next_ids = self.next_ids[keep] if keep else None
+
+    def end(self, error):
+        """Every row fails with `error`; the batch is empty after."""
+        for row in self.rows:
+            row.fail(error)
+        self.rows, self.next_ids = [], None
+        self.stepper.keep([])
+
+    def _emit(self, rows, offset):
+        """Give each row its sampled token; finished rows leave the batch."""
+        tokens = self.next_ids[offset : offset + len(rows)].tolist()
+        self.drop([r for r, t in zip(rows, tokens) if r.add(t)])
+
+
+def run_to_end(model, jobs, cancel=None):
+    """Decode jobs together until every one has ended (InstructModel.generate); with `cancel` set, the rows still
+    running end with the text they have."""
+    batch = DecodeBatch(model)
+    batch.admit(jobs)
+    while batch.rows:
+        if cancel is not None and cancel.is_set():
+            for row in batch.rows:
+                row.finish("stop")
+            break
+        batch.step()
+    return [j.future.result() for j in jobs]

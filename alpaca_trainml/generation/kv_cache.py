@@ -1,0 +1,105 @@
+"""Key/value cache operations for batched decoding: the static slot cache the Llama step writes in place, and
+merge/select over transformers' DynamicCache for the generic step (left-padded rows)."""
+
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+GROW = 256  # the slot cache grows in steps of this many positions (and doubles), never per token
+
+
+class SlotCache:
+    """One preallocated (rows, kv_heads, positions, head_dim) key and value tensor per layer. Row i holds request i
+    of the batch from position 0: no padding, each row has its own length (`lens`). It grows by reallocation, rarely:
+    positions double, rows grow to what is asked."""
+
+    def __init__(self, layers, kv_heads, head_dim, dtype, device):
+        self.shape = (layers, kv_heads, head_dim)
+        self.dtype, self.device = dtype, device
+        self.keys, self.values = [], []
+        self.lens = []  # tokens held by each row (python ints: read every step without a device sync)
+        self.rows_cap = self.pos_cap = 0
+
+    def __len__(self):
+        return len(self.lens)
+
+    def reserve(self, rows, positions):
+        """Room for `rows` rows of `positions` positions each, keeping what is held."""
+        if rows <= self.rows_cap and positions <= self.pos_cap:
+            return
+        new_rows = max(rows, self.rows_cap)
+        new_pos = self.pos_cap if positions <= self.pos_cap else max(positions, 2 * self.pos_cap, GROW)
+        new_pos = -(-new_pos // GROW) * GROW  # whole GROW steps
+        layers, heads, dim = self.shape
+        n, held = len(self.lens), max(self.lens, default=0)
+
+        def grown(old):
+            t = torch.zeros(new_rows, heads, new_pos, dim, dtype=self.dtype, device=self.device)
+            if old is not None:
+                t[:n, :, :held] = old[:n, :, :held]
+            return t
+
+        self.keys = [grown(self.keys[i] if self.keys else None) for i in range(layers)]
+        self.values = [grown(self.values[i] if self.values else None) for i in range(layers)]
+        self.rows_cap, self.pos_cap = new_rows, new_pos
+
+    def add_row(self, length):
+        """A new last row that will hold `length` tokens (its prefill writes them); its index."""
+        self.reserve(len(self.lens) + 1, length + 1)
+        self.lens.append(length)
+        return len(self.lens) - 1
+
+    def keep(self, rows):
+        """Keep only `rows` (indices, in order), moved to the front."""
+        if list(rows) == list(range(len(rows))):
+            self.lens = self.lens[: len(rows)]
+            return
+        index = torch.tensor(rows, device=self.device, dtype=torch.long)
+        held = max((self.lens[r] for r in rows), default=0)
+        for store in (self.keys, self.values):
+            for t in store:
+                t[: len(rows), :, :held] = t[index, :, :held]  # advanced indexing copies first: safe in place
+        self.lens = [self.lens[r] for r in rows]
+
+
+# --- DynamicCache (transformers' forward on any model): rows are left-padded to a common width -------------
+def _kv(cache):
+    return [(layer.keys, layer.values) for layer in cache.layers]
+
+
+def _cache(kv):
+    cache = DynamicCache()
+    for i, (k, v) in enumerate(kv):
+        cache.update(k, v, i)
+    return cache
+
+
+def merge(cache, mask, new_cache, new_mask):
+    """One batch from two: rows are left-padded to the longer one (keys/values (batch, heads, seq, dim) with zeros,
+    the attention mask (batch, seq) with 0), so that every row's next token goes in the same last column."""
+    width = max(mask.shape[1], new_mask.shape[1])
+
+    def pad(t, n):  # n zero steps left of the seq dimension
+        return F.pad(t, (0, 0, n, 0))
+
+    a, b = width - mask.shape[1], width - new_mask.shape[1]
+    kv = [
+        (torch.cat([pad(k1, a), pad(k2, b)]), torch.cat([pad(v1, a), pad(v2, b)]))
+        for (k1, v1), (k2, v2) in zip(_kv(cache), _kv(new_cache))
+    ]
+    return _cache(kv), torch.cat([F.pad(mask, (a, 0)), F.pad(new_mask, (b, 0))])
+
+
+def select(cache, mask, keep):
+    """The rows `keep` (indices), without the columns on the left that are now padding in every row."""
+    mask = mask[keep]
+    start = int(mask.any(0).nonzero()[0]) if mask.numel() else mask.shape[1]
+    return _cache([(k[keep, :, start:], v[keep, :, start:]) for k, v in _kv(cache)]), mask[:, start:]
+
+
+def left_pad(prompts, pad_id, device):
+    """(ids, mask) of token id lists, left-padded to the longest: every row's next token goes in the same column."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask

@@ -1,0 +1,173 @@
+"""The model step for Llama-architecture checkpoints (SmolLM2, Llama, the tests' tiny Llama): our own forward over
+the model's own weights and a static slot cache, with as few tensor operations per token as we could keep.
+
+Why: a batch-1 decode step reads every weight once, so its floor is the memory bandwidth; what transformers' forward
+adds per token on a CPU (module calls, cache bookkeeping, mask building) costs about as much again as the matmuls at
+135M parameters. Here a layer is 2 norms (F.rms_norm: the same numbers as transformers' module), 7 matmuls, one
+rotary embedding for queries and keys together (transformers' formula), an in-place cache write and a 4-operation
+attention. Greedy tokens are tested equal to transformers' generate() (tests/test_llama_step.py).
+"""
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.models.llama.modeling_llama import LlamaForCausalLM, rotate_half
+
+from alpaca_trainml.generation.kv_cache import SlotCache
+
+FAST_ENV = "ALPACA_FAST_DECODE"  # "0": every model takes transformers' forward (the generic step)
+
+
+def supports(model):
+    """True for a plain transformers Llama (not wrapped by PEFT or a quantizer) this forward reproduces exactly."""
+    if os.environ.get(FAST_ENV, "1") == "0" or type(model) is not LlamaForCausalLM:
+        return False
+    c = model.config
+    plain = getattr(model, "hf_quantizer", None) is None and all(
+        type(m) is nn.Linear for layer in model.model.layers for m in (*_attn(layer), *_mlp(layer))
+    )
+    return (
+        plain
+        and not getattr(c, "attention_bias", False)
+        and not getattr(c, "mlp_bias", False)
+        and getattr(c, "hidden_act", "silu") == "silu"
+        and getattr(c, "pretraining_tp", 1) == 1
+    )
+
+
+def _attn(layer):
+    a = layer.self_attn
+    return a.q_proj, a.k_proj, a.v_proj, a.o_proj
+
+
+def _mlp(layer):
+    m = layer.mlp
+    return m.gate_proj, m.up_proj, m.down_proj
+
+
+class LlamaStep:
+    """prefill(prompts) appends rows and returns their next-token logits; decode(ids) feeds every row one token."""
+
+    def __init__(self, model):
+        c = model.config
+        self.model = model
+        self.heads, self.kv_heads = c.num_attention_heads, c.num_key_value_heads
+        self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        self.scale = self.head_dim**-0.5
+        self.layers = [
+            (lyr.input_layernorm.weight, *(m.weight for m in _attn(lyr)), lyr.post_attention_layernorm.weight)
+            + tuple(m.weight for m in _mlp(lyr))
+            for lyr in model.model.layers
+        ]
+        self.embed, self.norm, self.rotary = (
+            model.model.embed_tokens.weight,
+            model.model.norm.weight,
+            model.model.rotary_emb,
+        )
+        self.eps = c.rms_norm_eps
+        self.lm_head = model.lm_head.weight
+        self.cache = SlotCache(len(self.layers), self.kv_heads, self.head_dim, self.embed.dtype, self.embed.device)
+
+    def __len__(self):
+        return len(self.cache)
+
+    @torch.inference_mode()
+    def keep(self, rows):
+        self.cache.keep(rows)
+
+    @torch.inference_mode()
+    def prefill(self, prompts):
+        """Each prompt alone (batch 1, no padding, causal attention over itself) into a new row; (n, vocab)."""
+        logits = []
+        for ids in prompts:
+            row = self.cache.add_row(len(ids))
+            x = torch.tensor([ids], device=self.embed.device)
+            positions = torch.arange(len(ids), device=x.device)[None]
+            logits.append(self._forward(x, positions, lambda i, k, v, row=row: self._prefill_attn(i, row, k, v)))
+        return torch.cat(logits)
+
+    @torch.inference_mode()
+    def decode(self, ids):
+        """ids: (rows,) the token each row takes next; (rows, vocab) logits for the one after."""
+        lens = self.cache.lens
+        self.cache.reserve(len(lens), max(lens) + 1)
+        pos = torch.tensor(lens, device=ids.device)
+        width = max(lens) + 1
+        mask = None
+        if min(lens) != max(lens):  # rows of different lengths: each attends to its own positions only
+            dtype = self.embed.dtype
+            mask = torch.arange(width, device=ids.device)[None, :] <= pos[:, None]
+            mask = torch.zeros(mask.shape, dtype=dtype, device=ids.device).masked_fill(~mask, float("-inf"))
+            mask = mask[:, None, None, :]
+        if len(lens) == 1:  # a plain slice write: cheaper than index_put
+            at = lens[0]
+
+            def write(store, t):
+                store[0, :, at] = t[0, :, 0]
+        else:
+            rows = torch.arange(len(lens), device=ids.device)
+
+            def write(store, t):
+                store[rows, :, pos] = t[:, :, 0]
+
+        def attention(i, k, v):
+            return self._decode_attn(i, k, v, write, width, mask)
+
+        logits = self._forward(ids[:, None], pos[:, None], attention)
+        self.cache.lens = [n + 1 for n in lens]
+        return logits
+
+    def _prefill_attn(self, i, row, k, v):
+        def attend(q):
+            n = k.shape[2]
+            self.cache.keys[i][row, :, :n] = k[0]
+            self.cache.values[i][row, :, :n] = v[0]
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
+
+        return attend
+
+    def _decode_attn(self, i, k, v, write, width, mask):
+        keys, values = self.cache.keys[i], self.cache.values[i]
+        write(keys, k)
+        write(values, v)
+        n = k.shape[0]
+        keys, values = keys[:n, :, :width], values[:n, :, :width]
+
+        def attend(q):  # q (rows, heads, 1, dim): each kv head serves `group` query heads, as repeat_kv pairs them
+            q = q.view(n, self.kv_heads, self.heads // self.kv_heads, self.head_dim)
+            scores = torch.matmul(q, keys.transpose(-1, -2)) * self.scale  # (rows, kv_heads, group, width)
+            if mask is not None:
+                scores = scores + mask
+            probs = scores.softmax(-1, dtype=torch.float32).to(q.dtype)
+            return torch.matmul(probs, values).view(n, self.heads, 1, self.head_dim)
+
+        return attend
+
+    def _forward(self, x, positions, attention):
+        """x (batch, seq) ids -> (batch, vocab) logits of the last position; attention(i, k, v) -> attend(q)."""
+        b, s = x.shape
+        h = F.embedding(x, self.embed)
+        cos, sin = (t[:, None] for t in self.rotary(h, positions))  # (batch, 1, seq, dim)
+        for i, (ln1, wq, wk, wv, wo, ln2, wg, wu, wd) in enumerate(self.layers):
+            y = self._norm(h, ln1)
+            q = F.linear(y, wq).view(b, s, -1, self.head_dim)
+            k = F.linear(y, wk).view(b, s, -1, self.head_dim)
+            v = F.linear(y, wv).view(b, s, -1, self.head_dim).transpose(1, 2)
+            # queries and keys rotate together: one rotary embedding, not two (the same arithmetic per head)
+            qk = torch.cat([q, k], 2).transpose(1, 2)
+            qk = qk * cos + rotate_half(qk) * sin
+            q, k = qk[:, : self.heads], qk[:, self.heads :]
+            o = attention(i, k, v)(q)  # (batch, heads, seq, dim)
+            h = h + F.linear(o.transpose(1, 2).reshape(b, s, -1), wo)
+            y = self._norm(h, ln2)
+            h = h + F.linear(F.silu(F.linear(y, wg)) * F.linear(y, wu), wd)
+        return F.linear(self._norm(h[:, -1], self.norm), self.lm_head)
+
+    def _norm(self, h, weight):
+        """transformers' LlamaRMSNorm in 2 operations instead of 7 (fp32 math, then the weight in the model's dtype);
+        the same numbers, bit for bit (tests/test_llama_step.py)."""
+        if h.dtype == torch.float32:
+            return F.rms_norm(h, (h.shape[-1],), None, self.eps) * weight
+        return F.rms_norm(h.float(), (h.shape[-1],), None, self.eps).to(h.dtype) * weight

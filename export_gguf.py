@@ -1,0 +1,38 @@
+"""Turn a checkpoint into one GGUF file for llama.cpp and Ollama: the weights, the tokenizer and our Alpaca chat
+template. A LoRA adapter folder is merged onto its base first.
+
+    python export_gguf.py out/demo out/demo-f32.gguf
+    python export_gguf.py out/demo-lora out/demo-lora-q8_0.gguf --outtype q8_0
+    python export_gguf.py embedded:smollm2-135m smollm2-f16.gguf --outtype f16
+
+Covers the Llama architecture (SmolLM2, Llama 2/3 without rope scaling, TinyLlama); see README "Run it with
+llama.cpp / Ollama".
+"""
+
+import argparse
+import logging
+
+from alpaca_trainml import cli
+from alpaca_trainml.export.gguf import OUTTYPES, export
+from alpaca_trainml.models import resolve_model_path
+
+
+def main(args):
+    with cli.user_errors():
+        checkpoint = resolve_model_path(args.checkpoint)
+    out = export(checkpoint, args.out, args.outtype, args.base_model)
+    print(f"wrote {out} ({args.outtype})")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", help="a folder train.py saved (full or LoRA adapter), or embedded:smollm2-135m")
+    p.add_argument("out", help="the .gguf file to write")
+    p.add_argument("--outtype", default="f32", choices=list(OUTTYPES), help="weight type (default f32)")
+    p.add_argument("--base_model", default=None, help="the base of a LoRA adapter (default: its own record)")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    cli.run("export_gguf.py", main, parse_args())

@@ -1,0 +1,87 @@
+"""The decoder core's model steps and cache: our Llama forward (llama_step.py) against transformers' own generate(),
+token for token, alone and in a batch of rows of different lengths; the static slot cache; the generic step."""
+
+import pytest
+import torch
+import transformers
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+from alpaca_trainml.generation import llama_step
+from alpaca_trainml.generation.batch import DecodeBatch
+from alpaca_trainml.generation.hf_step import HFStep
+from alpaca_trainml.generation.kv_cache import SlotCache
+from alpaca_trainml.generation.llama_step import LlamaStep
+from inference import GenParams, InstructModel
+
+PROMPTS = [
+    "Name the main subject.",
+    "Summarize the text. The river paints three apples and a long letter about the weather report.",
+    "Count the words.",
+    "Give a one-word title for a quiet village that remembers every number below ten.",
+    "Why?",
+]
+GREEDY = GenParams(max_tokens=32, temperature=0)  # 32 tokens on 5 prompts, as the GGUF round trip checks
+
+
+@pytest.fixture(scope="module")
+def model(tiny_llama_dir):
+    return InstructModel(str(tiny_llama_dir))
+
+
+def reference(model, ids, n):
+    """transformers' own greedy generate() on one prompt: the new tokens, cut after the first end-of-text."""
+    with torch.inference_mode():
+        out = model.model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False, pad_token_id=model.pad_id)
+    new = out[0, len(ids) :].tolist()
+    ends = [i for i, t in enumerate(new) if t in model.eos_ids]
+    return new[: ends[0] + 1] if ends else new
+
+
+def test_the_tiny_llama_takes_the_llama_step(model, monkeypatch):
+    assert isinstance(DecodeBatch(model).stepper, LlamaStep)
+    monkeypatch.setenv(llama_step.FAST_ENV, "0")  # the switch the benchmark uses for the "before" row
+    assert isinstance(DecodeBatch(model).stepper, HFStep)
+
+
+def test_a_wrapped_or_other_model_takes_the_generic_step(model, tiny_llama_dir):
+    peft = pytest.importorskip("peft")
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    wrapped = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert not llama_step.supports(wrapped) and not llama_step.supports(wrapped.base_model.model)  # LoRA layers
+
+
+@pytest.mark.parametrize("fast", ["1", "0"])
+def test_greedy_tokens_equal_transformers_alone_and_batched(model, monkeypatch, fast):
+    monkeypatch.setenv(llama_step.FAST_ENV, fast)
+    prompts = [model.encode(p) for p in PROMPTS]
+    expected = [reference(model, ids, GREEDY.max_tokens) for ids in prompts]
+    alone = [model.generate([ids], GREEDY)[0] for ids in prompts]
+    batched = model.generate(prompts, GREEDY)  # rows of different lengths in one batch, ending at different steps
+    for want, one, many in zip(expected, alone, batched):
+        text = model.decode([t for t in want if t not in model.eos_ids])
+        assert (one.text, one.completion_tokens) == (text, len(want))
+        assert (many.text, many.completion_tokens) == (text, len(want))
+
+
+def test_rms_norm_in_two_operations_is_transformers_bit_for_bit():
+    torch.manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        norm = LlamaRMSNorm(48, eps=1e-5).to(dtype)
+        norm.weight.data = torch.randn(48).to(dtype)
+        x = (torch.randn(3, 5, 48) * 4).to(dtype)
+        step = LlamaStep.__new__(LlamaStep)
+        step.eps = 1e-5
+        assert torch.equal(step._norm(x, norm.weight), norm(x))
+
+
+def test_slot_cache_grows_and_keeps_rows_in_order():
+    cache = SlotCache(layers=1, kv_heads=1, head_dim=2, dtype=torch.float32, device="cpu")
+    for n in (3, 5, 2):
+        row = cache.add_row(n)
+        cache.keys[0][row, :, :n] = row + 1  # each row's keys hold its number
+    assert cache.lens == [3, 5, 2] and cache.rows_cap >= 3 and cache.pos_cap == 256  # one GROW step
+    cache.reserve(3, 300)  # past the first step: positions double to 512, what is held stays
+    assert cache.pos_cap == 512 and cache.keys[0][1, 0, :5].eq(2).all()
+    cache.keep([2, 0])
+    assert cache.lens == [2, 3]
+    assert cache.keys[0][0, 0, :2].eq(3).all() and cache.keys[0][1, 0, :3].eq(1).all()
