@@ -51,6 +51,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--work_dir", default=None, help="keep the runs here (default: a temporary folder)")
     p.add_argument("--peers_python", default=str(PEERS_PYTHON))
+    p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both sides (default: inherited)")
     p.add_argument("--resume", action="store_true", help="with --work_dir: keep the runs an earlier call finished")
     p.add_argument("--worker_out", default=None, help=argparse.SUPPRESS)  # internal: run ours' side only, here
     return p.parse_args(argv)
@@ -65,11 +66,11 @@ def native_bf16():
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def run_measured(cmd, log_path):
+def run_measured(cmd, log_path, env=None):
     """Run cmd; (seconds, peak RSS in GiB of that process alone, from wait4's rusage). Output goes to log_path."""
     start = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
     seconds = time.perf_counter() - start
     if os.waitstatus_to_exitcode(status) != 0:
@@ -244,7 +245,7 @@ def run_side(args, work, side, config, dtype):
         cmd += ["--mode", side.removeprefix("trl-"), "--config", config] + (["--bf16"] if dtype == "bf16" else [])
     if (out / "measured.json").exists() and args.resume:  # a finished run of an interrupted benchmark
         return json.loads((out / "measured.json").read_text())
-    seconds, rss = run_measured(cmd, out / "log.txt")
+    seconds, rss = run_measured(cmd, out / "log.txt", threads_env(args.threads))
     result = json.loads((out / "result.json").read_text())
     job = json.loads((work / "job.json").read_text())
     result.update(process_s=seconds, peak_rss_gib=rss)
@@ -252,6 +253,11 @@ def run_side(args, work, side, config, dtype):
     result["per_step"] = supervised_per_step(result["micro_batch_supervised"], job["grad_accum"])
     (out / "measured.json").write_text(json.dumps(result))
     return result
+
+
+def threads_env(threads):
+    """The environment for a run: with --threads, both sides use that many intra-op threads."""
+    return None if threads is None else dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
 
 
 def leak_report(args, work):
