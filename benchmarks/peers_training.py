@@ -307,7 +307,9 @@ def main(argv=None):
         print(f"{len(rows)} train rows, {args.eval_rows} held out, from {args.data_path}; TRL gets train.py's tokens")
         print(f"  rows where TRL's own text tokenization would label differently: {prefix_mismatches(rows, tokenizer)}")
         leak = leak_report(args, work)
-        exact = {m for m in args.trl_modes.split(",") if m == "padded" or max(leak["max_logit_diff"].values()) < 1e-3}
+        # SFTTrainer trains with use_cache=False: that is the case that decides whether its padding-free mode is exact
+        training = [v for k, v in leak["max_logit_diff"].items() if k.endswith("use_cache=False")]
+        exact = {m for m in args.trl_modes.split(",") if m == "padded" or max(training) < 1e-3}
         print(
             f"TRL {leak['trl']}, transformers {leak['transformers']} (.venv-peers); padding-free batch vs alone, "
             f"max |logit diff|: {leak['max_logit_diff']} -> exact TRL modes: {sorted(exact)}"

@@ -51,7 +51,9 @@ def load_model(job, config):
 
 def leak_check(work, out):
     """Does TRL's padding-free batch (position_ids restart per example, no attention mask) keep examples apart under
-    sdpa and eager attention on CPU? Compare each example's loss packed with its loss alone."""
+    sdpa and eager attention on CPU? Each example's logits packed against alone, with the KV cache on (a plain
+    forward's default) and off (as SFTTrainer trains: its compute_loss passes use_cache=False). Without a cache,
+    transformers finds the packed sequences in position_ids and builds a block-diagonal mask; with one it does not."""
     import torch
     import transformers
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
@@ -60,18 +62,17 @@ def leak_check(work, out):
     examples = load_examples(work)[:3]
     collate = DataCollatorForLanguageModeling(pad_token_id=job["pad_token_id"], padding_free=True)
     packed = collate([dict(input_ids=e["input_ids"], labels=e["labels"]) for e in examples])
+    inputs = {k: v for k, v in packed.items() if k != "labels"}
+    model = transformers.AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32).eval()
     report = {}
     for impl in ("sdpa", "eager"):
-        model = transformers.AutoModelForCausalLM.from_pretrained(job["model"], dtype=torch.float32).eval()
         model.set_attn_implementation(impl)
         with torch.no_grad():
-            logits = model(**{k: v for k, v in packed.items() if k != "labels"}).logits[0]
-            worst, start = 0.0, 0
-            for e in examples:
-                alone = model(torch.tensor([e["input_ids"]])).logits[0]
-                worst = max(worst, float((logits[start : start + len(e["input_ids"])] - alone).abs().max()))
-                start += len(e["input_ids"])
-        report[impl] = worst
+            alone = [model(torch.tensor([e["input_ids"]]), use_cache=False).logits[0] for e in examples]
+            for cache in (True, False):
+                logits = model(**inputs, use_cache=cache).logits[0].split([len(e["input_ids"]) for e in examples])
+                key = f"{impl}, use_cache={cache}"
+                report[key] = max(float((p - a).abs().max()) for p, a in zip(logits, alone))
     versions = dict(transformers=transformers.__version__, trl=__import__("trl").__version__)
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / "leak.json").write_text(json.dumps(dict(max_logit_diff=report, **versions)))

@@ -53,18 +53,20 @@ def test_trl_and_train_py_train_the_same_tokens_to_the_same_loss(tiny_model_with
         *("--configs", "full,lora", "--dtypes", "fp32", "--work_dir", tmp_path / "work"),
     )
     text = "\n".join(lines)
-    # TRL's padding-free batch has no attention mask: under sdpa/eager its examples see each other (issue 22)
-    leak = re.search(r"max \|logit diff\|: \{'sdpa': ([\d.e-]+), 'eager': ([\d.e-]+)\}", text)
-    assert leak and float(leak.group(1)) > 1e-3 and float(leak.group(2)) > 1e-3, text
-    assert "exact TRL modes: ['padded']" in text
+    # TRL's padding-free batch has no attention mask: with the KV cache on (a plain forward) its examples see each
+    # other; without it (as SFTTrainer trains) transformers builds a block-diagonal mask from position_ids
+    diffs = {k: float(v) for k, v in re.findall(r"'(\w+, use_cache=\w+)': ([\d.e-]+)", text)}
+    assert len(diffs) == 4, text
+    assert all((v > 1e-3) == k.endswith("use_cache=True") for k, v in diffs.items()), diffs
+    assert "exact TRL modes: ['padded', 'padding_free']" in text
     for config in ("full-fp32", "lora-fp32"):
         block = text.split(f"\n{config}:")[1]
         assert "supervised tokens per step: trl-padded equal" in block
         assert "supervised tokens per step: trl-padding_free equal" in block
         # the same tokens, the same steps, both exact: the held-out losses agree far inside the 1% the issue asks
-        loss = float(re.search(r"ours / trl-padded: .* eval loss ([+-][\d.]+)%", block).group(1))
+        loss = float(re.search(r"ours / trl-[\w_]+: .* eval loss ([+-][\d.]+)%", block).group(1))
         assert abs(loss) < 0.1, block
-    assert re.fullmatch(r"peers_training: ours/TRL tokens/s full-fp32 [\d.]+ \(.*\) lora-fp32 [\d.]+ \(.*\)", lines[-1])
+    assert re.fullmatch(r"peers_training: ours/TRL tokens/s full-fp32 [\d.]+ lora-fp32 [\d.]+", lines[-1])
 
 
 @pytest.mark.slow
