@@ -166,6 +166,7 @@ def test_unmatched_rows_and_cli_mistakes_get_one_message_each(tmp_path):
     write(tmp_path / "twice.json", [{"instruction": "Say hi."}, {"instruction": "Say hi.", "input": ""}])
     generate_cases = {  # all found before the model loads
         "--instructions rows 0 and 1 are the same task": ["--instructions", tmp_path / "twice.json"],
+        "--eval_set rows 0 and 1 are the same task": ["--eval_set", tmp_path / "twice.json"],
         f"--instructions {tmp_path / 'nope.json'}: no such file": ["--instructions", tmp_path / "nope.json"],
         "--batch_size 0: expected an integer of at least 1": ["--instructions", model, "--batch_size", "0"],
         "unknown flag --max_new_tokens (did you mean --max_tokens?)": ["--max_new_tokens", "5"],
@@ -235,32 +236,84 @@ def test_kill_9_then_rerun_resumes_without_asking_again(free_port, tmp_path):
 # ---------------------------------------------------------------------------------------------
 # generate, with the tiny Llama
 def test_generate_writes_model_outputs_and_resumes(tiny_llama_dir, tmp_path, monkeypatch):
-    from inference import InstructModel
+    from alpaca_trainml.generation.engine import Engine
 
     rows = [{"instruction": f"Count the words in sentence {i}.", "input": "a b c" if i % 2 else ""} for i in range(5)]
-    instructions = write(tmp_path / "eval.json", rows)
+    eval_set = write(tmp_path / "eval.json", rows)
     out = tmp_path / "outputs.json"
-    calls = []
-    real_generate = InstructModel.generate
+    submitted = []
+    real_submit = Engine.submit
 
-    def counting_generate(self, prompts, params, **kw):
-        calls.append(len(prompts))
-        return real_generate(self, prompts, params, **kw)
+    def counting_submit(self, job):
+        submitted.append(job)
+        return real_submit(self, job)
 
-    monkeypatch.setattr(InstructModel, "generate", counting_generate)
-    evaluate.generate(instructions, out, model_name_or_path=str(tiny_llama_dir), max_tokens=4, batch_size=2)
+    monkeypatch.setattr(Engine, "submit", counting_submit)
+    evaluate.generate(eval_set=eval_set, output=out, model_name_or_path=str(tiny_llama_dir), max_tokens=4, batch_size=2)
     first = json.loads(out.read_text())
-    assert calls == [2, 2, 1]  # 5 rows in batches of 2
-    assert [(r["instruction"], r["input"]) for r in first] == [(r["instruction"], r["input"]) for r in rows]
-    assert all(set(r) == {"instruction", "input", "output", "generator"} for r in first)
+    assert len(submitted) == 5  # every row through the serving engine
+    assert [(r["instruction"], r.get("input", "")) for r in first] == [(r["instruction"], r["input"]) for r in rows]
+    # AlpacaEval's model_outputs fields; input only where there is one (AlpacaEval has no input field)
+    assert [set(r) for r in first] == [
+        {"instruction", "output", "generator"} | ({"input"} if i % 2 else set()) for i in range(5)
+    ]
     assert {r["generator"] for r in first} == {tiny_llama_dir.name}  # the model folder's name
     write(out, first[:3])  # as if killed after 3 rows
-    calls.clear()
-    evaluate.generate(instructions, out, model_name_or_path=str(tiny_llama_dir), max_tokens=4, batch_size=2)
+    submitted.clear()
+    evaluate.generate(instructions=eval_set, output=out, model_name_or_path=str(tiny_llama_dir), max_tokens=4)
     again = json.loads(out.read_text())
-    assert calls == [2] and again[:3] == first[:3] and len(again) == 5  # only the 2 missing rows were generated
+    assert len(submitted) == 2 and again[:3] == first[:3] and len(again) == 5  # only the 2 missing rows were generated
+    assert again == first  # greedy: the engine's answers do not depend on which rows share a batch
     with pytest.raises(ValueError, match="not other's answers"):
-        evaluate.generate(instructions, out, model_name_or_path=str(tiny_llama_dir), generator="other")
+        evaluate.generate(eval_set, out, model_name_or_path=str(tiny_llama_dir), generator="other")
+
+
+def test_generate_reads_alpaca_eval_set_and_writes_its_reference(tiny_llama_dir, tmp_path):
+    """AlpacaEval's alpaca_eval.json shape (instruction, output, generator, dataset): our own two rows, not its data."""
+    rows = [
+        dict(instruction="Name a colour.", output="Blue.", generator="gpt4_turbo", dataset="helpful_base"),
+        dict(instruction="Add 2 and 3.", output="5", generator="gpt4_turbo", dataset="vicuna"),
+    ]
+    out, reference = tmp_path / "model_outputs.json", tmp_path / "reference_outputs.json"
+    evaluate.generate(
+        eval_set=write(tmp_path / "alpaca_eval.json", rows),
+        output=out,
+        reference_output=reference,
+        model_name_or_path=str(tiny_llama_dir),
+        generator="tiny",
+        max_tokens=3,
+    )
+    answers = json.loads(out.read_text())
+    assert [(r["instruction"], r["generator"], r["dataset"]) for r in answers] == [
+        ("Name a colour.", "tiny", "helpful_base"),
+        ("Add 2 and 3.", "tiny", "vicuna"),
+    ]
+    assert json.loads(reference.read_text()) == rows  # the eval set's answers, as AlpacaEval's reference_outputs
+
+
+def test_winrate_scores_alpaca_eval_annotations(tmp_path, capsys):
+    """alpaca_eval's annotations.json fields (preference 2 = output_2 won, 0 = draw, null = no verdict)."""
+    rows = [
+        dict(
+            instruction=f"t{i}",
+            output_1="ref",
+            generator_1="gpt4",
+            output_2="m" * (i + 1),
+            generator_2="mine",
+            annotator="my_judge",
+            preference=p,
+            raw_completion="x",
+        )
+        for i, p in enumerate([2.0, 1.0, 2.0, 0, None, 1.5])
+    ]
+    evaluate.winrate(write(tmp_path / "annotations.json", rows), tmp_path / "out")
+    # judged: 2, 1, 2, draw, draw -> (1 + 0 + 1 + .5 + .5) / 5 = 60%; the null is a failed pair
+    assert re.match(r"win_rate: 60\.0% .*, 6 pairs, 1 failed$", capsys.readouterr().out.strip())
+    assert "| 2 | 1 | 2 | 1 |" in (tmp_path / "out" / "leaderboard.md").read_text()  # wins, losses, draws, failed
+    assert "mine against gpt4" in (tmp_path / "out" / "leaderboard.md").read_text()
+    bad = write(tmp_path / "bad.json", [dict(rows[0], preference=3)])
+    with pytest.raises(ValueError, match="row 0: preference 3"):
+        evaluate.winrate(bad, tmp_path / "out2")
 
 
 def test_judge_through_serve_py(tmp_path, spm_tokenizer_dir):

@@ -18,7 +18,7 @@ from alpaca_trainml.data.special_tokens import (
     missing_special_tokens,
     smart_tokenizer_and_embedding_resize,
 )
-from alpaca_trainml.training import lora
+from alpaca_trainml.training import lora, loss
 from alpaca_trainml.training.arguments import parse_args
 from alpaca_trainml.training.launch import (
     CpuFsdpMixin,
@@ -37,6 +37,15 @@ class SupervisedTrainer(CpuFsdpMixin, transformers.Trainer):
     def __init__(self, *args, eval_data_collator=None, **kwargs):
         super().__init__(*args, **kwargs)
         self.eval_data_collator = eval_data_collator
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        # one process, a plain model, the default loss: the LM head and softmax on supervised positions only
+        # (training/loss.py; the same loss and gradients). Wrapped models, several ranks, eval: the Trainer's way.
+        if return_outputs or self.accelerator.num_processes > 1 or not loss.applies(model):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if self.label_smoother is not None or self.compute_loss_func is not None:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        return loss.supervised_loss(model, inputs, num_items_in_batch)
 
     def get_eval_dataloader(self, eval_dataset=None):
         if self.eval_data_collator is None:
