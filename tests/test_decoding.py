@@ -51,16 +51,6 @@ def test_cut_at_stop_and_the_hold_back_of_a_possible_stop():
     assert decoding.stop_holdback("answer", ("STOP",)) == 0 and decoding.stop_holdback("x", ()) == 0
 
 
-def test_the_streamer_never_sends_a_stop_string_or_text_that_may_become_one():
-    sent = []
-    streamer = decoding.TextStreamer(chars, ("STOP",), sent.append)
-    streamer.put(ids("prompt"))  # generate() hands over the prompt first: skipped
-    for piece in ("Hi ", "S", "T", "x ", "ST", "OP", " never"):
-        streamer.put(ids(piece))
-    assert "".join(sent) == "Hi STx " and sent[:2] == ["Hi ", "STx "]  # "S" and "T" waited for the "x"
-    assert streamer.stopped
-
-
 def test_stop_criteria_ends_rows_at_a_stop_string_and_all_rows_when_cancelled():
     cancel = threading.Event()
     criteria = decoding.StopCriteria(chars, 2, ("END",), cancel)

@@ -23,6 +23,13 @@ TESTED_WITH_THEIR_SCRIPT = {
     "data/preference.py": "test_train_dpo.py",
     "training/dpo.py": "test_train_dpo.py",
     "training/dpo_arguments.py": "test_train_dpo.py",
+    "evaluation/annotating.py": "test_evaluate.py",
+    "evaluation/answering.py": "test_evaluate.py",
+    "evaluation/report.py": "test_evaluate.py",
+    "export/gguf.py": "test_export_gguf.py",
+    "export/gguf_vocab.py": "test_export_gguf.py",
+    "generation/hf_step.py": "test_llama_step.py",  # both model steps against transformers' generate()
+    "generation/kv_cache.py": "test_llama_step.py",
 }
 
 
