@@ -45,7 +45,8 @@ class SupervisedTrainer(CpuFsdpMixin, transformers.Trainer):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if self.label_smoother is not None or self.compute_loss_func is not None:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-        return loss.supervised_loss(model, inputs, num_items_in_batch)
+        with self.accelerator.autocast():  # --bf16/--fp16: it calls the decoder past the forward accelerate wrapped
+            return loss.supervised_loss(model, inputs, num_items_in_batch)
 
     def get_eval_dataloader(self, eval_dataset=None):
         if self.eval_data_collator is None:
