@@ -55,6 +55,13 @@ def preprocess_by_construction(sources, targets, tokenizer) -> Dict:
 MAX_REPORTED_PROBLEMS = 20
 
 
+def problem_report(path, problems):
+    """One line per problem (the first MAX_REPORTED_PROBLEMS), under a line naming the file and the count."""
+    shown = problems[:MAX_REPORTED_PROBLEMS]
+    more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+    return f"{path}: {len(problems)} problem(s) in the data:\n  " + "\n  ".join(shown) + more
+
+
 def validate_rows(rows, path):
     """The file's shape (formats.py); ValueError listing every malformed row (up to a cap): file, row, field, and
     what was found."""
@@ -66,9 +73,7 @@ def validate_rows(rows, path):
         raise ValueError(f"{path}: the file holds no rows")
     shape, problems = formats.row_problems(rows, path)
     if problems:
-        shown = problems[:MAX_REPORTED_PROBLEMS]
-        more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
-        raise ValueError(f"{path}: {len(problems)} problem(s) in the data:\n  " + "\n  ".join(shown) + more)
+        raise ValueError(problem_report(path, problems))
     return shape
 
 

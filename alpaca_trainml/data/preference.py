@@ -17,7 +17,7 @@ DPOTrainer appends EOS, as train.py does to an output.
 import logging
 
 from alpaca_trainml import jsonio
-from alpaca_trainml.data.dataset import MAX_REPORTED_PROBLEMS
+from alpaca_trainml.data.dataset import problem_report
 from alpaca_trainml.data.formats import MESSAGE_ROLES as CHAT_ROLES
 from alpaca_trainml.data.formats import SHAREGPT_ROLES, to_messages
 
@@ -156,9 +156,7 @@ def validate_pairs(rows, path):
         problems += [f"row {i}: {p}" for p in found]
         pairs.append(pair)
     if problems:
-        shown = problems[:MAX_REPORTED_PROBLEMS]
-        more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
-        raise ValueError(f"{path}: {len(problems)} problem(s) in the data:\n  " + "\n  ".join(shown) + more)
+        raise ValueError(problem_report(path, problems))
     return pairs
 
 
