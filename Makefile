@@ -26,11 +26,11 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 PEERS := .venv-peers
 peers: $(PEERS)/.installed
 
-$(PEERS)/.installed: requirements-peers.txt
+$(PEERS)/.installed: peers/requirements.txt
 	test -x $(PEERS)/bin/python || $(PYTHON) -m venv $(PEERS)
 	$(PEERS)/bin/python -m pip install -q --upgrade pip
 	$(PEERS)/bin/python -m pip install -q "$(TORCH_SPEC)"
-	$(PEERS)/bin/python -m pip install -q -r requirements-peers.txt
+	$(PEERS)/bin/python -m pip install -q -r peers/requirements.txt
 	touch $@
 
 # Fine-tune the embedded SmolLM2-135M on the project's sample data, on CPU (under 5 minutes on 2 cores here).

