@@ -3,6 +3,7 @@ token for token, alone and in a batch of rows of different lengths; the static s
 
 import pytest
 import torch
+import torch.nn.functional as F
 import transformers
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -72,6 +73,20 @@ def test_rms_norm_in_two_operations_is_transformers_bit_for_bit():
         step = LlamaStep.__new__(LlamaStep)
         step.eps = 1e-5
         assert torch.equal(step._norm(x, norm.weight), norm(x))
+
+
+@pytest.mark.parametrize("threads", [2, 3, 4])
+def test_split_weight_is_f_linear_bit_for_bit(monkeypatch, threads):
+    monkeypatch.setattr(torch, "get_num_threads", lambda: threads)
+    torch.manual_seed(0)
+    w = torch.randn(96, 40)
+    weight = llama_step.Weight(w)
+    assert weight.blocks is not None and weight.blocks.data_ptr() == w.data_ptr()  # split, and a view: no copy
+    for shape in [(40,), (1, 1, 40), (3, 1, 40), (2, 8, 40), (1, 17, 40)]:  # 17 rows: past SPLIT_MAX_ROWS
+        x = torch.randn(shape)
+        assert torch.equal(weight(x), F.linear(x, w)), shape
+    assert llama_step.Weight(torch.randn(97, 40)).blocks is None  # rows that do not split evenly: F.linear
+    assert llama_step.Weight(w.bfloat16()).blocks is None
 
 
 def test_slot_cache_grows_and_keeps_rows_in_order():
