@@ -89,6 +89,22 @@ def test_split_weight_is_f_linear_bit_for_bit(monkeypatch, threads):
     assert llama_step.Weight(w.bfloat16()).blocks is None
 
 
+def test_fused_projections_are_views_made_once(tiny_llama_dir):
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    attn = model.model.layers[0].self_attn
+    before = [m.weight.detach().clone() for m in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    ids = torch.tensor([[3, 4, 5, 6]])
+    with torch.no_grad():
+        logits = model(ids).logits
+    LlamaStep(model)
+    fused = llama_step._fused([attn.q_proj, attn.k_proj, attn.v_proj])
+    assert fused.data_ptr() == attn.q_proj.weight.data_ptr()  # the model's own weights now live in the fused tensor
+    assert torch.equal(fused, torch.cat(before))
+    assert llama_step._fused([attn.q_proj, attn.k_proj, attn.v_proj]) is fused  # a second step: no second copy
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, logits)  # transformers' forward reads the same numbers
+
+
 def test_slot_cache_grows_and_keeps_rows_in_order():
     cache = SlotCache(layers=1, kv_heads=1, head_dim=2, dtype=torch.float32, device="cpu")
     for n in (3, 5, 2):

@@ -10,6 +10,7 @@ transformers' generate() (tests/test_llama_step.py).
 """
 
 import os
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from transformers.models.llama.modeling_llama import LlamaForCausalLM, rotate_ha
 from alpaca_trainml.generation.kv_cache import SlotCache
 
 FAST_ENV = "ALPACA_FAST_DECODE"  # "0": every model takes transformers' forward (the generic step)
+_FUSED = weakref.WeakKeyDictionary()  # first module of a fused group -> (fused weight, its members' data pointers)
 SPLIT_MAX_ROWS = 16  # decode steps of up to this many rows take the split matmul (Weight); prefill takes F.linear
 
 
@@ -75,6 +77,23 @@ class Weight:
         return y.view(*x.shape[:-1], -1) if rows == 1 else y.transpose(0, 1).reshape(*x.shape[:-1], -1)
 
 
+def _fused(modules):
+    """One weight for the linear layers that read the same input (q, k, v; gate, up): their rows stacked, and each
+    layer's weight made a view of its rows (no second copy in memory; the model's own forward reads the same numbers).
+    Made once per model: later calls find the views still in place and return the same tensor."""
+    weights = [m.weight.data for m in modules]
+    made = _FUSED.get(modules[0])
+    if made is not None and [w.data_ptr() for w in weights] == made[1]:
+        return made[0]
+    fused = torch.cat(weights)
+    start = 0
+    for m, w in zip(modules, weights):
+        m.weight.data = fused[start : start + w.shape[0]]
+        start += w.shape[0]
+    _FUSED[modules[0]] = fused, [m.weight.data_ptr() for m in modules]
+    return fused
+
+
 class LlamaStep:
     """prefill(prompts) appends rows and returns their next-token logits; decode(ids) feeds every row one token."""
 
@@ -85,10 +104,11 @@ class LlamaStep:
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.scale = self.head_dim**-0.5
         self.layers = [
-            (lyr.input_layernorm.weight, *(Weight(m.weight) for m in _attn(lyr)), lyr.post_attention_layernorm.weight)
-            + tuple(Weight(m.weight) for m in _mlp(lyr))
+            (lyr.input_layernorm.weight, Weight(_fused(_attn(lyr)[:3])), Weight(lyr.self_attn.o_proj.weight))
+            + (lyr.post_attention_layernorm.weight, Weight(_fused(_mlp(lyr)[:2])), Weight(lyr.mlp.down_proj.weight))
             for lyr in model.model.layers
         ]
+        self.qk = self.heads + self.kv_heads  # query and key heads, first in each row of the fused projection
         self.embed, self.norm, self.rotary = (
             model.model.embed_tokens.weight,
             model.model.norm.weight,
@@ -173,19 +193,15 @@ class LlamaStep:
         b, s = x.shape
         h = F.embedding(x, self.embed)
         cos, sin = (t[:, None] for t in self.rotary(h, positions))  # (batch, 1, seq, dim)
-        for i, (ln1, wq, wk, wv, wo, ln2, wg, wu, wd) in enumerate(self.layers):
-            y = self._norm(h, ln1)
-            q = wq(y).view(b, s, -1, self.head_dim)
-            k = wk(y).view(b, s, -1, self.head_dim)
-            v = wv(y).view(b, s, -1, self.head_dim).transpose(1, 2)
+        for i, (ln1, wqkv, wo, ln2, wgu, wd) in enumerate(self.layers):
+            qkv = wqkv(self._norm(h, ln1)).view(b, s, -1, self.head_dim).transpose(1, 2)
             # queries and keys rotate together: one rotary embedding, not two (the same arithmetic per head)
-            qk = torch.cat([q, k], 2).transpose(1, 2)
+            qk, v = qkv[:, : self.qk], qkv[:, self.qk :]
             qk = qk * cos + rotate_half(qk) * sin
-            q, k = qk[:, : self.heads], qk[:, self.heads :]
-            o = attention(i, k, v)(q)  # (batch, heads, seq, dim)
+            o = attention(i, qk[:, self.heads :], v)(qk[:, : self.heads])  # (batch, heads, seq, dim)
             h = h + wo(o.transpose(1, 2).reshape(b, s, -1))
-            y = self._norm(h, ln2)
-            h = h + wd(F.silu(wg(y)) * wu(y))
+            gate, up = wgu(self._norm(h, ln2)).chunk(2, -1)
+            h = h + wd(F.silu(gate) * up)
         return self.lm_head(self._norm(h[:, -1], self.norm))
 
     def _norm(self, h, weight):
