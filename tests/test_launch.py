@@ -71,7 +71,7 @@ def test_legacy_flags_map_to_current_arguments_on_cpu():
     ).parse_args_into_dataclasses(args=argv)
     assert args.eval_strategy == "no" and args.warmup_steps == 0.03 and not args.bf16
     assert args.fsdp_config["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
-    assert args.model_max_length == 512 and args.optim == "adamw_torch"
+    assert args.model_max_length == 512 and args.optim == "adamw_torch_fused"
 
 
 def test_legacy_flags_keep_precision_flags_on_gpu_and_map_group_by_length():
