@@ -55,23 +55,6 @@ def test_round_trip_through_gguf_reader(tiny_llama_dir, tmp_path, hf, outtype, t
         assert np.allclose(got, want.numpy(), atol=tolerance * float(want.abs().max()) + 1e-7), name
 
 
-def test_a_lora_adapter_is_merged_onto_its_base_then_exported(tiny_llama_dir, tmp_path, hf):
-    peft = pytest.importorskip("peft")
-    torch.manual_seed(0)
-    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"], init_lora_weights=False)
-    tuned = peft.get_peft_model(base, config)  # random A and B: the adapter changes the weights
-    tuned.save_pretrained(tmp_path / "adapter")
-    merged = tuned.merge_and_unload().state_dict()
-    out = export(tmp_path / "adapter", tmp_path / "adapter-f32.gguf", "f32", base_model=str(tiny_llama_dir))
-    tensors = {t.name: t for t in gguf.GGUFReader(out).tensors}
-    q, down = "model.layers.1.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"
-    assert not torch.allclose(merged[q], hf[q])  # the check below tells a merged file from the base's
-    for name, want in [("blk.1.attn_q.weight", rope_permute(merged[q], 4)), ("blk.0.ffn_down.weight", merged[down])]:
-        got = np.asarray(tensors[name].data).reshape(want.shape)
-        assert np.allclose(got, want.numpy(), atol=1e-6), name
-
-
 def test_bad_inputs_name_what_is_wrong_and_what_is_supported(tmp_path, tiny_llama_dir):
     with pytest.raises(UserError, match="not a checkpoint.*config.json"):
         export(tmp_path, tmp_path / "x.gguf")

@@ -208,6 +208,23 @@ def test_merge_takes_the_whole_tables_peft_saves_for_a_resized_vocabulary(tiny_l
     assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()
 
 
+def test_export_gguf_merges_train_py_adapter_first(lora_run, merged_dir, tiny_llama_dir, tmp_path):
+    gguf = pytest.importorskip("gguf")
+    from alpaca_trainml.export.gguf import export, rope_permute
+
+    _, out, _ = lora_run
+    path = export(out, tmp_path / "adapter-f32.gguf", "f32")  # the base is the one adapter_config.json names
+    tensors = {t.name: t.data for t in gguf.GGUFReader(path).tensors}
+    merged = transformers.AutoModelForCausalLM.from_pretrained(merged_dir).state_dict()
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir).state_dict()
+    q = "model.layers.1.self_attn.q_proj.weight"
+    assert not torch.equal(merged[q], base[q])  # so equality below tells the merged file from the base's
+    want = rope_permute(merged[q], 4)  # GGUF's rope layout (4 heads)
+    assert torch.allclose(torch.from_numpy(tensors["blk.1.attn_q.weight"].copy()).reshape(want.shape), want)
+    emb = merged["model.embed_tokens.weight"]
+    assert tuple(tensors["token_embd.weight"].shape) == tuple(emb.shape)  # the vocabulary train.py grew
+
+
 def test_instruct_answers_from_an_adapter_folder_as_the_merged_model_does(lora_run, merged_dir, monkeypatch):
     _, out, _ = lora_run
     monkeypatch.setattr(inference, "_MODEL", None)
