@@ -61,11 +61,11 @@ class Weight:
     output is the same dot product over the same row as F.linear computes, and tests/test_llama_step.py checks that
     the results are equal bit for bit. fp32 on a CPU only: that is what was measured."""
 
-    __slots__ = ("full", "blocks")
+    __slots__ = ("full", "blocks", "n")
 
     def __init__(self, w):
         self.full, self.blocks = w, None
-        n = torch.get_num_threads()
+        self.n = n = torch.get_num_threads()
         if n > 1 and w.device.type == "cpu" and w.dtype == torch.float32 and w.shape[0] % n == 0:
             self.blocks = w.view(n, w.shape[0] // n, w.shape[1]).transpose(1, 2)  # (n, in, out/n)
 
@@ -73,7 +73,7 @@ class Weight:
         rows = x.numel() // x.shape[-1]
         if self.blocks is None or rows > SPLIT_MAX_ROWS:
             return F.linear(x, self.full)
-        y = torch.bmm(x.reshape(1, rows, -1).expand(len(self.blocks), -1, -1), self.blocks)  # (n, rows, out/n)
+        y = torch.bmm(x.reshape(1, rows, -1).expand(self.n, -1, -1), self.blocks)  # (n, rows, out/n)
         return y.view(*x.shape[:-1], -1) if rows == 1 else y.transpose(0, 1).reshape(*x.shape[:-1], -1)
 
 
