@@ -8,6 +8,8 @@ import torch
 import transformers
 
 from alpaca_trainml.data.special_tokens import IGNORE_INDEX
+from alpaca_trainml.training.segment_attention import KWARG as SEGMENT_KWARG
+from alpaca_trainml.training.segment_attention import SEGMENTS
 
 
 @dataclass
@@ -63,7 +65,9 @@ class DataCollatorPaddingFree:
     Examples are packed into rows of at most max_row_tokens (one long row would make attention cost more than the
     padding saved). Positions restart at each example and each example's first label is IGNORE_INDEX, so the
     loss is the mean over the same trained tokens. attention: "mask" builds an exact block-diagonal causal mask
-    (bool for sdpa, additive float for eager); "position_ids" leaves isolation to flash-attention's varlen path.
+    (bool for sdpa, additive float for eager); "position_ids" leaves isolation to flash-attention's varlen path;
+    "segments" lays the whole micro-batch in one row with no padding at all and passes the examples' lengths, for a
+    model switched to training/segment_attention.py's attention (train.py's default under sdpa).
 
     Example: three examples of 3, 2 and 3 tokens with max_row_tokens=5 (pad id 0; -100 = not trained):
 
@@ -88,6 +92,8 @@ class DataCollatorPaddingFree:
 
     def __call__(self, instances: Sequence[Dict]) -> Dict[str, torch.Tensor]:
         lengths = [len(x["input_ids"]) for x in instances]
+        if self.attention == "segments":
+            return self.one_row(instances, lengths)
         rows = pack_rows(lengths, max(self.max_row_tokens, max(lengths)))
         order = [i for row in rows for i in row]  # examples in the order they are laid out, row after row
         n = torch.tensor([lengths[i] for i in order])
@@ -114,6 +120,19 @@ class DataCollatorPaddingFree:
             batch["attention_mask"] = block_causal_mask(segment, self.mask_dtype)
         return batch
 
+    def one_row(self, instances, lengths):
+        """attention="segments": every example end to end in one row, no padding; segment_lengths tells the
+        attention (training/segment_attention.py) where each example starts."""
+        labels = torch.cat([x["labels"] for x in instances])
+        first = torch.tensor(lengths).cumsum(0) - torch.tensor(lengths)
+        labels[first] = IGNORE_INDEX  # predicted by the previous example's last token: never trained
+        return dict(
+            input_ids=torch.cat([x["input_ids"] for x in instances])[None],
+            labels=labels[None],
+            position_ids=torch.cat([torch.arange(n) for n in lengths])[None],
+            **{SEGMENT_KWARG: tuple(lengths)},
+        )
+
 
 def block_causal_mask(segment, dtype=torch.bool):
     """(rows, 1, L, L): query t sees key s when s <= t and both belong to the same example. Bool (True = attend)
@@ -131,6 +150,8 @@ def make_collator(tokenizer, model_config, max_row_tokens, padding_free=True):
     if not padding_free:
         return DataCollatorForSupervisedDataset(tokenizer=tokenizer)
     impl = getattr(model_config, "_attn_implementation", None) or "eager"
+    if impl == SEGMENTS:  # segment_attention.use_segments switched the model: one row, attention per example
+        return DataCollatorPaddingFree(tokenizer, max_row_tokens, attention="segments")
     if "flash" in impl:
         return DataCollatorPaddingFree(tokenizer, max_row_tokens, attention="position_ids")
     return DataCollatorPaddingFree(

@@ -18,7 +18,7 @@ from alpaca_trainml.data.special_tokens import (
     missing_special_tokens,
     smart_tokenizer_and_embedding_resize,
 )
-from alpaca_trainml.training import lora, loss
+from alpaca_trainml.training import lora, loss, segment_attention
 from alpaca_trainml.training.arguments import parse_args
 from alpaca_trainml.training.launch import (
     CpuFsdpMixin,
@@ -121,20 +121,24 @@ def train(argv=None):
         )
         data_module = make_supervised_data_module(tokenizer, data_args, training_args.seed, rows=rows)
     if data_args.padding_free:
+        segment_attention.use_segments(model)  # under sdpa: one row per micro-batch, attention per example
         collator = make_collator(tokenizer, model.config, training_args.model_max_length)
         data_module["data_collator"] = collator
         data_module["eval_data_collator"] = DataCollatorForSupervisedDataset(tokenizer=tokenizer)
         if training_args.process_index == 0:
-            isolation = (
-                "position_ids (flash-attention varlen)"
-                if collator.attention == "position_ids"
-                else f"a block-diagonal causal mask ({model.config._attn_implementation})"
-            )
-            logger.info(
-                "padding-free batches: rows of at most %d tokens, examples kept apart by %s",
-                training_args.model_max_length,
-                isolation,
-            )
+            if collator.attention == "segments":
+                logger.info("padding-free batches: each micro-batch in one row, attention within each example")
+            else:
+                isolation = (
+                    "position_ids (flash-attention varlen)"
+                    if collator.attention == "position_ids"
+                    else f"a block-diagonal causal mask ({model.config._attn_implementation})"
+                )
+                logger.info(
+                    "padding-free batches: rows of at most %d tokens, examples kept apart by %s",
+                    training_args.model_max_length,
+                    isolation,
+                )
     trainer = SupervisedTrainer(model=model, processing_class=tokenizer, args=training_args, **data_module)
     if training_args.process_index == 0:
         logger.info(
@@ -156,6 +160,7 @@ def train(argv=None):
     if resume and training_args.process_index == 0:
         logger.warning("resuming from %s", resume)
     trainer.train(resume_from_checkpoint=resume)
+    segment_attention.restore_sdpa(model)  # what is saved, and the demo's answers, use transformers' sdpa
     if eval_before is not None:  # train() starts a fresh state: keep the untrained model's eval loss as step 0
         trainer.state.log_history.insert(0, {"step": 0, "eval_loss": eval_before})
     trainer.save_state()
