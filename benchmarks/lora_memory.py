@@ -46,7 +46,8 @@ def run_mode(args):
 
     import train
     from alpaca_trainml.data import dataset
-    from alpaca_trainml.data.collators import make_collator
+    from alpaca_trainml.data.collators import batch_to, make_collator
+    from alpaca_trainml.training import segment_attention
 
     with tempfile.TemporaryDirectory() as tmp:
         argv = ["--model_name_or_path", args.model, "--output_dir", tmp, "--report_to", "none"]
@@ -57,6 +58,7 @@ def run_mode(args):
         model.to("cuda")
     rows = dataset.load_data(data_args, seed=0)
     data = dataset.make_supervised_data_module(tokenizer, data_args, 0, rows=rows)["train_dataset"]
+    segment_attention.use_segments(model)  # train.py's layout: one row per micro-batch under sdpa
     collate = make_collator(tokenizer, model.config, args.max_length)
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-5)  # the Trainer's adamw_torch: two fp32 states per parameter
@@ -66,7 +68,7 @@ def run_mode(args):
     model.train()
     for k in range(args.steps + 1):
         examples = [data[i] for i in order[k * args.batch_size : (k + 1) * args.batch_size]]
-        batch = {n: t.to(args.device) for n, t in collate(examples).items()}
+        batch = batch_to(collate(examples), args.device)
         start = time.perf_counter()
         with torch.autocast(args.device, dtype=torch.bfloat16, enabled=args.device == "cuda"):
             model(**batch).loss.backward()

@@ -32,6 +32,7 @@ import train
 from alpaca_trainml import models
 from alpaca_trainml.data import collators, dataset, special_tokens
 from alpaca_trainml.data.special_tokens import missing_special_tokens, smart_tokenizer_and_embedding_resize
+from alpaca_trainml.training import segment_attention
 
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # bf16 dense peak, for MFU on GPU
 CASES = ("padding_free", "small", "precision")
@@ -61,8 +62,9 @@ def parse_args():
     p.add_argument(
         "--also_rows",
         default="",
-        help="also time ours with other row caps, comma-separated tokens; 0 = the whole micro-batch in one row "
-        "(train.py splits rows at model_max_length, --max_length here)",
+        help="also time the earlier padding-free layout (rows up to this many tokens, block-diagonal mask), "
+        "comma-separated; 0 = the whole micro-batch in one masked row (train.py now lays it in one row and attends "
+        "within each example)",
     )
     return p.parse_args()
 
@@ -135,7 +137,7 @@ def small_model(args, dtype=torch.float32):
 
 
 def step(model, batch, device):
-    batch = {k: v.to(device) for k, v in batch.items()}
+    batch = collators.batch_to(batch, device)
     model.zero_grad(set_to_none=True)
     model(**batch).loss.backward()
     if device.startswith("cuda"):
@@ -150,9 +152,12 @@ def compare_collators(name, model, tokenizer, data, args):
         f"{args.attn}, {torch.get_num_threads()} threads"
     )
     original = collators.DataCollatorForSupervisedDataset(tokenizer)
+    mask_dtype = torch.bool if args.attn == "sdpa" else torch.float32
+    segment_attention.use_segments(model)  # as train.py does: under sdpa, "ours" is one row with attention per example
     variants = {"original": original, "ours": collators.make_collator(tokenizer, model.config, args.max_length)}
-    for cap in (int(c) for c in args.also_rows.split(",") if c.strip()):
-        variants[f"rows<={cap}" if cap else "one row"] = collators.make_collator(tokenizer, model.config, cap or 10**9)
+    for cap in (int(c) for c in args.also_rows.split(",") if c.strip()):  # the earlier layout: masked rows up to cap
+        name = f"mask rows<={cap}" if cap else "mask one row"
+        variants[name] = collators.DataCollatorPaddingFree(tokenizer, cap or 10**9, mask_dtype=mask_dtype)
     gpu = torch.cuda.get_device_name() if args.device.startswith("cuda") else ""
     peak = next((v for k, v in PEAK_TFLOPS.items() if k in gpu), None)
     n_params = sum(p.numel() for p in model.parameters())
@@ -215,6 +220,7 @@ def compare_precision(model, tokenizer, data, args, batch_size=4, max_length=256
     """fp32 against bf16 autocast: AdamW steps from the same weights on the same micro-batches (train.py's padding-free
     layout at make demo's batch and length), interleaved. Returns {precision: (tokens/s, last loss)}."""
     device_type = torch.device(args.device).type
+    segment_attention.use_segments(model)
     collate = collators.make_collator(tokenizer, model.config, max_length)
     rng = random.Random(args.seed)
     short = [i for i in range(len(data)) if len(data[i]["input_ids"]) <= max_length]
@@ -225,7 +231,7 @@ def compare_precision(model, tokenizer, data, args, batch_size=4, max_length=256
         runs[precision] = (copy_, torch.optim.AdamW(copy_.parameters(), lr=3e-5, fused=False))
     seconds, losses = dict.fromkeys(runs, 0.0), {p: [] for p in runs}
     for k, batch in enumerate(batches):
-        batch = {key: v.to(args.device) for key, v in batch.items()}
+        batch = collators.batch_to(batch, args.device)
         for precision, (copy_, optimizer) in runs.items() if k % 2 else reversed(runs.items()):
             start = time.perf_counter()
             with torch.autocast(device_type, dtype=torch.bfloat16, enabled=precision == "bf16"):

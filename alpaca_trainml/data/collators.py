@@ -134,6 +134,11 @@ class DataCollatorPaddingFree:
         )
 
 
+def batch_to(batch, device):
+    """A collated batch on device (its segment lengths, a tuple of ints, stay as they are)."""
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
 def block_causal_mask(segment, dtype=torch.bool):
     """(rows, 1, L, L): query t sees key s when s <= t and both belong to the same example. Bool (True = attend)
     for sdpa; for eager, an additive float mask (0 or the dtype's minimum)."""
