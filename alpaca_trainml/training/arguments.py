@@ -76,9 +76,10 @@ class DataArguments:
     padding_free: bool = field(
         default=True,
         metadata={
-            "help": "Lay each micro-batch's examples end to end in rows of at most model_max_length tokens, with "
-            "a block-diagonal causal mask (position_ids only under flash-attention): the same loss, "
-            "fewer pad tokens. --padding_free False pads every row to the longest, as the original did."
+            "help": "Lay each micro-batch's examples end to end with no padding: under sdpa in one row, with "
+            "attention run within each example; under eager in rows of at most model_max_length tokens with a "
+            "block-diagonal causal mask; under flash-attention with position_ids. The same loss, no pad tokens. "
+            "--padding_free False pads every row to the longest, as the original did."
         },
     )
 
