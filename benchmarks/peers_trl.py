@@ -92,6 +92,7 @@ class CountingCollator:
 
 def train(work, out, mode, config, bf16=False):
     import datasets
+    import torch
     from trl import SFTConfig, SFTTrainer
 
     job = json.loads((Path(work) / "job.json").read_text())
@@ -118,6 +119,7 @@ def train(work, out, mode, config, bf16=False):
         disable_tqdm=True,
         dataloader_num_workers=job["dataloader_num_workers"],
         bf16=bf16,
+        use_cpu=bf16 and not torch.cuda.is_available(),  # bf16 autocast on a CPU, as train.py's --bf16 True there
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=data)
     trainer.data_collator = counter = CountingCollator(trainer.data_collator)
