@@ -8,7 +8,7 @@ read sequentially by both Trainers), the same Alpaca prompt and loss on the resp
 very input_ids and labels train.py builds, so the supervised tokens are equal by construction, and counted on both
 sides as the batches are made), the same max length, batch, accumulation, LR, cosine schedule, seed and number of
 optimizer steps. LoRA: r=16, alpha 32, no dropout (so both sides are deterministic), all linear layers, the same
-seeded initialisation. Ours runs train.py's own train() (padding-free, block-diagonal mask); TRL runs in
+seeded initialisation. Ours runs train.py's own train() (padding-free, one row, attention per example); TRL runs in
 .venv-peers (`make peers`) through benchmarks/peers_trl.py, in each mode of --trl_modes, without gradient
 checkpointing (its default is on, which is slower). Each run is its own process: its peak RSS is the process's.
 The held-out loss of every trained model is computed afterwards by the same code (token-weighted mean over
