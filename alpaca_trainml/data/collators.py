@@ -124,8 +124,8 @@ class DataCollatorPaddingFree:
         """attention="segments": every example end to end in one row, no padding; segment_lengths tells the
         attention (training/segment_attention.py) where each example starts."""
         labels = torch.cat([x["labels"] for x in instances])
-        first = torch.tensor(lengths).cumsum(0) - torch.tensor(lengths)
-        labels[first] = IGNORE_INDEX  # predicted by the previous example's last token: never trained
+        n = torch.tensor(lengths)
+        labels[n.cumsum(0) - n] = IGNORE_INDEX  # predicted by the previous example's last token: never trained
         return dict(
             input_ids=torch.cat([x["input_ids"] for x in instances])[None],
             labels=labels[None],
