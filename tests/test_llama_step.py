@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import transformers
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from alpaca_trainml.generation import llama_step
+from alpaca_trainml.generation import llama_step, matvec
 from alpaca_trainml.generation.batch import DecodeBatch
 from alpaca_trainml.generation.hf_step import HFStep
 from alpaca_trainml.generation.kv_cache import SlotCache
@@ -51,9 +51,10 @@ def test_a_wrapped_or_other_model_takes_the_generic_step(model, tiny_llama_dir):
     assert not llama_step.supports(wrapped) and not llama_step.supports(wrapped.base_model.model)  # LoRA layers
 
 
-@pytest.mark.parametrize("fast", ["1", "0"])
-def test_greedy_tokens_equal_transformers_alone_and_batched(model, monkeypatch, fast):
+@pytest.mark.parametrize("fast, kernel", [("1", "1"), ("1", "0"), ("0", "1")])  # our kernel, torch's matmuls, theirs
+def test_greedy_tokens_equal_transformers_alone_and_batched(model, monkeypatch, fast, kernel):
     monkeypatch.setenv(llama_step.FAST_ENV, fast)
+    monkeypatch.setenv(matvec.ENV, kernel)
     prompts = [model.encode(p) for p in PROMPTS]
     expected = [reference(model, ids, GREEDY.max_tokens) for ids in prompts]
     alone = [model.generate([ids], GREEDY)[0] for ids in prompts]

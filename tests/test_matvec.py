@@ -1,11 +1,14 @@
-"""The decode kernel (generation/matvec.py, csrc/matvec.cpp) against F.linear: every shape the Llama step gives it,
-fp32 and bf16 weights, odd sizes that leave a tail, and the switch that turns it off."""
+"""The decode kernels (generation/matvec.py, csrc/decode.cpp): the matmul against F.linear (every shape the Llama
+step gives it, fp32 and bf16 weights, odd sizes that leave a tail), the whole-step decoder against our Python forward
+over torch's operations, and the switch that turns them off."""
 
 import pytest
 import torch
 import torch.nn.functional as F
+import transformers
 
 from alpaca_trainml.generation import llama_step, matvec
+from alpaca_trainml.generation.llama_step import LlamaStep
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +70,7 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch, caplog):
     from torch.utils import cpp_extension
 
     def no_compiler(*args, **kwargs):
-        raise RuntimeError("Error building extension 'alpaca_matvec_avx2'\ng++: not found")
+        raise RuntimeError("Error building extension 'alpaca_decode_avx2'\ng++: not found")
 
     monkeypatch.setattr(matvec, "_built", {})
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
@@ -76,3 +79,34 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch, caplog):
         assert matvec.kernel() is None
     warned = [r.getMessage() for r in caplog.records if "decode kernel not built" in r.getMessage()]
     assert len(warned) == 1 and "Error building extension" in warned[0]
+
+
+def test_decoder_step_is_the_python_forward_on_rows_of_different_lengths(module, tiny_llama_dir):
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    fused, plain = LlamaStep(model), LlamaStep(model)
+    assert fused.decoder is not None
+    plain.decoder = None  # the same step over torch's operations (with the kernel's matmuls)
+    prompts = [[3, 4, 5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
+    for step in (fused, plain):
+        step.prefill(prompts)
+    ids = torch.tensor([5, 6, 7])
+    for _ in range(6):
+        got, want = fused.decode(ids), plain.decode(ids)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+        ids = want.argmax(-1)
+    assert fused.cache.lens == plain.cache.lens == [13, 8, 9]
+    for ours, theirs in zip(fused.cache.keys + fused.cache.values, plain.cache.keys + plain.cache.values):
+        torch.testing.assert_close(ours[:3, :, :13], theirs[:3, :, :13], rtol=1e-4, atol=1e-4)
+    fused.keep([2, 0])  # a finished row leaves: the rest go on where they were
+    plain.keep([2, 0])
+    torch.testing.assert_close(fused.decode(ids[[2, 0]]), plain.decode(ids[[2, 0]]), rtol=1e-4, atol=1e-4)
+
+
+def test_decoder_refuses_a_position_outside_its_cache(module, tiny_llama_dir):
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    step = LlamaStep(model)
+    step.prefill([[3, 4, 5]])
+    h = F.embedding(torch.tensor([4]), step.embed)
+    cos = sin = torch.zeros(1, step.head_dim)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        step.decoder.step(h, cos, sin, step.cache.keys, step.cache.values, [step.cache.pos_cap])

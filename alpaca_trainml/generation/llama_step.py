@@ -130,6 +130,10 @@ class LlamaStep:
         )
         self.eps = c.rms_norm_eps
         self.lm_head = weight(model.lm_head.weight)
+        self.decoder = None  # the whole decode step in one call of our kernel (fp32 on a CPU)
+        if k is not None and self.embed.dtype == torch.float32:
+            weights = [[ln1, wqkv.full, wo.full, ln2, wgu.full, wd.full] for ln1, wqkv, wo, ln2, wgu, wd in self.layers]
+            self.decoder = k.LlamaDecoder(weights, self.heads, self.kv_heads, self.head_dim, self.eps, self.scale)
         self.cache = SlotCache(len(self.layers), self.kv_heads, self.head_dim, self.embed.dtype, self.embed.device)
 
     def __len__(self):
@@ -156,6 +160,12 @@ class LlamaStep:
         lens = self.cache.lens
         self.cache.reserve(len(lens), max(lens) + 1)
         pos = torch.tensor(lens, device=ids.device)
+        if self.decoder is not None and len(lens) <= SPLIT_MAX_ROWS:
+            h = F.embedding(ids, self.embed)  # (rows, hidden), a new tensor the decoder changes in place
+            cos, sin = (t[:, 0].contiguous() for t in self.rotary(h, pos[:, None]))
+            self.decoder.step(h, cos, sin, self.cache.keys, self.cache.values, lens)
+            self.cache.lens = [n + 1 for n in lens]
+            return self.lm_head(self._norm(h, self.norm))
         width = max(lens) + 1
         mask = None
         if min(lens) != max(lens):  # rows of different lengths: each attends to its own positions only

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 ENV = "ALPACA_MATVEC"  # "0": never build or use the kernel
-SOURCE = Path(__file__).with_name("csrc") / "matvec.cpp"
+SOURCE = Path(__file__).with_name("csrc") / "decode.cpp"
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _built = {}
@@ -33,8 +33,8 @@ def variant():
     """(extension name, compiler flags) for this CPU: the AVX2+FMA build where torch itself runs AVX2 or better."""
     capability = torch.backends.cpu.get_cpu_capability()
     if capability.startswith("AVX2") or capability.startswith("AVX512"):
-        return "alpaca_matvec_avx2", ["-O3", "-mavx2", "-mfma", "-fopenmp"]
-    return "alpaca_matvec_generic", ["-O3", "-fopenmp"]
+        return "alpaca_decode_avx2", ["-O3", "-mavx2", "-mfma", "-fopenmp"]
+    return "alpaca_decode_generic", ["-O3", "-fopenmp"]
 
 
 def kernel():

@@ -1,0 +1,255 @@
+// The decode kernels, built by alpaca_trainml/generation/matvec.py:
+// - matvec: y = x @ w.T for a few rows of x, every thread streaming its own block of w's rows once; fp32 or bf16
+//   weights, fp32 input and output, fp32 accumulation.
+// - LlamaDecoder: a whole decode step through a Llama layer stack in fp32 (norms, fused projections, rotary
+//   embedding, cache write, attention, SwiGLU), one call per token instead of some 30 tensor operations per layer.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+constexpr int64_t TILE = 64;  // output rows per tile: a tile of w stays in L2 while every group of x rows reads it
+constexpr int ROWS = 4;       // x rows per pass over a tile
+
+inline float bf16_to_float(uint16_t v) {
+  uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+inline float load1(const float* p) { return *p; }
+inline float load1(const uint16_t* p) { return bf16_to_float(*p); }
+
+#if defined(__AVX2__) && defined(__FMA__)
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline __m256 load8(const uint16_t* p) {
+  __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+inline float hsum(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+#endif
+
+// R rows of x (stride in) against w's rows [o0, o1): y[r * out + o]
+template <int R, typename W>
+void dot_rows(const float* x, const W* w, float* y, int64_t in, int64_t out, int64_t o0, int64_t o1) {
+  for (int64_t o = o0; o < o1; ++o) {
+    const W* wr = w + o * in;
+    int64_t i = 0;
+    float sum[R];
+#if defined(__AVX2__) && defined(__FMA__)
+    __m256 acc[R][4];
+    for (int r = 0; r < R; ++r)
+      for (int a = 0; a < 4; ++a) acc[r][a] = _mm256_setzero_ps();
+    for (; i + 32 <= in; i += 32) {
+      __m256 w0 = load8(wr + i), w1 = load8(wr + i + 8), w2 = load8(wr + i + 16), w3 = load8(wr + i + 24);
+      for (int r = 0; r < R; ++r) {
+        const float* xr = x + r * in + i;
+        acc[r][0] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xr), acc[r][0]);
+        acc[r][1] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xr + 8), acc[r][1]);
+        acc[r][2] = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xr + 16), acc[r][2]);
+        acc[r][3] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xr + 24), acc[r][3]);
+      }
+    }
+    for (int r = 0; r < R; ++r)
+      sum[r] = hsum(_mm256_add_ps(_mm256_add_ps(acc[r][0], acc[r][1]), _mm256_add_ps(acc[r][2], acc[r][3])));
+#else
+    for (int r = 0; r < R; ++r) sum[r] = 0.f;
+#endif
+    for (; i < in; ++i) {
+      float wi = load1(wr + i);
+      for (int r = 0; r < R; ++r) sum[r] += wi * x[r * in + i];
+    }
+    for (int r = 0; r < R; ++r) y[r * out + o] = sum[r];
+  }
+}
+
+template <typename W>
+void tile(const float* x, const W* w, float* y, int64_t rows, int64_t in, int64_t out, int64_t o0, int64_t o1) {
+  int64_t r = 0;
+  for (; r + ROWS <= rows; r += ROWS) dot_rows<ROWS>(x + r * in, w, y + r * out, in, out, o0, o1);
+  switch (rows - r) {
+    case 3: dot_rows<3>(x + r * in, w, y + r * out, in, out, o0, o1); break;
+    case 2: dot_rows<2>(x + r * in, w, y + r * out, in, out, o0, o1); break;
+    case 1: dot_rows<1>(x + r * in, w, y + r * out, in, out, o0, o1); break;
+    default: break;
+  }
+}
+
+template <typename W>
+void run(const float* x, const W* w, float* y, int64_t rows, int64_t in, int64_t out) {
+  int64_t tiles = (out + TILE - 1) / TILE;
+  int64_t threads = at::get_num_threads();
+  int64_t grain = (tiles + threads - 1) / threads;  // one contiguous stretch of w per thread
+  at::parallel_for(0, tiles, grain, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) tile(x, w, y, rows, in, out, t * TILE, std::min(out, (t + 1) * TILE));
+  });
+}
+
+}  // namespace
+
+torch::Tensor matvec(const torch::Tensor& x, const torch::Tensor& w) {
+  TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "matvec: x (rows, in), w (out, in)");
+  TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && w.is_contiguous(), "matvec: layout");
+  int64_t rows = x.size(0), in = x.size(1), out = w.size(0);
+  auto y = torch::empty({rows, out}, x.options());
+  if (w.scalar_type() == torch::kFloat32) {
+    run(x.data_ptr<float>(), w.data_ptr<float>(), y.data_ptr<float>(), rows, in, out);
+  } else {
+    TORCH_CHECK(w.scalar_type() == torch::kBFloat16, "matvec: fp32 or bf16 weights");
+    auto wp = reinterpret_cast<const uint16_t*>(w.data_ptr<at::BFloat16>());
+    run(x.data_ptr<float>(), wp, y.data_ptr<float>(), rows, in, out);
+  }
+  return y;
+}
+
+
+namespace {
+
+void rms_norm(const float* h, const float* w, float* out, int64_t rows, int64_t n, float eps) {
+  // transformers' LlamaRMSNorm in fp32: h * rsqrt(mean(h^2) + eps), then * weight
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* x = h + r * n;
+    float* y = out + r * n;
+    float ss = 0.f;
+    for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
+    float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
+    for (int64_t i = 0; i < n; ++i) y[i] = (x[i] * inv) * w[i];
+  }
+}
+
+// transformers' apply_rotary_pos_emb on one head: x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1)
+void rotate(float* x, const float* cos, const float* sin, int64_t dim) {
+  int64_t half = dim / 2;
+  for (int64_t d = 0; d < half; ++d) {
+    float a = x[d], b = x[d + half];
+    x[d] = a * cos[d] + (-b) * sin[d];
+    x[d + half] = b * cos[d + half] + a * sin[d + half];
+  }
+}
+
+}  // namespace
+
+struct LlamaDecoder {
+  struct Layer {
+    torch::Tensor ln1, wqkv, wo, ln2, wgu, wd;
+  };
+  std::vector<Layer> layers;
+  int64_t heads, kv_heads, dim, hidden, inter;
+  float eps, scale;
+
+  LlamaDecoder(std::vector<std::vector<torch::Tensor>> weights, int64_t heads, int64_t kv_heads, int64_t dim,
+               double eps, double scale)
+      : heads(heads), kv_heads(kv_heads), dim(dim), eps(static_cast<float>(eps)), scale(static_cast<float>(scale)) {
+    for (auto& w : weights) {
+      TORCH_CHECK(w.size() == 6, "LlamaDecoder: each layer is (ln1, wqkv, wo, ln2, wgu, wd)");
+      for (auto& t : w)
+        TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.is_contiguous() && t.device().is_cpu(),
+                    "LlamaDecoder: fp32 contiguous CPU weights");
+      layers.push_back({w[0], w[1], w[2], w[3], w[4], w[5]});
+    }
+    TORCH_CHECK(!layers.empty(), "LlamaDecoder: no layers");
+    hidden = layers[0].ln1.size(0);
+    inter = layers[0].wd.size(1);
+    TORCH_CHECK(layers[0].wqkv.size(0) == (heads + 2 * kv_heads) * dim && heads % kv_heads == 0,
+                "LlamaDecoder: the fused q/k/v weight does not match the heads");
+  }
+
+  // h (rows, hidden): the new tokens' embeddings, changed in place into the last layer's output.
+  // cos, sin (rows, dim): each row's rotary at its position. keys[i], values[i] (rows_cap, kv_heads, pos_cap, dim):
+  // row r's token goes to position pos[r] and attends to positions 0..pos[r].
+  torch::Tensor step(torch::Tensor h, torch::Tensor cos, torch::Tensor sin, std::vector<torch::Tensor> keys,
+                     std::vector<torch::Tensor> values, std::vector<int64_t> pos) {
+    int64_t rows = h.size(0);
+    TORCH_CHECK(h.dim() == 2 && h.size(1) == hidden && h.is_contiguous() && h.scalar_type() == torch::kFloat32,
+                "LlamaDecoder.step: h (rows, hidden) fp32");
+    TORCH_CHECK(static_cast<int64_t>(pos.size()) == rows && cos.size(0) == rows && sin.size(0) == rows,
+                "LlamaDecoder.step: one position per row");
+    TORCH_CHECK(keys.size() == layers.size() && values.size() == layers.size(), "LlamaDecoder.step: one cache per layer");
+    int64_t qkv_n = (heads + 2 * kv_heads) * dim, group = heads / kv_heads;
+    int64_t pos_cap = keys[0].size(2), max_pos = 0;
+    for (auto p : pos) {
+      TORCH_CHECK(p >= 0 && p < pos_cap, "LlamaDecoder.step: position outside the cache");
+      max_pos = std::max(max_pos, p);
+    }
+    TORCH_CHECK(keys[0].size(0) >= rows, "LlamaDecoder.step: fewer cache rows than rows");
+    auto opts = h.options();
+    auto xn = torch::empty({rows, hidden}, opts), qkv = torch::empty({rows, qkv_n}, opts);
+    auto att = torch::empty({rows, heads * dim}, opts), out = torch::empty({rows, hidden}, opts);
+    auto gu = torch::empty({rows, 2 * inter}, opts), act = torch::empty({rows, inter}, opts);
+    auto scores = torch::empty({rows * heads, max_pos + 1}, opts);
+    float *hp = h.data_ptr<float>(), *xp = xn.data_ptr<float>(), *qp = qkv.data_ptr<float>();
+    float *ap = att.data_ptr<float>(), *op = out.data_ptr<float>(), *gp = gu.data_ptr<float>();
+    float *actp = act.data_ptr<float>(), *sp = scores.data_ptr<float>();
+    const float *cp = cos.data_ptr<float>(), *snp = sin.data_ptr<float>();
+    for (size_t i = 0; i < layers.size(); ++i) {
+      const Layer& L = layers[i];
+      float *kc = keys[i].data_ptr<float>(), *vc = values[i].data_ptr<float>();
+      rms_norm(hp, L.ln1.data_ptr<float>(), xp, rows, hidden, eps);
+      run(xp, L.wqkv.data_ptr<float>(), qp, rows, hidden, qkv_n);
+      for (int64_t r = 0; r < rows; ++r) {
+        float* q = qp + r * qkv_n;
+        for (int64_t hd = 0; hd < heads + kv_heads; ++hd) rotate(q + hd * dim, cp + r * dim, snp + r * dim, dim);
+        for (int64_t g = 0; g < kv_heads; ++g) {
+          int64_t at = ((r * kv_heads + g) * pos_cap + pos[r]) * dim;
+          std::memcpy(kc + at, q + (heads + g) * dim, dim * sizeof(float));
+          std::memcpy(vc + at, q + (heads + kv_heads + g) * dim, dim * sizeof(float));
+        }
+      }
+      at::parallel_for(0, rows * heads, 1, [&](int64_t b, int64_t e) {
+        for (int64_t rh = b; rh < e; ++rh) {
+          int64_t r = rh / heads, hd = rh % heads, n = pos[r] + 1;
+          const float* q = qp + r * qkv_n + hd * dim;
+          const float* K = kc + (r * kv_heads + hd / group) * pos_cap * dim;
+          const float* V = vc + (r * kv_heads + hd / group) * pos_cap * dim;
+          float* s = sp + rh * (max_pos + 1);
+          float top = -INFINITY;
+          for (int64_t t = 0; t < n; ++t) {
+            float dot = 0.f;
+            for (int64_t d = 0; d < dim; ++d) dot += q[d] * K[t * dim + d];
+            s[t] = dot * scale;
+            top = std::max(top, s[t]);
+          }
+          float total = 0.f;
+          for (int64_t t = 0; t < n; ++t) total += (s[t] = std::exp(s[t] - top));
+          float* o = ap + r * heads * dim + hd * dim;
+          for (int64_t d = 0; d < dim; ++d) o[d] = 0.f;
+          for (int64_t t = 0; t < n; ++t) {
+            float p = s[t] / total;
+            for (int64_t d = 0; d < dim; ++d) o[d] += p * V[t * dim + d];
+          }
+        }
+      });
+      run(ap, L.wo.data_ptr<float>(), op, rows, heads * dim, hidden);
+      for (int64_t j = 0; j < rows * hidden; ++j) hp[j] += op[j];
+      rms_norm(hp, L.ln2.data_ptr<float>(), xp, rows, hidden, eps);
+      run(xp, L.wgu.data_ptr<float>(), gp, rows, hidden, 2 * inter);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t j = 0; j < inter; ++j) {
+          float g = gp[r * 2 * inter + j];
+          actp[r * inter + j] = (g / (1.f + std::exp(-g))) * gp[r * 2 * inter + inter + j];
+        }
+      run(actp, L.wd.data_ptr<float>(), op, rows, inter, hidden);
+      for (int64_t j = 0; j < rows * hidden; ++j) hp[j] += op[j];
+    }
+    return h;
+  }
+};
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("matvec", &matvec, "y = x @ w.T for a few rows (decode)");
+  pybind11::class_<LlamaDecoder>(m, "LlamaDecoder")
+      .def(pybind11::init<std::vector<std::vector<torch::Tensor>>, int64_t, int64_t, int64_t, double, double>())
+      .def("step", &LlamaDecoder::step);
+}
