@@ -1,16 +1,20 @@
-"""The decode matmul as our own CPU kernel (csrc/matvec.cpp), built on first use with torch's extension builder.
+"""Our CPU decode kernels (csrc/decode.cpp), built on first use with torch's extension builder.
 
 Why: a decode step multiplies a few rows by every weight matrix, and on a CPU that is a matrix-vector product, bound
-by how fast the weights stream from memory. MKL runs it on one thread at about half the machine's read bandwidth;
-the kernel gives each thread one contiguous stretch of the weight's rows and reads it once for up to 16 input rows
-(tiles of 64 output rows stay in cache while each group of 4 input rows passes over them), with fp32 accumulation
-for fp32 or bf16 weights. Its sums are in a different order from MKL's, so its outputs differ from F.linear's in
-the last bits (about 1e-6 relative); tests/test_matvec.py bounds that and tests/test_llama_step.py checks that greedy
-tokens stay transformers' own.
+by how fast the weights stream from memory; MKL runs it on one thread at about half the machine's read bandwidth.
+And at 135M parameters, the 30-odd small tensor operations per layer around the matmuls cost as much again.
+- `matvec(x, w)`: each of torch's threads (OpenMP, torch's own pool) streams one contiguous stretch of the weight's
+  rows once for up to 16 input rows (tiles of 64 output rows stay in cache while each group of 4 input rows passes
+  over them); fp32 or bf16 weights, fp32 sums.
+- `LlamaDecoder(weights, ...).step(h, cos, sin, keys, values, positions)`: a whole fp32 decode step through a Llama
+  layer stack in one call, on those matmuls (llama_step.LlamaStep uses it).
+Their sums run in another order than MKL's, so outputs differ from F.linear's in the last bits (about 1e-6
+relative); tests/test_matvec.py bounds that and tests/test_llama_step.py checks that greedy tokens stay
+transformers' own.
 
 Built once per machine kind (AVX2+FMA, or plain C++) under torch's extensions folder (`TORCH_EXTENSIONS_DIR`,
 default ~/.cache/torch_extensions): about 30 s with g++. `make setup` builds it; without a compiler, or with
-`ALPACA_MATVEC=0`, decoding uses torch's own matmul (one warning says why).
+`ALPACA_MATVEC=0`, decoding uses torch's own operations (one warning says why).
 
     python -m alpaca_trainml.generation.matvec      # build it now and check it against F.linear
 """
