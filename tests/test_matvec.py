@@ -110,3 +110,21 @@ def test_decoder_refuses_a_position_outside_its_cache(module, tiny_llama_dir):
     cos = sin = torch.zeros(1, step.head_dim)
     with pytest.raises(RuntimeError, match="outside the cache"):
         step.decoder.step(h, cos, sin, step.cache.keys, step.cache.values, [step.cache.pos_cap])
+
+
+def test_bf16_decoder_is_as_close_to_fp32_as_transformers_bf16(module, tiny_llama_dir):
+    """bf16 rounds at every operation, so two correct bf16 steps differ; ours must be no further from the fp32
+    model than transformers' own bf16 forward is (it rounds where transformers rounds, and sums in fp32)."""
+    full = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    half = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).eval()
+    prompt, fed = [3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15, 16]
+    ids = torch.tensor([prompt + fed])
+    with torch.no_grad():
+        exact = full(ids).logits[0, len(prompt) - 1 : -1]
+        theirs = half(ids).logits[0, len(prompt) - 1 : -1].float()
+    step = LlamaStep(half)
+    assert step.decoder is not None and step.cache.dtype == torch.bfloat16
+    ours = [step.prefill([prompt])[0]] + [step.decode(torch.tensor([t]))[0] for t in fed[:-1]]
+    ours = torch.stack(ours).float()
+    ours_err, their_err = (ours - exact).abs().max().item(), (theirs - exact).abs().max().item()
+    assert their_err > 0 and ours_err <= 2 * their_err, (ours_err, their_err)

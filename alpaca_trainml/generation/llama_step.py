@@ -130,8 +130,8 @@ class LlamaStep:
         )
         self.eps = c.rms_norm_eps
         self.lm_head = weight(model.lm_head.weight)
-        self.decoder = None  # the whole decode step in one call of our kernel (fp32 on a CPU)
-        if k is not None and self.embed.dtype == torch.float32:
+        self.decoder = None  # the whole decode step in one call of our kernel (fp32 or bf16, on a CPU)
+        if k is not None and self.embed.dtype in (torch.float32, torch.bfloat16):
             weights = [[ln1, wqkv.full, wo.full, ln2, wgu.full, wd.full] for ln1, wqkv, wo, ln2, wgu, wd in self.layers]
             self.decoder = k.LlamaDecoder(weights, self.heads, self.kv_heads, self.head_dim, self.eps, self.scale)
         self.cache = SlotCache(len(self.layers), self.kv_heads, self.head_dim, self.embed.dtype, self.embed.device)
@@ -161,11 +161,12 @@ class LlamaStep:
         self.cache.reserve(len(lens), max(lens) + 1)
         pos = torch.tensor(lens, device=ids.device)
         if self.decoder is not None and len(lens) <= SPLIT_MAX_ROWS:
-            h = F.embedding(ids, self.embed)  # (rows, hidden), a new tensor the decoder changes in place
-            cos, sin = (t[:, 0].contiguous() for t in self.rotary(h, pos[:, None]))
+            e = F.embedding(ids, self.embed)
+            cos, sin = (t[:, 0].float().contiguous() for t in self.rotary(e, pos[:, None]))  # in the model's dtype
+            h = e.float()  # (rows, hidden) fp32, a new tensor the decoder changes in place (bf16 values stay exact)
             self.decoder.step(h, cos, sin, self.cache.keys, self.cache.values, lens)
             self.cache.lens = [n + 1 for n in lens]
-            return self.lm_head(self._norm(h, self.norm))
+            return self.lm_head(self._norm(h.to(e.dtype), self.norm))
         width = max(lens) + 1
         mask = None
         if min(lens) != max(lens):  # rows of different lengths: each attends to its own positions only

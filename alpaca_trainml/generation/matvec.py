@@ -37,8 +37,8 @@ def variant():
     """(extension name, compiler flags) for this CPU: the AVX2+FMA build where torch itself runs AVX2 or better."""
     capability = torch.backends.cpu.get_cpu_capability()
     if capability.startswith("AVX2") or capability.startswith("AVX512"):
-        return "alpaca_decode_avx2", ["-O3", "-mavx2", "-mfma", "-fopenmp"]
-    return "alpaca_decode_generic", ["-O3", "-fopenmp"]
+        return "alpaca_decode_avx2", ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"]
+    return "alpaca_decode_generic", ["-O3", "-ffp-contract=off", "-fopenmp"]
 
 
 def kernel():

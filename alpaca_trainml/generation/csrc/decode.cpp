@@ -1,13 +1,15 @@
 // The decode kernels, built by alpaca_trainml/generation/matvec.py:
 // - matvec: y = x @ w.T for a few rows of x, every thread streaming its own block of w's rows once; fp32 or bf16
 //   weights, fp32 input and output, fp32 accumulation.
-// - LlamaDecoder: a whole decode step through a Llama layer stack in fp32 (norms, fused projections, rotary
+// - LlamaDecoder: a whole decode step through a Llama layer stack in fp32 or bf16 (norms, fused projections, rotary
 //   embedding, cache write, attention, SwiGLU), one call per token instead of some 30 tensor operations per layer.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
@@ -117,108 +119,183 @@ torch::Tensor matvec(const torch::Tensor& x, const torch::Tensor& w) {
 
 namespace {
 
-void rms_norm(const float* h, const float* w, float* out, int64_t rows, int64_t n, float eps) {
-  // transformers' LlamaRMSNorm in fp32: h * rsqrt(mean(h^2) + eps), then * weight
+template <typename W>
+const W* ptr(const torch::Tensor& t);
+template <>
+const float* ptr<float>(const torch::Tensor& t) { return t.data_ptr<float>(); }
+template <>
+const uint16_t* ptr<uint16_t>(const torch::Tensor& t) {
+  return reinterpret_cast<const uint16_t*>(t.data_ptr<at::BFloat16>());
+}
+
+// A value as the model's dtype holds it: fp32 as it is; bf16 rounded to nearest even, as torch converts
+template <typename W>
+inline float held(float f) {
+  if (std::is_same<W, float>::value) return f;
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return f;  // NaN stays NaN
+  u = (u + 0x7fffu + ((u >> 16) & 1u)) & 0xffff0000u;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline void store(float* p, float v) { *p = v; }
+inline void store(uint16_t* p, float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof u);
+  *p = static_cast<uint16_t>(u >> 16);  // v is already held<uint16_t>: exact
+}
+
+// sum of a[i] * b[i], 16 at a time where the CPU has AVX2
+template <typename W>
+inline float dot(const float* a, const W* b, int64_t n) {
+  int64_t i = 0;
+  float s = 0.f;
+#if defined(__AVX2__) && defined(__FMA__)
+  __m256 s0 = _mm256_setzero_ps(), s1 = _mm256_setzero_ps();
+  for (; i + 16 <= n; i += 16) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), load8(b + i), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), load8(b + i + 8), s1);
+  }
+  s = hsum(_mm256_add_ps(s0, s1));
+#endif
+  for (; i < n; ++i) s += a[i] * load1(b + i);
+  return s;
+}
+
+// transformers' LlamaRMSNorm: h * rsqrt(mean(h^2) + eps) in fp32, in the model's dtype, then * weight
+template <typename W>
+void rms_norm(const float* h, const W* w, float* out, int64_t rows, int64_t n, float eps) {
   for (int64_t r = 0; r < rows; ++r) {
     const float* x = h + r * n;
     float* y = out + r * n;
-    float ss = 0.f;
-    for (int64_t i = 0; i < n; ++i) ss += x[i] * x[i];
+    float ss = dot(x, x, n);
     float inv = 1.f / std::sqrt(ss / static_cast<float>(n) + eps);
-    for (int64_t i = 0; i < n; ++i) y[i] = (x[i] * inv) * w[i];
+    for (int64_t i = 0; i < n; ++i) y[i] = held<W>(held<W>(x[i] * inv) * load1(w + i));
   }
 }
 
 // transformers' apply_rotary_pos_emb on one head: x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1)
+template <typename W>
 void rotate(float* x, const float* cos, const float* sin, int64_t dim) {
   int64_t half = dim / 2;
   for (int64_t d = 0; d < half; ++d) {
     float a = x[d], b = x[d + half];
-    x[d] = a * cos[d] + (-b) * sin[d];
-    x[d + half] = b * cos[d + half] + a * sin[d + half];
+    x[d] = held<W>(held<W>(a * cos[d]) + held<W>((-b) * sin[d]));
+    x[d + half] = held<W>(held<W>(b * cos[d + half]) + held<W>(a * sin[d + half]));
   }
+}
+
+template <typename W>
+void round_all(float* x, int64_t n) {
+  if (!std::is_same<W, float>::value)
+    for (int64_t i = 0; i < n; ++i) x[i] = held<W>(x[i]);
 }
 
 }  // namespace
 
+// A whole decode step through a Llama layer stack. Weights and cache in fp32 or bf16 (all the same); activations
+// are fp32 numbers rounded to the model's dtype wherever transformers' forward rounds them (a bf16 model's every
+// operation), so that a bf16 step gives transformers' bf16 numbers up to the order of the sums.
 struct LlamaDecoder {
   struct Layer {
     torch::Tensor ln1, wqkv, wo, ln2, wgu, wd;
   };
   std::vector<Layer> layers;
+  torch::ScalarType dtype;
   int64_t heads, kv_heads, dim, hidden, inter;
   float eps, scale;
 
   LlamaDecoder(std::vector<std::vector<torch::Tensor>> weights, int64_t heads, int64_t kv_heads, int64_t dim,
                double eps, double scale)
       : heads(heads), kv_heads(kv_heads), dim(dim), eps(static_cast<float>(eps)), scale(static_cast<float>(scale)) {
+    TORCH_CHECK(!weights.empty() && !weights[0].empty(), "LlamaDecoder: no layers");
+    dtype = weights[0][0].scalar_type();
+    TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16, "LlamaDecoder: fp32 or bf16 weights");
     for (auto& w : weights) {
       TORCH_CHECK(w.size() == 6, "LlamaDecoder: each layer is (ln1, wqkv, wo, ln2, wgu, wd)");
       for (auto& t : w)
-        TORCH_CHECK(t.scalar_type() == torch::kFloat32 && t.is_contiguous() && t.device().is_cpu(),
-                    "LlamaDecoder: fp32 contiguous CPU weights");
+        TORCH_CHECK(t.scalar_type() == dtype && t.is_contiguous() && t.device().is_cpu(),
+                    "LlamaDecoder: contiguous CPU weights, all of one dtype");
       layers.push_back({w[0], w[1], w[2], w[3], w[4], w[5]});
     }
-    TORCH_CHECK(!layers.empty(), "LlamaDecoder: no layers");
     hidden = layers[0].ln1.size(0);
     inter = layers[0].wd.size(1);
     TORCH_CHECK(layers[0].wqkv.size(0) == (heads + 2 * kv_heads) * dim && heads % kv_heads == 0,
                 "LlamaDecoder: the fused q/k/v weight does not match the heads");
   }
 
-  // h (rows, hidden): the new tokens' embeddings, changed in place into the last layer's output.
-  // cos, sin (rows, dim): each row's rotary at its position. keys[i], values[i] (rows_cap, kv_heads, pos_cap, dim):
-  // row r's token goes to position pos[r] and attends to positions 0..pos[r].
+  // h (rows, hidden) fp32: the new tokens' embeddings, changed in place into the last layer's output.
+  // cos, sin (rows, dim) fp32: each row's rotary at its position. keys[i], values[i] (rows_cap, kv_heads, pos_cap,
+  // dim) in the weights' dtype: row r's token goes to position pos[r] and attends to positions 0..pos[r].
   torch::Tensor step(torch::Tensor h, torch::Tensor cos, torch::Tensor sin, std::vector<torch::Tensor> keys,
                      std::vector<torch::Tensor> values, std::vector<int64_t> pos) {
     int64_t rows = h.size(0);
     TORCH_CHECK(h.dim() == 2 && h.size(1) == hidden && h.is_contiguous() && h.scalar_type() == torch::kFloat32,
                 "LlamaDecoder.step: h (rows, hidden) fp32");
+    TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && sin.scalar_type() == torch::kFloat32 && cos.is_contiguous() &&
+                    sin.is_contiguous() && cos.size(1) == dim && sin.size(1) == dim,
+                "LlamaDecoder.step: cos, sin (rows, dim) fp32");
     TORCH_CHECK(static_cast<int64_t>(pos.size()) == rows && cos.size(0) == rows && sin.size(0) == rows,
                 "LlamaDecoder.step: one position per row");
     TORCH_CHECK(keys.size() == layers.size() && values.size() == layers.size(), "LlamaDecoder.step: one cache per layer");
-    int64_t qkv_n = (heads + 2 * kv_heads) * dim, group = heads / kv_heads;
-    int64_t pos_cap = keys[0].size(2), max_pos = 0;
-    for (auto p : pos) {
-      TORCH_CHECK(p >= 0 && p < pos_cap, "LlamaDecoder.step: position outside the cache");
-      max_pos = std::max(max_pos, p);
+    for (size_t i = 0; i < keys.size(); ++i)
+      TORCH_CHECK(keys[i].scalar_type() == dtype && values[i].scalar_type() == dtype && keys[i].is_contiguous() &&
+                      values[i].is_contiguous() && keys[i].sizes() == values[i].sizes() && keys[i].dim() == 4 &&
+                      keys[i].size(0) >= rows && keys[i].size(1) == kv_heads && keys[i].size(3) == dim &&
+                      keys[i].size(2) == keys[0].size(2),
+                  "LlamaDecoder.step: caches (rows, kv_heads, positions, dim) in the weights' dtype");
+    for (auto p : pos) TORCH_CHECK(p >= 0 && p < keys[0].size(2), "LlamaDecoder.step: position outside the cache");
+    if (dtype == torch::kFloat32) {
+      run_step<float>(h, cos, sin, keys, values, pos);
+    } else {
+      run_step<uint16_t>(h, cos, sin, keys, values, pos);
     }
-    TORCH_CHECK(keys[0].size(0) >= rows, "LlamaDecoder.step: fewer cache rows than rows");
+    return h;
+  }
+
+  template <typename W>
+  void run_step(torch::Tensor& h, const torch::Tensor& cos, const torch::Tensor& sin, std::vector<torch::Tensor>& keys,
+                std::vector<torch::Tensor>& values, const std::vector<int64_t>& pos) {
+    int64_t rows = h.size(0), qkv_n = (heads + 2 * kv_heads) * dim, group = heads / kv_heads;
+    int64_t pos_cap = keys[0].size(2), width = *std::max_element(pos.begin(), pos.end()) + 1;
     auto opts = h.options();
     auto xn = torch::empty({rows, hidden}, opts), qkv = torch::empty({rows, qkv_n}, opts);
     auto att = torch::empty({rows, heads * dim}, opts), out = torch::empty({rows, hidden}, opts);
     auto gu = torch::empty({rows, 2 * inter}, opts), act = torch::empty({rows, inter}, opts);
-    auto scores = torch::empty({rows * heads, max_pos + 1}, opts);
+    auto scores = torch::empty({rows * heads, width}, opts);
     float *hp = h.data_ptr<float>(), *xp = xn.data_ptr<float>(), *qp = qkv.data_ptr<float>();
     float *ap = att.data_ptr<float>(), *op = out.data_ptr<float>(), *gp = gu.data_ptr<float>();
     float *actp = act.data_ptr<float>(), *sp = scores.data_ptr<float>();
     const float *cp = cos.data_ptr<float>(), *snp = sin.data_ptr<float>();
     for (size_t i = 0; i < layers.size(); ++i) {
       const Layer& L = layers[i];
-      float *kc = keys[i].data_ptr<float>(), *vc = values[i].data_ptr<float>();
-      rms_norm(hp, L.ln1.data_ptr<float>(), xp, rows, hidden, eps);
-      run(xp, L.wqkv.data_ptr<float>(), qp, rows, hidden, qkv_n);
+      W* kc = const_cast<W*>(ptr<W>(keys[i]));
+      W* vc = const_cast<W*>(ptr<W>(values[i]));
+      rms_norm(hp, ptr<W>(L.ln1), xp, rows, hidden, eps);
+      run(xp, ptr<W>(L.wqkv), qp, rows, hidden, qkv_n);
+      round_all<W>(qp, rows * qkv_n);
       for (int64_t r = 0; r < rows; ++r) {
         float* q = qp + r * qkv_n;
-        for (int64_t hd = 0; hd < heads + kv_heads; ++hd) rotate(q + hd * dim, cp + r * dim, snp + r * dim, dim);
+        for (int64_t hd = 0; hd < heads + kv_heads; ++hd) rotate<W>(q + hd * dim, cp + r * dim, snp + r * dim, dim);
         for (int64_t g = 0; g < kv_heads; ++g) {
           int64_t at = ((r * kv_heads + g) * pos_cap + pos[r]) * dim;
-          std::memcpy(kc + at, q + (heads + g) * dim, dim * sizeof(float));
-          std::memcpy(vc + at, q + (heads + kv_heads + g) * dim, dim * sizeof(float));
+          for (int64_t d = 0; d < dim; ++d) {
+            store(kc + at + d, q[(heads + g) * dim + d]);
+            store(vc + at + d, q[(heads + kv_heads + g) * dim + d]);
+          }
         }
       }
       at::parallel_for(0, rows * heads, 1, [&](int64_t b, int64_t e) {
         for (int64_t rh = b; rh < e; ++rh) {
           int64_t r = rh / heads, hd = rh % heads, n = pos[r] + 1;
           const float* q = qp + r * qkv_n + hd * dim;
-          const float* K = kc + (r * kv_heads + hd / group) * pos_cap * dim;
-          const float* V = vc + (r * kv_heads + hd / group) * pos_cap * dim;
-          float* s = sp + rh * (max_pos + 1);
+          const W* K = kc + (r * kv_heads + hd / group) * pos_cap * dim;
+          const W* V = vc + (r * kv_heads + hd / group) * pos_cap * dim;
+          float* s = sp + rh * width;
           float top = -INFINITY;
           for (int64_t t = 0; t < n; ++t) {
-            float dot = 0.f;
-            for (int64_t d = 0; d < dim; ++d) dot += q[d] * K[t * dim + d];
-            s[t] = dot * scale;
+            s[t] = dot(q, K + t * dim, dim) * scale;
             top = std::max(top, s[t]);
           }
           float total = 0.f;
@@ -227,23 +304,23 @@ struct LlamaDecoder {
           for (int64_t d = 0; d < dim; ++d) o[d] = 0.f;
           for (int64_t t = 0; t < n; ++t) {
             float p = s[t] / total;
-            for (int64_t d = 0; d < dim; ++d) o[d] += p * V[t * dim + d];
+            for (int64_t d = 0; d < dim; ++d) o[d] += p * load1(V + t * dim + d);
           }
+          for (int64_t d = 0; d < dim; ++d) o[d] = held<W>(o[d]);
         }
       });
-      run(ap, L.wo.data_ptr<float>(), op, rows, heads * dim, hidden);
-      for (int64_t j = 0; j < rows * hidden; ++j) hp[j] += op[j];
-      rms_norm(hp, L.ln2.data_ptr<float>(), xp, rows, hidden, eps);
-      run(xp, L.wgu.data_ptr<float>(), gp, rows, hidden, 2 * inter);
+      run(ap, ptr<W>(L.wo), op, rows, heads * dim, hidden);
+      for (int64_t j = 0; j < rows * hidden; ++j) hp[j] = held<W>(hp[j] + held<W>(op[j]));
+      rms_norm(hp, ptr<W>(L.ln2), xp, rows, hidden, eps);
+      run(xp, ptr<W>(L.wgu), gp, rows, hidden, 2 * inter);
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t j = 0; j < inter; ++j) {
-          float g = gp[r * 2 * inter + j];
-          actp[r * inter + j] = (g / (1.f + std::exp(-g))) * gp[r * 2 * inter + inter + j];
+          float g = held<W>(gp[r * 2 * inter + j]), u = held<W>(gp[r * 2 * inter + inter + j]);
+          actp[r * inter + j] = held<W>(held<W>(g / (1.f + std::exp(-g))) * u);
         }
-      run(actp, L.wd.data_ptr<float>(), op, rows, inter, hidden);
-      for (int64_t j = 0; j < rows * hidden; ++j) hp[j] += op[j];
+      run(actp, ptr<W>(L.wd), op, rows, inter, hidden);
+      for (int64_t j = 0; j < rows * hidden; ++j) hp[j] = held<W>(hp[j] + held<W>(op[j]));
     }
-    return h;
   }
 };
 
