@@ -77,8 +77,40 @@ void dot_rows(const float* x, const W* w, float* y, int64_t in, int64_t out, int
   }
 }
 
+// One row of x against fp32 w's rows [o0, o1), four of w's rows at a time: four streams in flight, x read once for
+// four (10-25% faster than dot_rows<1> on this model's shapes; slower for bf16 weights, which keep dot_rows<1>)
+void dot_one_row(const float* x, const float* w, float* y, int64_t in, int64_t o0, int64_t o1) {
+  int64_t o = o0;
+#if defined(__AVX2__) && defined(__FMA__)
+  for (; o + 4 <= o1 && in % 16 == 0; o += 4) {
+    const float* r0 = w + o * in;
+    const float *r1 = r0 + in, *r2 = r1 + in, *r3 = r2 + in;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0, d0 = a0, d1 = a0;
+    for (int64_t i = 0; i < in; i += 16) {
+      __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
+      a0 = _mm256_fmadd_ps(load8(r0 + i), x0, a0);
+      a1 = _mm256_fmadd_ps(load8(r0 + i + 8), x1, a1);
+      b0 = _mm256_fmadd_ps(load8(r1 + i), x0, b0);
+      b1 = _mm256_fmadd_ps(load8(r1 + i + 8), x1, b1);
+      c0 = _mm256_fmadd_ps(load8(r2 + i), x0, c0);
+      c1 = _mm256_fmadd_ps(load8(r2 + i + 8), x1, c1);
+      d0 = _mm256_fmadd_ps(load8(r3 + i), x0, d0);
+      d1 = _mm256_fmadd_ps(load8(r3 + i + 8), x1, d1);
+    }
+    y[o] = hsum(_mm256_add_ps(a0, a1));
+    y[o + 1] = hsum(_mm256_add_ps(b0, b1));
+    y[o + 2] = hsum(_mm256_add_ps(c0, c1));
+    y[o + 3] = hsum(_mm256_add_ps(d0, d1));
+  }
+#endif
+  dot_rows<1>(x, w, y, in, 0, o, o1);
+}
+
 template <typename W>
 void tile(const float* x, const W* w, float* y, int64_t rows, int64_t in, int64_t out, int64_t o0, int64_t o1) {
+  if constexpr (std::is_same<W, float>::value) {
+    if (rows == 1) return dot_one_row(x, w, y, in, o0, o1);
+  }
   int64_t r = 0;
   for (; r + ROWS <= rows; r += ROWS) dot_rows<ROWS>(x + r * in, w, y + r * out, in, out, o0, o1);
   switch (rows - r) {
@@ -326,7 +358,7 @@ struct LlamaDecoder {
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matvec", &matvec, "y = x @ w.T for a few rows (decode)");
-  pybind11::class_<LlamaDecoder>(m, "LlamaDecoder")
+  pybind11::class_<LlamaDecoder>(m, "LlamaDecoder", pybind11::module_local())
       .def(pybind11::init<std::vector<std::vector<torch::Tensor>>, int64_t, int64_t, int64_t, double, double>())
       .def("step", &LlamaDecoder::step);
 }
