@@ -2,7 +2,7 @@
 one run on one machine; then 8 clients at once, serve.py against llama.cpp.
 
     python -m benchmarks.decode_speed                  # the embedded SmolLM2-135M, 128 greedy tokens, fp32
-    python -m benchmarks.decode_speed --bf16           # also bf16 (slow on CPUs without AVX512-BF16/AMX)
+    python -m benchmarks.decode_speed --bf16           # also bf16: ours, transformers and llama.cpp
 
 Decode rate: greedy from the same prompt, once for 1 token and once for --tokens; (tokens - 1) / the time between,
 so prefill and start-up are left out. The same weights everywhere: llama.cpp reads GGUF files that export_gguf.py
@@ -31,6 +31,7 @@ import serve
 from alpaca_trainml import REPO_ROOT
 from alpaca_trainml.data.prompts import format_prompt
 from alpaca_trainml.export.gguf import export
+from alpaca_trainml.generation import matvec
 from alpaca_trainml.generation.decoding import GenParams
 from alpaca_trainml.generation.llama_step import FAST_ENV
 from alpaca_trainml.generation.model import InstructModel
@@ -164,14 +165,15 @@ class Table(list):
 def single_stream(args, checkpoint, model, table):
     """Batch-1 rows of the table, fp32 (and bf16 with --bf16)."""
     ids, n = model.encode_instruction(PROMPT), args.tokens
-    table.append(("ours: InstructModel (Llama step)", "fp32", *decode_rate(ours(model, ids), n)))
+    step = "ours: InstructModel (Llama step, " + ("our kernel)" if matvec.kernel() else "torch's ops)")
+    table.append((step, "fp32", *decode_rate(ours(model, ids), n)))
     os.environ[FAST_ENV] = "0"
     table.append(("ours before: transformers' forward step", "fp32", *decode_rate(ours(model, ids), n)))
     del os.environ[FAST_ENV]
     table.append(("transformers generate()", "fp32", *decode_rate(transformers_generate(model, ids), n)))
     if args.bf16:
         half = InstructModel(checkpoint, dtype="bfloat16")
-        table.append(("ours: InstructModel (Llama step)", "bf16", *decode_rate(ours(half, ids), n)))
+        table.append((step, "bf16", *decode_rate(ours(half, ids), n)))
         table.append(("transformers generate()", "bf16", *decode_rate(transformers_generate(half, ids), n)))
         del half
     if not peer_status():
@@ -221,6 +223,9 @@ def main(args):
     print(f"; llama.cpp f32, one request at a time {lc_many:.1f} tok/s" if lc_many else "")
     ours_rate, strictest = table[0][2], max(bws) * 1e9 / nbytes
     vs = f"; {ours_rate / theirs['f32']:.2f}x llama.cpp f32" if "f32" in theirs else ""
+    ours_bf16 = [r for name, d, r, _, _ in table if d == "bf16" and name.startswith("ours")]
+    if ours_bf16 and "bf16" in theirs:
+        vs += f"; bf16 {ours_bf16[0]:.1f} tok/s = {ours_bf16[0] / theirs['bf16']:.2f}x llama.cpp bf16"
     vs_many = f"; {args.clients} clients {many / lc_many:.2f}x llama.cpp" if lc_many else ""
     print(
         f"decode_speed: ours {ours_rate:.1f} tok/s fp32 = {table.of_bound(table[0], nbytes):.2f} of the bound "

@@ -1,13 +1,15 @@
 """The model step for Llama-architecture checkpoints (SmolLM2, Llama, the tests' tiny Llama): our own forward over
-the model's own weights and a static slot cache, with as few tensor operations per token as we could keep.
+the model's own weights and a static slot cache.
 
 Why: a batch-1 decode step reads every weight once, so its floor is the memory bandwidth; what transformers' forward
 adds per token on a CPU (module calls, cache bookkeeping, mask building) costs about as much again as the matmuls at
-135M parameters. Here a layer is 2 norms (F.rms_norm: the same numbers as transformers' module), 4 matmuls (q/k/v
-and gate/up fused; at decode each runs our kernel, or a matmul split across the threads: see Weight), one rotary
-embedding for queries and keys together (transformers' formula), an in-place cache write and one sdpa call, as
-transformers makes it. Greedy tokens are tested equal to
-transformers' generate() (tests/test_llama_step.py).
+135M parameters. A decode step of up to 16 rows on a CPU runs our kernel's LlamaDecoder (matvec.py,
+csrc/decode.cpp): the whole layer stack in one call, fp32 or bf16. Prefill, bigger batches, and machines where the
+kernel could not be built run the same forward over torch's operations: per layer 2 norms (F.rms_norm: the same
+numbers as transformers' module), 4 matmuls (q/k/v and gate/up fused; at decode each runs our kernel's matmul, or a
+matmul split across the threads: see Weight), one rotary embedding for queries and keys together (transformers'
+formula), an in-place cache write and one sdpa call, as transformers makes it. Greedy tokens are tested equal to
+transformers' generate() on every path (tests/test_llama_step.py).
 """
 
 import os
@@ -23,7 +25,7 @@ from alpaca_trainml.generation.kv_cache import SlotCache
 
 FAST_ENV = "ALPACA_FAST_DECODE"  # "0": every model takes transformers' forward (the generic step)
 _FUSED = weakref.WeakKeyDictionary()  # first module of a fused group -> (fused weight, its members' data pointers)
-SPLIT_MAX_ROWS = 16  # decode steps of up to this many rows take the split matmul (Weight); prefill takes F.linear
+SPLIT_MAX_ROWS = 16  # decode steps of up to this many rows take the kernel or the split matmul; prefill takes F.linear
 
 
 def supports(model):
