@@ -11,13 +11,16 @@ match ours (tests/test_export_gguf.py). The bound: every weight is read once per
 the read bandwidth measured right after each row (the best of a large tensor sum and a large matrix-vector product),
 since this machine's bandwidth moves within minutes; the headline also gives ours against the run's highest bound.
 8 clients: the same requests (greedy, --tokens/2 each) to serve.py (continuous batching) and to llama.cpp one after
-another, which is how llama-cpp-python's server runs one model (one request at a time). Last line: the headline.
+another, which is how llama-cpp-python's server runs one model (one request at a time). Then --rounds pairs of ours
+and llama.cpp at the same precision, each pair back to back, for a median ratio that the bandwidth's drift between
+table rows does not decide. Last line: the headline.
 """
 
 import argparse
 import json
 import logging
 import os
+import statistics
 import subprocess
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -183,6 +186,28 @@ def single_stream(args, checkpoint, model, table):
     return ids
 
 
+def head_to_head(args, checkpoint, model, ids):
+    """{dtype: median over --rounds of ours / llama.cpp at the same precision}, each pair measured back to back (the
+    order alternating), because the bandwidth of this machine moves more between rows of the table than the gap."""
+    pairs = [("fp32", "f32", model)]
+    if args.bf16:
+        pairs.append(("bf16", "bf16", InstructModel(checkpoint, dtype="bfloat16")))
+    medians = {}
+    for dtype, outtype, m in pairs:
+        gguf, ratios = gguf_file(checkpoint, outtype, args.gguf_dir), []
+        for i in range(args.rounds):
+            if i % 2 == 0:
+                a = decode_rate(ours(m, ids), args.tokens)[0]
+                b = llama_cpp_rate(gguf, ids, args.tokens, torch.get_num_threads())[0]
+            else:
+                b = llama_cpp_rate(gguf, ids, args.tokens, torch.get_num_threads())[0]
+                a = decode_rate(ours(m, ids), args.tokens)[0]
+            ratios.append(a / b)
+            print(f"head to head {dtype}, pair {i + 1}: ours {a:.1f}, llama.cpp {b:.1f} tok/s ({a / b:.2f}x)")
+        medians[dtype] = statistics.median(ratios)
+    return medians
+
+
 def main(args):
     checkpoint = resolve_model_path(args.model_name_or_path)
     model = InstructModel(checkpoint, dtype="float32")
@@ -226,6 +251,11 @@ def main(args):
     ours_bf16 = [r for name, d, r, _, _ in table if d == "bf16" and name.startswith("ours")]
     if ours_bf16 and "bf16" in theirs:
         vs += f"; bf16 {ours_bf16[0]:.1f} tok/s = {ours_bf16[0] / theirs['bf16']:.2f}x llama.cpp bf16"
+    if not peers and args.rounds:
+        medians = head_to_head(args, checkpoint, model, model.encode_instruction(PROMPT))
+        vs += "; back to back, median of {}: {}".format(
+            args.rounds, ", ".join(f"{d} {r:.2f}x llama.cpp" for d, r in medians.items())
+        )
     vs_many = f"; {args.clients} clients {many / lc_many:.2f}x llama.cpp" if lc_many else ""
     print(
         f"decode_speed: ours {ours_rate:.1f} tok/s fp32 = {table.of_bound(table[0], nbytes):.2f} of the bound "
@@ -239,6 +269,9 @@ def parse_args(argv=None):
     p.add_argument("--model_name_or_path", default=None, help="default: the embedded SmolLM2-135M")
     p.add_argument("--tokens", type=int, default=128, help="greedy tokens per batch-1 run (default 128)")
     p.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
+    p.add_argument(
+        "--rounds", type=int, default=3, help="back-to-back pairs of ours and llama.cpp (default 3; 0: none)"
+    )
     p.add_argument("--bf16", action="store_true", help="also measure bf16 (ours, transformers, llama.cpp)")
     p.add_argument("--gguf_dir", default=str(REPO_ROOT / "out" / "bench"), help="where the GGUF files are made once")
     return p.parse_args(argv)
