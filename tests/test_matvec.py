@@ -128,3 +128,9 @@ def test_bf16_decoder_is_as_close_to_fp32_as_transformers_bf16(module, tiny_llam
     ours = torch.stack(ours).float()
     ours_err, their_err = (ours - exact).abs().max().item(), (theirs - exact).abs().max().item()
     assert their_err > 0 and ours_err <= 2 * their_err, (ours_err, their_err)
+
+
+def test_weights_of_mixed_dtypes_build_no_decoder_rather_than_fail(module, tiny_llama_dir):
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).eval()
+    model.model.layers[0].input_layernorm.float()  # the kernel takes one dtype throughout: no decoder, no error
+    assert LlamaStep(model).decoder is None

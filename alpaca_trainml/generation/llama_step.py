@@ -133,9 +133,11 @@ class LlamaStep:
         self.eps = c.rms_norm_eps
         self.lm_head = weight(model.lm_head.weight)
         self.decoder = None  # the whole decode step in one call of our kernel (fp32 or bf16, on a CPU)
-        if k is not None and self.embed.dtype in (torch.float32, torch.bfloat16):
-            weights = [[ln1, wqkv.full, wo.full, ln2, wgu.full, wd.full] for ln1, wqkv, wo, ln2, wgu, wd in self.layers]
-            self.decoder = k.LlamaDecoder(weights, self.heads, self.kv_heads, self.head_dim, self.eps, self.scale)
+        weights = [[ln1, wqkv.full, wo.full, ln2, wgu.full, wd.full] for ln1, wqkv, wo, ln2, wgu, wd in self.layers]
+        dtype = self.embed.dtype
+        if k is not None and dtype in (torch.float32, torch.bfloat16):
+            if all(t.dtype == dtype and t.is_contiguous() for layer in weights for t in layer):  # as the kernel asks
+                self.decoder = k.LlamaDecoder(weights, self.heads, self.kv_heads, self.head_dim, self.eps, self.scale)
         self.cache = SlotCache(len(self.layers), self.kv_heads, self.head_dim, self.embed.dtype, self.embed.device)
 
     def __len__(self):
