@@ -6,13 +6,19 @@
     python weight_diff.py merge_lora --path_raw llama-7b --path_adapter out-lora --path_tuned alpaca-lora-7b
 
 The diff is tuned - raw in fp32, with a sha256 per tensor that recover checks; neither side ever holds a whole model
-(alpaca_trainml/training/weight_diff.py says how).
+(alpaca_trainml/checkpoints/weight_diff.py says how).
 """
 
 import logging
+from functools import partial
 
+from alpaca_trainml.checkpoints import weight_diff
+from alpaca_trainml.checkpoints.weight_diff import make_diff, merge_lora
 from alpaca_trainml.cli import run_fire
-from alpaca_trainml.training.weight_diff import make_diff, merge_lora, recover
+from alpaca_trainml.generation.model import sample_completion
+
+# recover's --test_inference generation runs through InstructModel (the checkpoint tools sit below generation/)
+recover = partial(weight_diff.recover, sample=sample_completion)
 
 __all__ = ["make_diff", "recover", "merge_lora", "main"]
 COMMANDS = {"make_diff": make_diff, "recover": recover, "merge_lora": merge_lora}

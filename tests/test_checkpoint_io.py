@@ -2,7 +2,7 @@
 
 import pytest
 
-from alpaca_trainml.training import checkpoint_io
+from alpaca_trainml.checkpoints import checkpoint_io
 
 
 def test_row_chunks_and_shards_cover_everything():

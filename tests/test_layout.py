@@ -30,6 +30,7 @@ TESTED_WITH_THEIR_SCRIPT = {
     "export/gguf_vocab.py": "test_export_gguf.py",
     "generation/hf_step.py": "test_llama_step.py",  # both model steps against transformers' generate()
     "generation/kv_cache.py": "test_llama_step.py",
+    "checkpoints/adapters.py": "test_lora.py",  # adapter folders as train.py --use_peft saves them
 }
 
 
@@ -87,6 +88,45 @@ def test_the_package_never_imports_a_root_script():
     scripts = {p.stem for p in root_scripts()}
     found = {rel(p): sorted(imported_modules(p) & scripts) for p in package_modules()}
     assert {k: v for k, v in found.items() if v} == {}
+
+
+# The package's layers, lowest first: a module imports only from its own layer's modules (its own subpackage) and
+# from lower layers. data/ knows no model code; checkpoints/ reads and writes folders; generation/ and export/ serve
+# and ship them; self_instruct/ asks a model; training/ and evaluation/ drive the rest.
+LAYERS = [
+    {"__init__", "cli", "jsonio"},
+    {"precision", "models"},
+    {"data"},
+    {"checkpoints"},
+    {"generation", "export"},
+    {"self_instruct"},
+    {"training", "evaluation"},
+]
+
+
+def package_imports(path):
+    """The package's own parts (subpackage or top-level module) that the module at path imports."""
+    parts = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "alpaca_trainml":
+            names = node.module.split(".")[1:2] or [alias.name for alias in node.names]
+            parts |= {name if name in set().union(*LAYERS) else "__init__" for name in names}
+        elif isinstance(node, ast.Import):
+            parts |= {a.name.split(".")[1] for a in node.names if a.name.startswith("alpaca_trainml.")}
+    return parts
+
+
+def test_imports_inside_the_package_only_point_down():
+    layer = {part: i for i, parts in enumerate(LAYERS) for part in parts}
+    upward = {}
+    for path in package_modules():
+        rel_parts = path.relative_to(PACKAGE).parts
+        own = rel_parts[0] if len(rel_parts) > 1 else path.stem
+        assert own in layer, f"{rel(path)}: add its part to LAYERS"
+        bad = sorted(p for p in package_imports(path) if p != own and layer[p] >= layer[own])
+        if bad:
+            upward[rel(path)] = bad
+    assert upward == {}
 
 
 def test_no_script_imports_another_script():

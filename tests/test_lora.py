@@ -19,6 +19,7 @@ import inference
 import train
 import weight_diff
 from alpaca_trainml import cli
+from alpaca_trainml.checkpoints import adapters
 from alpaca_trainml.training import lora
 
 # the tiny Llama's sentencepiece tokenizer has <unk>, <s> and </s>: train.py adds [PAD] as token 400 (vocab 400)
@@ -139,7 +140,7 @@ def test_output_folder_holds_the_adapter_and_the_base_is_untouched(lora_run, tin
 
 def test_only_adapter_and_new_token_parameters_change(lora_run, tiny_llama_dir):
     trainer, out, _ = lora_run
-    base, _ = lora.resized_base(out)  # the base as train.py had it before wrapping: [PAD] row = mean row
+    base, _ = adapters.resized_base(out)  # the base as train.py had it before wrapping: [PAD] row = mean row
     base_params = dict(base.named_parameters())
     trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_" in n or "trainable_tokens_delta" in n for n in trainable)
@@ -162,7 +163,7 @@ def test_adapter_on_the_untouched_base_and_the_merged_model_reproduce_the_traine
 
     trainer, out, _ = lora_run
     trained = logits(trainer.model, probe)
-    base, _ = lora.resized_base(out)
+    base, _ = adapters.resized_base(out)
     reloaded = logits(PeftModel.from_pretrained(base, out), probe)
     assert torch.allclose(reloaded, trained, atol=1e-6), (reloaded - trained).abs().max()
     merged = transformers.AutoModelForCausalLM.from_pretrained(merged_dir)
@@ -266,7 +267,7 @@ def test_qlora_trains_with_falling_loss_and_merges_into_the_fp32_base(tiny_llama
     assert len(losses) == 12 and all(math.isfinite(x) for x in losses)
     assert sum(losses[-3:]) < sum(losses[:3]), losses  # ln(400) ~ 6 at the start of a random model
     merged = weight_diff.merge_lora(str(tiny_llama_dir), str(out), str(tmp_path / "merged"))
-    base, _ = lora.resized_base(out)  # the full-precision base, the adapter applied by peft
+    base, _ = adapters.resized_base(out)  # the full-precision base, the adapter applied by peft
     expected = logits(PeftModel.from_pretrained(base, out), probe)
     got = logits(transformers.AutoModelForCausalLM.from_pretrained(merged), probe)
     assert torch.allclose(got, expected, atol=1e-4), (got - expected).abs().max()

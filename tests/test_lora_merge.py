@@ -1,4 +1,4 @@
-"""training/lora_merge.py: reading a saved adapter, checking it against the base's shapes, and the merge arithmetic,
+"""checkpoints/lora_merge.py: reading a saved adapter, checking it against the base's shapes, and the merge arithmetic,
 on adapter files written here by hand (two tensors and a token row): no model is built. The whole merge of a
 trained adapter runs in test_lora.py."""
 
@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from alpaca_trainml.checkpoints import lora_merge
 from alpaca_trainml.cli import UsageError
-from alpaca_trainml.training import lora_merge
 
 Q = "model.layers.0.self_attn.q_proj.weight"
 EMBED = "model.embed_tokens.weight"

@@ -4,8 +4,8 @@ import torch
 import transformers
 from helpers import build_tiny_llama, load_all
 
+from alpaca_trainml.checkpoints import checkpoint_io
 from alpaca_trainml.data import special_tokens
-from alpaca_trainml.training import checkpoint_io
 
 
 def test_missing_special_tokens_are_added_with_mean_rows(bpe_tokenizer_dir, tmp_path):

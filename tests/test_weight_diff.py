@@ -13,7 +13,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import weight_diff as script
-from alpaca_trainml.training import weight_diff
+from alpaca_trainml.checkpoints import weight_diff
 from train import missing_special_tokens, smart_tokenizer_and_embedding_resize
 
 # tiny tensors, so small limits make every path run: the 401x32 fp32 embedding (51 KB) spans 6 chunks
@@ -164,7 +164,7 @@ def test_naive_check_only_for_alpaca_7b(tmp_path, diff_dir, caplog):
         json.dumps(dict(weight_diff.ALPACA_7B_CONFIG, architectures=["LlamaForCausalLM"]))
     )
     assert weight_diff.naive_check_applies(tmp_path)
-    with caplog.at_level(logging.INFO, logger="alpaca_trainml.training.weight_diff"):
+    with caplog.at_level(logging.INFO, logger="alpaca_trainml.checkpoints.weight_diff"):
         assert not weight_diff.naive_check_applies(diff_dir)
     assert "not the Alpaca-7B diff" in caplog.text
     # fp32 sums added in state_dict order, keys outside it last
@@ -188,7 +188,7 @@ def test_cli_round_trip_loads_and_generates(tiny_llama_dir, tuned_dir, tmp_path,
             str(tmp_path / "d"),
         ]
     )
-    with caplog.at_level(logging.INFO, logger="alpaca_trainml.training.weight_diff"):
+    with caplog.at_level(logging.INFO, logger="alpaca_trainml.checkpoints.weight_diff"):
         script.main(
             [
                 "recover",

@@ -8,8 +8,12 @@ import torch
 import transformers
 
 from alpaca_trainml.data.special_tokens import IGNORE_INDEX
-from alpaca_trainml.training.segment_attention import KWARG as SEGMENT_KWARG
-from alpaca_trainml.training.segment_attention import SEGMENTS
+
+# The attention implementation that training/segment_attention.py registers with transformers, and the forward
+# keyword that carries each example's length in a one-row micro-batch. Here, below training/, so that data/ needs
+# nothing above it.
+SEGMENTS = "alpaca_segments"
+SEGMENT_KWARG = "segment_lengths"
 
 
 @dataclass

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import transformers
 
+from alpaca_trainml.checkpoints import adapters
 from alpaca_trainml.cli import UserError
 from alpaca_trainml.data.chat_template import install_chat_template
-from alpaca_trainml.training import lora
 
 logger = logging.getLogger(__name__)
 
@@ -125,11 +125,11 @@ def add_hparams(writer, model, name, outtype):
 
 def load(checkpoint, base_model, workdir):
     """(model, tokenizer) in fp32; an adapter is merged onto its base first (lora_merge, into workdir)."""
-    if lora.is_adapter(checkpoint):
+    if adapters.is_adapter(checkpoint):
+        from alpaca_trainml.checkpoints.lora_merge import merge
         from alpaca_trainml.models import resolve_model_path
-        from alpaca_trainml.training.lora_merge import merge
 
-        base = resolve_model_path(lora.base_of(checkpoint, base_model))
+        base = resolve_model_path(adapters.base_of(checkpoint, base_model))
         check_config(read_config(base), base)  # before the merge: refuse early
         checkpoint = merge(base, checkpoint, Path(workdir) / "merged")
     check_config(read_config(checkpoint), checkpoint)

@@ -8,13 +8,20 @@ from dataclasses import replace
 import torch
 import transformers
 
+from alpaca_trainml.checkpoints import adapters
 from alpaca_trainml.data.prompts import load_style
 from alpaca_trainml.generation.batch import Job, run_to_end
-from alpaca_trainml.generation.decoding import Completion, StopCriteria, check_params, cut_at_stop, generation_kwargs
+from alpaca_trainml.generation.decoding import (
+    Completion,
+    GenParams,
+    StopCriteria,
+    check_params,
+    cut_at_stop,
+    generation_kwargs,
+)
 from alpaca_trainml.generation.kv_cache import left_pad
 from alpaca_trainml.models import DEFAULT_MODEL_MAX_LENGTH, EMBEDDED_MODEL, from_pretrained
 from alpaca_trainml.precision import resolve_dtype
-from alpaca_trainml.training import lora
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +90,8 @@ class InstructModel:
         dtype = resolve_dtype(dtype, "cuda" if cuda else "cpu")
         # device_map="auto" spreads a model too big for one GPU over all of them, as the fork did
         placement = dict(device_map="auto") if cuda and device is None else {}
-        if lora.is_adapter(self.name):
-            self.model, self.tokenizer = lora.load_merged(self.name, base_model, dtype=dtype, **placement)
+        if adapters.is_adapter(self.name):
+            self.model, self.tokenizer = adapters.load_merged(self.name, base_model, dtype=dtype, **placement)
         else:
             self.tokenizer = from_pretrained(transformers.AutoTokenizer, self.name)
             self.model = from_pretrained(transformers.AutoModelForCausalLM, self.name, dtype=dtype, **placement)
@@ -206,3 +213,17 @@ class InstructModel:
         text, stopped = cut_at_stop(self.decode(used), stops)
         reason = "stop" if ends or stopped or len(used) < limit else "length"
         return Completion(text, n_prompt, len(used), reason)
+
+
+TEST_INSTRUCTION = "List three technologies that make life easier."  # weight_diff.py recover's test generation
+
+
+def sample_completion(path, device="cpu", instruction=TEST_INSTRUCTION, max_length=256):
+    """One sampled completion (top_p 0.9, as the original recover) from the model in `path`, printed."""
+    model = InstructModel(str(path), device=device, dtype="float32")
+    ids = model.encode_instruction(instruction)
+    # max_length counts the prompt, as in the original; a prompt that long still gets a few new tokens
+    params = GenParams(max_tokens=max(max_length - len(ids), 16), temperature=1.0, top_p=0.9)
+    completion = model.generate([ids], params)[0].text
+    print(f"Instruction: {instruction}\nCompletion: {completion}")
+    return completion

@@ -42,7 +42,7 @@ class PreferenceTrainer(CpuFsdpMixin, DPOTrainer):
 def load_policy(model_args, training_args):
     """(model, tokenizer) as train.py loads them, but with --use_peft the adapter trains no rows of the special tokens
     train.py adds: TRL computes the log-probabilities from lm_head.weight itself, past peft's trainable-token wrapper.
-    Those rows stay the mean-initialised ones that lora.resized_base rebuilds under the adapter; [PAD] is masked."""
+    Those rows stay the mean-initialised ones that adapters.resized_base rebuilds under the adapter; [PAD] is masked."""
     if not model_args.use_peft:
         return load_model_and_tokenizer(model_args, training_args)
     model, tokenizer = load_model_and_tokenizer(dataclasses.replace(model_args, use_peft=False), training_args)

@@ -58,8 +58,15 @@ class DPOTrainingArguments(DPOConfig):
     bf16: bool | None = field(
         default=False, metadata={"help": "bf16 mixed precision (TRL turns it on by default; train.py does not)."}
     )
-    gradient_checkpointing: bool = field(
-        default=False, metadata={"help": "Recompute activations in the backward pass: less memory, about 20%% slower."}
+    # None, not False: transformers 5.24 warns on any explicit value of this deprecated alias of
+    # activation_checkpointing (TRL sets True); None leaves it off unless --gradient_checkpointing is given.
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Recompute activations in the backward pass: less memory, about 20%% slower.",
+            "nargs": "?",
+            "const": True,
+        },
     )
     max_length: int | None = field(
         default=DEFAULT_MODEL_MAX_LENGTH,

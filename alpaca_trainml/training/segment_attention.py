@@ -19,8 +19,8 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-SEGMENTS = "alpaca_segments"
-KWARG = "segment_lengths"
+from alpaca_trainml.data.collators import SEGMENT_KWARG as KWARG
+from alpaca_trainml.data.collators import SEGMENTS
 
 
 def segment_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):

@@ -1,5 +1,5 @@
 """Checkpoints on disk, tensor by tensor: read row slices of any HF folder, write fp32 safetensors shards
-atomically. training/weight_diff.py builds on these so that no step holds a whole model in memory."""
+atomically. checkpoints/weight_diff.py builds on these so that no step holds a whole model in memory."""
 
 import contextlib
 import json

@@ -19,10 +19,8 @@ from pathlib import Path
 import torch
 
 from alpaca_trainml import jsonio, models
-from alpaca_trainml.cli import UsageError
-from alpaca_trainml.data.special_tokens import embedding_resize, mean_row, raw_rows
-from alpaca_trainml.training import lora_merge
-from alpaca_trainml.training.checkpoint_io import (
+from alpaca_trainml.checkpoints import lora_merge
+from alpaca_trainml.checkpoints.checkpoint_io import (
     Checkpoint,
     as_bytes,
     copy_side_files,
@@ -31,6 +29,8 @@ from alpaca_trainml.training.checkpoint_io import (
     staging,
     write_model,
 )
+from alpaca_trainml.cli import UsageError
+from alpaca_trainml.data.special_tokens import embedding_resize, mean_row, raw_rows
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +48,6 @@ ALPACA_7B_CONFIG = dict(
     num_attention_heads=32,
     vocab_size=32001,
 )
-TEST_INSTRUCTION = "List three technologies that make life easier."
 
 
 def pair_up(raw_shapes, other_shapes, resize, known, other_name):
@@ -180,20 +179,6 @@ def check_naive_sum(total, path_raw):
         )
 
 
-def sample_completion(path, device="cpu", instruction=TEST_INSTRUCTION, max_length=256):
-    """One sampled completion (top_p 0.9, as the original) from the model in `path`, through InstructModel."""
-    from alpaca_trainml.generation.decoding import GenParams
-    from alpaca_trainml.generation.model import InstructModel  # loads torch models: only when a recovery asks for it
-
-    model = InstructModel(str(path), device=device, dtype="float32")
-    ids = model.encode_instruction(instruction)
-    # max_length counts the prompt, as in the original; a prompt that long still gets a few new tokens
-    params = GenParams(max_tokens=max(max_length - len(ids), 16), temperature=1.0, top_p=0.9)
-    completion = model.generate([ids], params)[0].text
-    print(f"Instruction: {instruction}\nCompletion: {completion}")
-    return completion
-
-
 def recover(
     path_raw,
     path_diff,
@@ -204,11 +189,14 @@ def recover(
     chunk_mb=16,
     max_shard_mb=2048,
     inference_max_length=256,
+    sample=None,
 ):
     """Write raw + diff (fp32) to path_tuned, checking each tensor against the diff's manifest.
 
     Returns the folder; the original returned the model, which we never hold. Without path_tuned the
-    result goes to a temp folder for the checks and the test generation, then is deleted."""
+    result goes to a temp folder for the checks and the test generation, then is deleted. sample(path, device,
+    max_length): the test generation that test_inference runs on the result (the script passes
+    generation.model.sample_completion; this package sits below generation/)."""
     path_raw = models.resolve_model_path(path_raw)
     raw, diff, resize, means, shapes, order = _prepare(path_raw, path_diff, f"the diff {path_diff}")
     expected = load_manifest(path_diff, shapes)
@@ -248,8 +236,8 @@ def recover(
         logger.info(
             "recovered %d tensors into %s%s", len(shapes), dest, "" if expected is None else ", all match the manifest"
         )
-        if test_inference:
-            sample_completion(dest, device, max_length=inference_max_length)
+        if test_inference and sample is not None:
+            sample(dest, device, max_length=inference_max_length)
     finally:
         if path_tuned is None:
             shutil.rmtree(dest, ignore_errors=True)

@@ -17,10 +17,8 @@ import transformers
 from safetensors.torch import load_file
 
 from alpaca_trainml import jsonio, models
-from alpaca_trainml.cli import UsageError
-from alpaca_trainml.data.special_tokens import embedding_resize, mean_row, raw_rows
-from alpaca_trainml.training import lora
-from alpaca_trainml.training.checkpoint_io import (
+from alpaca_trainml.checkpoints import adapters
+from alpaca_trainml.checkpoints.checkpoint_io import (
     Checkpoint,
     copy_side_files,
     meta_model,
@@ -28,6 +26,8 @@ from alpaca_trainml.training.checkpoint_io import (
     staging,
     write_model,
 )
+from alpaca_trainml.cli import UsageError
+from alpaca_trainml.data.special_tokens import embedding_resize, mean_row, raw_rows
 
 logger = logging.getLogger(__name__)
 
@@ -42,10 +42,10 @@ class Adapter:
 
     def __init__(self, path):
         self.path = Path(path)
-        config = lora.adapter_config(path)
+        config = adapters.adapter_config(path)
         used = [k for k in UNSUPPORTED if config.get(k)]
         if used:
-            raise UsageError(f"{self.path / lora.ADAPTER_CONFIG}: merge_lora does not handle {', '.join(used)}")
+            raise UsageError(f"{self.path / adapters.ADAPTER_CONFIG}: merge_lora does not handle {', '.join(used)}")
         self.scaling = config["lora_alpha"] / (math.sqrt(config["r"]) if config.get("use_rslora") else config["r"])
         weights = self.path / "adapter_model.safetensors"
         if not weights.is_file():
@@ -127,7 +127,7 @@ def tied_token_rows(adapter, path_raw, shapes):
 def merge(path_raw, path_adapter, path_tuned, chunk_mb=16, max_shard_mb=2048):
     """Write base + adapter (fp32 safetensors, config, the adapter's tokenizer) to path_tuned; return the folder.
     path_raw None: the base adapter_config.json names."""
-    path_raw = models.resolve_model_path(lora.base_of(path_adapter, path_raw))
+    path_raw = models.resolve_model_path(adapters.base_of(path_adapter, path_raw))
     adapter = Adapter(path_adapter)
     raw = Checkpoint(path_raw)
     resize = {k: r for k, r in embedding_resize(path_raw, meta_model(path_raw), raw.shapes).items() if r[1]}
@@ -135,7 +135,7 @@ def merge(path_raw, path_adapter, path_tuned, chunk_mb=16, max_shard_mb=2048):
     shapes = {k: (sum(resize[k]), *s[1:]) if k in resize else tuple(s) for k, s in raw.shapes.items()}
     tokenizer = transformers.AutoTokenizer.from_pretrained(path_adapter)
     for key in resize:
-        lora.check_vocab(path_adapter, len(tokenizer), path_raw, shapes[key][0])
+        adapters.check_vocab(path_adapter, len(tokenizer), path_raw, shapes[key][0])
     check_pairs(adapter, shapes, path_raw)
     tied_token_rows(adapter, path_raw, shapes)
 
