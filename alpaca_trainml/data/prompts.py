@@ -24,7 +24,7 @@ from pathlib import Path
 
 import jinja2
 
-from alpaca_trainml.data import alpaca_labels, conversations
+from alpaca_trainml.data import alpaca_labels, conversations, ollama_template
 from alpaca_trainml.data.chat_template import has_alpaca_template, install_chat_template
 from alpaca_trainml.data.templates import PROMPT_DICT, STYLE_KEY, format_prompt
 
@@ -93,6 +93,17 @@ class PromptStyle:
         tokens = {tokenizer.eos_token, self.end_of_turn(tokenizer)} - {None}
         return sorted({tokenizer.convert_tokens_to_ids(t) for t in tokens} - {None, tokenizer.unk_token_id})
 
+    def stop_strings(self, tokenizer):
+        """The stop texts for servers that take strings (Ollama's PARAMETER stop): the end-of-turn token and EOS."""
+        return list(dict.fromkeys(t for t in (self.end_of_turn(tokenizer), tokenizer.eos_token) if t))
+
+    def ollama_template(self, tokenizer):
+        """The Go template for an Ollama Modelfile that prompts as render() does (ollama_template.py)."""
+        adds_bos = tokenizer.bos_token and tokenizer("a")["input_ids"][:1] == [tokenizer.bos_token_id]
+        bos = tokenizer.bos_token if adds_bos else ""  # Ollama adds it itself, as the GGUF file says
+        wrappers = ollama_template.turn_wrappers(lambda chat, gen: self.render(tokenizer, chat, gen), bos)
+        return ollama_template.wrapper_go_template(*wrappers)
+
     def answer(self, tokenizer, messages, k, prompt):
         """(text, trained length): what the answer messages[k] adds after `prompt`, and how much of it trains."""
         raise NotImplementedError
@@ -131,6 +142,9 @@ class Alpaca(PromptStyle):
 
     def end_of_turn(self, tokenizer):
         return tokenizer.eos_token  # an answer ends with EOS, as Alpaca rows do
+
+    def ollama_template(self, tokenizer):
+        return ollama_template.alpaca_go_template()
 
     def answer(self, tokenizer, messages, k, prompt):
         text = messages[k]["content"] + tokenizer.eos_token
@@ -171,13 +185,11 @@ class ModelChatTemplate(PromptStyle):
         return super().install(tokenizer)
 
     def template_messages(self, messages):
-        """A data row's input joins its instruction (instruction_messages); OpenAI's developer role is the system's."""
+        """A data row's input joins its instruction (instruction_messages); every role goes to the template as is."""
         out = super().template_messages(messages)
         for m, t in zip(messages, out):
             if m.get("input"):
                 t["content"] = instruction_messages(m["content"], m["input"])[0]["content"]
-            if t["role"] == "developer":
-                t["role"] = "system"
         return out
 
     def end_of_turn(self, tokenizer):
