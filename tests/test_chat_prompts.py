@@ -240,3 +240,49 @@ def test_the_ollama_template_renders_as_the_jinja_template(checkpoints, style, g
     chats = [text_only(c) for c in CHATS]
     for chat, text in zip(chats, go_render(prompts.get_style(style).ollama_template(tok), chats)):
         assert text == prompts.get_style(style).render(tok, chat), chat
+
+
+LLAMA_CPP_CHATS = """
+import json, sys
+from llama_cpp import Llama
+llm = Llama(model_path=sys.argv[1], n_ctx=1024, n_threads=2, verbose=False)
+out = []
+for chat in json.loads(sys.stdin.read()):
+    r = llm.create_chat_completion(chat, temperature=0.0, top_k=1, repeat_penalty=1.0, max_tokens=24)
+    out.append(dict(text=r["choices"][0]["message"]["content"], prompt_tokens=r["usage"]["prompt_tokens"]))
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("style", ["alpaca", "model"])
+def test_llama_cpp_answers_chats_on_the_exported_file_as_serve_py(style, tmp_path):
+    """The embedded model saved as a checkpoint of each style, exported, and asked 4 chats by llama.cpp's chat API
+    (the GGUF's template): the same prompt length and greedy answer as serve.py's prompt (fp32)."""
+    from test_export_gguf import PEERS_PYTHON, peers_have_llama_cpp
+
+    from alpaca_trainml.generation.decoding import GenParams
+    from alpaca_trainml.models import embedded_model_path
+
+    if not peers_have_llama_cpp():
+        pytest.skip("needs .venv-peers with llama-cpp-python (make peers)")
+    folder = tmp_path / style
+    shutil.copytree(embedded_model_path(), folder)
+    prompts.get_style(style).install(transformers.AutoTokenizer.from_pretrained(folder)).save_pretrained(folder)
+    out = export(folder, tmp_path / "m.gguf", "f32")
+    model = InstructModel(str(folder))
+    chats = [text_only(c) for c in CHATS if not any(m["role"] == "developer" for m in c)]
+    ours = []
+    for chat in chats:
+        ids = model.encode_chat(chat)
+        ours.append((len(ids), model.generate([ids], GenParams(max_tokens=24, temperature=0))[0].text.strip()))
+    run = subprocess.run(
+        [str(PEERS_PYTHON), "-c", LLAMA_CPP_CHATS, str(out)],
+        input=json.dumps(chats),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-2000:]
+    theirs = json.loads(run.stdout.strip().splitlines()[-1])
+    assert [(t["prompt_tokens"], t["text"].strip()) for t in theirs] == ours

@@ -33,6 +33,7 @@ TESTED_WITH_THEIR_SCRIPT = {
     "checkpoints/adapters.py": "test_lora.py",  # adapter folders as train.py --use_peft saves them
     "data/alpaca_labels.py": "test_dataset.py",  # the golden labels
     "data/templates.py": "test_prompts.py",
+    "data/ollama_template.py": "test_chat_prompts.py",  # run by Go, as Ollama runs it
 }
 
 
