@@ -1,8 +1,9 @@
-"""Turn a checkpoint into one GGUF file for llama.cpp and Ollama: the weights, the tokenizer and our Alpaca chat
-template. A LoRA adapter folder is merged onto its base first.
+"""Turn a checkpoint into one GGUF file for llama.cpp and Ollama: the weights, the tokenizer, and the chat template and
+end-of-turn token of the prompt style it was trained in. A LoRA adapter folder is merged onto its base first.
+--modelfile also writes an Ollama Modelfile with the same prompt (a Go template) and its stop strings.
 
     python export_gguf.py out/demo out/demo-f32.gguf
-    python export_gguf.py out/demo-lora out/demo-lora-q8_0.gguf --outtype q8_0
+    python export_gguf.py out/demo-lora out/demo-lora-q8_0.gguf --outtype q8_0 --modelfile out/Modelfile
     python export_gguf.py embedded:smollm2-135m smollm2-f16.gguf --outtype f16
 
 Covers the Llama architecture (SmolLM2, Llama 2/3 without rope scaling, TinyLlama); see README "Run it with
@@ -20,8 +21,11 @@ from alpaca_trainml.models import resolve_model_path
 def main(args):
     with cli.user_errors():
         checkpoint = resolve_model_path(args.checkpoint)
-    out = export(checkpoint, args.out, args.outtype, args.base_model)
-    print(f"wrote {out} ({args.outtype})")
+    out = export(checkpoint, args.out, args.outtype, args.base_model, args.modelfile)
+    print(
+        f"wrote {out} ({args.outtype})"
+        + (f" and {args.modelfile}: ollama create NAME -f {args.modelfile}" if args.modelfile else "")
+    )
 
 
 def parse_args(argv=None):
@@ -30,6 +34,12 @@ def parse_args(argv=None):
     p.add_argument("out", help="the .gguf file to write")
     p.add_argument("--outtype", default="f32", choices=list(OUTTYPES), help="weight type (default f32)")
     p.add_argument("--base_model", default=None, help="the base of a LoRA adapter (default: its own record)")
+    p.add_argument(
+        "--modelfile",
+        default=None,
+        help="also write an Ollama Modelfile here: FROM the GGUF file, the checkpoint's prompt as a Go TEMPLATE, and "
+        "its stop strings",
+    )
     return p.parse_args(argv)
 
 

@@ -30,13 +30,9 @@ import logging
 import transformers
 
 from alpaca_trainml import cli
+from alpaca_trainml.data.alpaca_labels import _tokenize_fn, preprocess
 from alpaca_trainml.data.collators import DataCollatorForSupervisedDataset
-from alpaca_trainml.data.dataset import (
-    SupervisedDataset,
-    _tokenize_fn,
-    make_supervised_data_module,
-    preprocess,
-)
+from alpaca_trainml.data.dataset import SupervisedDataset, make_supervised_data_module
 from alpaca_trainml.data.prompts import PROMPT_DICT
 from alpaca_trainml.data.special_tokens import (
     DEFAULT_BOS_TOKEN,

@@ -137,7 +137,7 @@ def supervised_per_step(counts, grad_accum):
 def prefix_mismatches(rows, tokenizer):
     """Rows whose tokenized prompt is not a prefix of the tokenized prompt+output+EOS. There TRL's own tokenization
     (completion mask from the common prefix) and train.py's (mask len(prompt) tokens) label different positions."""
-    from alpaca_trainml.data.dataset import build_example_texts
+    from alpaca_trainml.data.alpaca_labels import build_example_texts
 
     sources, targets = build_example_texts(rows, tokenizer.eos_token)
     src = tokenizer(sources)["input_ids"]

@@ -136,6 +136,34 @@ def serve_in_thread(argv):
     return serve.ServerThread(serve.build_server(serve.parse_args(argv)))
 
 
+def alpaca_chat_prompt(chat):
+    """A plain re-statement of how the Alpaca chat template places a chat (chat_template.py's docstring), as
+    (instruction, input or None); ValueError where the template refuses the chat. chat: [{"role", "content"}], the
+    content a string, None, or OpenAI's text parts."""
+
+    def text(m):
+        c = m.get("content")
+        if isinstance(c, list):
+            if any(p.get("type") != "text" for p in c):
+                raise ValueError("only text content parts")
+            return "".join(p.get("text") or "" for p in c).strip()
+        return (c or "").strip()
+
+    if not chat or chat[-1]["role"] != "user":
+        raise ValueError("the last message must come from the user")
+    system, turns = [], []
+    for m in chat[:-1]:
+        if m["role"] not in ("system", "developer", "user", "assistant"):
+            raise ValueError(f"role {m['role']}")
+        if text(m):
+            (system if m["role"] in ("system", "developer") else turns).append(
+                text(m) if m["role"] in ("system", "developer") else f"{m['role'].capitalize()}: {text(m)}"
+            )
+    if not text(chat[-1]):
+        raise ValueError("the last message is empty")
+    return text(chat[-1]), "\n\n".join(system + (["\n".join(turns)] if turns else [])) or None
+
+
 def original_labels(sources, targets, tokenizer):
     """A plain re-statement of the original Alpaca preprocess(): one string at a time, return_tensors='pt'."""
 

@@ -1,13 +1,14 @@
-"""chat_template.py: the Jinja chat template renders every chat exactly as serve.py maps it (protocol.chat_to_alpaca
-then utils.format_prompt), through transformers' own apply_chat_template, and it is saved with a checkpoint."""
+"""chat_template.py: the Jinja chat template places every chat as its docstring says (helpers.alpaca_chat_prompt
+states the rule plainly, then utils.format_prompt), through transformers' own apply_chat_template, and it is saved
+with a checkpoint."""
 
 import random
 
 import pytest
+from helpers import alpaca_chat_prompt
 from transformers import AutoTokenizer
 
 from alpaca_trainml.data.chat_template import ALPACA_CHAT_TEMPLATE, install_chat_template
-from alpaca_trainml.generation.protocol import ChatMessage, chat_to_alpaca
 from utils import format_prompt
 
 TEXTS = ["Hi", "  Name a colour.  ", "", "   ", "Line one.\nLine two.", 'Quotes " and \\ backslash', "Ünïcödé ✓"]
@@ -34,9 +35,9 @@ def content(rng):
 
 
 def serve_prompt(chat):
-    """What serve.py prompts the model with, or None where it answers 400."""
+    """The Alpaca prompt for a chat, or None where the template refuses it (serve.py answers 400)."""
     try:
-        return format_prompt(*chat_to_alpaca([ChatMessage(**m) for m in chat]))
+        return format_prompt(*alpaca_chat_prompt(chat))
     except ValueError:
         return None
 
@@ -77,3 +78,18 @@ def test_the_rendered_chat_encodes_to_the_ids_it_was_trained_on(spm_tokenizer_di
 def test_the_template_is_saved_with_the_checkpoint(bpe, tmp_path):
     bpe.save_pretrained(tmp_path)
     assert AutoTokenizer.from_pretrained(tmp_path).chat_template == ALPACA_CHAT_TEMPLATE
+
+
+def test_a_chat_is_placed_in_the_alpaca_prompt(bpe):
+    def render(chat):
+        return bpe.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+
+    assert render([{"role": "user", "content": " Name a colour. "}]) == format_prompt("Name a colour.")
+    chat = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "developer", "content": "  "},  # empty: left out
+        {"role": "user", "content": [{"type": "text", "text": "Name a colour."}]},
+    ]
+    assert render(chat) == format_prompt("Name a colour.", "Be brief.\n\nUser: Hi\nAssistant: Hello!")

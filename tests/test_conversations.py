@@ -3,12 +3,10 @@ turns, and padding-free collation giving the padded loss."""
 
 import pytest
 import torch
-from helpers import load_tokenizer, make_rows, original_labels, tiny_llama_config
+from helpers import alpaca_chat_prompt, load_tokenizer, make_rows, original_labels, tiny_llama_config
 from transformers import LlamaForCausalLM
 
-from alpaca_trainml.data import collators, conversations, dataset, prompts
-from alpaca_trainml.data.chat_template import apply_style
-from alpaca_trainml.generation.protocol import ChatMessage, chat_to_alpaca
+from alpaca_trainml.data import alpaca_labels, collators, conversations, dataset, prompts
 
 # a ChatML-like template for the test tokenizers: every turn ends with EOS and a newline
 TURNS_TEMPLATE = (
@@ -31,12 +29,13 @@ ANSWERS = [m["content"] for m in CHAT if m["role"] == "assistant"]
 def styled(tokenizer, style, template=None):
     if template is not None:
         tokenizer.chat_template = template
-    return apply_style(tokenizer, prompts.get_style(style))
+    return prompts.get_style(style).install(tokenizer)
 
 
 def encode(tokenizer, messages, alpaca):
     stats = conversations.ChatStats()
-    return conversations.encode_conversation(tokenizer, messages, alpaca, stats), stats
+    style = prompts.get_style("alpaca" if alpaca else "model")
+    return conversations.encode_conversation(tokenizer, messages, style, stats), stats
 
 
 def trained_runs(tokenizer, ids, labels):
@@ -56,7 +55,7 @@ def test_alpaca_rows_as_chats_get_the_original_ids_and_labels(which, request):
     the Alpaca prompt, so the chat path must reproduce the original labelling token for token."""
     tokenizer = styled(load_tokenizer(request.getfixturevalue(which), max_length=256), "alpaca")
     rows = make_rows(30, seed=11)
-    sources, targets = dataset.build_example_texts(rows, tokenizer.eos_token)
+    sources, targets = alpaca_labels.build_example_texts(rows, tokenizer.eos_token)
     want_ids, want_labels = original_labels(sources, targets, tokenizer)
     for row, ids, labels in zip(rows, want_ids, want_labels):
         chat = [{"role": "system", "content": row["input"]}] if row["input"] else []
@@ -82,7 +81,7 @@ def test_the_alpaca_style_trains_each_answer_on_the_prompt_serve_py_sends(spm_to
     examples, stats = encode(tokenizer, CHAT, alpaca=True)
     assert len(examples) == stats.examples == 3  # the history sits in each prompt's Input: one example an answer
     for (ids, labels), k in zip(examples, [i for i, m in enumerate(CHAT) if m["role"] == "assistant"]):
-        served = prompts.format_prompt(*chat_to_alpaca([ChatMessage(**m) for m in CHAT[:k]]))
+        served = prompts.format_prompt(*alpaca_chat_prompt(CHAT[:k]))
         n = len(tokenizer(served)["input_ids"])  # the prompt as serve.py encodes it, BOS and all
         assert ids.tolist() == tokenizer(served + CHAT[k]["content"] + "</s>")["input_ids"]  # as an Alpaca row
         assert bool((labels[:n] == -100).all()) and torch.equal(labels[n:], ids[n:])  # the answer and EOS only
@@ -147,5 +146,5 @@ def test_padding_free_chat_batches_give_the_padded_loss_and_gradients(bpe_tokeni
 
 def test_a_chat_the_template_refuses_is_a_value_error_naming_it(bpe_tokenizer_dir):
     tokenizer = styled(load_tokenizer(bpe_tokenizer_dir), "alpaca")  # it renders prompts only: no final answer
-    with pytest.raises(ValueError, match="cannot render a conversation: the last message must come from the user"):
+    with pytest.raises(ValueError, match="cannot render this chat: the last message must come from the user"):
         encode(tokenizer, CHAT, alpaca=False)

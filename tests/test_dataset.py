@@ -7,7 +7,7 @@ import torch
 from helpers import load_tokenizer, make_rows, original_labels
 
 import train
-from alpaca_trainml.data import dataset
+from alpaca_trainml.data import alpaca_labels, dataset
 
 
 @pytest.mark.parametrize("which", ["spm_tokenizer_dir", "bpe_tokenizer_dir"])
@@ -15,8 +15,8 @@ def test_labels_equal_the_original_algorithm(which, request):
     tokenizer = load_tokenizer(request.getfixturevalue(which), max_length=256)
     rows = make_rows(40, seed=7)
     rows.append({"instruction": "Repeat the word many times.", "input": "", "output": "the river " * 200})  # truncated
-    sources, targets = dataset.build_example_texts(rows, tokenizer.eos_token)
-    got = dataset.preprocess(sources, targets, tokenizer)
+    sources, targets = alpaca_labels.build_example_texts(rows, tokenizer.eos_token)
+    got = alpaca_labels.preprocess(sources, targets, tokenizer)
     want_ids, want_labels = original_labels(sources, targets, tokenizer)
     assert len(got["input_ids"]) == len(want_ids) == 41
     for a, b, c, d in zip(got["input_ids"], want_ids, got["labels"], want_labels):
@@ -35,8 +35,8 @@ def test_dataset_counts_truncated_and_fully_masked_rows(spm_tokenizer_dir, data_
 
 def test_mask_by_construction_trains_exactly_the_output(bpe_tokenizer_dir):
     tokenizer = load_tokenizer(bpe_tokenizer_dir, max_length=512)
-    sources, targets = dataset.build_example_texts(make_rows(10, seed=3), tokenizer.eos_token)
-    got = dataset.preprocess_by_construction(sources, targets, tokenizer)
+    sources, targets = alpaca_labels.build_example_texts(make_rows(10, seed=3), tokenizer.eos_token)
+    got = alpaca_labels.preprocess_by_construction(sources, targets, tokenizer)
     for ids, labels, target in zip(got["input_ids"], got["labels"], targets):
         trained = labels[labels != -100].tolist()
         assert trained == tokenizer(target, add_special_tokens=False)["input_ids"]

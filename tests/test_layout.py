@@ -31,6 +31,9 @@ TESTED_WITH_THEIR_SCRIPT = {
     "generation/hf_step.py": "test_llama_step.py",  # both model steps against transformers' generate()
     "generation/kv_cache.py": "test_llama_step.py",
     "checkpoints/adapters.py": "test_lora.py",  # adapter folders as train.py --use_peft saves them
+    "data/alpaca_labels.py": "test_dataset.py",  # the golden labels
+    "data/templates.py": "test_prompts.py",
+    "data/ollama_template.py": "test_chat_prompts.py",  # run by Go, as Ollama runs it
 }
 
 

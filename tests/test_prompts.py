@@ -28,7 +28,7 @@ def test_the_registry_names_its_styles_and_refuses_others():
 
 
 def test_the_alpaca_style_is_the_original_prompt():
-    assert prompts.ALPACA.apply("Sort.", "b a") == prompts.format_prompt("Sort.", "b a")
+    assert prompts.ALPACA.instruction_prompt(None, "Sort.", "b a") == prompts.format_prompt("Sort.", "b a")
     assert prompts.ALPACA.templates is prompts.PROMPT_DICT and prompts.ALPACA.add_special_tokens
 
 
@@ -38,8 +38,12 @@ def test_auto_keeps_alpaca_rows_on_the_original_prompt_and_gives_chats_the_model
     assert prompts.choose_style("auto", bpe, has_chat_rows=False).name == "alpaca"  # label-identical Alpaca rows
     assert prompts.choose_style("auto", bpe, has_chat_rows=True).name == "model"
     assert prompts.choose_style("alpaca", bpe, has_chat_rows=True).name == "alpaca"
-    chat_template.apply_style(bpe, prompts.ALPACA)  # a checkpoint of ours trained in the Alpaca style, fine-tuned again
+    prompts.ALPACA.install(bpe)  # a checkpoint of ours trained in the Alpaca style, fine-tuned again
     assert prompts.choose_style("auto", bpe, has_chat_rows=True).name == "alpaca"  # its template is the Alpaca one
+    bpe.chat_template = TEMPLATE
+    prompts.get_style("model").install(bpe)  # one trained on its own template keeps it, for Alpaca rows (DPO) too
+    assert prompts.choose_style("auto", bpe, has_chat_rows=False).name == "model"
+    prompts.save_style(bpe, prompts.ALPACA)
     bpe.chat_template = None
     with pytest.raises(ValueError, match="no chat template; use --prompt_style alpaca"):
         prompts.choose_style("model", bpe, has_chat_rows=True)
@@ -47,7 +51,7 @@ def test_auto_keeps_alpaca_rows_on_the_original_prompt_and_gives_chats_the_model
 
 def test_the_chat_template_is_generated_from_the_registry(monkeypatch, bpe):
     changed = {k: v.replace("### Response:", "### Answer:") for k, v in prompts.PROMPT_DICT.items()}
-    monkeypatch.setattr(prompts.ALPACA, "templates", changed)
+    monkeypatch.setattr(chat_template, "PROMPT_DICT", changed)
     bpe.chat_template = chat_template.build_template()
     chat = [{"role": "user", "content": "Name a colour."}]
     rendered = bpe.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
@@ -57,7 +61,7 @@ def test_the_chat_template_is_generated_from_the_registry(monkeypatch, bpe):
 @pytest.mark.parametrize("style", ["alpaca", "model"])
 def test_the_style_is_saved_with_the_tokenizer_and_read_back(bpe, tmp_path, style):
     bpe.chat_template = TEMPLATE
-    chat_template.apply_style(bpe, prompts.get_style(style))
+    prompts.get_style(style).install(bpe)
     bpe.save_pretrained(tmp_path)
     assert json.loads((tmp_path / "tokenizer_config.json").read_text())["prompt_style"] == style
     loaded = AutoTokenizer.from_pretrained(tmp_path)
@@ -74,7 +78,7 @@ def test_a_checkpoint_from_before_the_registry_is_alpaca(bpe, tmp_path):
 @pytest.mark.parametrize("style", ["alpaca", "model"])
 def test_instruct_model_prompts_in_the_checkpoints_style(bpe, style):
     bpe.chat_template = TEMPLATE
-    chat_template.apply_style(bpe, prompts.get_style(style))
+    prompts.get_style(style).install(bpe)
     torch.manual_seed(0)
     model = LlamaForCausalLM(tiny_llama_config(len(bpe), eos_token_id=bpe.eos_token_id))
     ids = InstructModel(model=model, tokenizer=bpe).encode_instruction("Sort the words.", "b a")

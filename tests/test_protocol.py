@@ -1,4 +1,4 @@
-"""protocol.py: the chat-to-Alpaca mapping, request settings, error messages and the OpenAI stream events. Pure
+"""protocol.py: message text, request settings, error messages and the OpenAI stream events. Pure
 functions, no model."""
 
 import asyncio
@@ -9,8 +9,8 @@ from alpaca_trainml.generation.decoding import Completion, GenParams
 from alpaca_trainml.generation.protocol import (
     ChatMessage,
     CompletionBody,
-    chat_to_alpaca,
     make_params,
+    message_text,
     openai_events,
     validation_message,
 )
@@ -20,34 +20,13 @@ def m(role, content):
     return ChatMessage(role=role, content=content)
 
 
-def test_chat_maps_onto_the_alpaca_template():
-    assert chat_to_alpaca([m("user", " Name a colour. ")]) == ("Name a colour.", None)
-    got = chat_to_alpaca(
-        [
-            m("system", "Be brief."),
-            m("user", "Hi"),
-            m("assistant", "Hello!"),
-            m("developer", "  "),  # empty: left out
-            m("user", [{"type": "text", "text": "Name a colour."}]),
-        ]
+def test_message_text_joins_text_parts_and_refuses_others():
+    assert message_text(m("user", [{"type": "text", "text": "Name "}, {"type": "text", "text": "a colour."}])) == (
+        "Name a colour."
     )
-    assert got == ("Name a colour.", "Be brief.\n\nUser: Hi\nAssistant: Hello!")
-
-
-@pytest.mark.parametrize(
-    "messages,needle",
-    [
-        ([], "no messages"),
-        ([m("user", "Hi"), m("assistant", "Yo")], "role 'assistant'"),
-        ([m("user", "  ")], "messages[0].content is empty"),
-        ([m("tool", "x"), m("user", "Hi")], "messages[0].role is 'tool'"),
-        ([m("user", [{"type": "image_url", "image_url": {}}])], "image_url"),
-    ],
-)
-def test_chats_that_cannot_map_name_the_message(messages, needle):
-    with pytest.raises(ValueError) as e:
-        chat_to_alpaca(messages)
-    assert needle in str(e.value)
+    assert message_text(m("user", None)) == ""
+    with pytest.raises(ValueError, match="image_url"):
+        message_text(m("user", [{"type": "image_url", "image_url": {}}]))
 
 
 def test_make_params_takes_defaults_and_one_stop_string():

@@ -11,7 +11,6 @@ from helpers import load_tokenizer, make_rows
 
 from alpaca_trainml import cli
 from alpaca_trainml.data import dataset, prompts, show_labels
-from alpaca_trainml.data.chat_template import apply_style
 from alpaca_trainml.training import sft
 
 CHATS = [
@@ -70,7 +69,7 @@ def test_train_py_prints_the_labels_of_every_shape_and_exits_before_the_model(
     assert f"[[{first_answer}</s>]]" in out and "2 of 3 examples" in out  # 3 rows; the chats: 1 + 2 answers
     assert out.count("[[") == 3  # one trained run in each example shown (the Alpaca style), and the legend
     # the same counts as the dataset train.py would train on (the spm tokenizer has no template: the Alpaca style)
-    tok = apply_style(load_tokenizer(tiny_llama_dir, max_length=256), prompts.ALPACA)
+    tok = prompts.ALPACA.install(load_tokenizer(tiny_llama_dir, max_length=256))
     data = dataset.SupervisedDataset(str(path), tok)
     for i, (_, _, total, trained) in enumerate(heads):
         assert (int(total), int(trained)) == (len(data[i]["labels"]), int((data[i]["labels"] != -100).sum()))
@@ -78,7 +77,7 @@ def test_train_py_prints_the_labels_of_every_shape_and_exits_before_the_model(
 
 
 def test_show_labels_tells_how_many_it_showed(bpe_tokenizer_dir):
-    tok = apply_style(load_tokenizer(bpe_tokenizer_dir, max_length=256), prompts.ALPACA)
+    tok = prompts.ALPACA.install(load_tokenizer(bpe_tokenizer_dir, max_length=256))
     data = dataset.SupervisedDataset("rows", tok, rows=make_rows(2))
     out = io.StringIO()
     show_labels.show_labels(data, tok, 5, out)

@@ -12,8 +12,7 @@ from test_train_e2e import TRAINML_COMMAND, assert_loads_and_changed, job_dir, r
 
 import train_dpo
 from alpaca_trainml import cli
-from alpaca_trainml.data import preference
-from alpaca_trainml.data.chat_template import install_chat_template
+from alpaca_trainml.data import preference, prompts
 from alpaca_trainml.training import dpo, reporting
 
 
@@ -124,13 +123,19 @@ def test_a_file_of_other_rows_names_the_shapes_it_takes(data_file):
 @pytest.mark.parametrize("tokenizer_fixture", ["spm_tokenizer_dir", "bpe_tokenizer_dir"])
 def test_the_prompt_text_encodes_to_the_chat_templates_ids(tokenizer_fixture, request):
     # DPOTrainer encodes the prompt text with the tokenizer's special tokens: no second BOS, no lost one
-    tokenizer = install_chat_template(load_tokenizer(request.getfixturevalue(tokenizer_fixture)))
-    render = preference.prompt_renderer(tokenizer)
-    for messages in (pair["messages"] for pair in preference.validate_pairs(sharegpt_pairs(3), "x")):
+    tokenizer = prompts.ALPACA.install(load_tokenizer(request.getfixturevalue(tokenizer_fixture)))
+    pairs = preference.validate_pairs(sharegpt_pairs(3), "x")
+    for pair, row in zip(pairs, preference.to_trl_rows(pairs, tokenizer, prompts.ALPACA)):
+        messages = pair["messages"]
         ids = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=True, return_dict=True)
-        assert tokenizer(render(messages))["input_ids"] == ids["input_ids"]
-    prompt = render([{"role": "user", "content": "Sort the list."}])
-    assert prompt.endswith("### Instruction:\nSort the list.\n\n### Response:")
+        assert tokenizer(row["prompt"])["input_ids"] == ids["input_ids"]
+        assert row["chosen"] == pair["chosen"] + tokenizer.eos_token  # as the Alpaca style trains an answer
+    (row,) = preference.to_trl_rows(
+        [dict(messages=[{"role": "user", "content": "Sort the list."}], chosen="a", rejected="b")],
+        tokenizer,
+        prompts.ALPACA,
+    )
+    assert row["prompt"].endswith("### Instruction:\nSort the list.\n\n### Response:")
 
 
 # --- the command line: mistakes answered before the model loads

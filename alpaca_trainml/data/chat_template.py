@@ -1,23 +1,23 @@
 """The Alpaca chat template: a Jinja template that turns a chat into the Alpaca prompt, so that servers which
-apply a checkpoint's chat template (vLLM, TGI, llama.cpp, `transformers serve`) prompt a fine-tuned model in the
-format it was trained on, instead of the base model's (SmolLM2's ChatML, say).
+apply a checkpoint's chat template (serve.py, vLLM, TGI, llama.cpp, `transformers serve`) prompt a fine-tuned model
+in the format it was trained on, instead of the base model's (SmolLM2's ChatML, say). prompts.Alpaca installs it.
 
     # print it, for `vllm serve CHECKPOINT --chat-template alpaca.jinja`; save it into a checkpoint's tokenizer files
     python -m alpaca_trainml.data.chat_template print > alpaca.jinja
     python -m alpaca_trainml.data.chat_template install out/demo
 
-The rule is the one serve.py applies (protocol.chat_to_alpaca; tests/test_chat_template.py checks that they agree
-on many chats): the last message must be the user's and becomes the Instruction; system and developer messages,
-then the earlier turns as "User: ..." and "Assistant: ..." lines, become the Input; the prompt ends at
-"### Response:". The template is generated from the Alpaca style of the prompt registry (prompts.ALPACA), its one
-home; train.py renders chat data through it, so a chat is trained on exactly as it is later prompted.
+How a chat is placed, the one statement of it (the Alpaca prompt has no system slot and one turn): the last message
+must be the user's and becomes the Instruction; system and developer messages, then the earlier turns as
+"User: ..." and "Assistant: ..." lines, become the Input (system text first, a blank line, then the turns); each
+message's text is trimmed; the prompt ends at "### Response:". Roles other than system, developer, user and
+assistant are refused (serve.py answers 400 naming the role). The fixed text comes from templates.PROMPT_DICT.
 """
 
 import json
 import logging
 
 from alpaca_trainml.cli import UsageError, run_fire
-from alpaca_trainml.data.prompts import ALPACA, format_prompt, save_style
+from alpaca_trainml.data.templates import PROMPT_DICT, STYLE_KEY, format_prompt
 
 logger = logging.getLogger(__name__)
 
@@ -37,8 +37,8 @@ def _pieces(template):
 def build_template(prefix=""):
     """The Jinja chat template. prefix: a Jinja expression put first, such as "bos_token", for tokenizers that add a
     BOS when encoding text (servers encode a rendered chat without adding special tokens)."""
-    head_in, mid_in, tail_in = _pieces(ALPACA.templates["prompt_input"])
-    head_no, tail_no, _ = _pieces(ALPACA.templates["prompt_no_input"])
+    head_in, mid_in, tail_in = _pieces(PROMPT_DICT["prompt_input"])
+    head_no, tail_no, _ = _pieces(PROMPT_DICT["prompt_no_input"])
     fail = "{{ raise_exception(%s) }}"
     return "".join(
         [
@@ -85,6 +85,12 @@ def build_template(prefix=""):
 
 
 ALPACA_CHAT_TEMPLATE = build_template()
+BOS_PREFIXES = ("", "bos_token", "bos_token + ' '")  # the variants install_chat_template chooses among
+
+
+def has_alpaca_template(tokenizer):
+    """Whether the tokenizer's chat template is one install_chat_template writes."""
+    return tokenizer.chat_template in {build_template(prefix) for prefix in BOS_PREFIXES}
 
 
 def install_chat_template(tokenizer):
@@ -107,17 +113,6 @@ def install_chat_template(tokenizer):
     return tokenizer
 
 
-def apply_style(tokenizer, style):
-    """Give the tokenizer the chat template of a prompt style and record the style's name; save_pretrained writes
-    both with the checkpoint, so servers and llama.cpp prompt it exactly as train.py rendered its data."""
-    if style.name == ALPACA.name:
-        install_chat_template(tokenizer)
-    elif not tokenizer.chat_template:
-        raise ValueError(f"prompt style {style.name!r} needs the tokenizer's own chat template, and it has none")
-    save_style(tokenizer, style)
-    return tokenizer
-
-
 def install(checkpoint):
     """Put the Alpaca template into a saved checkpoint's tokenizer files."""
     import transformers
@@ -126,7 +121,8 @@ def install(checkpoint):
         tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
     except (OSError, ValueError) as e:
         raise UsageError(f"install {checkpoint}: cannot load its tokenizer ({e})") from e
-    install_chat_template(tokenizer).save_pretrained(checkpoint)
+    install_chat_template(tokenizer).init_kwargs[STYLE_KEY] = "alpaca"  # prompts.Alpaca's name
+    tokenizer.save_pretrained(checkpoint)
     print(f"{checkpoint}: the Alpaca chat template is installed")
 
 

@@ -1,21 +1,20 @@
 """Chats to training examples: the loss on every assistant turn and nothing else, cut only at whole turns.
 
-A conversation is rendered through the tokenizer's chat template prefix by prefix: for the k-th message, an
-assistant's, the prompt is the template applied to messages[:k] with the generation prompt, which is exactly what
-a server sends the model before that answer. The answer's text follows it and is the trained span:
+A conversation is rendered through its prompt style (prompts.py) prefix by prefix: for the k-th message, an
+assistant's, the prompt is the style's render of messages[:k] with the generation prompt, which is exactly what a
+server sends the model before that answer. The style says what the answer adds after it and how much of that trains
+(PromptStyle.answer):
 - the Alpaca style: the answer and EOS, as Alpaca rows end. Its prompt holds the earlier turns in the Input, so a
-  prompt is not an extension of the previous one: each answer becomes an example of its own, prompted as serve.py
-  and the Alpaca chat template will prompt it;
+  prompt is not an extension of the previous one: each answer becomes an example of its own;
 - a model's own template (ChatML, ...): what the template adds when the answer is appended, up to and with its
-  end-of-turn token (EOS; ChatML's newline after it is not trained). Each prompt extends the text so far, so one
-  example trains every answer.
+  end-of-turn token (ChatML's newline after it is not trained). Each prompt extends the text so far, so one example
+  trains every answer.
 The text is tokenized once; a span's token boundaries are the token counts of the text before them.
 """
 
 import logging
 from dataclasses import dataclass, field
 
-import jinja2
 import torch
 
 from alpaca_trainml.data.special_tokens import IGNORE_INDEX
@@ -40,40 +39,17 @@ class ChatStats:
     notes: list = field(default_factory=list)
 
 
-def render(tokenizer, messages, generation_prompt):
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    except jinja2.TemplateError as e:  # the template's own raise_exception: a chat it refuses
-        raise ValueError(f"the chat template cannot render a conversation: {e}") from e
-
-
-def answer_text(tokenizer, messages, k, prompt, alpaca):
-    """(text, trained length): the text the answer messages[k] adds after `prompt`, and how much of it is trained:
-    all of it, or up to its end-of-turn token when the template writes more after it (ChatML's newline)."""
-    if alpaca:
-        text = messages[k]["content"] + tokenizer.eos_token
-        return text, len(text)
-    full = render(tokenizer, messages[: k + 1], False)
-    if not full.startswith(prompt):
-        raise ValueError(
-            "the model's chat template renders an answer differently from the prompt that precedes it, so the "
-            "trained span cannot be found exactly; use --prompt_style alpaca"
-        )
-    text, eos = full[len(prompt) :], tokenizer.eos_token
-    end = text.rfind(eos) if eos else -1
-    return text, end + len(eos) if end >= 0 else len(text)
-
-
-def render_conversation(tokenizer, messages, alpaca):
-    """[RenderedExample]: the conversation's text(s) with each answer's character span (module docstring)."""
+def render_conversation(tokenizer, messages, style):
+    """[RenderedExample]: the conversation's text(s) with each answer's character span (module docstring). A prompt
+    that extends the text so far (a model's own template) adds its answer to the same example."""
     examples = []
     for k, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = render(tokenizer, messages[:k], True)
-        answer, trained = answer_text(tokenizer, messages, k, prompt, alpaca)
+        prompt = style.render(tokenizer, messages[:k])
+        answer, trained = style.answer(tokenizer, messages, k, prompt)
         span = (len(prompt), len(prompt) + trained)
-        if examples and not alpaca and prompt.startswith(examples[-1].text):
+        if examples and prompt.startswith(examples[-1].text):
             examples[-1].text = prompt + answer
             examples[-1].spans.append(span)
         else:
@@ -115,11 +91,11 @@ def truncate(ids, token_spans, first, max_length):
     return None, [], len(token_spans), False
 
 
-def encode_conversation(tokenizer, messages, alpaca, stats):
+def encode_conversation(tokenizer, messages, style, stats):
     """[(input_ids, labels)] tensors for one conversation; labels are IGNORE_INDEX outside the answers."""
     out = []
     stats.conversations += 1
-    for example in render_conversation(tokenizer, messages, alpaca):
+    for example in render_conversation(tokenizer, messages, style):
         ids, token_spans = tokenize_spans(tokenizer, example.text, example.spans)
         stats.answers += len(token_spans)
         ids, token_spans, dropped, cut = truncate(ids, token_spans, example.first, tokenizer.model_max_length)

@@ -1,13 +1,10 @@
-"""Training data from disk to examples: load, validate (formats.py), build the prompts, tokenize and mask.
-
-Alpaca rows in the Alpaca style keep the original's labelling: the prompt is tokenized alone and with the output
-(both truncated at model_max_length) and the first len(prompt) labels become IGNORE_INDEX. Chats (and, in a model's
-own chat template style, Alpaca rows too) go through conversations.py.
+"""Training data from disk to examples: load and validate (formats.py), turn every row into messages, then let the
+tokenizer's prompt style (prompts.py) build the prompts, tokenize and mask. The Alpaca style keeps the original's
+labelling for Alpaca rows (alpaca_labels.py); chats go through conversations.py.
 """
 
-import copy
 import logging
-from typing import Dict, Sequence
+from typing import Dict
 
 import torch
 import transformers
@@ -19,37 +16,6 @@ from alpaca_trainml.data.collators import DataCollatorForSupervisedDataset
 from alpaca_trainml.data.special_tokens import IGNORE_INDEX
 
 logger = logging.getLogger(__name__)
-
-
-def _tokenize_fn(strings: Sequence[str], tokenizer: transformers.PreTrainedTokenizer) -> Dict:
-    """Tokenize each string, truncated at model_max_length. Lengths count non-pad tokens, as the original did."""
-    input_ids = [
-        torch.tensor(ids, dtype=torch.long)
-        for ids in tokenizer(list(strings), max_length=tokenizer.model_max_length, truncation=True)["input_ids"]
-    ]
-    lens = [int(ids.ne(tokenizer.pad_token_id).sum()) for ids in input_ids]
-    return dict(input_ids=input_ids, labels=input_ids, input_ids_lens=lens, labels_lens=lens)
-
-
-def preprocess(sources: Sequence[str], targets: Sequence[str], tokenizer: transformers.PreTrainedTokenizer) -> Dict:
-    """The original labelling: tokenize source+target and source apart, then mask len(source) tokens."""
-    examples = [s + t for s, t in zip(sources, targets)]
-    examples_tokenized, sources_tokenized = [_tokenize_fn(strings, tokenizer) for strings in (examples, sources)]
-    input_ids = examples_tokenized["input_ids"]
-    labels = copy.deepcopy(input_ids)
-    for label, source_len in zip(labels, sources_tokenized["input_ids_lens"]):
-        label[:source_len] = IGNORE_INDEX
-    return dict(input_ids=input_ids, labels=labels)
-
-
-def preprocess_by_construction(sources, targets, tokenizer) -> Dict:
-    """Opt-in labelling: ids = tokenize(source) + tokenize(target, no specials), so the mask is exact."""
-    src = tokenizer(list(sources))["input_ids"]
-    tgt = tokenizer(list(targets), add_special_tokens=False)["input_ids"]
-    n = tokenizer.model_max_length
-    input_ids = [torch.tensor((s + t)[:n], dtype=torch.long) for s, t in zip(src, tgt)]
-    labels = [torch.tensor(([IGNORE_INDEX] * len(s) + t)[:n], dtype=torch.long) for s, t in zip(src, tgt)]
-    return dict(input_ids=input_ids, labels=labels)
 
 
 MAX_REPORTED_PROBLEMS = 20
@@ -107,56 +73,38 @@ def load_rows(data_path):
     return rows
 
 
-def build_example_texts(rows, eos_token):
-    """(sources, targets): the Alpaca prompt for each row, and its output followed by EOS."""
-    sources = [prompts.format_prompt(r["instruction"], r.get("input")) for r in rows]
-    targets = [f"{r['output']}{eos_token}" for r in rows]
-    return sources, targets
-
-
 def row_messages(row):
-    """A row as a chat: a chat row's messages, or an Alpaca row as one user turn and the answer."""
+    """A row as messages: a chat row's own, or an Alpaca row as a user turn carrying its input, then the answer."""
     if "messages" in row:
         return row["messages"]
-    return prompts.instruction_messages(row["instruction"], row.get("input")) + [
-        {"role": "assistant", "content": row["output"]}
-    ]
+    user = {"role": "user", "content": row["instruction"], "input": row.get("input") or ""}
+    return [user, {"role": "assistant", "content": row["output"]}]
 
 
 class SupervisedDataset(Dataset):
-    """Dataset for supervised fine-tuning: Alpaca rows and chats, in the tokenizer's prompt style (prompts.py).
+    """Dataset for supervised fine-tuning: Alpaca rows and chats, as messages in the tokenizer's prompt style.
 
-    In the Alpaca style Alpaca rows are labelled as the original did, chats through the Alpaca chat template; in the
-    model style every row is a chat through the model's own template. example_rows[i]: the row example i came from."""
+    example_rows[i]: the row example i came from."""
 
     def __init__(self, data_path: str, tokenizer: transformers.PreTrainedTokenizer, rows=None, by_construction=False):
         super().__init__()
         rows = load_rows(data_path) if rows is None else rows
-        alpaca_style = prompts.load_style(tokenizer).name == prompts.ALPACA.name
-        logger.info("tokenizing %d rows from %s", len(rows), data_path)
-        per_row = [[] for _ in rows]
-        plain = [i for i, r in enumerate(rows) if alpaca_style and "messages" not in r]
-        if plain:
-            sources, targets = build_example_texts([rows[i] for i in plain], tokenizer.eos_token)
-            data_dict = (preprocess_by_construction if by_construction else preprocess)(sources, targets, tokenizer)
-            for i, ids, labels in zip(plain, data_dict["input_ids"], data_dict["labels"]):
-                per_row[i].append((ids, labels))
+        style = prompts.load_style(tokenizer)
+        logger.info("tokenizing %d rows from %s (prompt style %s)", len(rows), data_path, style.name)
         self.chat_stats = conversations.ChatStats()
-        for i in sorted(set(range(len(rows))) - set(plain)):
-            per_row[i] = conversations.encode_conversation(
-                tokenizer, row_messages(rows[i]), alpaca_style, self.chat_stats
-            )
+        per_row = style.encode(tokenizer, [row_messages(r) for r in rows], self.chat_stats, by_construction)
         self.example_rows = [i for i, examples in enumerate(per_row) for _ in examples]
         self.input_ids = [ids for examples in per_row for ids, _ in examples]
         self.labels = [labels for examples in per_row for _, labels in examples]
         n = tokenizer.model_max_length
-        self.num_truncated = sum(len(per_row[i][0][0]) >= n for i in plain)
+        plain = len(rows) - self.chat_stats.conversations  # rows the style labelled as the original did
+        self.num_truncated = sum(len(ids) >= n for ids in self.input_ids)  # examples cut at model_max_length
         self.num_fully_masked = sum(bool((lab == IGNORE_INDEX).all()) for lab in self.labels)
         if plain:
             logger.info(
                 "%s: %d Alpaca rows, %d reached model_max_length=%d (truncated), %d have no trainable label",
                 data_path,
-                len(plain),
+                plain,
                 self.num_truncated,
                 n,
                 self.num_fully_masked,

@@ -171,14 +171,11 @@ def load_pairs(path):
     return validate_pairs(rows, path)
 
 
-def prompt_renderer(tokenizer):
-    """A function messages -> prompt text, rendered by the tokenizer's chat template with the generation prompt.
-
-    DPOTrainer encodes the text with the tokenizer's special tokens; a chat template that writes a BOS itself (as
-    ours does for tokenizers that add one) would then give two. The BOS text is dropped where the tokenizer adds it,
-    so the prompt's ids are exactly the chat template's."""
-    probe = [{"role": "user", "content": "Name a colour."}]
-    rendered = tokenizer.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+def bos_text_added(tokenizer, style):
+    """How many leading characters of a rendered prompt to drop before DPOTrainer encodes it with the tokenizer's
+    special tokens: a chat template that writes a BOS itself (as the Alpaca one does for tokenizers that add one)
+    would otherwise give two. Chosen so that the prompt's ids are exactly the chat template's."""
+    rendered = style.render(tokenizer, [{"role": "user", "content": "Name a colour."}])
     wanted = tokenizer(rendered, add_special_tokens=False)["input_ids"]
     strip = 0
     bos = tokenizer.bos_token
@@ -188,14 +185,20 @@ def prompt_renderer(tokenizer):
             strip = len(bos)
     if tokenizer(rendered[strip:])["input_ids"] != wanted:
         logger.warning("the prompt's ids differ from the chat template's at the start (BOS and a space)")
-
-    def render(messages):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)[strip:]
-
-    return render
+    return strip
 
 
-def to_trl_rows(pairs, tokenizer):
-    """[{'prompt', 'chosen', 'rejected'}] strings: the prompt rendered by the tokenizer's chat template."""
-    render = prompt_renderer(tokenizer)
-    return [dict(prompt=render(p["messages"]), chosen=p["chosen"], rejected=p["rejected"]) for p in pairs]
+def to_trl_rows(pairs, tokenizer, style):
+    """[{'prompt', 'chosen', 'rejected'}] strings for TRL: the prompt as the prompt style renders it, each answer as
+    the style trains an answer (the text up to and with its end-of-turn token, where the model will stop)."""
+    strip = bos_text_added(tokenizer, style)
+    rows = []
+    for p in pairs:
+        prompt = style.render(tokenizer, p["messages"])
+        answers = []
+        for key in ("chosen", "rejected"):
+            chat = p["messages"] + [{"role": "assistant", "content": p[key]}]
+            text, trained = style.answer(tokenizer, chat, len(chat) - 1, prompt)
+            answers.append(text[:trained])
+        rows.append(dict(prompt=prompt[strip:], chosen=answers[0], rejected=answers[1]))
+    return rows

@@ -1,5 +1,7 @@
 """A checkpoint (a full one, or a LoRA adapter merged onto its base first) as one GGUF file, for llama.cpp and Ollama:
-the weights at f32, f16, bf16 or q8_0, the tokenizer, and our Alpaca chat template.
+the weights at f32, f16, bf16 or q8_0, the tokenizer, and the chat template and end-of-turn token of the prompt style
+the checkpoint was trained in (data/prompts.py), so that llama.cpp prompts it as it was trained and stops where it
+was trained to stop. write_modelfile gives Ollama the same prompt, as a Go template.
 
 Only the Llama architecture (LlamaForCausalLM: SmolLM2, Llama 2/3 without rope scaling, TinyLlama) is covered: it
 is what train.py fine-tunes here, and its GGUF layout is the one we test against llama.cpp.
@@ -17,9 +19,11 @@ import numpy as np
 import torch
 import transformers
 
+from alpaca_trainml import jsonio
 from alpaca_trainml.checkpoints import adapters
 from alpaca_trainml.cli import UserError
-from alpaca_trainml.data.chat_template import install_chat_template
+from alpaca_trainml.data.ollama_template import modelfile
+from alpaca_trainml.data.prompts import load_style
 
 logger = logging.getLogger(__name__)
 
@@ -124,7 +128,8 @@ def add_hparams(writer, model, name, outtype):
 
 
 def load(checkpoint, base_model, workdir):
-    """(model, tokenizer) in fp32; an adapter is merged onto its base first (lora_merge, into workdir)."""
+    """(model, tokenizer, prompt style) in fp32; an adapter is merged onto its base first (lora_merge, into workdir),
+    with the adapter's own tokenizer files and style."""
     if adapters.is_adapter(checkpoint):
         from alpaca_trainml.checkpoints.lora_merge import merge
         from alpaca_trainml.models import resolve_model_path
@@ -135,11 +140,13 @@ def load(checkpoint, base_model, workdir):
     check_config(read_config(checkpoint), checkpoint)
     tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
-    return model, install_chat_template(tokenizer)
+    style = load_style(tokenizer, checkpoint)
+    return model, style.adopt(tokenizer), style
 
 
-def export(checkpoint, out, outtype="f32", base_model=None):
-    """Write checkpoint as GGUF to `out` (atomically); return its path."""
+def export(checkpoint, out, outtype="f32", base_model=None, modelfile_path=None):
+    """Write checkpoint as GGUF to `out` (atomically), and an Ollama Modelfile to modelfile_path if given; return the
+    GGUF path."""
     from alpaca_trainml.export.gguf_vocab import add_tokenizer
 
     if outtype not in OUTTYPES:
@@ -148,17 +155,31 @@ def export(checkpoint, out, outtype="f32", base_model=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
-        model, tokenizer = load(checkpoint, base_model, work)
+        model, tokenizer, style = load(checkpoint, base_model, work)
         tmp = work / out.name
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
         add_hparams(writer, model, Path(str(checkpoint)).name, outtype)
-        add_tokenizer(writer, tokenizer, model.config.vocab_size)
+        add_tokenizer(writer, tokenizer, model.config.vocab_size, style.end_of_turn(tokenizer))
         add_tensors(writer, model, outtype)
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file(progress=True)
         writer.close()
         os.replace(tmp, out)
+        if modelfile_path is not None:
+            write_modelfile(modelfile_path, out, tokenizer, style)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
+
+
+def write_modelfile(path, gguf_path, tokenizer, style):
+    """An Ollama Modelfile for gguf_path: its prompt style's Go template and stop strings."""
+    try:
+        template = style.ollama_template(tokenizer)
+    except ValueError as e:
+        raise UserError(f"--modelfile: {e}; the GGUF file is written, write the Modelfile TEMPLATE by hand") from e
+    rel = os.path.relpath(gguf_path, Path(path).parent)
+    text = modelfile(rel, template, style.stop_strings(tokenizer))
+    jsonio.atomic_write(path, lambda fh: fh.write(text))
+    logger.info("wrote %s (prompt style %s, stop %s)", path, style.name, style.stop_strings(tokenizer))

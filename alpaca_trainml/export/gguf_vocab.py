@@ -45,7 +45,9 @@ def pre_tokenizer(spec):
     return "default"
 
 
-def add_tokenizer(writer, tokenizer, vocab_size):
+def add_tokenizer(writer, tokenizer, vocab_size, end_of_turn=None):
+    """The tokenizer's model, vocabulary, special ids and chat template. end_of_turn: the token text that closes an
+    assistant turn in the checkpoint's prompt style, written as EOT so that llama.cpp stops there."""
     spec = tokenizer_json(tokenizer)
     model = spec["model"]
     if model["type"] == "BPE" and not model.get("byte_fallback"):
@@ -79,7 +81,10 @@ def add_tokenizer(writer, tokenizer, vocab_size):
     ids = tokenizer("a")["input_ids"]
     writer.add_add_bos_token(bool(ids) and ids[0] == tokenizer.bos_token_id)
     writer.add_add_eos_token(bool(ids) and ids[-1] == tokenizer.eos_token_id and len(ids) > 1)
-    writer.add_chat_template(tokenizer.chat_template)  # the Alpaca template (install_chat_template)
+    eot = tokenizer.convert_tokens_to_ids(end_of_turn) if end_of_turn else None
+    if eot is not None and eot != tokenizer.unk_token_id:
+        writer.add_eot_token_id(eot)
+    writer.add_chat_template(tokenizer.chat_template)  # the prompt style's template, as the checkpoint saved it
 
 
 def _metaspace_prepends(spec):

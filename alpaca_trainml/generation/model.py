@@ -66,13 +66,12 @@ class InstructModel:
             self.name = model_name_or_path or os.environ.get("TRAINML_CHECKPOINT_PATH") or EMBEDDED_MODEL
             dtype = self._load(device, dtype, base_model or os.environ.get("ALPACA_BASE_MODEL"))
         self.prompt_style = load_style(self.tokenizer, None if model is not None else self.name)  # train.py saved it
+        self.prompt_style.adopt(self.tokenizer)
         self.context_window = getattr(self.model.config, "max_position_embeddings", None) or 2048
         self.max_prompt_tokens = max_prompt_tokens or training_length(self.tokenizer, self.context_window)
         eos = self.model.generation_config.eos_token_id
         eos = list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []
-        self.eos_ids = sorted(
-            {*eos, *([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [])}
-        )
+        self.eos_ids = sorted({*eos, *self.prompt_style.stop_token_ids(self.tokenizer)})  # with its end of turn
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.lock = threading.Lock()  # one generate() at a time
         self.tokenizer_lock = threading.RLock()  # the tokenizer is shared with request threads that encode
@@ -111,8 +110,26 @@ class InstructModel:
     def _prompt_ids(self, instruction, input=None):
         """Token ids of the prompt in the checkpoint's prompt style."""
         with self.tokenizer_lock:
-            text = self.prompt_style.apply(instruction, input, self.tokenizer)
+            text = self.prompt_style.instruction_prompt(self.tokenizer, instruction, input)
         return self._ids(text, special=self.prompt_style.add_special_tokens)
+
+    def encode_chat(self, messages, truncate=False, limit=None):
+        """Token ids of a chat's prompt ([{"role", "content"}]): the checkpoint's own chat template applied with the
+        generation prompt, exactly as `tokenizer.apply_chat_template` of the saved checkpoint (and so vLLM and
+        llama.cpp) builds it. ValueError names a role or message the style cannot take. With truncate, the oldest
+        turns (not system messages, not the last one) go until it fits. limit: as in encode()."""
+        limit = self.max_prompt_tokens if limit is None else limit
+        messages = list(messages)
+        while True:
+            with self.tokenizer_lock:
+                ids = self.prompt_style.chat_ids(self.tokenizer, messages)
+            if len(ids) <= limit:
+                return ids
+            oldest = next((i for i, m in enumerate(messages[:-1]) if m["role"] not in ("system", "developer")), None)
+            if not truncate or oldest is None:
+                hint = "pass truncate=true to drop its oldest turns" if not truncate else "shorten the last message"
+                raise self._too_long(len(ids), hint, limit)
+            del messages[oldest]
 
     def _too_long(self, n, hint, limit=None):
         if limit is not None and limit != self.max_prompt_tokens:

@@ -1,5 +1,5 @@
-"""What serve.py speaks: the request bodies of the fork's trainML route (/instruct) and of the OpenAI API, the
-mapping of a chat onto the Alpaca template, and the shapes of answers, errors and stream events. No model here."""
+"""What serve.py speaks: the request bodies of the fork's trainML route (/instruct) and of the OpenAI API, and the
+shapes of answers, errors and stream events. No model here (a chat's prompt is its prompt style's: data/prompts.py)."""
 
 import json
 import logging
@@ -73,26 +73,6 @@ def message_text(message):
             raise ValueError(f"content parts of type {sorted(map(str, kinds))} are not supported; send text")
         return "".join(p.get("text", "") for p in message.content)
     return message.content or ""
-
-
-def chat_to_alpaca(messages):
-    """(instruction, input or None) for a chat, as the module docstring describes. ValueError names the message."""
-    if not messages or messages[-1].role != "user":
-        found = f"role {messages[-1].role!r}" if messages else "no messages"
-        raise ValueError(f"the last message must come from the user (it becomes the instruction); found {found}")
-    instruction = message_text(messages[-1]).strip()
-    if not instruction:
-        raise ValueError(f"messages[{len(messages) - 1}].content is empty: the instruction must not be empty")
-    system, turns = [], []
-    for i, m in enumerate(messages[:-1]):
-        labels = {"user": "User", "assistant": "Assistant"}
-        if m.role not in ("system", "developer", *labels):
-            raise ValueError(f"messages[{i}].role is {m.role!r}; use system, developer, user or assistant")
-        text = message_text(m).strip()
-        if text:
-            (system.append(text) if m.role in ("system", "developer") else turns.append(f"{labels[m.role]}: {text}"))
-    context = "\n\n".join(system + (["\n".join(turns)] if turns else []))
-    return instruction, context or None
 
 
 def make_params(body, max_tokens_default, stop=None):

@@ -14,6 +14,7 @@ import transformers
 from trl import DPOTrainer
 
 from alpaca_trainml import cli, models
+from alpaca_trainml.data import prompts
 from alpaca_trainml.data.dataset import split_rows
 from alpaca_trainml.data.preference import load_pairs, to_trl_rows
 from alpaca_trainml.data.special_tokens import missing_special_tokens, smart_tokenizer_and_embedding_resize
@@ -82,8 +83,9 @@ def make_datasets(pairs, tokenizer):
     from datasets import Dataset
 
     train_pairs, eval_pairs = pairs
-    train = Dataset.from_list(to_trl_rows(train_pairs, tokenizer))
-    return train, (Dataset.from_list(to_trl_rows(eval_pairs, tokenizer)) if eval_pairs else None)
+    style = prompts.load_style(tokenizer)  # the one load_model_and_tokenizer installed
+    train = Dataset.from_list(to_trl_rows(train_pairs, tokenizer, style))
+    return train, (Dataset.from_list(to_trl_rows(eval_pairs, tokenizer, style)) if eval_pairs else None)
 
 
 def held_out_report(trainer):

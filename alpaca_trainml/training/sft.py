@@ -7,7 +7,6 @@ import transformers
 
 from alpaca_trainml import cli, models
 from alpaca_trainml.data import prompts
-from alpaca_trainml.data.chat_template import apply_style
 from alpaca_trainml.data.collators import DataCollatorForSupervisedDataset, make_collator
 from alpaca_trainml.data.dataset import (
     load_data,
@@ -88,7 +87,7 @@ def load_model_and_tokenizer(model_args, training_args, prompt_style=prompts.AUT
         model = lora.add_adapters(
             model, model_args, training_args, tokenizer.convert_tokens_to_ids(list(added.values()))
         )
-    apply_style(tokenizer, style)  # every checkpoint says how to prompt it: serve.py, vLLM, llama.cpp read this
+    style.install(tokenizer)  # every checkpoint says how to prompt it: serve.py, vLLM, llama.cpp read this
     return model, tokenizer
 
 
@@ -97,7 +96,7 @@ def print_labels(model_args, data_args, training_args, rows):
     tokenizer = load_tokenizer(model_args, training_args)
     style = prompts.choose_style(data_args.prompt_style, tokenizer, has_chat_rows(rows))
     tokenizer.add_special_tokens(missing_special_tokens(tokenizer))
-    apply_style(tokenizer, style)
+    style.install(tokenizer)
     logger.info("prompt style: %s", style.name)
     data_module = make_supervised_data_module(tokenizer, data_args, training_args.seed, rows=rows)
     show_labels(data_module["train_dataset"], tokenizer, data_args.show_labels)

@@ -1,5 +1,6 @@
 """The OpenAI-compatible routes: GET /v1/models, POST /v1/completions and /v1/chat/completions (`stream: true`
-answers with server-sent events). A chat becomes one Alpaca prompt (protocol.chat_to_alpaca)."""
+answers with server-sent events). A chat is prompted through the checkpoint's own chat template (its prompt style,
+InstructModel.encode_chat), as vLLM and llama.cpp prompt it."""
 
 import time
 import uuid
@@ -13,8 +14,8 @@ from alpaca_trainml.generation.protocol import (
     ApiError,
     ChatBody,
     CompletionBody,
-    chat_to_alpaca,
     make_params,
+    message_text,
     openai_events,
     sse_response,
     usage,
@@ -73,11 +74,12 @@ def add_routes(app, model, engine, name):
         if body.max_completion_tokens is not None:  # the newer name OpenAI gives max_tokens
             body.max_tokens = body.max_completion_tokens
         try:
-            instruction, context = chat_to_alpaca(body.messages)
+            messages = [dict(role=m.role, content=message_text(m)) for m in body.messages]
+            model.prompt_style.check_messages(messages)
         except ValueError as e:
             raise ApiError(400, str(e), param="messages") from e
         params = make_params(body, GenParams.max_tokens, body.stop)
-        encode = partial(model.encode_instruction, instruction, context, body.truncate)
+        encode = partial(model.encode_chat, messages, body.truncate)
         job = Job(prepare(model, params, body.truncate, encode, openai=True), params)
         if body.stream:
             include = bool((body.stream_options or {}).get("include_usage"))
