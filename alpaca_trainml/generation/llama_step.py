@@ -1,5 +1,5 @@
-"""The model step for Llama-architecture checkpoints (SmolLM2, Llama, the tests' tiny Llama): our own forward over
-the model's own weights and a static slot cache.
+"""The model step for the Llama family (Llama with any rope scaling transformers computes, Mistral, Qwen2, Qwen3;
+SmolLM2 and the tests' tiny models): our own forward over the model's own weights and a static slot cache.
 
 Why: a batch-1 decode step reads every weight once, so its floor is the memory bandwidth; what transformers' forward
 adds per token on a CPU (module calls, cache bookkeeping, mask building) costs about as much again as the matmuls at
@@ -9,40 +9,44 @@ kernel could not be built run the same forward over torch's operations: per laye
 numbers as transformers' module), 4 matmuls (q/k/v and gate/up fused; at decode each runs our kernel's matmul, or a
 matmul split across the threads: see Weight), one rotary embedding for queries and keys together (transformers'
 formula), an in-place cache write and one sdpa call, as transformers makes it. Greedy tokens are tested equal to
-transformers' generate() on every path (tests/test_llama_step.py).
+transformers' generate() on every path and for every family (tests/test_llama_step.py).
+
+The families differ only where this forward reads the layer: biases on any projection (Qwen2's q/k/v; Llama's
+attention_bias and mlp_bias), an RMSNorm over each query and key head before the rotary embedding (Qwen3), a sliding
+window (Mistral; Qwen2/Qwen3 layers that use one): a token attends to the last `window` positions, itself included,
+as transformers' mask has it. The rotary embedding is the model's own module (its inverse frequencies and attention
+scaling: llama3, linear, yarn, dynamic...), called for each step's positions, never recomputed here.
 """
 
 import os
 import weakref
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers.models.llama.modeling_llama import LlamaForCausalLM, rotate_half
+from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+from transformers.models.llama.modeling_llama import rotate_half
 
 from alpaca_trainml.generation import matvec
 from alpaca_trainml.generation.kv_cache import SlotCache
 
 FAST_ENV = "ALPACA_FAST_DECODE"  # "0": every model takes transformers' forward (the generic step)
+FAMILIES = (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)  # the classes this step runs
 _FUSED = weakref.WeakKeyDictionary()  # first module of a fused group -> (fused weight, its members' data pointers)
 SPLIT_MAX_ROWS = 16  # decode steps of up to this many rows take the kernel or the split matmul; prefill takes F.linear
 
 
 def supports(model):
-    """True for a plain transformers Llama (not wrapped by PEFT or a quantizer) this forward reproduces exactly."""
-    if os.environ.get(FAST_ENV, "1") == "0" or type(model) is not LlamaForCausalLM:
+    """True for a plain transformers model of FAMILIES (not wrapped by PEFT or a quantizer) this forward reproduces
+    exactly; Gemma, Phi and the rest keep transformers' forward (hf_step.HFStep)."""
+    if os.environ.get(FAST_ENV, "1") == "0" or type(model) not in FAMILIES:
         return False
     c = model.config
     plain = getattr(model, "hf_quantizer", None) is None and all(
         type(m) is nn.Linear for layer in model.model.layers for m in (*_attn(layer), *_mlp(layer))
     )
-    return (
-        plain
-        and not getattr(c, "attention_bias", False)
-        and not getattr(c, "mlp_bias", False)
-        and getattr(c, "hidden_act", "silu") == "silu"
-        and getattr(c, "pretraining_tp", 1) == 1
-    )
+    return plain and getattr(c, "hidden_act", "silu") == "silu" and getattr(c, "pretraining_tp", 1) == 1
 
 
 def _attn(layer):
@@ -55,8 +59,16 @@ def _mlp(layer):
     return m.gate_proj, m.up_proj, m.down_proj
 
 
+def _window(config, layer):
+    """The layer's sliding window in positions (0: none), as transformers' mask reads it: Qwen2/Qwen3 per layer
+    (layer_types), Mistral for every layer (config.sliding_window), Llama never."""
+    attn = layer.self_attn
+    window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(config, "sliding_window", None)
+    return int(window or 0)
+
+
 class Weight:
-    """A linear layer's weight, applied as F.linear is, but faster on few rows on a CPU.
+    """A linear layer's weight (and bias), applied as F.linear is, but faster on few rows on a CPU.
 
     At 1 to 16 rows (decode steps) a matmul is a matrix-vector product, bound by how fast the weight streams from
     memory, and MKL runs it on one thread at about half the machine's read bandwidth. Where our kernel is built
@@ -66,10 +78,10 @@ class Weight:
     the blocks are a view of the weight (no copy) and each output is F.linear's, bit for bit
     (tests/test_llama_step.py). More rows (prefill) take F.linear."""
 
-    __slots__ = ("full", "blocks", "n", "kernel")
+    __slots__ = ("full", "bias", "blocks", "n", "kernel")
 
-    def __init__(self, w, kernel=None):
-        self.full, self.blocks, self.kernel = w, None, None
+    def __init__(self, w, kernel=None, bias=None):
+        self.full, self.bias, self.blocks, self.kernel = w, bias, None, None
         self.n = n = torch.get_num_threads()
         on_cpu = w.device.type == "cpu"
         if kernel is not None and on_cpu and w.dtype in (torch.float32, torch.bfloat16) and w.is_contiguous():
@@ -80,12 +92,14 @@ class Weight:
     def __call__(self, x):
         rows = x.numel() // x.shape[-1]
         if rows > SPLIT_MAX_ROWS or (self.kernel is None and self.blocks is None):
-            return F.linear(x, self.full)
+            return F.linear(x, self.full, self.bias)
         if self.kernel is not None:
             y = self.kernel.matvec(x.reshape(rows, -1).float().contiguous(), self.full)
+            y = y if self.bias is None else y + self.bias  # fp32 sums, then one rounding to the model's dtype
             return y.to(x.dtype).view(*x.shape[:-1], -1)
         y = torch.bmm(x.reshape(1, rows, -1).expand(self.n, -1, -1), self.blocks)  # (n, rows, out/n)
-        return y.view(*x.shape[:-1], -1) if rows == 1 else y.transpose(0, 1).reshape(*x.shape[:-1], -1)
+        y = y.view(*x.shape[:-1], -1) if rows == 1 else y.transpose(0, 1).reshape(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
 
 
 def _fused(modules):
@@ -105,6 +119,48 @@ def _fused(modules):
     return fused
 
 
+def _fused_bias(modules):
+    """The fused layers' biases stacked as their weights are (zeros for one without), or None when none has one."""
+    if all(m.bias is None for m in modules):
+        return None
+    return torch.cat([m.weight.new_zeros(m.out_features) if m.bias is None else m.bias.data for m in modules])
+
+
+class Layer(NamedTuple):
+    """One decoder layer as this step reads it; q_norm/k_norm (head_dim,) are Qwen3's, None elsewhere."""
+
+    ln1: torch.Tensor
+    qkv: Weight
+    o: Weight
+    ln2: torch.Tensor
+    gate_up: Weight
+    down: Weight
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+    window: int  # sliding window in positions; 0: every earlier position
+
+    def kernel_tensors(self, none):
+        """What the kernel's LlamaDecoder takes for this layer: 12 tensors, `none` (empty) for an absent one."""
+        biases = [w.bias if w.bias is not None else none for w in (self.qkv, self.o, self.gate_up, self.down)]
+        norms = [none if t is None else t for t in (self.q_norm, self.k_norm)]
+        return [self.ln1, self.qkv.full, self.o.full, self.ln2, self.gate_up.full, self.down.full, *biases, *norms]
+
+
+def _layer(config, lyr, weight):
+    attn, q_norm, k_norm = lyr.self_attn, getattr(lyr.self_attn, "q_norm", None), getattr(lyr.self_attn, "k_norm", None)
+    return Layer(
+        lyr.input_layernorm.weight,
+        weight(_fused(_attn(lyr)[:3]), _fused_bias(_attn(lyr)[:3])),
+        weight(attn.o_proj.weight, attn.o_proj.bias),
+        lyr.post_attention_layernorm.weight,
+        weight(_fused(_mlp(lyr)[:2]), _fused_bias(_mlp(lyr)[:2])),
+        weight(lyr.mlp.down_proj.weight, lyr.mlp.down_proj.bias),
+        None if q_norm is None else q_norm.weight,
+        None if k_norm is None else k_norm.weight,
+        _window(config, lyr),
+    )
+
+
 class LlamaStep:
     """prefill(prompts) appends rows and returns their next-token logits; decode(ids) feeds every row one token."""
 
@@ -116,14 +172,10 @@ class LlamaStep:
         self.scale = self.head_dim**-0.5
         k = matvec.kernel() if next(model.parameters()).device.type == "cpu" else None
 
-        def weight(w):
-            return Weight(w, k)
+        def weight(w, bias=None):
+            return Weight(w, k, bias)
 
-        self.layers = [
-            (lyr.input_layernorm.weight, weight(_fused(_attn(lyr)[:3])), weight(lyr.self_attn.o_proj.weight))
-            + (lyr.post_attention_layernorm.weight, weight(_fused(_mlp(lyr)[:2])), weight(lyr.mlp.down_proj.weight))
-            for lyr in model.model.layers
-        ]
+        self.layers = [_layer(c, lyr, weight) for lyr in model.model.layers]
         self.qk = self.heads + self.kv_heads  # query and key heads, first in each row of the fused projection
         self.embed, self.norm, self.rotary = (
             model.model.embed_tokens.weight,
@@ -131,13 +183,16 @@ class LlamaStep:
             model.model.rotary_emb,
         )
         self.eps = c.rms_norm_eps
-        self.lm_head = weight(model.lm_head.weight)
+        self.lm_head = weight(model.lm_head.weight, model.lm_head.bias)
         self.decoder = None  # the whole decode step in one call of our kernel (fp32 or bf16, on a CPU)
-        weights = [[ln1, wqkv.full, wo.full, ln2, wgu.full, wd.full] for ln1, wqkv, wo, ln2, wgu, wd in self.layers]
         dtype = self.embed.dtype
         if k is not None and dtype in (torch.float32, torch.bfloat16):
+            weights = [layer.kernel_tensors(self.embed.new_empty(0)) for layer in self.layers]
             if all(t.dtype == dtype and t.is_contiguous() for layer in weights for t in layer):  # as the kernel asks
-                self.decoder = k.LlamaDecoder(weights, self.heads, self.kv_heads, self.head_dim, self.eps, self.scale)
+                windows = [layer.window for layer in self.layers]
+                self.decoder = k.LlamaDecoder(
+                    weights, self.heads, self.kv_heads, self.head_dim, self.eps, self.scale, windows
+                )
         self.cache = SlotCache(len(self.layers), self.kv_heads, self.head_dim, self.embed.dtype, self.embed.device)
 
     def __len__(self):
@@ -172,12 +227,7 @@ class LlamaStep:
             self.cache.lens = [n + 1 for n in lens]
             return self.lm_head(self._norm(h.to(e.dtype), self.norm))
         width = max(lens) + 1
-        mask = None
-        if min(lens) != max(lens):  # rows of different lengths: each attends to its own positions only
-            dtype = self.embed.dtype
-            mask = torch.arange(width, device=ids.device)[None, :] <= pos[:, None]
-            mask = torch.zeros(mask.shape, dtype=dtype, device=ids.device).masked_fill(~mask, float("-inf"))
-            mask = mask[:, None, None, :]
+        masks = {w: self._decode_mask(lens, pos, width, w) for w in {layer.window for layer in self.layers}}
         if len(lens) == 1:  # a plain slice write: cheaper than index_put
             at = lens[0]
 
@@ -190,17 +240,35 @@ class LlamaStep:
                 store[rows, :, pos] = t[:, :, 0]
 
         def attention(i, k, v):
-            return self._decode_attn(i, k, v, write, width, mask)
+            return self._decode_attn(i, k, v, write, width, masks[self.layers[i].window])
 
         logits = self._forward(ids[:, None], pos[:, None], attention)
         self.cache.lens = [n + 1 for n in lens]
         return logits
 
+    def _decode_mask(self, lens, pos, width, window):
+        """(rows, 1, 1, width) additive mask: each row attends to its own positions (the last `window` of them), or
+        None when every row attends to every position up to width."""
+        if min(lens) == max(lens) and not (window and width > window):
+            return None
+        cols = torch.arange(width, device=pos.device)[None, :]
+        keep = cols <= pos[:, None]
+        if window:
+            keep &= cols > pos[:, None] - window
+        mask = torch.zeros(keep.shape, dtype=self.embed.dtype, device=pos.device).masked_fill(~keep, float("-inf"))
+        return mask[:, None, None, :]
+
     def _prefill_attn(self, i, row, k, v):
+        window = self.layers[i].window
+
         def attend(q):
             n = k.shape[2]
             self.cache.keys[i][row, :, :n] = k[0]
             self.cache.values[i][row, :, :n] = v[0]
+            if window and n > window:  # a sliding window the prompt is longer than: causal and banded
+                at = torch.arange(n, device=q.device)
+                band = (at[None, :] <= at[:, None]) & (at[None, :] > at[:, None] - window)
+                return F.scaled_dot_product_attention(q, k, v, attn_mask=band, scale=self.scale, enable_gqa=True)
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=True)
 
         return attend
@@ -222,15 +290,23 @@ class LlamaStep:
         b, s = x.shape
         h = F.embedding(x, self.embed)
         cos, sin = (t[:, None] for t in self.rotary(h, positions))  # (batch, 1, seq, dim)
-        for i, (ln1, wqkv, wo, ln2, wgu, wd) in enumerate(self.layers):
-            qkv = wqkv(self._norm(h, ln1)).view(b, s, -1, self.head_dim).transpose(1, 2)
+        for i, layer in enumerate(self.layers):
+            qkv = layer.qkv(self._norm(h, layer.ln1)).view(b, s, -1, self.head_dim)
+            if layer.q_norm is not None:  # Qwen3: each query and key head normed over head_dim, before the rotary
+                qk = qkv[:, :, : self.qk]
+                qkv = torch.cat(
+                    [self._norm(qk[:, :, : self.heads], layer.q_norm), self._norm(qk[:, :, self.heads :], layer.k_norm)]
+                    + [qkv[:, :, self.qk :]],
+                    dim=2,
+                )
+            qkv = qkv.transpose(1, 2)
             # queries and keys rotate together: one rotary embedding, not two (the same arithmetic per head)
             qk, v = qkv[:, : self.qk], qkv[:, self.qk :]
             qk = qk * cos + rotate_half(qk) * sin
             o = attention(i, qk[:, self.heads :], v)(qk[:, : self.heads])  # (batch, heads, seq, dim)
-            h = h + wo(o.transpose(1, 2).reshape(b, s, -1))
-            gate, up = wgu(self._norm(h, ln2)).chunk(2, -1)
-            h = h + wd(F.silu(gate) * up)
+            h = h + layer.o(o.transpose(1, 2).reshape(b, s, -1))
+            gate, up = layer.gate_up(self._norm(h, layer.ln2)).chunk(2, -1)
+            h = h + layer.down(F.silu(gate) * up)
         return self.lm_head(self._norm(h[:, -1], self.norm))
 
     def _norm(self, h, weight):

@@ -6,19 +6,22 @@ And at 135M parameters, the 30-odd small tensor operations per layer around the 
 - `matvec(x, w)`: each of torch's threads (OpenMP, torch's own pool) streams one contiguous stretch of the weight's
   rows once for up to 16 input rows (tiles of 64 output rows stay in cache while each group of 4 input rows passes
   over them); fp32 or bf16 weights, fp32 sums.
-- `LlamaDecoder(weights, ...).step(h, cos, sin, keys, values, positions)`: a whole fp32 decode step through a Llama
-  layer stack in one call, on those matmuls (llama_step.LlamaStep uses it).
+- `LlamaDecoder(weights, ...).step(h, cos, sin, keys, values, positions)`: a whole fp32 or bf16 decode step through a
+  Llama-family layer stack (biases, Qwen3's q/k norms, sliding windows) in one call, on those matmuls
+  (llama_step.LlamaStep uses it).
 Their sums run in another order than MKL's, so outputs differ from F.linear's in the last bits (about 1e-6
 relative); tests/test_matvec.py bounds that and tests/test_llama_step.py checks that greedy tokens stay
 transformers' own.
 
-Built once per machine kind (AVX2+FMA, or plain C++) under torch's extensions folder (`TORCH_EXTENSIONS_DIR`,
-default ~/.cache/torch_extensions): about 30 s with g++. `make setup` builds it; without a compiler, or with
+Built once per machine kind (AVX2+FMA, or plain C++) and version of the source under torch's extensions folder
+(`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions): about 30 s with g++. The folder's name carries a hash of
+decode.cpp, so two checkouts of different versions (or an upgrade) never rebuild over each other's library. `make setup` builds it; without a compiler, or with
 `ALPACA_MATVEC=0`, decoding uses torch's own operations (one warning says why).
 
     python -m alpaca_trainml.generation.matvec      # build it now and check it against F.linear
 """
 
+import hashlib
 import logging
 import os
 import threading
@@ -34,11 +37,14 @@ _built = {}
 
 
 def variant():
-    """(extension name, compiler flags) for this CPU: the AVX2+FMA build where torch itself runs AVX2 or better."""
+    """(extension name, compiler flags) for this CPU: the AVX2+FMA build where torch itself runs AVX2 or better. The
+    name ends with the source's hash: torch's builder keeps one folder per name and rebuilds it whenever another
+    source is loaded under that name, so one shared name let a second checkout load the first one's library."""
+    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:10]
     capability = torch.backends.cpu.get_cpu_capability()
     if capability.startswith("AVX2") or capability.startswith("AVX512"):
-        return "alpaca_decode_avx2", ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"]
-    return "alpaca_decode_generic", ["-O3", "-ffp-contract=off", "-fopenmp"]
+        return f"alpaca_decode_avx2_{digest}", ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"]
+    return f"alpaca_decode_generic_{digest}", ["-O3", "-ffp-contract=off", "-fopenmp"]
 
 
 def kernel():

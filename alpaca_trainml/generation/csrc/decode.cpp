@@ -1,8 +1,9 @@
 // The decode kernels, built by alpaca_trainml/generation/matvec.py:
 // - matvec: y = x @ w.T for a few rows of x, every thread streaming its own block of w's rows once; fp32 or bf16
 //   weights, fp32 input and output, fp32 accumulation.
-// - LlamaDecoder: a whole decode step through a Llama layer stack in fp32 or bf16 (norms, fused projections, rotary
-//   embedding, cache write, attention, SwiGLU), one call per token instead of some 30 tensor operations per layer.
+// - LlamaDecoder: a whole decode step through a Llama-family layer stack in fp32 or bf16 (norms, fused projections
+//   and their biases, Qwen3's per-head q/k norms, rotary embedding, cache write, attention within a layer's sliding
+//   window, SwiGLU), one call per token instead of some 30 tensor operations per layer.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -218,6 +219,15 @@ void rotate(float* x, const float* cos, const float* sin, int64_t dim) {
   }
 }
 
+// y (rows, n) += bias, where the layer has one (an empty tensor: none)
+template <typename W>
+void add_bias(float* y, const torch::Tensor& bias, int64_t rows, int64_t n) {
+  if (bias.numel() == 0) return;
+  const W* b = ptr<W>(bias);
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < n; ++j) y[r * n + j] += load1(b + j);
+}
+
 template <typename W>
 void round_all(float* x, int64_t n) {
   if (!std::is_same<W, float>::value)
@@ -226,36 +236,57 @@ void round_all(float* x, int64_t n) {
 
 }  // namespace
 
-// A whole decode step through a Llama layer stack. Weights and cache in fp32 or bf16 (all the same); activations
+// A whole decode step through a Llama-family layer stack. Weights and cache in fp32 or bf16 (all the same); activations
 // are fp32 numbers rounded to the model's dtype wherever transformers' forward rounds them (a bf16 model's every
 // operation), so that a bf16 step gives transformers' bf16 numbers up to the order of the sums.
 struct LlamaDecoder {
   struct Layer {
     torch::Tensor ln1, wqkv, wo, ln2, wgu, wd;
+    torch::Tensor bqkv, bo, bgu, bd, qn, kn;  // biases and Qwen3's q/k norms; empty where the model has none
+    int64_t window;                           // sliding window in positions; 0: none
   };
   std::vector<Layer> layers;
   torch::ScalarType dtype;
   int64_t heads, kv_heads, dim, hidden, inter;
   float eps, scale;
 
+  // weights: per layer (ln1, wqkv, wo, ln2, wgu, wd) and optionally (bqkv, bo, bgu, bd, q_norm, k_norm) after them,
+  // empty tensors for those a model lacks; windows: per layer (or none at all), 0 for no sliding window.
   LlamaDecoder(std::vector<std::vector<torch::Tensor>> weights, int64_t heads, int64_t kv_heads, int64_t dim,
-               double eps, double scale)
+               double eps, double scale, std::vector<int64_t> windows)
       : heads(heads), kv_heads(kv_heads), dim(dim), eps(static_cast<float>(eps)), scale(static_cast<float>(scale)) {
     TORCH_CHECK(!weights.empty() && !weights[0].empty(), "LlamaDecoder: no layers");
+    TORCH_CHECK(windows.empty() || windows.size() == weights.size(), "LlamaDecoder: one window per layer");
     dtype = weights[0][0].scalar_type();
     TORCH_CHECK(dtype == torch::kFloat32 || dtype == torch::kBFloat16, "LlamaDecoder: fp32 or bf16 weights");
-    for (auto& w : weights) {
-      TORCH_CHECK(w.size() == 6, "LlamaDecoder: each layer is (ln1, wqkv, wo, ln2, wgu, wd)");
+    for (size_t i = 0; i < weights.size(); ++i) {
+      auto w = weights[i];
+      TORCH_CHECK(w.size() == 6 || w.size() == 12,
+                  "LlamaDecoder: each layer is (ln1, wqkv, wo, ln2, wgu, wd[, bqkv, bo, bgu, bd, q_norm, k_norm])");
       for (auto& t : w)
         TORCH_CHECK(t.scalar_type() == dtype && t.is_contiguous() && t.device().is_cpu(),
                     "LlamaDecoder: contiguous CPU weights, all of one dtype");
-      layers.push_back({w[0], w[1], w[2], w[3], w[4], w[5]});
+      auto none = torch::empty({0}, w[0].options());
+      while (w.size() < 12) w.push_back(none);
+      int64_t window = windows.empty() ? 0 : windows[i];
+      TORCH_CHECK(window >= 0, "LlamaDecoder: a window is 0 (none) or a number of positions");
+      layers.push_back({w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8], w[9], w[10], w[11], window});
     }
     hidden = layers[0].ln1.size(0);
     inter = layers[0].wd.size(1);
-    TORCH_CHECK(layers[0].wqkv.size(0) == (heads + 2 * kv_heads) * dim && heads % kv_heads == 0,
+    int64_t qkv_n = (heads + 2 * kv_heads) * dim;
+    TORCH_CHECK(layers[0].wqkv.size(0) == qkv_n && heads % kv_heads == 0,
                 "LlamaDecoder: the fused q/k/v weight does not match the heads");
+    for (auto& L : layers)
+      TORCH_CHECK((L.bqkv.numel() == 0 || L.bqkv.numel() == qkv_n) && (L.bo.numel() == 0 || L.bo.numel() == hidden) &&
+                      (L.bgu.numel() == 0 || L.bgu.numel() == 2 * inter) &&
+                      (L.bd.numel() == 0 || L.bd.numel() == hidden) && L.qn.numel() == L.kn.numel() &&
+                      (L.qn.numel() == 0 || L.qn.numel() == dim),
+                  "LlamaDecoder: a bias or q/k norm does not match the layer's shapes");
   }
+  LlamaDecoder(std::vector<std::vector<torch::Tensor>> weights, int64_t heads, int64_t kv_heads, int64_t dim,
+               double eps, double scale)
+      : LlamaDecoder(std::move(weights), heads, kv_heads, dim, eps, scale, {}) {}
 
   // h (rows, hidden) fp32: the new tokens' embeddings, changed in place into the last layer's output.
   // cos, sin (rows, dim) fp32: each row's rotary at its position. keys[i], values[i] (rows_cap, kv_heads, pos_cap,
@@ -306,9 +337,14 @@ struct LlamaDecoder {
       W* vc = const_cast<W*>(ptr<W>(values[i]));
       rms_norm(hp, ptr<W>(L.ln1), xp, rows, hidden, eps);
       run(xp, ptr<W>(L.wqkv), qp, rows, hidden, qkv_n);
+      add_bias<W>(qp, L.bqkv, rows, qkv_n);
       round_all<W>(qp, rows * qkv_n);
       for (int64_t r = 0; r < rows; ++r) {
         float* q = qp + r * qkv_n;
+        if (L.qn.numel()) {  // Qwen3: every query head, then every key head, RMS-normed over dim (in place)
+          rms_norm(q, ptr<W>(L.qn), q, heads, dim, eps);
+          rms_norm(q + heads * dim, ptr<W>(L.kn), q + heads * dim, kv_heads, dim, eps);
+        }
         for (int64_t hd = 0; hd < heads + kv_heads; ++hd) rotate<W>(q + hd * dim, cp + r * dim, snp + r * dim, dim);
         for (int64_t g = 0; g < kv_heads; ++g) {
           int64_t at = ((r * kv_heads + g) * pos_cap + pos[r]) * dim;
@@ -321,20 +357,21 @@ struct LlamaDecoder {
       at::parallel_for(0, rows * heads, 1, [&](int64_t b, int64_t e) {
         for (int64_t rh = b; rh < e; ++rh) {
           int64_t r = rh / heads, hd = rh % heads, n = pos[r] + 1;
+          int64_t t0 = L.window > 0 ? std::max<int64_t>(0, n - L.window) : 0;  // the window's first position
           const float* q = qp + r * qkv_n + hd * dim;
           const W* K = kc + (r * kv_heads + hd / group) * pos_cap * dim;
           const W* V = vc + (r * kv_heads + hd / group) * pos_cap * dim;
           float* s = sp + rh * width;
           float top = -INFINITY;
-          for (int64_t t = 0; t < n; ++t) {
+          for (int64_t t = t0; t < n; ++t) {
             s[t] = dot(q, K + t * dim, dim) * scale;
             top = std::max(top, s[t]);
           }
           float total = 0.f;
-          for (int64_t t = 0; t < n; ++t) total += (s[t] = std::exp(s[t] - top));
+          for (int64_t t = t0; t < n; ++t) total += (s[t] = std::exp(s[t] - top));
           float* o = ap + r * heads * dim + hd * dim;
           for (int64_t d = 0; d < dim; ++d) o[d] = 0.f;
-          for (int64_t t = 0; t < n; ++t) {
+          for (int64_t t = t0; t < n; ++t) {
             float p = s[t] / total;
             for (int64_t d = 0; d < dim; ++d) o[d] += p * load1(V + t * dim + d);
           }
@@ -342,15 +379,18 @@ struct LlamaDecoder {
         }
       });
       run(ap, ptr<W>(L.wo), op, rows, heads * dim, hidden);
+      add_bias<W>(op, L.bo, rows, hidden);
       for (int64_t j = 0; j < rows * hidden; ++j) hp[j] = held<W>(hp[j] + held<W>(op[j]));
       rms_norm(hp, ptr<W>(L.ln2), xp, rows, hidden, eps);
       run(xp, ptr<W>(L.wgu), gp, rows, hidden, 2 * inter);
+      add_bias<W>(gp, L.bgu, rows, 2 * inter);
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t j = 0; j < inter; ++j) {
           float g = held<W>(gp[r * 2 * inter + j]), u = held<W>(gp[r * 2 * inter + inter + j]);
           actp[r * inter + j] = held<W>(held<W>(g / (1.f + std::exp(-g))) * u);
         }
       run(actp, ptr<W>(L.wd), op, rows, inter, hidden);
+      add_bias<W>(op, L.bd, rows, hidden);
       for (int64_t j = 0; j < rows * hidden; ++j) hp[j] = held<W>(hp[j] + held<W>(op[j]));
     }
   }
@@ -359,6 +399,8 @@ struct LlamaDecoder {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("matvec", &matvec, "y = x @ w.T for a few rows (decode)");
   pybind11::class_<LlamaDecoder>(m, "LlamaDecoder", pybind11::module_local())
+      .def(pybind11::init<std::vector<std::vector<torch::Tensor>>, int64_t, int64_t, int64_t, double, double,
+                          std::vector<int64_t>>())
       .def(pybind11::init<std::vector<std::vector<torch::Tensor>>, int64_t, int64_t, int64_t, double, double>())
       .def("step", &LlamaDecoder::step);
 }
