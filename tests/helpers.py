@@ -106,6 +106,50 @@ def build_tiny_llama(tokenizer_dir, out_dir, seed=0):
     return Path(out_dir)
 
 
+# The Llama family's tiny models (tests/test_llama_step.py): the tests' Llama shape with each family's differences.
+# Windows of 8 positions, so that the tests' prompts (6 to 27 tokens) run past them.
+_LLAMA3_ROPE = dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0)
+FAMILIES = {
+    "llama3-rope": (
+        "llama",
+        dict(rope_parameters=dict(_LLAMA3_ROPE, rope_theta=10000.0, original_max_position_embeddings=64)),
+    ),
+    "linear-rope": ("llama", dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=4.0))),
+    "yarn-rope": ("llama", dict(rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, factor=4.0))),
+    "llama-biases": ("llama", dict(attention_bias=True, mlp_bias=True)),
+    "mistral": ("mistral", dict(sliding_window=8)),
+    "qwen2": ("qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1, tie_word_embeddings=True)),
+    "qwen3": ("qwen3", dict(head_dim=16)),  # head_dim apart from hidden/heads (8), as Qwen3's own configs have it
+}
+
+
+def tiny_family_config(family, vocab_size, **ids):
+    """A config of FAMILIES[family] in the tests' Llama shape (2 layers, hidden 32, 4 heads over 2 kv heads)."""
+    from transformers import AutoConfig
+
+    model_type, extra = FAMILIES[family]
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    shape.update(num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False)
+    # weights 5x transformers' default spread: at 0.02 a tiny model's greedy tokens hardly depend on the rope or the
+    # window (the same 32 tokens with the unscaled rope, 2026-12-05); at 0.1 most of them change
+    shape.update(initializer_range=0.1)
+    return AutoConfig.for_model(model_type, vocab_size=vocab_size, **shape | extra | ids)
+
+
+def build_tiny_family(family, tokenizer_dir, out_dir, seed=0):
+    """Save a tiny random model of FAMILIES[family] with the tokenizer next to it, loadable with from_pretrained."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(seed)
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=None)
+    model = AutoModelForCausalLM.from_config(tiny_family_config(family, len(tok), **ids))
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    return Path(out_dir)
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,6 +1,10 @@
-"""The decoder core's model steps and cache: our Llama forward (llama_step.py) against transformers' own generate(),
-token for token, alone and in a batch of rows of different lengths; the static slot cache; the generic step."""
+"""The decoder core's model steps and cache: our Llama-family forward (llama_step.py) against transformers' own
+generate(), token for token, alone and in a batch of rows of different lengths, for the tests' Llama and a tiny model
+of each family (helpers.FAMILIES), and through serve.py's engine; the static slot cache; the generic step."""
 
+import asyncio
+
+import httpx
 import pytest
 import torch
 import torch.nn.functional as F
@@ -12,7 +16,9 @@ from alpaca_trainml.generation.batch import DecodeBatch
 from alpaca_trainml.generation.hf_step import HFStep
 from alpaca_trainml.generation.kv_cache import SlotCache
 from alpaca_trainml.generation.llama_step import LlamaStep
+from helpers import FAMILIES, build_tiny_family
 from inference import GenParams, InstructModel
+from serve import create_app
 
 PROMPTS = [
     "Name the main subject.",
@@ -63,6 +69,73 @@ def test_greedy_tokens_equal_transformers_alone_and_batched(model, monkeypatch, 
         text = model.decode([t for t in want if t not in model.eos_ids])
         assert (one.text, one.completion_tokens) == (text, len(want))
         assert (many.text, many.completion_tokens) == (text, len(want))
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request, spm_tokenizer_dir, tmp_path_factory):
+    """(family name, InstructModel) of a tiny random model of that family, saved and loaded as a user's would be."""
+    folder = build_tiny_family(request.param, spm_tokenizer_dir, tmp_path_factory.mktemp(request.param))
+    return request.param, InstructModel(str(folder))
+
+
+def test_each_family_gives_transformers_greedy_tokens_alone_and_batched(family, monkeypatch):
+    name, model = family
+    prompts = [model.encode(p) for p in PROMPTS[:4]]  # 6 to 27 tokens: past the sliding windows of 8 (helpers)
+    expected = [reference(model, ids, GREEDY.max_tokens) for ids in prompts]
+    for kernel in ("1", "0"):  # our kernel's whole-step decoder; torch's operations (ALPACA_MATVEC=0)
+        monkeypatch.setenv(matvec.ENV, kernel)
+        stepper = DecodeBatch(model).stepper
+        assert isinstance(stepper, LlamaStep) and (stepper.decoder is not None) == (matvec.kernel() is not None)
+        alone = [model.generate([ids], GREEDY)[0] for ids in prompts]
+        batched = model.generate(prompts, GREEDY)
+        for want, one, many in zip(expected, alone, batched):
+            text = model.decode([t for t in want if t not in model.eos_ids])
+            assert (one.text, one.completion_tokens) == (text, len(want)), (name, kernel)
+            assert (many.text, many.completion_tokens) == (text, len(want)), (name, kernel)
+
+
+def test_each_family_differs_where_it_should(family):
+    """The families' differences reach the numbers: the scaled rope's frequencies are not the default ones, and a
+    sliding window changes the logits of a prompt longer than it (so the token tests above could fail)."""
+    name, model = family
+    rotary, config = model.model.model.rotary_emb, model.model.config
+    dim, theta = 2 * len(rotary.inv_freq), config.rope_parameters["rope_theta"]
+    default = 1.0 / (theta ** (torch.arange(0, dim, 2).float() / dim))  # the unscaled rope's frequencies
+    assert (not torch.allclose(rotary.inv_freq, default)) == name.endswith("-rope"), name
+    assert (rotary.attention_scaling != 1.0) == (name == "yarn-rope"), name  # yarn's 0.1 * ln(4) + 1
+    step = LlamaStep(model.model)
+    windows = [layer.window for layer in step.layers]
+    assert windows == {"mistral": [8, 8], "qwen2": [0, 8]}.get(name, [0, 0]), name  # qwen2: layers >= max_window_layers
+    assert (step.layers[0].q_norm is not None) == (name == "qwen3")
+    if any(windows):
+        prompt = list(range(3, 23))  # 20 tokens, past the window
+        windowed = step.prefill([prompt])
+        step.layers[:] = [layer._replace(window=0) for layer in step.layers]
+        assert not torch.allclose(step.prefill([prompt]), windowed)
+        assert config.sliding_window == 8
+
+
+async def _completions(app, bodies):
+    app.state.engine.start()
+    try:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost", timeout=60) as client:
+            return await asyncio.gather(*(client.post("/v1/completions", json=b) for b in bodies))
+    finally:
+        app.state.engine.stop()
+
+
+def test_serve_gives_each_familys_greedy_tokens(family):
+    """serve.py's app and engine (continuous batching over our step), 3 requests at once, against generate()."""
+    name, model = family
+    bodies = [dict(prompt=p, max_tokens=16, temperature=0) for p in PROMPTS[:3]]
+    answers = asyncio.run(_completions(create_app(model), bodies))
+    for body, r in zip(bodies, answers):
+        want = reference(model, model.encode(body["prompt"]), 16)
+        assert r.status_code == 200, r.text
+        text = model.decode([t for t in want if t not in model.eos_ids])
+        assert r.json()["choices"][0]["text"] == text, name
+        assert r.json()["usage"]["completion_tokens"] == len(want), name
 
 
 def test_rms_norm_in_two_operations_is_transformers_bit_for_bit():
