@@ -6,6 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from helpers import FAMILIES, tiny_family_config
 
 from alpaca_trainml.generation import llama_step, matvec
 from alpaca_trainml.generation.llama_step import LlamaStep
@@ -81,9 +82,15 @@ def test_a_failed_build_warns_once_and_falls_back(monkeypatch, caplog):
     assert len(warned) == 1 and "Error building extension" in warned[0]
 
 
-def test_decoder_step_is_the_python_forward_on_rows_of_different_lengths(module, tiny_llama_dir):
-    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
-    fused, plain = LlamaStep(model), LlamaStep(model)
+def family_model(name, dtype=torch.float32):
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(tiny_family_config(name, 64), dtype=dtype).eval()
+
+
+@pytest.mark.parametrize("name", [None, *sorted(FAMILIES)])  # None: the tests' Llama
+def test_decoder_step_is_the_python_forward_on_rows_of_different_lengths(module, tiny_llama_dir, name):
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir) if name is None else family_model(name)
+    fused, plain = LlamaStep(model.eval()), LlamaStep(model)
     assert fused.decoder is not None
     plain.decoder = None  # the same step over torch's operations (with the kernel's matmuls)
     prompts = [[3, 4, 5, 6, 7, 8, 9], [10, 11], [12, 13, 14]]
@@ -117,7 +124,16 @@ def test_bf16_decoder_is_as_close_to_fp32_as_transformers_bf16(module, tiny_llam
     model than transformers' own bf16 forward is (it rounds where transformers rounds, and sums in fp32)."""
     full = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     half = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).eval()
-    prompt, fed = [3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15, 16]
+    assert_bf16_decoder_as_close(full, half, [3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15, 16])
+
+
+@pytest.mark.parametrize("name", ["llama-biases", "mistral", "qwen2", "qwen3"])
+def test_bf16_decoder_of_each_family_is_as_close_as_transformers_bf16(module, name):
+    full, half = family_model(name), family_model(name, torch.bfloat16)
+    assert_bf16_decoder_as_close(full, half, list(range(3, 15)), list(range(20, 30)))  # 12 + 10: past the windows
+
+
+def assert_bf16_decoder_as_close(full, half, prompt, fed):
     ids = torch.tensor([prompt + fed])
     with torch.no_grad():
         exact = full(ids).logits[0, len(prompt) - 1 : -1]
@@ -134,3 +150,20 @@ def test_weights_of_mixed_dtypes_build_no_decoder_rather_than_fail(module, tiny_
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).eval()
     model.model.layers[0].input_layernorm.float()  # the kernel takes one dtype throughout: no decoder, no error
     assert LlamaStep(model).decoder is None
+
+
+def test_decoder_takes_the_llama_only_arguments_as_before(module, tiny_llama_dir):
+    """LlamaDecoder(weights of 6 per layer, heads, kv_heads, dim, eps, scale): the call before biases, q/k norms and
+    windows still builds the same step."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    step = LlamaStep(model)
+    weights = [layer.kernel_tensors(None)[:6] for layer in step.layers]
+    old = module.LlamaDecoder(weights, step.heads, step.kv_heads, step.head_dim, step.eps, step.scale)
+    step.prefill([[3, 4, 5]])
+    h = F.embedding(torch.tensor([6]), step.embed)
+    cos, sin = (t[:, 0].contiguous() for t in step.rotary(h, torch.tensor([[3]])))
+    keys, values = [k.clone() for k in step.cache.keys], [v.clone() for v in step.cache.values]
+    want = step.decoder.step(h.clone(), cos, sin, step.cache.keys, step.cache.values, [3])
+    assert torch.equal(old.step(h.clone(), cos, sin, keys, values, [3]), want)
+    with pytest.raises(RuntimeError, match="one window per layer"):
+        module.LlamaDecoder(weights, step.heads, step.kv_heads, step.head_dim, step.eps, step.scale, [0])
