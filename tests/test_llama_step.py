@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
+from helpers import FAMILIES, build_tiny_family
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from alpaca_trainml.generation import llama_step, matvec
@@ -16,7 +17,6 @@ from alpaca_trainml.generation.batch import DecodeBatch
 from alpaca_trainml.generation.hf_step import HFStep
 from alpaca_trainml.generation.kv_cache import SlotCache
 from alpaca_trainml.generation.llama_step import LlamaStep
-from helpers import FAMILIES, build_tiny_family
 from inference import GenParams, InstructModel
 from serve import create_app
 

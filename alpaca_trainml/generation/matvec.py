@@ -15,8 +15,9 @@ transformers' own.
 
 Built once per machine kind (AVX2+FMA, or plain C++) and version of the source under torch's extensions folder
 (`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions): about 30 s with g++. The folder's name carries a hash of
-decode.cpp, so two checkouts of different versions (or an upgrade) never rebuild over each other's library. `make setup` builds it; without a compiler, or with
-`ALPACA_MATVEC=0`, decoding uses torch's own operations (one warning says why).
+decode.cpp, so two checkouts of different versions (or an upgrade) never rebuild over each other's library.
+`make setup` builds it; without a compiler, or with `ALPACA_MATVEC=0`, decoding uses torch's own operations (one
+warning says why).
 
     python -m alpaca_trainml.generation.matvec      # build it now and check it against F.linear
 """
