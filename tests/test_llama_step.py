@@ -3,13 +3,16 @@ generate(), token for token, alone and in a batch of rows of different lengths, 
 of each family (helpers.FAMILIES), and through serve.py's engine; the static slot cache; the generic step."""
 
 import asyncio
+import shlex
+import subprocess
+import sys
 
 import httpx
 import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from helpers import FAMILIES, build_tiny_family
+from helpers import FAMILIES, ROOT, build_tiny_family, subprocess_env
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from alpaca_trainml.generation import llama_step, matvec
@@ -136,6 +139,21 @@ def test_serve_gives_each_familys_greedy_tokens(family):
         text = model.decode([t for t in want if t not in model.eos_ids])
         assert r.json()["choices"][0]["text"] == text, name
         assert r.json()["usage"]["completion_tokens"] == len(want), name
+
+
+BENCH = "python -m benchmarks.family_decode --families llama qwen3 phi3 --layers 1 --vocab 512 --tokens 4 --repeat 1"
+
+
+@pytest.mark.slow
+def test_family_benchmark_runs_and_names_the_families_on_transformers_forward():
+    argv = [sys.executable, *shlex.split(BENCH)[1:]]
+    out = subprocess.run(argv, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.strip().splitlines()
+    rows = {line.split()[0]: line for line in lines if line.split()[0] in ("llama", "qwen3", "phi3")}
+    assert "ours (Llama step)" in rows["qwen3"] and "transformers' fwd" in rows["phi3"]
+    assert all(row.endswith("yes") for row in rows.values())  # both steps chose the same greedy tokens
+    assert lines[-1].startswith("family_decode: our step ") and lines[-1].endswith("on transformers' forward: phi3")
 
 
 def test_rms_norm_in_two_operations_is_transformers_bit_for_bit():
