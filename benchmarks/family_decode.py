@@ -6,14 +6,15 @@ transformers' forward (generation/hf_step.py, what every model decoded through b
 
 Every family gets a random model of the same shape: SmolLM2-135M's layers (hidden 576, 9 query and 3 key-value heads
 of 64, MLP 1536), by default 8 of them over a vocabulary of 16384 (38M parameters, 150 MB in fp32). The same bytes
-per token in every family, so the rates compare across families. `llama` is the plain layout, `llama3` takes Llama 3.1's rope (llama3 scaling);
-Mistral and Gemma keep their sliding windows (4096 by default: the 32-token prompt and the decoded tokens stay inside
-them). Gemma and Phi have no fast step (they keep transformers' forward); their rows measure that forward twice, so
-their ratio shows the noise of the run.
+per token in every family, so the rates compare across families. `llama` is the plain layout, `llama3` takes Llama
+3.1's rope (llama3 scaling); Mistral and Gemma keep their sliding windows (4096 by default: the 32-token prompt and
+the decoded tokens stay inside them). Gemma and Phi have no fast step (they keep transformers' forward); their rows
+measure that forward twice, so their ratio shows the noise of the run.
 
 Rate: greedy from the same 32-token prompt, decode steps only (prefill left out): --tokens steps / their time. Each
 family's two steps alternate --repeat times (the best and the median kept, as llama-bench keeps the minimum and the
-median time), since this machine's speed moves within minutes. Each run also checks that both steps chose the same tokens. Last line: the headline.
+median time), since this machine's speed moves within minutes. Each run also checks that both steps chose the same
+tokens. Last line: the headline.
 """
 
 import argparse
