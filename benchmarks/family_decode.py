@@ -8,8 +8,8 @@ Every family gets a random model of the same shape: SmolLM2-135M's layers (hidde
 of 64, MLP 1536), by default 8 of them over a vocabulary of 16384 (38M parameters, 150 MB in fp32). The same bytes
 per token in every family, so the rates compare across families. `llama` is the plain layout, `llama3` takes Llama
 3.1's rope (llama3 scaling); Mistral and Gemma keep their sliding windows (4096 by default: the 32-token prompt and
-the decoded tokens stay inside them). Gemma and Phi have no fast step (they keep transformers' forward); their rows
-measure that forward twice, so their ratio shows the noise of the run.
+the decoded tokens stay inside them). Gemma has no fast step (it keeps transformers' forward); its rows measure that
+forward twice, so their ratio shows the noise of the run.
 
 Rate: greedy from the same 32-token prompt, decode steps only (prefill left out): --tokens steps / their time. Each
 family's two steps alternate --repeat times (the best and the median kept, as llama-bench keeps the minimum and the
@@ -42,7 +42,7 @@ FAMILIES = {  # family -> (model_type, what differs from SHAPE)
     "qwen3": ("qwen3", {}),  # per-head q/k norms
     "gemma2": ("gemma2", {}),
     "gemma3": ("gemma3_text", {}),
-    "phi3": ("phi3", {}),
+    "phi3": ("phi3", {}),  # q/k/v and gate/up fused in the checkpoint
 }
 PROMPT_LEN = 32
 

@@ -120,6 +120,7 @@ FAMILIES = {
     "mistral": ("mistral", dict(sliding_window=8)),
     "qwen2": ("qwen2", dict(use_sliding_window=True, sliding_window=8, max_window_layers=1, tie_word_embeddings=True)),
     "qwen3": ("qwen3", dict(head_dim=16)),  # head_dim apart from hidden/heads (8), as Qwen3's own configs have it
+    "phi3": ("phi3", dict(sliding_window=8)),  # q/k/v and gate/up fused in the checkpoint; Phi-3-mini has a window
 }
 
 
@@ -129,7 +130,7 @@ def tiny_family_config(family, vocab_size, **ids):
 
     model_type, extra = FAMILIES[family]
     shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    shape.update(num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False)
+    shape.update(num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=False, pad_token_id=None)
     # weights 5x transformers' default spread: at 0.02 a tiny model's greedy tokens hardly depend on the rope or the
     # window (the same 32 tokens with the unscaled rope, 2026-12-05); at 0.1 most of them change
     shape.update(initializer_range=0.1)

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-from helpers import FAMILIES, ROOT, build_tiny_family, subprocess_env
+from helpers import FAMILIES, ROOT, build_tiny_family, subprocess_env, tiny_family_config
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from alpaca_trainml.generation import llama_step, matvec
@@ -58,6 +58,19 @@ def test_a_wrapped_or_other_model_takes_the_generic_step(model, tiny_llama_dir):
     base = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     wrapped = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj"]))
     assert not llama_step.supports(wrapped) and not llama_step.supports(wrapped.base_model.model)  # LoRA layers
+
+
+def test_a_partial_rope_or_gemma_takes_the_generic_step():
+    """Phi-4-mini's rope turns 3/4 of each head, which our step does not: it and Gemma keep transformers' forward."""
+    partial = dict(rope_parameters=dict(rope_type="default", rope_theta=10000.0, partial_rotary_factor=0.5))
+    assert llama_step.supports(transformers.AutoModelForCausalLM.from_config(tiny_family_config("phi3", 64)))
+    assert not llama_step.supports(
+        transformers.AutoModelForCausalLM.from_config(tiny_family_config("phi3", 64, **partial))
+    )
+    gemma = transformers.Gemma2Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, head_dim=8
+    )
+    assert not llama_step.supports(transformers.AutoModelForCausalLM.from_config(gemma))
 
 
 @pytest.mark.parametrize("fast, kernel", [("1", "1"), ("1", "0"), ("0", "1")])  # our kernel, torch's matmuls, theirs
@@ -108,7 +121,8 @@ def test_each_family_differs_where_it_should(family):
     assert (rotary.attention_scaling != 1.0) == (name == "yarn-rope"), name  # yarn's 0.1 * ln(4) + 1
     step = LlamaStep(model.model)
     windows = [layer.window for layer in step.layers]
-    assert windows == {"mistral": [8, 8], "qwen2": [0, 8]}.get(name, [0, 0]), name  # qwen2: layers >= max_window_layers
+    want = {"mistral": [8, 8], "phi3": [8, 8], "qwen2": [0, 8]}.get(name, [0, 0])  # qwen2: from max_window_layers
+    assert windows == want, name
     assert (step.layers[0].q_norm is not None) == (name == "qwen3")
     if any(windows):
         prompt = list(range(3, 23))  # 20 tokens, past the window
@@ -141,7 +155,7 @@ def test_serve_gives_each_familys_greedy_tokens(family):
         assert r.json()["usage"]["completion_tokens"] == len(want), name
 
 
-BENCH = "python -m benchmarks.family_decode --families llama qwen3 phi3 --layers 1 --vocab 512 --tokens 4 --repeat 1"
+BENCH = "python -m benchmarks.family_decode --families llama phi3 gemma2 --layers 1 --vocab 512 --tokens 4 --repeat 1"
 
 
 @pytest.mark.slow
@@ -150,10 +164,10 @@ def test_family_benchmark_runs_and_names_the_families_on_transformers_forward():
     out = subprocess.run(argv, cwd=ROOT, env=subprocess_env(), capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-2000:]
     lines = out.stdout.strip().splitlines()
-    rows = {line.split()[0]: line for line in lines if line.split()[0] in ("llama", "qwen3", "phi3")}
-    assert "ours (Llama step)" in rows["qwen3"] and "transformers' fwd" in rows["phi3"]
+    rows = {line.split()[0]: line for line in lines if line.split()[0] in ("llama", "phi3", "gemma2")}
+    assert "ours (Llama step)" in rows["phi3"] and "transformers' fwd" in rows["gemma2"]
     assert all(row.endswith("yes") for row in rows.values())  # both steps chose the same greedy tokens
-    assert lines[-1].startswith("family_decode: our step ") and lines[-1].endswith("on transformers' forward: phi3")
+    assert lines[-1].startswith("family_decode: our step ") and lines[-1].endswith("on transformers' forward: gemma2")
 
 
 def test_rms_norm_in_two_operations_is_transformers_bit_for_bit():

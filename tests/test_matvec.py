@@ -127,7 +127,7 @@ def test_bf16_decoder_is_as_close_to_fp32_as_transformers_bf16(module, tiny_llam
     assert_bf16_decoder_as_close(full, half, [3, 4, 5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15, 16])
 
 
-@pytest.mark.parametrize("name", ["llama-biases", "mistral", "qwen2", "qwen3"])
+@pytest.mark.parametrize("name", ["llama-biases", "mistral", "phi3", "qwen2", "qwen3"])
 def test_bf16_decoder_of_each_family_is_as_close_as_transformers_bf16(module, name):
     full, half = family_model(name), family_model(name, torch.bfloat16)
     assert_bf16_decoder_as_close(full, half, list(range(3, 15)), list(range(20, 30)))  # 12 + 10: past the windows

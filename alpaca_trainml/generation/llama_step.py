@@ -25,38 +25,45 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
+from transformers import LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 from transformers.models.llama.modeling_llama import rotate_half
 
 from alpaca_trainml.generation import matvec
 from alpaca_trainml.generation.kv_cache import SlotCache
 
 FAST_ENV = "ALPACA_FAST_DECODE"  # "0": every model takes transformers' forward (the generic step)
-FAMILIES = (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM)  # the classes this step runs
+# the classes this step runs (Phi3: Phi-3 and Phi-4, with their rope over the whole head)
+FAMILIES = (LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM, Phi3ForCausalLM)
 _FUSED = weakref.WeakKeyDictionary()  # first module of a fused group -> (fused weight, its members' data pointers)
 SPLIT_MAX_ROWS = 16  # decode steps of up to this many rows take the kernel or the split matmul; prefill takes F.linear
 
 
 def supports(model):
     """True for a plain transformers model of FAMILIES (not wrapped by PEFT or a quantizer) this forward reproduces
-    exactly; Gemma, Phi and the rest keep transformers' forward (hf_step.HFStep)."""
+    exactly; Gemma, a Phi whose rope turns part of each head (Phi-4-mini) and the rest keep transformers' forward
+    (hf_step.HFStep)."""
     if os.environ.get(FAST_ENV, "1") == "0" or type(model) not in FAMILIES:
         return False
     c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     plain = getattr(model, "hf_quantizer", None) is None and all(
-        type(m) is nn.Linear for layer in model.model.layers for m in (*_attn(layer), *_mlp(layer))
+        type(m) is nn.Linear for layer in model.model.layers for m in _modules(layer)
     )
-    return plain and getattr(c, "hidden_act", "silu") == "silu" and getattr(c, "pretraining_tp", 1) == 1
+    whole_rope = 2 * model.model.rotary_emb.inv_freq.numel() == head_dim  # a partial rope: q/k only partly turned
+    return plain and whole_rope and getattr(c, "hidden_act", "silu") == "silu" and getattr(c, "pretraining_tp", 1) == 1
 
 
-def _attn(layer):
-    a = layer.self_attn
-    return a.q_proj, a.k_proj, a.v_proj, a.o_proj
+def _projections(layer):
+    """([q, k, v], o, [gate, up], down) linear layers; Phi3 has q/k/v and gate/up fused already ([qkv], [gate_up])."""
+    a, m = layer.self_attn, layer.mlp
+    qkv = [a.qkv_proj] if hasattr(a, "qkv_proj") else [a.q_proj, a.k_proj, a.v_proj]
+    gate_up = [m.gate_up_proj] if hasattr(m, "gate_up_proj") else [m.gate_proj, m.up_proj]
+    return qkv, a.o_proj, gate_up, m.down_proj
 
 
-def _mlp(layer):
-    m = layer.mlp
-    return m.gate_proj, m.up_proj, m.down_proj
+def _modules(layer):
+    qkv, o, gate_up, down = _projections(layer)
+    return [*qkv, o, *gate_up, down]
 
 
 def _window(config, layer):
@@ -105,7 +112,10 @@ class Weight:
 def _fused(modules):
     """One weight for the linear layers that read the same input (q, k, v; gate, up): their rows stacked, and each
     layer's weight made a view of its rows (no second copy in memory; the model's own forward reads the same numbers).
-    Made once per model: later calls find the views still in place and return the same tensor."""
+    Made once per model: later calls find the views still in place and return the same tensor. One layer (Phi3's
+    fused ones): its own weight."""
+    if len(modules) == 1:
+        return modules[0].weight.data
     weights = [m.weight.data for m in modules]
     made = _FUSED.get(modules[0])
     if made is not None and [w.data_ptr() for w in weights] == made[1]:
@@ -123,6 +133,8 @@ def _fused_bias(modules):
     """The fused layers' biases stacked as their weights are (zeros for one without), or None when none has one."""
     if all(m.bias is None for m in modules):
         return None
+    if len(modules) == 1:
+        return modules[0].bias.data
     return torch.cat([m.weight.new_zeros(m.out_features) if m.bias is None else m.bias.data for m in modules])
 
 
@@ -147,14 +159,15 @@ class Layer(NamedTuple):
 
 
 def _layer(config, lyr, weight):
-    attn, q_norm, k_norm = lyr.self_attn, getattr(lyr.self_attn, "q_norm", None), getattr(lyr.self_attn, "k_norm", None)
+    q_norm, k_norm = getattr(lyr.self_attn, "q_norm", None), getattr(lyr.self_attn, "k_norm", None)
+    qkv, o, gate_up, down = _projections(lyr)
     return Layer(
         lyr.input_layernorm.weight,
-        weight(_fused(_attn(lyr)[:3]), _fused_bias(_attn(lyr)[:3])),
-        weight(attn.o_proj.weight, attn.o_proj.bias),
+        weight(_fused(qkv), _fused_bias(qkv)),
+        weight(o.weight, o.bias),
         lyr.post_attention_layernorm.weight,
-        weight(_fused(_mlp(lyr)[:2]), _fused_bias(_mlp(lyr)[:2])),
-        weight(lyr.mlp.down_proj.weight, lyr.mlp.down_proj.bias),
+        weight(_fused(gate_up), _fused_bias(gate_up)),
+        weight(down.weight, down.bias),
         None if q_norm is None else q_norm.weight,
         None if k_norm is None else k_norm.weight,
         _window(config, lyr),
