@@ -1,5 +1,6 @@
-"""The model step for the Llama family (Llama with any rope scaling transformers computes, Mistral, Qwen2, Qwen3;
-SmolLM2 and the tests' tiny models): our own forward over the model's own weights and a static slot cache.
+"""The model step for the Llama family (Llama with any rope scaling transformers computes, Mistral, Qwen2, Qwen3, and
+Phi3 where its rope turns the whole head; SmolLM2 and the tests' tiny models): our own forward over the model's own
+weights and a static slot cache.
 
 Why: a batch-1 decode step reads every weight once, so its floor is the memory bandwidth; what transformers' forward
 adds per token on a CPU (module calls, cache bookkeeping, mask building) costs about as much again as the matmuls at
@@ -13,9 +14,10 @@ transformers' generate() on every path and for every family (tests/test_llama_st
 
 The families differ only where this forward reads the layer: biases on any projection (Qwen2's q/k/v; Llama's
 attention_bias and mlp_bias), an RMSNorm over each query and key head before the rotary embedding (Qwen3), a sliding
-window (Mistral; Qwen2/Qwen3 layers that use one): a token attends to the last `window` positions, itself included,
-as transformers' mask has it. The rotary embedding is the model's own module (its inverse frequencies and attention
-scaling: llama3, linear, yarn, dynamic...), called for each step's positions, never recomputed here.
+window (Mistral, Phi3; Qwen2/Qwen3 layers that use one): a token attends to the last `window` positions, itself
+included, as transformers' mask has it; q/k/v and gate/up that come fused in the checkpoint (Phi3), taken as they
+are. The rotary embedding is the model's own module (its inverse frequencies and attention scaling: llama3, linear,
+yarn, dynamic, longrope...), called for each step's positions, never recomputed here.
 """
 
 import os
