@@ -70,7 +70,7 @@ def _modules(layer):
 
 def _window(config, layer):
     """The layer's sliding window in positions (0: none), as transformers' mask reads it: Qwen2/Qwen3 per layer
-    (layer_types), Mistral for every layer (config.sliding_window), Llama never."""
+    (layer_types), Mistral and Phi3 for every layer (config.sliding_window), Llama never."""
     attn = layer.self_attn
     window = attn.sliding_window if hasattr(attn, "sliding_window") else getattr(config, "sliding_window", None)
     return int(window or 0)
@@ -84,8 +84,8 @@ class Weight:
     (matvec.py: fp32 or bf16 weights, each thread streams its own stretch of rows) it takes those steps; its sums
     differ from F.linear's in the last bits. Without it, an fp32 weight is cut into as many blocks of output rows as
     torch has threads, and one batched matmul (bmm, which runs its batches in parallel) gives each thread its block:
-    the blocks are a view of the weight (no copy) and each output is F.linear's, bit for bit
-    (tests/test_llama_step.py). More rows (prefill) take F.linear."""
+    the blocks are a view of the weight (no copy) and each output is F.linear's, bit for bit (tests/test_llama_step.py;
+    a bias is added after, which may round apart from F.linear's in the last bit). More rows (prefill) take F.linear."""
 
     __slots__ = ("full", "bias", "blocks", "n", "kernel")
 
