@@ -170,6 +170,17 @@ def test_family_benchmark_runs_and_names_the_families_on_transformers_forward():
     assert lines[-1].startswith("family_decode: our step ") and lines[-1].endswith("on transformers' forward: gemma2")
 
 
+def test_band_mask_is_causal_per_row_and_keeps_the_window():
+    step = LlamaStep.__new__(LlamaStep)
+    step.embed = torch.zeros(1)  # the mask's dtype
+    pos = torch.tensor([[3, 4], [1, 2]])  # 2 rows, 2 queries each (as a draft being checked would have)
+    seen = step._band_mask(pos, 5, window=2) == 0  # (rows, 1, s, width): True where attended
+    assert seen.shape == (2, 1, 2, 5)
+    assert seen[0, 0].int().tolist() == [[0, 0, 1, 1, 0], [0, 0, 0, 1, 1]]  # the last 2 positions, itself included
+    assert seen[1, 0].int().tolist() == [[1, 1, 0, 0, 0], [0, 1, 1, 0, 0]]
+    assert (step._band_mask(pos, 5, window=0) == 0)[0, 0, 1].all()  # no window: every position up to its own
+
+
 def test_rms_norm_in_two_operations_is_transformers_bit_for_bit():
     torch.manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):

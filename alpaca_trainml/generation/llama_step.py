@@ -262,16 +262,22 @@ class LlamaStep:
         return logits
 
     def _decode_mask(self, lens, pos, width, window):
-        """(rows, 1, 1, width) additive mask: each row attends to its own positions (the last `window` of them), or
-        None when every row attends to every position up to width."""
+        """(rows, 1, 1, width) additive mask for one new token per row at pos (rows,), or None when every row
+        attends to every position up to width."""
         if min(lens) == max(lens) and not (window and width > window):
             return None
-        cols = torch.arange(width, device=pos.device)[None, :]
-        keep = cols <= pos[:, None]
+        return self._band_mask(pos[:, None], width, window)
+
+    def _band_mask(self, pos, width, window):
+        """(rows, 1, s, width) additive mask for queries at positions pos (rows, s) over cache columns 0..width-1:
+        each attends to its own row up to its own position, and only to the last `window` positions (itself
+        included) where the layer has a window, as transformers' sliding-window mask does."""
+        cols = torch.arange(width, device=pos.device)
+        keep = cols <= pos[..., None]
         if window:
-            keep &= cols > pos[:, None] - window
+            keep &= cols > pos[..., None] - window
         mask = torch.zeros(keep.shape, dtype=self.embed.dtype, device=pos.device).masked_fill(~keep, float("-inf"))
-        return mask[:, None, None, :]
+        return mask[:, None]
 
     def _prefill_attn(self, i, row, k, v):
         window = self.layers[i].window
