@@ -5,11 +5,10 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from alpaca_trainml.cli import UsageError
-from alpaca_trainml.jsonio import jdump
+from alpaca_trainml.jsonio import jdump, make_temp_dir
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +52,7 @@ def convert_gguf_to_hf(gguf_path, out_dir):
     if missing or unexpected:
         raise RuntimeError(f"GGUF conversion of {gguf_path}: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    tmp = make_temp_dir(out_dir)
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

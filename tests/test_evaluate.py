@@ -123,6 +123,16 @@ def test_identical_outputs_are_draws_without_asking(free_port, tmp_path):
     assert judging.summarize(annotations)["win_rate"] == 50
 
 
+def test_the_outputs_get_the_modes_the_umask_gives(free_port, tmp_path):
+    rows = outputs(3, {0}, "m")
+    with FakeOpenAI(free_port, answer_fn=marker_judge) as fake, helpers.umask(0o022):
+        judge(fake, tmp_path, rows, outputs(3, (), "r", prefix="other"))
+    found = helpers.modes(tmp_path / "out")
+    names = {p.rsplit("/", 1)[-1] for p in found}
+    assert {"annotations.json", "leaderboard.md", "winrate.png"} <= names
+    assert found == helpers.expected_modes(found, 0o022)  # files 0644, the folder 0755
+
+
 def test_unmatched_rows_and_cli_mistakes_get_one_message_each(tmp_path):
     model = write(tmp_path / "m.json", outputs(3, (), "m"))
     reference = write(tmp_path / "r.json", outputs(3, (), "r")[:2])
