@@ -7,6 +7,7 @@ otherwise may ignore it or fail deep inside; a misspelled `--num_instructions_to
 requests against a paid API. run_fire checks the command and every flag against the function's signature first.
 """
 
+import argparse
 import contextlib
 import difflib
 import inspect
@@ -49,6 +50,26 @@ def unknown_flags_error(unknown, known):
         return UsageError(f"unexpected value(s) with no flag before them: {' '.join(unknown)}; see --help")
     parts = [flag + closest(flag.split("=", 1)[0], known) for flag in flags]
     return UsageError(f"unknown flag(s): {', '.join(parts)}; see --help")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the scripts, but a misspelled --flag is named with the closest real one, and before anything
+    else: plain argparse answers `--instrucion Hi` with only "the following arguments are required: --instruction"."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        known = [o for o in self._option_string_actions if o.startswith("--")]
+        unknown = []
+        for arg in args:
+            if arg == "--":  # what follows is values, not flags
+                break
+            flag = arg.split("=", 1)[0]
+            # argparse takes a unique prefix of a flag (--instr for --instruction): so do we
+            if flag.startswith("--") and len(flag) > 2 and not any(k.startswith(flag) for k in known):
+                unknown.append(arg)
+        if unknown:
+            self.error(str(unknown_flags_error(unknown, known)))
+        return super().parse_known_args(args, namespace)
 
 
 def exit_usage(prog, error):
