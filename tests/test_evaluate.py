@@ -123,6 +123,15 @@ def test_identical_outputs_are_draws_without_asking(free_port, tmp_path):
     assert judging.summarize(annotations)["win_rate"] == 50
 
 
+def test_a_judge_that_is_down_or_unknown_is_named_with_its_url_and_flag(free_port, tmp_path):
+    rows = outputs(2, (), "m")
+    with pytest.raises(evaluate.UsageError, match=f"cannot reach http://127.0.0.1:{free_port}/v1: Connection refused"):
+        judge(FakeOpenAI(free_port), tmp_path, rows, outputs(2, (), "r", prefix="other"))  # not started
+    with FakeOpenAI(free_port, models=["served"]) as fake:
+        with pytest.raises(evaluate.UsageError, match="404 for model 'judge-model' at .*Check --judge_model and"):
+            judge(fake, tmp_path, rows, outputs(2, (), "r", prefix="other"))
+
+
 def test_the_outputs_get_the_modes_the_umask_gives(free_port, tmp_path):
     rows = outputs(3, {0}, "m")
     with FakeOpenAI(free_port, answer_fn=marker_judge) as fake, helpers.umask(0o022):
