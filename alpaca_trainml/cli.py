@@ -43,6 +43,13 @@ def closest(name, known):
     return f" (did you mean {close[0]}?)" if close else ""
 
 
+def misspelled_fields(row, known):
+    """["unknown field 'outptu' (did you mean output?)"] for each key of a data row that is not a known field but is
+    close to a known one the row lacks. Other extra keys (an id, a category) are left alone."""
+    absent = [k for k in known if k not in row]
+    return [f"unknown field {key!r}{closest(key, absent)}" for key in row if key not in known and closest(key, absent)]
+
+
 def unknown_flags_error(unknown, known):
     """UsageError naming each unknown flag, with the closest known spelling where there is one."""
     flags = [a for a in unknown if a.startswith("-")]

@@ -132,6 +132,18 @@ def test_a_judge_that_is_down_or_unknown_is_named_with_its_url_and_flag(free_por
             judge(fake, tmp_path, rows, outputs(2, (), "r", prefix="other"))
 
 
+def test_a_misspelled_field_in_an_outputs_file_is_named_with_the_real_one(tmp_path):
+    from alpaca_trainml.evaluation import formats
+
+    path = write(tmp_path / "m.json", [{"instruction": "x", "outptu": "y", "generator": "m"}])
+    with pytest.raises(evaluate.UsageError) as e:
+        formats.load_rows(path, "model_outputs", needs_output=True)
+    assert str(e.value).splitlines()[1:] == [
+        "  row 0: needs string field(s) instruction, output and an optional string 'input'",
+        "  row 0: unknown field 'outptu' (did you mean output?)",
+    ]
+
+
 def test_the_outputs_get_the_modes_the_umask_gives(free_port, tmp_path):
     rows = outputs(3, {0}, "m")
     with FakeOpenAI(free_port, answer_fn=marker_judge) as fake, helpers.umask(0o022):
