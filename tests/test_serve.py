@@ -298,6 +298,29 @@ def test_a_port_in_use_is_refused_before_the_model_loads(scripted_dir, monkeypat
             serve.main(args)
 
 
+def test_the_port_is_taken_before_the_model_loads_and_handed_to_uvicorn(scripted_dir, monkeypatch, free_port):
+    import socket
+
+    import serve
+
+    seen = {}
+
+    class FakeServer:
+        def run(self, sockets):
+            seen["sockets"] = sockets
+
+    def build_server(args):  # the model would load here: the port must already be ours
+        with socket.socket() as other, pytest.raises(OSError):
+            other.bind(("127.0.0.1", free_port))
+        return FakeServer()
+
+    monkeypatch.setattr(serve, "build_server", build_server)
+    serve.main(serve.parse_args(["--model_name_or_path", str(scripted_dir), "--port", str(free_port)]))
+    (sock,) = seen["sockets"]
+    assert sock.getsockname() == ("127.0.0.1", free_port)
+    sock.close()
+
+
 def test_a_misspelled_flag_is_named_with_the_real_one(capsys):
     from serve import parse_args
 

@@ -93,6 +93,12 @@ class Server(uvicorn.Server):
         self.engine.shutdown()
         super().handle_exit(sig, frame)
 
+    async def startup(self, sockets=None):
+        await super().startup(sockets=sockets)
+        if sockets is not None and self.started:  # uvicorn says where it listens only for a socket it bound itself
+            host, port = sockets[0].getsockname()[:2]
+            logger.info("serving on http://%s:%d (Ctrl+C to stop)", f"[{host}]" if ":" in host else host, port)
+
 
 def build_server(args, model=None):
     """The server for parsed args; model: an InstructModel already loaded (default: load args' model)."""
