@@ -39,7 +39,7 @@ __all__ = ["create_app", "build_server", "ServerThread", "main", "parse_args"]
 
 def main(args):
     """Check the checkpoint, take the port, then load the model and serve until SIGTERM. A missing or incomplete
-    checkpoint, a broken one and a port in use are each a cli.UsageError naming it, before the model loads."""
+    checkpoint and a port in use are each a cli.UsageError before the model loads; a broken one, when it loads."""
     name = args.model_name_or_path or os.environ.get("TRAINML_CHECKPOINT_PATH") or EMBEDDED_MODEL
     check_checkpoint(name)
     sock = bind_socket(args.host, args.port)  # before the model loads: a port in use fails in a second, not minutes

@@ -63,9 +63,15 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse for the scripts, but a misspelled --flag is named with the closest real one, and before anything
     else: plain argparse answers `--instrucion Hi` with only "the following arguments are required: --instruction"."""
 
+    def add_argument(self, *names, **kwargs):
+        action = super().add_argument(*names, **kwargs)
+        # the --flags, as added (argparse's own --help is added first, from its __init__)
+        self.long_flags = [*getattr(self, "long_flags", []), *(o for o in action.option_strings if o.startswith("--"))]
+        return action
+
     def parse_known_args(self, args=None, namespace=None):
         args = list(sys.argv[1:] if args is None else args)
-        known = [o for o in self._option_string_actions if o.startswith("--")]
+        known = getattr(self, "long_flags", [])
         unknown = []
         for arg in args:
             if arg == "--":  # what follows is values, not flags

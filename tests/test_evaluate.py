@@ -144,6 +144,21 @@ def test_a_misspelled_field_in_an_outputs_file_is_named_with_the_real_one(tmp_pa
     ]
 
 
+def test_generate_refuses_a_checkpoint_without_its_tokenizer_before_it_loads(tiny_llama_dir, tmp_path, monkeypatch):
+    import shutil
+
+    import transformers
+
+    (tmp_path / "m").mkdir()
+    for name in ("config.json", "model.safetensors"):  # what model.save_pretrained alone writes
+        shutil.copy(tiny_llama_dir / name, tmp_path / "m" / name)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail())
+    with pytest.raises(evaluate.UsageError, match="m: not a complete checkpoint: no tokenizer"):
+        evaluate.generate(
+            write(tmp_path / "tasks.json", [{"instruction": "Say hi."}]), tmp_path / "out.json", tmp_path / "m"
+        )
+
+
 def test_the_outputs_get_the_modes_the_umask_gives(free_port, tmp_path):
     rows = outputs(3, {0}, "m")
     with FakeOpenAI(free_port, answer_fn=marker_judge) as fake, helpers.umask(0o022):
