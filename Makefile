@@ -49,7 +49,7 @@ $(VLLM)/.installed: peers/requirements-vllm.txt
 
 # Fine-tune the embedded SmolLM2-135M on the project's sample data, on CPU (under 5 minutes on 2 cores here).
 DEMO_FLAGS := --num_train_epochs 1 --per_device_train_batch_size 4 --gradient_accumulation_steps 2 \
-	--warmup_ratio 0.03 --lr_scheduler_type cosine --logging_steps 2 --save_strategy no --report_to none \
+	--warmup_steps 0.03 --lr_scheduler_type cosine --logging_steps 2 --save_strategy no --report_to none \
 	--demo_generations 3 --model_max_length 256 --bf16 True
 demo: setup
 	$(PY) train.py --output_dir out/demo --learning_rate 3e-5 $(DEMO_FLAGS)

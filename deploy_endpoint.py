@@ -10,7 +10,6 @@ until the endpoint runs and prints its URL. Stop it when done:
     trainml job stop "Instruction-Trained LLM Endpoint Example"
 """
 
-import argparse
 import asyncio
 import json
 import logging
@@ -126,7 +125,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True, help="name or id of the trainML checkpoint to serve")
     # default 1, not the fork's 2: fp16 weights of a 7B model (13.5 GB) fit one 24 GB card; the fork loaded fp32
     p.add_argument("--gpu-count", dest="gpu_count", type=int, default=1, help=f"GPUs to attach (1 to {MAX_GPUS})")

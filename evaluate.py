@@ -160,7 +160,14 @@ def judge(
     annotations = annotating.resume(out / "annotations.json", todo)
     client, base_url = make_client(base_url, api_key, request_timeout)
     requester = Requester(
-        client, api, judge_model, max_tokens, max_retries=max_retries, retry_base_s=retry_base_s, temperature=0
+        client,
+        api,
+        judge_model,
+        max_tokens,
+        max_retries=max_retries,
+        retry_base_s=retry_base_s,
+        model_flag="--judge_model",
+        temperature=0,
     )
     annotating.run_judge(requester, annotations, out / "annotations.json", verdict_retries, max_workers)
     where = f"{judge_model} at {base_url or 'api.openai.com'} ({api} API), seed {seed}"

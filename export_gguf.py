@@ -10,7 +10,6 @@ Covers the Llama architecture (SmolLM2, Llama 2/3 without rope scaling, TinyLlam
 llama.cpp / Ollama".
 """
 
-import argparse
 import logging
 
 from alpaca_trainml import cli
@@ -29,7 +28,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="a folder train.py saved (full or LoRA adapter), or embedded:smollm2-135m")
     p.add_argument("out", help="the .gguf file to write")
     p.add_argument("--outtype", default="f32", choices=list(OUTTYPES), help="weight type (default f32)")

@@ -10,7 +10,6 @@ there is one; a LoRA adapter folder goes onto its base (or --base_model, $ALPACA
 The trainML route maps POST /instruct to instruct() here; serve.py serves the same thing locally.
 """
 
-import argparse
 import logging
 import threading
 
@@ -79,7 +78,7 @@ def main(args):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--instruction", required=True)
     p.add_argument("--input", default=None)
     p.add_argument(

@@ -25,34 +25,34 @@ within a step. Safe by default (generation/http_guard.py): loopback only, foreig
 bodies bounded. The routes: alpaca_trainml/generation/routes/.
 """
 
-import argparse
 import logging
 import os
-from pathlib import Path
 
 from alpaca_trainml import cli
 from alpaca_trainml.generation.http_guard import DEFAULT_MAX_BODY_BYTES
-from alpaca_trainml.generation.server import ServerThread, build_server, create_app
-from alpaca_trainml.models import EMBEDDED_MODEL
+from alpaca_trainml.generation.server import ServerThread, bind_socket, build_server, create_app
+from alpaca_trainml.models import EMBEDDED_MODEL, check_checkpoint
 from alpaca_trainml.precision import DTYPE_CHOICES, DTYPE_HELP
 
 __all__ = ["create_app", "build_server", "ServerThread", "main", "parse_args"]
 
 
 def main(args):
-    """Load the model and serve until SIGTERM; a missing or broken checkpoint is a cli.UsageError naming it."""
+    """Check the checkpoint, take the port, then load the model and serve until SIGTERM. A missing or incomplete
+    checkpoint and a port in use are each a cli.UsageError before the model loads; a broken one, when it loads."""
     name = args.model_name_or_path or os.environ.get("TRAINML_CHECKPOINT_PATH") or EMBEDDED_MODEL
-    if name.startswith(("/", "./", "../", "~")) and not Path(name).expanduser().is_dir():
-        raise cli.UsageError(f"--model_name_or_path {name}: no such folder (a checkpoint folder or a hub id)")
+    check_checkpoint(name)
+    sock = bind_socket(args.host, args.port)  # before the model loads: a port in use fails in a second, not minutes
     try:
         server = build_server(args)
     except (OSError, ValueError) as e:  # a broken checkpoint, an unknown hub id: say which, without a traceback
+        sock.close()
         raise cli.UsageError(f"could not load the model {name!r}: {e}") from e
-    server.run()
+    server.run(sockets=[sock])
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument(
         "--model_name_or_path", default=None, help=f"default: $TRAINML_CHECKPOINT_PATH, else {EMBEDDED_MODEL}"
     )

@@ -7,6 +7,7 @@ otherwise may ignore it or fail deep inside; a misspelled `--num_instructions_to
 requests against a paid API. run_fire checks the command and every flag against the function's signature first.
 """
 
+import argparse
 import contextlib
 import difflib
 import inspect
@@ -42,6 +43,13 @@ def closest(name, known):
     return f" (did you mean {close[0]}?)" if close else ""
 
 
+def misspelled_fields(row, known):
+    """["unknown field 'outptu' (did you mean output?)"] for each key of a data row that is not a known field but is
+    close to a known one the row lacks. Other extra keys (an id, a category) are left alone."""
+    absent = [k for k in known if k not in row]
+    return [f"unknown field {key!r}{closest(key, absent)}" for key in row if key not in known and closest(key, absent)]
+
+
 def unknown_flags_error(unknown, known):
     """UsageError naming each unknown flag, with the closest known spelling where there is one."""
     flags = [a for a in unknown if a.startswith("-")]
@@ -49,6 +57,32 @@ def unknown_flags_error(unknown, known):
         return UsageError(f"unexpected value(s) with no flag before them: {' '.join(unknown)}; see --help")
     parts = [flag + closest(flag.split("=", 1)[0], known) for flag in flags]
     return UsageError(f"unknown flag(s): {', '.join(parts)}; see --help")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse for the scripts, but a misspelled --flag is named with the closest real one, and before anything
+    else: plain argparse answers `--instrucion Hi` with only "the following arguments are required: --instruction"."""
+
+    def add_argument(self, *names, **kwargs):
+        action = super().add_argument(*names, **kwargs)
+        # the --flags, as added (argparse's own --help is added first, from its __init__)
+        self.long_flags = [*getattr(self, "long_flags", []), *(o for o in action.option_strings if o.startswith("--"))]
+        return action
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = list(sys.argv[1:] if args is None else args)
+        known = getattr(self, "long_flags", [])
+        unknown = []
+        for arg in args:
+            if arg == "--":  # what follows is values, not flags
+                break
+            flag = arg.split("=", 1)[0]
+            # argparse takes a unique prefix of a flag (--instr for --instruction): so do we
+            if flag.startswith("--") and len(flag) > 2 and not any(k.startswith(flag) for k in known):
+                unknown.append(arg)
+        if unknown:
+            self.error(str(unknown_flags_error(unknown, known)))
+        return super().parse_known_args(args, namespace)
 
 
 def exit_usage(prog, error):

@@ -1,15 +1,15 @@
 """Model folders: the embedded default model (SmolLM2-135M-Instruct from a PyPI wheel) and from_pretrained that
 names a missing folder or unknown hub id in one line."""
 
+import difflib
 import json
 import logging
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 from alpaca_trainml.cli import UsageError
-from alpaca_trainml.jsonio import jdump
+from alpaca_trainml.jsonio import jdump, make_temp_dir
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +53,7 @@ def convert_gguf_to_hf(gguf_path, out_dir):
     if missing or unexpected:
         raise RuntimeError(f"GGUF conversion of {gguf_path}: missing {missing}, unexpected {unexpected}")
     model.tie_weights()
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
+    tmp = make_temp_dir(out_dir)
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
@@ -94,10 +93,30 @@ def embedded_model_path(gguf_path=None, cache_dir=None) -> str:
     return str(out)
 
 
+def looks_local(name):
+    """A name that can only mean a folder here: ./ ../ / ~ at its start, more slashes than a hub id's "owner/name",
+    or a first part that is a folder here (out/demo-lroa, with out/ present). transformers would otherwise ask the
+    hub for it, and offline that retries for most of a minute."""
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        return True
+    return "/" in name and Path(name).parent.is_dir()
+
+
+def missing_folder_error(name):
+    """The UsageError for a local-looking name that names no folder, with the closest sibling folder if one is."""
+    path = Path(name).expanduser()
+    parent = path.parent
+    siblings = [p.name for p in parent.iterdir() if p.is_dir()] if parent.is_dir() else []
+    close = difflib.get_close_matches(path.name, siblings, n=1)
+    hint = f" (did you mean {str(parent / close[0]) if str(parent) != '.' else close[0]}?)" if close else ""
+    where = "" if parent.is_dir() else f"; {parent} does not exist either"
+    return UsageError(f"{name}: no such folder{hint}{where}")
+
+
 def resolve_model_path(name_or_path):
     """`embedded:smollm2-135m` (or None) becomes the converted local folder; a folder is returned as is, and so is a
-    hub id. A name that can only be a path but names no folder is a ValueError that says so (transformers would
-    answer "Repo id must be in the form 'repo_name' or 'namespace/repo_name'")."""
+    hub id. A name that can only be a path but names no folder is a UsageError that says so at once, with the closest
+    sibling folder (transformers would ask the hub, then answer "Repo id must be in the form ...")."""
     if name_or_path in (None, "", EMBEDDED_MODEL):
         return embedded_model_path()
     name = str(name_or_path)
@@ -106,9 +125,58 @@ def resolve_model_path(name_or_path):
         return str(path)
     if path.exists():
         raise UsageError(f"{name}: is a file; give the model folder (the one save_pretrained wrote)")
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:  # hub ids are "name" or "owner/name"
-        raise UsageError(f"{name}: no such folder")
+    if looks_local(name):
+        raise missing_folder_error(name)
     return name
+
+
+# What a folder needs before it can be served: any one file of each group (as save_pretrained writes them).
+CONFIG_FILES = ("config.json",)
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+ADAPTER_FILES = ("adapter_config.json",)
+ADAPTER_WEIGHT_FILES = ("adapter_model.safetensors", "adapter_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")
+
+
+def checkpoint_problems(folder):
+    """What a checkpoint folder lacks to be loaded for generation: [] or e.g. ["tokenizer (tokenizer.json, ...)"]."""
+    folder = Path(folder)
+    adapter = (folder / ADAPTER_FILES[0]).is_file()
+    groups = [
+        ("config", ADAPTER_FILES if adapter else CONFIG_FILES),
+        ("adapter weights" if adapter else "weights", ADAPTER_WEIGHT_FILES if adapter else WEIGHT_FILES),
+        ("tokenizer", TOKENIZER_FILES),
+    ]
+    return [
+        f"{what} ({' or '.join(names)})" for what, names in groups if not any((folder / n).is_file() for n in names)
+    ]
+
+
+def check_checkpoint(name_or_path):
+    """Refuse, before anything loads, a local checkpoint that lacks its config, weights or tokenizer, or a local-looking
+    name that is no folder. The embedded model and hub ids pass (the loader checks those)."""
+    if name_or_path in (None, "", EMBEDDED_MODEL):
+        return
+    name = str(name_or_path)
+    path = Path(name).expanduser()
+    if not path.is_dir():
+        resolve_model_path(name)  # raises for a file or a local-looking name; a hub id passes
+        return
+    problems = checkpoint_problems(path)
+    if problems:
+        hint = ""
+        if problems[0].startswith("tokenizer"):  # the one thing missing: save_pretrained of the model alone
+            hint = "; save it next to the model with tokenizer.save_pretrained(folder)"
+        saved = [p for p in path.glob("checkpoint-*") if p.is_dir() and not checkpoint_problems(p)]
+        if saved:  # a Trainer output folder whose final save did not happen; its last checkpoint would do
+            last = max(saved, key=lambda p: int(p.name[11:]) if p.name[11:].isdigit() else -1)  # checkpoint-<step>
+            hint += f"; {last} is complete"
+        raise UsageError(f"{name}: not a complete checkpoint: no {', no '.join(problems)}{hint}")
 
 
 def from_pretrained(loader, name_or_path, **kwargs):

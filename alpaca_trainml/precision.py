@@ -76,3 +76,12 @@ def resolve_dtype(dtype, device=None):
             raise UsageError(f"unknown dtype {dtype!r}: give one of {', '.join(DTYPE_CHOICES)}")
         return found
     return dtype
+
+
+def training_precision(args):
+    """How a run with these TrainingArguments trains, for its log line: 'bf16 mixed precision (autocast)', ..."""
+    if getattr(args, "bf16", False):
+        return "bf16 mixed precision (autocast)"
+    if getattr(args, "fp16", False):
+        return "fp16 mixed precision"
+    return "fp32"

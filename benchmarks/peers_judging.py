@@ -78,6 +78,12 @@ class ScriptedJudge:
                     choices=[choice],
                     usage=dict(prompt_tokens=1, completion_tokens=1, total_tokens=2),
                 )
+                self.reply(payload)
+
+            def do_GET(self):  # the model list evaluate.py asks for first, to check the server
+                self.reply({"object": "list", "data": [{"id": "judge", "object": "model", "owned_by": "benchmark"}]})
+
+            def reply(self, payload):
                 data = json.dumps(payload).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")

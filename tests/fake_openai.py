@@ -68,12 +68,14 @@ class FakeOpenAI:
         context_max_tokens=None,
         models=None,
         answer_fn=None,
+        models_status=200,
     ):
         """answer_fn(prompt, rng, chat, fault) -> (text, finish_reason, instructions): what a POST answers (default:
         numbered tasks, as generate_instruction asks for). Faults other than the HTTP ones above are passed to it."""
         self.answer = answer_fn or answer
         self.port, self.faults, self.delay_s, self.slow_s = port, list(faults), delay_s, slow_s
         self.routes, self.context_max_tokens, self.models = routes, context_max_tokens, models
+        self.models_status = models_status  # what GET /v1/models answers: 200 with the list, or this error status
         self.log, self.lock, self.stopping = [], threading.Lock(), threading.Event()
         self.base_url = f"http://127.0.0.1:{port}/v1"
 
@@ -139,6 +141,9 @@ class FakeOpenAI:
                 self.reply(*server.handle(self.path, body))
 
             def do_GET(self):
+                if self.path != "/v1/models" or server.models_status != 200:
+                    status = 404 if self.path != "/v1/models" else server.models_status
+                    return self.reply(status, {"error": {"message": f"injected {status}", "code": str(status)}})
                 models = server.models or ["fake-model"]
                 self.reply(
                     200, {"object": "list", "data": [{"id": m, "object": "model", "owned_by": "fake"} for m in models]}

@@ -1,5 +1,6 @@
 """Helpers shared by the tests: made-up Alpaca rows, a tiny Llama, ports and subprocess environments."""
 
+import contextlib
 import os
 import random
 import socket
@@ -155,6 +156,30 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def umask(mask):
+    """Run the block under this umask (e.g. 0o022), then restore the previous one."""
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def modes(*paths):
+    """{path: permission bits} of each path and, for a folder, of everything under it: {"x/a.json": 0o644, ...}."""
+    found = {}
+    for path in map(Path, paths):
+        for p in [path, *(sorted(path.rglob("*")) if path.is_dir() else [])]:
+            found[str(p)] = p.stat().st_mode & 0o777
+    return found
+
+
+def expected_modes(found, mask):
+    """What open()/mkdir() would have given each path in found under umask mask."""
+    return {p: (0o777 if Path(p).is_dir() else 0o666) & ~mask for p in found}
 
 
 def subprocess_env(**extra):

@@ -21,7 +21,7 @@ def test_a_refusal_outside_openais_error_shape_keeps_the_servers_reason(free_por
     with FakeOpenAI(free_port, faults=["400"], answer_fn=echo) as fake:
         with pytest.raises(api_client.FatalRequestError) as err:
             requester(fake, "completions")(["hello"])
-    assert str(err.value) == "the server refused the request (400): prompt must be a string."
+    assert str(err.value) == f"{fake.base_url} refused the request (400): prompt must be a string."
 
 
 def test_server_message_reads_every_body_shape():
@@ -94,7 +94,7 @@ def test_unknown_model_and_403_fail_fast_and_retries_are_bounded_with_growing_ba
             requester(fake, "chat", model="no-such-model")(["Say hi."])
     assert len(fake.log) == 1  # no retry
     with FakeOpenAI(free_port, faults=["403"]) as fake:
-        with pytest.raises(api_client.FatalRequestError, match="403: the server rejected the API key"):
+        with pytest.raises(api_client.FatalRequestError, match=f"403: {fake.base_url} rejected the API key"):
             requester(fake, "chat")(["Say hi."])
     assert len(fake.log) == 1
     delays = []
@@ -105,3 +105,39 @@ def test_unknown_model_and_403_fail_fast_and_retries_are_bounded_with_growing_ba
     assert len(fake.log) == 4  # 1 try + 3 retries
     for i, delay in enumerate(delays):  # base 0.01 s * 2**i, with jitter in [0.5, 1.5)
         assert 0.01 * 2**i * 0.5 <= delay < 0.01 * 2**i * 1.5
+
+
+def test_the_server_is_checked_once_at_the_start_and_named_when_it_fails(free_port):
+    import socket
+    import time
+
+    from alpaca_trainml.cli import UsageError
+
+    url = f"http://127.0.0.1:{free_port}/v1"
+    start = time.monotonic()
+    with pytest.raises(UsageError) as e:  # nothing listens: refused at once, not after minutes of retries
+        api_client.make_client(url, "k", 600)
+    assert str(e.value) == f"cannot reach {url}: Connection refused; start the server or fix --base_url"
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", free_port))
+        silent.listen()
+        with pytest.raises(UsageError, match=f"^{url}: no answer within 0.5 s; is the server up"):
+            api_client.check_server(api_client.make_client(url, "k", 600, check=False)[0], timeout=0.5)
+    assert time.monotonic() - start < 10  # the bound; refused is instant and the silent one waits 0.5 s
+    for status, needle in [
+        (401, f"{url}: 401, the server rejected the API key"),
+        (404, f"{url}/models: 404, not an OpenAI-compatible API; --base_url usually ends in /v1"),
+    ]:
+        with FakeOpenAI(free_port, models_status=status):
+            with pytest.raises(UsageError, match="^" + needle):
+                api_client.make_client(url, "k", 600)
+    with FakeOpenAI(free_port) as fake:  # a working server: one GET, no request sent
+        api_client.make_client(url, "k", 600)
+    assert fake.log == []
+
+
+def test_errors_during_a_run_name_the_url_and_the_flag_of_the_model(free_port):
+    with FakeOpenAI(free_port, models=["served-model"]) as fake:
+        with pytest.raises(api_client.FatalRequestError) as e:
+            requester(fake, "chat", model="judge-x", model_flag="--judge_model")(["Say hi."])
+    assert f"404 for model 'judge-x' at {fake.base_url}" in str(e.value) and "Check --judge_model and" in str(e.value)

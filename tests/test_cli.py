@@ -189,3 +189,19 @@ def test_deploy_endpoint_without_the_sdk_says_how_to_install_it(tmp_path):
     (line,) = proc.stderr.strip().splitlines()
     assert line.startswith("deploy_endpoint.py: error: the trainML SDK is not installed")
     assert "pip install trainml" in line
+
+
+def test_argument_parser_names_a_misspelled_flag_before_a_missing_required_one(capsys):
+    p = cli.ArgumentParser(prog="x.py")
+    p.add_argument("--instruction", required=True)
+    p.add_argument("--max_tokens", type=int)
+    assert p.parse_args(["--instr", "Hi", "--max_tokens=3"]).max_tokens == 3  # a unique prefix, as argparse takes
+    assert p.parse_args(["--instruction", "Hi", "--", "--not-a-flag"][:2]).instruction == "Hi"
+    with pytest.raises(SystemExit) as e:
+        p.parse_args(["--instrucion", "Hi", "--max_tokns=3"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (
+        "x.py: error: unknown flag(s): --instrucion (did you mean --instruction?), "
+        "--max_tokns=3 (did you mean --max_tokens?); see --help"
+    )

@@ -123,6 +123,52 @@ def test_identical_outputs_are_draws_without_asking(free_port, tmp_path):
     assert judging.summarize(annotations)["win_rate"] == 50
 
 
+def test_a_judge_that_is_down_or_unknown_is_named_with_its_url_and_flag(free_port, tmp_path):
+    rows = outputs(2, (), "m")
+    with pytest.raises(evaluate.UsageError, match=f"cannot reach http://127.0.0.1:{free_port}/v1: Connection refused"):
+        judge(FakeOpenAI(free_port), tmp_path, rows, outputs(2, (), "r", prefix="other"))  # not started
+    with FakeOpenAI(free_port, models=["served"]) as fake:
+        with pytest.raises(evaluate.UsageError, match="404 for model 'judge-model' at .*Check --judge_model and"):
+            judge(fake, tmp_path, rows, outputs(2, (), "r", prefix="other"))
+
+
+def test_a_misspelled_field_in_an_outputs_file_is_named_with_the_real_one(tmp_path):
+    from alpaca_trainml.evaluation import formats
+
+    path = write(tmp_path / "m.json", [{"instruction": "x", "outptu": "y", "generator": "m"}])
+    with pytest.raises(evaluate.UsageError) as e:
+        formats.load_rows(path, "model_outputs", needs_output=True)
+    assert str(e.value).splitlines()[1:] == [
+        "  row 0: needs string field(s) instruction, output and an optional string 'input'",
+        "  row 0: unknown field 'outptu' (did you mean output?)",
+    ]
+
+
+def test_generate_refuses_a_checkpoint_without_its_tokenizer_before_it_loads(tiny_llama_dir, tmp_path, monkeypatch):
+    import shutil
+
+    import transformers
+
+    (tmp_path / "m").mkdir()
+    for name in ("config.json", "model.safetensors"):  # what model.save_pretrained alone writes
+        shutil.copy(tiny_llama_dir / name, tmp_path / "m" / name)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail())
+    with pytest.raises(evaluate.UsageError, match="m: not a complete checkpoint: no tokenizer"):
+        evaluate.generate(
+            write(tmp_path / "tasks.json", [{"instruction": "Say hi."}]), tmp_path / "out.json", tmp_path / "m"
+        )
+
+
+def test_the_outputs_get_the_modes_the_umask_gives(free_port, tmp_path):
+    rows = outputs(3, {0}, "m")
+    with FakeOpenAI(free_port, answer_fn=marker_judge) as fake, helpers.umask(0o022):
+        judge(fake, tmp_path, rows, outputs(3, (), "r", prefix="other"))
+    found = helpers.modes(tmp_path / "out")
+    names = {p.rsplit("/", 1)[-1] for p in found}
+    assert {"annotations.json", "leaderboard.md", "winrate.png"} <= names
+    assert found == helpers.expected_modes(found, 0o022)  # files 0644, the folder 0755
+
+
 def test_unmatched_rows_and_cli_mistakes_get_one_message_each(tmp_path):
     model = write(tmp_path / "m.json", outputs(3, (), "m"))
     reference = write(tmp_path / "r.json", outputs(3, (), "r")[:2])

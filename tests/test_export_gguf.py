@@ -128,3 +128,12 @@ def test_llama_cpp_gives_our_greedy_tokens_on_the_exported_embedded_model(tmp_pa
         assert text == mine.text and len(tokens) == mine.completion_tokens
     for mine, chat in zip(ours, theirs["chats"]):  # a one-message chat is the Alpaca prompt of its instruction
         assert chat.strip() == mine.text.strip()
+
+
+def test_the_gguf_file_gets_the_mode_the_umask_gives(tiny_llama_dir, tmp_path):
+    from helpers import umask
+
+    with umask(0o022):
+        out = export(tiny_llama_dir, tmp_path / "tiny.gguf", "f16")
+    assert out.stat().st_mode & 0o777 == 0o644  # 0666 & ~022: another account can serve it
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny.gguf"]  # the work folder is gone

@@ -103,3 +103,14 @@ def test_every_bad_file_of_a_data_path_is_reported(tmp_path):
         dataset.load_rows(f"{tmp_path / 'a.json'},{tmp_path / 'b.json'},{tmp_path / 'c.json'}")
     message = str(e.value)
     assert "a.json: 1 problem(s)" in message and "b.json: 1 problem(s)" in message and "c.json: no such file" in message
+
+
+def test_a_misspelled_field_is_named_with_the_real_one(data_file):
+    rows = make_rows(2) + [{"instruction": "Name a colour.", "outptu": "Red."}, {"instruction": "x", "output": "y"}]
+    rows[1] = {"instruction": "Sum it.", "inptu": "1 2", "output": "3", "id": 7}  # an input that would be dropped
+    with pytest.raises(ValueError) as e:
+        dataset.load_rows(str(data_file(rows)))
+    msg = str(e.value)
+    assert "row 1: unknown field 'inptu' (did you mean input?)" in msg and "'id'" not in msg  # extra keys stay quiet
+    assert "row 2: unknown field 'outptu' (did you mean output?)" in msg and "row 2: missing field 'output'" in msg
+    assert "2 problem(s)" in msg or "3 problem(s)" in msg

@@ -81,6 +81,7 @@ def test_the_default_model_is_trainml_checkpoint_then_embedded(monkeypatch):
         raise RuntimeError("stop before loading")
 
     monkeypatch.setattr(model_module, "from_pretrained", fake_from_pretrained)
+    monkeypatch.setattr(model_module, "check_checkpoint", lambda name: None)  # /ckpt/alpaca is not here
     monkeypatch.delenv("TRAINML_CHECKPOINT_PATH", raising=False)
     for _ in range(2):
         with pytest.raises(RuntimeError):
@@ -215,3 +216,22 @@ def test_dtype_auto_is_bf16_only_on_a_cpu_that_computes_it(tiny_llama_dir, monke
     assert InstructModel(str(tiny_llama_dir), device="cpu").model.dtype == torch.float32  # None: fp32 on CPU, as before
     assert inference.parse_args(["--instruction", "x"]).dtype is None  # today's choice unless asked
     assert inference.parse_args(["--instruction", "x", "--dtype", "float32"]).dtype == "float32"
+
+
+def test_a_misspelled_flag_is_named_with_the_real_one(capsys):
+    with pytest.raises(SystemExit) as e:
+        inference.parse_args(["--instrucion", "Name a colour."])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "--instrucion (did you mean --instruction?)" in err and "required" not in err
+
+
+def test_a_checkpoint_without_its_tokenizer_is_refused_before_it_loads(tiny_llama_dir, tmp_path, monkeypatch):
+    import shutil
+
+    for name in ("config.json", "model.safetensors"):  # what model.save_pretrained alone writes
+        (tmp_path / "m").mkdir(exist_ok=True)
+        shutil.copy(tiny_llama_dir / name, tmp_path / "m" / name)
+    monkeypatch.setattr(inference, "_MODEL", None)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", lambda *a, **k: pytest.fail())
+    with pytest.raises(ValueError, match="not a complete checkpoint: no tokenizer"):
+        inference.main(inference.parse_args(["--instruction", "Hi", "--model_name_or_path", str(tmp_path / "m")]))

@@ -41,3 +41,27 @@ def test_a_failed_write_keeps_the_old_file_and_leaves_no_temp_file(tmp_path):
 def test_atomic_write_in_binary_mode(tmp_path):
     jsonio.atomic_write(tmp_path / "b.bin", lambda fh: fh.write(b"\x00\xff"), mode="wb")
     assert (tmp_path / "b.bin").read_bytes() == b"\x00\xff"
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_written_files_and_folders_get_the_mode_the_umask_gives_open_and_mkdir(tmp_path, mask):
+    from helpers import umask
+
+    with umask(mask):
+        assert jsonio.current_umask() == mask
+        jsonio.jdump([1], tmp_path / "a.json")
+        jsonio.atomic_write(tmp_path / "b.jsonl", lambda fh: fh.write('{"x": 1}\n'))
+        folder = jsonio.make_temp_dir(tmp_path / "model")
+    # umask 022: 0644 files and a 0755 folder, readable by another account; 077: private, 0600 and 0700
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert (tmp_path / "b.jsonl").stat().st_mode & 0o777 == 0o666 & ~mask
+    assert folder.parent == tmp_path and folder.name.startswith(".model.")
+    assert folder.stat().st_mode & 0o777 == 0o777 & ~mask
+
+
+def test_rewriting_a_file_keeps_its_mode_as_open_would(tmp_path):
+    path = tmp_path / "shared.json"
+    jsonio.jdump([1], path)
+    path.chmod(0o640)
+    jsonio.jdump([2], path)
+    assert path.stat().st_mode & 0o777 == 0o640 and json.loads(path.read_text()) == [2]

@@ -1,5 +1,7 @@
 """Tests of launch.py: the seed's removed flags, resume checkpoint search."""
 
+import warnings
+
 import transformers
 
 import train
@@ -65,10 +67,14 @@ SEED_ARGS = [
 def test_legacy_flags_map_to_current_arguments_on_cpu():
     argv, notes = launch.translate_legacy_args(SEED_ARGS, has_gpu=False, cpu_bf16="")  # a CPU without native bf16
     assert "--evaluation_strategy" not in argv and "--warmup_ratio" not in argv and "--bf16" not in argv
-    assert len(notes) == 5  # eval strategy, warmup, fsdp layer class, bf16, tf32: one line each
-    _, _, args = transformers.HfArgumentParser(
-        (train.ModelArguments, train.DataArguments, train.TrainingArguments)
-    ).parse_args_into_dataclasses(args=argv)
+    assert len(notes) == 6  # gradient checkpointing, eval strategy, warmup, fsdp layer class, bf16, tf32: one each
+    assert "--gradient_checkpointing is now --activation_checkpointing" in notes
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # transformers 5.24 warns when --gradient_checkpointing itself is given
+        _, _, args = transformers.HfArgumentParser(
+            (train.ModelArguments, train.DataArguments, train.TrainingArguments)
+        ).parse_args_into_dataclasses(args=argv)
+    assert args.activation_checkpointing and args.gradient_checkpointing  # the old name mirrors the new one
     assert args.eval_strategy == "no" and args.warmup_steps == 0.03 and not args.bf16
     assert args.fsdp_config["transformer_layer_cls_to_wrap"] == ["LlamaDecoderLayer"]
     assert args.model_max_length == 512 and args.optim == "adamw_torch_fused"

@@ -73,6 +73,22 @@ def test_a_partial_rope_or_gemma_takes_the_generic_step():
     assert not llama_step.supports(transformers.AutoModelForCausalLM.from_config(gemma))
 
 
+def test_the_generic_step_passes_the_cache_by_its_current_name_through_peft(tiny_llama_dir):
+    import inspect
+    import warnings
+
+    peft = pytest.importorskip("peft")
+    base = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    wrapped = peft.get_peft_model(base, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    step = HFStep(wrapped, pad_id=0)
+    new_name = "cache" in inspect.signature(type(base).forward).parameters  # transformers >= 5.24
+    assert step.cache_arg == ("cache" if new_name else "past_key_values")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step.prefill([[1, 5, 6]])
+    assert not [w for w in caught if "past_key_values" in str(w.message)]  # transformers 5.24 warns on the old name
+
+
 @pytest.mark.parametrize("fast, kernel", [("1", "1"), ("1", "0"), ("0", "1")])  # our kernel, torch's matmuls, theirs
 def test_greedy_tokens_equal_transformers_alone_and_batched(model, monkeypatch, fast, kernel):
     monkeypatch.setenv(llama_step.FAST_ENV, fast)

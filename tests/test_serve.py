@@ -256,20 +256,6 @@ def test_only_loopback_own_and_allowed_origins_may_call(model):
     assert ask(create_app(model, allowed_origins=["*"]), "https://anything.example").status_code == 200
 
 
-def test_a_missing_or_broken_checkpoint_is_one_clear_message(tmp_path, capsys):
-    from alpaca_trainml import cli
-    from serve import main, parse_args
-
-    broken = tmp_path / "broken"
-    broken.mkdir()
-    (broken / "config.json").write_text("{")
-    for path, needle in [(tmp_path / "missing", "no such folder"), (broken, "not a valid JSON file")]:
-        with pytest.raises(SystemExit) as e:
-            cli.run("serve.py", main, parse_args(["--model_name_or_path", str(path), "--port", "1"]))
-        err = capsys.readouterr().err
-        assert e.value.code == 2 and err.startswith("serve.py: error: ") and str(path) in err and needle in err
-
-
 # --- a real server ----------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def server(scripted_dir, free_port_module):

@@ -1,6 +1,7 @@
-"""serve.py over time: clients that leave stop costing the model, and SIGTERM ends running requests within
-seconds, on a thread of this process and (slow) on a real `python serve.py` process. The model is
-tests/scripted_llama.py's, re-wired to answer without end."""
+"""serve.py over time: at start, an incomplete checkpoint, a port in use and a misspelled flag are refused before the
+model loads; clients that leave stop costing the model, and SIGTERM ends running requests within seconds, on a thread
+of this process and (slow) on a real `python serve.py` process. The model is tests/scripted_llama.py's, re-wired to
+answer without end."""
 
 import gc
 import json
@@ -152,3 +153,78 @@ def _up(url):
         return httpx.get(f"{url}/health", timeout=5).status_code == 200
     except httpx.HTTPError:
         return False
+
+
+# --- at start ----------------------------------------------------------------------------------
+def test_a_missing_incomplete_or_broken_checkpoint_is_one_clear_message(tmp_path, capsys, scripted_dir, monkeypatch):
+    import shutil
+
+    from alpaca_trainml import cli
+    from serve import main, parse_args
+
+    broken = tmp_path / "broken"
+    shutil.copytree(scripted_dir, broken)
+    (broken / "config.json").write_text("{")
+    no_tokenizer = tmp_path / "no_tokenizer"  # what model.save_pretrained alone writes
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(scripted_dir / name, no_tokenizer / name)
+    cases = [
+        (tmp_path / "missing", "no such folder"),
+        (broken, "not a valid JSON file"),
+        (no_tokenizer, "not a complete checkpoint: no tokenizer (tokenizer.json or tokenizer.model"),
+    ]
+    for path, needle in cases:
+        with pytest.raises(SystemExit) as e:
+            cli.run("serve.py", main, parse_args(["--model_name_or_path", str(path), "--port", "0"]))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith("serve.py: error: ") and str(path) in err and needle in err
+        assert len(err.strip().splitlines()) == 1
+
+
+def test_a_port_in_use_is_refused_before_the_model_loads(scripted_dir, monkeypatch):
+    import socket
+
+    import serve
+    from alpaca_trainml import cli
+
+    monkeypatch.setattr(serve, "build_server", lambda *a, **k: pytest.fail("the model loaded"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = serve.parse_args(["--model_name_or_path", str(scripted_dir), "--port", str(port)])
+        with pytest.raises(cli.UsageError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use; stop"):
+            serve.main(args)
+
+
+def test_the_port_is_taken_before_the_model_loads_and_handed_to_uvicorn(scripted_dir, monkeypatch, free_port):
+    import socket
+
+    import serve
+
+    seen = {}
+
+    class FakeServer:
+        def run(self, sockets):
+            seen["sockets"] = sockets
+
+    def build_server(args):  # the model would load here: the port must already be ours
+        with socket.socket() as other, pytest.raises(OSError):
+            other.bind(("127.0.0.1", free_port))
+        return FakeServer()
+
+    monkeypatch.setattr(serve, "build_server", build_server)
+    serve.main(serve.parse_args(["--model_name_or_path", str(scripted_dir), "--port", str(free_port)]))
+    (sock,) = seen["sockets"]
+    assert sock.getsockname() == ("127.0.0.1", free_port)
+    sock.close()
+
+
+def test_a_misspelled_flag_is_named_with_the_real_one(capsys):
+    from serve import parse_args
+
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--model_name_or_pth", "x"])
+    assert e.value.code == 2
+    assert "unknown flag(s): --model_name_or_pth (did you mean --model_name_or_path?)" in capsys.readouterr().err

@@ -8,7 +8,7 @@ from alpaca_trainml.checkpoints import checkpoint_io
 from alpaca_trainml.data import special_tokens
 
 
-def test_missing_special_tokens_are_added_with_mean_rows(bpe_tokenizer_dir, tmp_path):
+def test_missing_special_tokens_are_added_with_mean_rows(bpe_tokenizer_dir, tmp_path, monkeypatch):
     from helpers import build_tiny_llama
 
     model_dir = build_tiny_llama(bpe_tokenizer_dir, tmp_path / "m")
@@ -26,6 +26,25 @@ def test_missing_special_tokens_are_added_with_mean_rows(bpe_tokenizer_dir, tmp_
         torch.testing.assert_close(new_in[row], old_in.mean(0))
         torch.testing.assert_close(new_out[row], old_out.mean(0))
     assert tokenizer.pad_token == "[PAD]" and tokenizer.pad_token_id == len(tokenizer) - 3
+    # the configs hold the new ids, so the Trainer has nothing to align (it would warn "The tokenizer has new
+    # PAD/BOS/EOS tokens that differ from the model config" in every run)
+    assert model.config.pad_token_id == model.generation_config.pad_token_id == tokenizer.pad_token_id
+    assert model.config.bos_token_id == tokenizer.bos_token_id
+    from transformers import trainer_utils
+
+    warned = []
+    monkeypatch.setattr(trainer_utils.logger, "warning", warned.append)
+    trainer_utils.align_special_tokens(model, tokenizer)  # what the Trainer runs at its start
+    assert warned == []
+
+
+def test_align_token_ids_keeps_the_other_stop_ids_of_a_list():
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(pad_token_id=None, bos_token_id=1, eos_token_id=[7, 8])
+    model = SimpleNamespace(config=SimpleNamespace(get_text_config=lambda: config), generation_config=None)
+    special_tokens.align_token_ids(SimpleNamespace(pad_token_id=9, bos_token_id=1, eos_token_id=2), model)
+    assert (config.pad_token_id, config.bos_token_id, config.eos_token_id) == (9, 1, [2, 7, 8])
 
 
 def test_pad_resize_adds_what_train_py_adds(tiny_llama_dir, bpe_tokenizer_dir, tmp_path):

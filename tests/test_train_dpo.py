@@ -84,12 +84,12 @@ def test_bad_rows_get_one_numbered_line_each(data_file):
     rows[3] = ["not", "an", "object"]
     rows[4] = trl_pairs(1)[0]
     rows[5]["rejected"] = {"from": "gpt", "value": rows[5]["chosen"]["value"]}
-    del rows[6]["rejected"]
+    rows[6]["rejectd"] = rows[6].pop("rejected")
     rows[7]["chosen"] = "a bare string"
     with pytest.raises(ValueError) as e:
         preference.load_pairs(path := data_file(rows))
     lines = str(e.value).splitlines()
-    assert lines[0] == f"{path}: 8 problem(s) in the data:"
+    assert lines[0] == f"{path}: 9 problem(s) in the data:"
     assert lines[1:] == [
         "  row 0: conversations[0]: unknown 'from' 'bot' (expected system, human or gpt)",
         "  row 1: 'conversations' must end with a human turn (the one chosen and rejected answer)",
@@ -98,6 +98,7 @@ def test_bad_rows_get_one_numbered_line_each(data_file):
         "  row 4: TRL (prompt + chosen + rejected), but the file's rows are "
         "ShareGPT (conversations + chosen + rejected)",
         "  row 5: 'chosen' and 'rejected' are the same answer (the pair teaches nothing)",
+        "  row 6: unknown field 'rejectd' (did you mean rejected?)",
         "  row 6: missing field(s) 'rejected'",
         "  row 7: 'chosen' must be an object {from: gpt, value}, found str",
     ]

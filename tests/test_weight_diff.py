@@ -233,3 +233,23 @@ def test_a_missing_raw_folder_is_one_line_with_exit_2(tmp_path, capsys):
         script.main(["recover", "--path_raw", str(tmp_path / "nope"), "--path_diff", str(tmp_path / "d")])
     assert exc.value.code == 2
     assert capsys.readouterr().err.strip() == f"weight_diff.py: error: {tmp_path / 'nope'}: no such folder"
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077])
+def test_diff_and_recovered_folders_get_the_umask_modes(tiny_llama_dir, tuned_dir, tmp_path, mask):
+    from helpers import expected_modes, modes, umask
+
+    with umask(mask):
+        weight_diff.make_diff(tiny_llama_dir, tuned_dir, tmp_path / "diff", chunk_mb=CHUNK_MB, max_shard_mb=SHARD_MB)
+        weight_diff.recover(tiny_llama_dir, tmp_path / "diff", tmp_path / "tuned", test_inference=False)
+    found = modes(tmp_path / "diff", tmp_path / "tuned")
+    assert str(tmp_path / "diff" / weight_diff.MANIFEST) in found and str(tmp_path / "tuned" / "config.json") in found
+    assert found == expected_modes(found, mask)  # 022: files 0644, folders 0755 (another account can read them)
+
+
+def test_diffing_an_adapter_folder_says_to_merge_it_first(tiny_llama_dir, tmp_path):
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="a LoRA adapter, not a whole model; merge it into its base first") as e:
+        weight_diff.make_diff(tiny_llama_dir, tmp_path / "adapter", tmp_path / "diff")
+    assert "python weight_diff.py merge_lora" in str(e.value) and not (tmp_path / "diff").exists()

@@ -48,6 +48,7 @@ def resized_base(path, base_model=None, **kwargs):
     """(base model, tokenizer) as train.py had them before the adapter: the special tokens added, the new rows mean-
     initialised. Checks that the adapter's tokenizer is the one this base grows into."""
     base = base_of(path, base_model)
+    models.check_checkpoint(base)
     model = models.from_pretrained(transformers.AutoModelForCausalLM, base, **kwargs)
     tokenizer = models.from_pretrained(transformers.AutoTokenizer, base)
     smart_tokenizer_and_embedding_resize(missing_special_tokens(tokenizer), tokenizer, model)

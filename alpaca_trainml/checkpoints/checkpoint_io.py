@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 from math import prod
 from pathlib import Path
 
@@ -158,8 +157,7 @@ def staging(dest, inputs):
     # deviation: the original wrote into an existing folder; we refuse one with files in it
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise UsageError(f"{dest} already exists and is not an empty folder; remove it or choose another path")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.partial."))
+    tmp = jsonio.make_temp_dir(dest)
     try:
         yield tmp
         if dest.exists():

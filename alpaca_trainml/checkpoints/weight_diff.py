@@ -97,6 +97,12 @@ def _prepare(path_raw, path_other, other_name):
 def make_diff(path_raw, path_tuned, path_diff, device="cpu", chunk_mb=16, max_shard_mb=2048):
     """Write tuned - raw (fp32) to path_diff with the tuned config and tokenizer and a sha256 manifest."""
     path_raw = models.resolve_model_path(path_raw)  # embedded:smollm2-135m, train.py's default base
+    if (Path(path_tuned) / "adapter_config.json").is_file():
+        raise UsageError(
+            f"{path_tuned}: a LoRA adapter, not a whole model; merge it into its base first, then diff the merged "
+            f"folder: python weight_diff.py merge_lora --path_raw {path_raw} --path_adapter {path_tuned} "
+            "--path_tuned <merged folder>"
+        )
     raw, tuned, resize, means, shapes, _ = _prepare(path_raw, path_tuned, f"the tuned model {path_tuned}")
     hashes = {}
 

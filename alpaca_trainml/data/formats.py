@@ -10,6 +10,8 @@ and become OpenAI messages (to_messages), the one form the rest of the code read
 
 import logging
 
+from alpaca_trainml.cli import misspelled_fields
+
 logger = logging.getLogger(__name__)
 
 ALPACA, MESSAGES, SHAREGPT = "alpaca", "messages", "sharegpt"
@@ -92,8 +94,8 @@ def validate_chat_row(row, shape):
 
 
 def validate_alpaca_row(row):
-    """What is wrong with one Alpaca row, as the original validation words it."""
-    problems = []
+    """What is wrong with one Alpaca row, as the original validation words it, and the fields that look misspelled."""
+    problems = misspelled_fields(row, ("instruction", "input", "output"))
     for key in ("instruction", "output"):
         if key not in row:
             problems.append(f"missing field '{key}'")

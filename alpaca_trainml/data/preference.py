@@ -17,6 +17,7 @@ DPOTrainer appends EOS, as train.py does to an output.
 import logging
 
 from alpaca_trainml import jsonio
+from alpaca_trainml.cli import misspelled_fields
 from alpaca_trainml.data.dataset import problem_report
 from alpaca_trainml.data.formats import MESSAGE_ROLES as CHAT_ROLES
 from alpaca_trainml.data.formats import SHAREGPT_ROLES, to_messages
@@ -118,7 +119,8 @@ def parse_row(row, shape):
     prompt_key = "conversations" if shape == "sharegpt" else "prompt"
     missing = [k for k in (prompt_key, "chosen", "rejected") if k not in row]
     if missing:
-        return None, [f"missing field(s) {', '.join(repr(k) for k in missing)}"]
+        typos = misspelled_fields(row, (prompt_key, "chosen", "rejected", "system"))
+        return None, [*typos, f"missing field(s) {', '.join(repr(k) for k in missing)}"]
     if shape == "sharegpt":
         problems = check_sharegpt_turns(row["conversations"])
         messages = None if problems else to_messages(row)  # with LLaMA-Factory's optional system column

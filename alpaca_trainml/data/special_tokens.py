@@ -45,6 +45,22 @@ def smart_tokenizer_and_embedding_resize(
         output_embeddings = model.get_output_embeddings().weight.data
         input_embeddings[-num_new_tokens:] = input_embeddings[:-num_new_tokens].mean(dim=0, keepdim=True)
         output_embeddings[-num_new_tokens:] = output_embeddings[:-num_new_tokens].mean(dim=0, keepdim=True)
+    align_token_ids(tokenizer, model)
+
+
+def align_token_ids(tokenizer, model):
+    """Write the tokenizer's pad, bos and eos ids into the model's config and generation config. The Trainer does the
+    same when they differ (the [PAD] just added), with a warning in every run; a list of eos ids keeps its others."""
+    configs = [model.config.get_text_config(), getattr(model, "generation_config", None)]
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        token_id = getattr(tokenizer, name)
+        for config in (c for c in configs if c is not None and token_id is not None):
+            held = getattr(config, name, None)
+            if isinstance(held, list):
+                if token_id not in held:
+                    setattr(config, name, [token_id, *held])
+            elif held != token_id:
+                setattr(config, name, token_id)
 
 
 def embedding_resize(path_raw, model, keys):

@@ -6,6 +6,7 @@ import logging
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from alpaca_trainml import jsonio
 from alpaca_trainml.cli import UsageError
@@ -75,7 +76,9 @@ def run_judge(requester, annotations, path, verdict_retries, max_workers):
         jsonio.jdump([a for a in annotations if a["status"] != "todo"], path)
 
     save()
-    with tqdm.tqdm(total=len(annotations), initial=len(annotations) - len(pending), unit="pair") as bar:
+    # the retries' log lines and the final error go above the bar, not onto its line
+    bar = tqdm.tqdm(total=len(annotations), initial=len(annotations) - len(pending), unit="pair")
+    with bar, logging_redirect_tqdm():
         with ThreadPoolExecutor(max_workers) as pool:
             futures = {pool.submit(ask, requester, annotations[i], verdict_retries): i for i in pending}
             try:

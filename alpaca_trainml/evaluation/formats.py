@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 from alpaca_trainml import jsonio
-from alpaca_trainml.cli import UsageError
+from alpaca_trainml.cli import UsageError, misspelled_fields
 from alpaca_trainml.evaluation import judging
 
 
@@ -44,7 +44,14 @@ def load_rows(path, flag, needs_output):
         or not all(isinstance(r.get(k), str) for k in fields)
         or not isinstance(r.get("input") or "", str)
     ]
+    problems += [
+        f"row {i}: {typo}"
+        for i, r in enumerate(rows)
+        if isinstance(r, dict)
+        for typo in misspelled_fields(r, ("instruction", "input", "output", "generator", "dataset"))
+    ]
     if problems:
+        problems.sort(key=lambda p: int(p.split(":", 1)[0][4:]))  # by row
         more = f"\n  ... and {len(problems) - 20} more" if len(problems) > 20 else ""
         raise UsageError(f"--{flag} {path}: {len(problems)} bad row(s):\n  " + "\n  ".join(problems[:20]) + more)
     return rows

@@ -16,8 +16,10 @@ class HFStep:
 
     def __init__(self, model, pad_id):
         self.model, self.pad_id = model, pad_id
-        # transformers 5.24 renamed forward()'s past_key_values to cache (the old name goes in 5.40)
-        params = inspect.signature(type(model).forward).parameters
+        # transformers 5.24 renamed forward()'s past_key_values to cache (the old name goes in 5.40, and warns until
+        # then). A PEFT model's forward takes **kwargs and hands them on: ask the model underneath.
+        inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+        params = inspect.signature(type(inner).forward).parameters
         self.cache_arg = "cache" if "cache" in params else "past_key_values"
         self.cache = self.mask = None
 

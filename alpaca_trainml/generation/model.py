@@ -20,7 +20,7 @@ from alpaca_trainml.generation.decoding import (
     generation_kwargs,
 )
 from alpaca_trainml.generation.kv_cache import left_pad
-from alpaca_trainml.models import DEFAULT_MODEL_MAX_LENGTH, EMBEDDED_MODEL, from_pretrained
+from alpaca_trainml.models import DEFAULT_MODEL_MAX_LENGTH, EMBEDDED_MODEL, check_checkpoint, from_pretrained
 from alpaca_trainml.precision import resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -89,6 +89,7 @@ class InstructModel:
         dtype = resolve_dtype(dtype, "cuda" if cuda else "cpu")
         # device_map="auto" spreads a model too big for one GPU over all of them, as the fork did
         placement = dict(device_map="auto") if cuda and device is None else {}
+        check_checkpoint(self.name)  # a folder without its tokenizer would load, then fail at the first request
         if adapters.is_adapter(self.name):
             self.model, self.tokenizer = adapters.load_merged(self.name, base_model, dtype=dtype, **placement)
         else:

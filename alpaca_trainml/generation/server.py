@@ -1,8 +1,10 @@
 """The HTTP app: the trainML route, the OpenAI-compatible routes and the web UI (routes/ holds them by group), over
 one batching engine; the uvicorn server that stops that engine first on SIGTERM."""
 
+import errno
 import logging
 import signal
+import socket
 import threading
 import time
 from contextlib import asynccontextmanager
@@ -13,6 +15,7 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
 
 from alpaca_trainml import REPO_ROOT
+from alpaca_trainml.cli import UsageError
 from alpaca_trainml.generation.engine import Engine
 from alpaca_trainml.generation.http_guard import (
     DEFAULT_MAX_BODY_BYTES,
@@ -90,6 +93,12 @@ class Server(uvicorn.Server):
         self.engine.shutdown()
         super().handle_exit(sig, frame)
 
+    async def startup(self, sockets=None):
+        await super().startup(sockets=sockets)
+        if sockets is not None and self.started:  # uvicorn says where it listens only for a socket it bound itself
+            host, port = sockets[0].getsockname()[:2]
+            logger.info("serving on http://%s:%d (Ctrl+C to stop)", f"[{host}]" if ":" in host else host, port)
+
 
 def build_server(args, model=None):
     """The server for parsed args; model: an InstructModel already loaded (default: load args' model)."""
@@ -111,6 +120,21 @@ def build_server(args, model=None):
     # the backstop: after 5 s, requests still running are cut off
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
     return Server(config, app.state.engine)
+
+
+def bind_socket(host, port):
+    """A socket bound to host:port for uvicorn to listen on (Server.run(sockets=[...])); taken before the model
+    loads, so a port in use is one line at once. uvicorn alone finds it only after the load, and exits 3."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: a restart reuses a port in TIME_WAIT
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        hint = "; stop what uses it or choose another --port" if e.errno == errno.EADDRINUSE else ""
+        raise UsageError(f"cannot listen on {host}:{port}: {e.strerror or e}{hint}") from e
+    return sock
 
 
 class ServerThread:

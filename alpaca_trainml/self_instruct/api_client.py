@@ -74,8 +74,12 @@ def server_message(err):
     return text.strip()[:500] or str(err)
 
 
-def make_client(base_url, api_key, request_timeout):
-    """(openai.OpenAI client, base_url). base_url/api_key fall back to $OPENAI_BASE_URL/$OPENAI_API_KEY."""
+CHECK_TIMEOUT_S = 5.0  # the first look at the server; a request's own --request_timeout may be minutes
+
+
+def make_client(base_url, api_key, request_timeout, check=True):
+    """(openai.OpenAI client, base_url). base_url/api_key fall back to $OPENAI_BASE_URL/$OPENAI_API_KEY.
+    check: ask the server for its models first (check_server), so a wrong URL or key fails in seconds."""
     import openai
 
     base_url = base_url or os.environ.get("OPENAI_BASE_URL") or None
@@ -85,7 +89,46 @@ def make_client(base_url, api_key, request_timeout):
             raise UsageError("no API key: set OPENAI_API_KEY or pass --api_key (or --base_url for a local server)")
         api_key = "no-key"  # local servers (vLLM, llama.cpp, serve.py) ignore it, but the client needs one
     # max_retries=0: our Requester does the retrying, with a bound, backoff and fail-fast rules of its own
-    return openai.OpenAI(base_url=base_url, api_key=api_key, timeout=request_timeout, max_retries=0), base_url
+    client = openai.OpenAI(base_url=base_url, api_key=api_key, timeout=request_timeout, max_retries=0)
+    if check:
+        check_server(client)
+    return client, base_url
+
+
+def connection_reason(err):
+    """'Connection refused', 'Name or service not known'...: the OS's reason under an APIConnectionError."""
+    cause = err
+    while cause is not None:
+        if isinstance(cause, OSError) and cause.strerror:
+            return cause.strerror
+        cause = cause.__cause__ or cause.__context__
+    return str(err.__cause__ or err)
+
+
+def check_server(client, timeout=CHECK_TIMEOUT_S):
+    """GET <base_url>/models once, with a short timeout and no retry: a server that is down, a wrong URL or a
+    rejected key is one UsageError naming the URL, in seconds (the retries of a run take minutes to give up)."""
+    import openai
+
+    url = str(client.base_url).rstrip("/")
+    try:
+        client.with_options(timeout=timeout, max_retries=0).models.list()
+    except openai.APITimeoutError as e:
+        raise UsageError(f"{url}: no answer within {timeout:g} s; is the server up, and is --base_url right?") from e
+    except openai.APIConnectionError as e:
+        raise UsageError(f"cannot reach {url}: {connection_reason(e)}; start the server or fix --base_url") from e
+    except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
+        raise UsageError(
+            f"{url}: {e.status_code}, the server rejected the API key ({server_message(e)}); "
+            "set OPENAI_API_KEY or pass --api_key"
+        ) from e
+    except openai.NotFoundError as e:
+        raise UsageError(
+            f"{url}/models: 404, not an OpenAI-compatible API; --base_url usually ends in /v1 "
+            f"(e.g. http://127.0.0.1:8000/v1)"
+        ) from e
+    except openai.APIStatusError as e:
+        raise UsageError(f"{url}/models: {e.status_code} from the server: {server_message(e)}") from e
 
 
 class Requester:
@@ -107,11 +150,13 @@ class Requester:
         retry_base_s=1.0,
         min_max_tokens=64,
         logit_bias=None,
+        model_flag="--model_name",
         **decoding,
     ):
         if api not in API_CHOICES:
             raise UsageError(f"api {api!r}: expected one of {', '.join(API_CHOICES)}")
         self.client, self.api, self.model_name, self.auto = client, api, model_name, auto
+        self.model_flag, self.url = model_flag, str(client.base_url).rstrip("/")  # named in the errors
         self.decoding, self.logit_bias = decoding, logit_bias
         self.max_tokens = max_tokens  # shared by the threads; shrinks for everyone after a context-length error
         self.max_retries, self.retry_base_s, self.min_max_tokens = max_retries, retry_base_s, min_max_tokens
@@ -148,7 +193,7 @@ class Requester:
                 return self._send(prompts, decoding)
             except openai.BadRequestError as e:
                 if not is_context_length_error(e):
-                    raise FatalRequestError(f"the server refused the request (400): {server_message(e)}") from e
+                    raise FatalRequestError(f"{self.url} refused the request (400): {server_message(e)}") from e
                 self.max_tokens = int(self.max_tokens * 0.8)  # as the original: 20% fewer tokens, then try again
                 logger.warning("context length exceeded; max_tokens now %d", self.max_tokens)
                 if self.max_tokens < self.min_max_tokens:
@@ -159,26 +204,30 @@ class Requester:
                     self.api, self.auto = "completions", False
                     continue
                 raise FatalRequestError(
-                    f"404 for model {self.model_name!r}: {server_message(e)}. Check --model_name and --base_url."
+                    f"404 for model {self.model_name!r} at {self.url}: {server_message(e)}. "
+                    f"Check {self.model_flag} and --base_url."
                 ) from e
             except (openai.AuthenticationError, openai.PermissionDeniedError) as e:
                 raise FatalRequestError(
-                    f"{e.status_code}: the server rejected the API key ({server_message(e)}). "
+                    f"{e.status_code}: {self.url} rejected the API key ({server_message(e)}). "
                     "Set OPENAI_API_KEY or pass --api_key."
                 ) from e
             except (openai.RateLimitError, openai.InternalServerError, openai.APIConnectionError) as e:
                 attempt += 1  # APIConnectionError covers APITimeoutError
                 self.retries += 1
                 if attempt > self.max_retries or self.stop_event.is_set():
-                    raise FatalRequestError(f"gave up after {attempt} attempts: {type(e).__name__}: {e}") from e
+                    raise FatalRequestError(
+                        f"gave up after {attempt} attempts at {self.url}: {type(e).__name__}: {e}"
+                    ) from e
                 self._backoff(e, attempt)
             except openai.APIStatusError as e:  # any other 4xx
-                raise FatalRequestError(f"{e.status_code} from the server: {server_message(e)}") from e
+                raise FatalRequestError(f"{e.status_code} from {self.url}: {server_message(e)}") from e
 
     def _backoff(self, err, attempt):
         delay = self.retry_base_s * 2 ** (attempt - 1) * (0.5 + random.random())  # exponential, with jitter
         logger.warning(
-            "%s (%s); retry %d/%d in %.2f s",
+            "%s: %s (%s); retry %d/%d in %.2f s",
+            self.url,
             type(err).__name__,
             getattr(err, "status_code", "no status"),
             attempt,

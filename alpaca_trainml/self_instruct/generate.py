@@ -221,7 +221,8 @@ def run_requests(requester, make_prompts, records, deduper, regen_path, target, 
         return prompts, results, usage, time.perf_counter() - start
 
     bar = tqdm.tqdm(total=target, initial=min(len(records), target), unit="instr")
-    with logging_redirect_tqdm(), ThreadPoolExecutor(max_workers) as executor:
+    # the bar closes (its line ends) before an error is printed, so the error gets a line of its own
+    with bar, logging_redirect_tqdm(), ThreadPoolExecutor(max_workers) as executor:
         try:
             for prompts, results, usage, secs in completed_requests(
                 executor, one_request, make_prompts, max_workers, lambda: len(records) < target
@@ -246,7 +247,6 @@ def run_requests(requester, make_prompts, records, deduper, regen_path, target, 
             requester.stop_event.set()  # the other threads stop retrying
             executor.shutdown(wait=False, cancel_futures=True)
             raise UsageError(f"{e}\n{len(records)} instructions are saved in {regen_path}; rerun to resume.") from e
-    bar.close()
     return stats, seconds
 
 

@@ -1,6 +1,7 @@
 """train.py's flags: the model, data and training argument classes, parsed and checked before anything loads."""
 
 import dataclasses
+import logging
 import sys
 from dataclasses import dataclass, field
 
@@ -18,6 +19,9 @@ from alpaca_trainml.training.launch import (
 
 SAMPLE_TRAIN = REPO_ROOT / "data" / "sample_train.json"
 SAMPLE_EVAL = REPO_ROOT / "data" / "sample_eval.json"
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -138,7 +142,8 @@ def parse_args(argv=None):
     has_eval = bool(data_args.eval_data_path or data_args.val_set_size)
     if has_eval and training_args.eval_strategy == "no":
         training_args.eval_strategy = transformers.IntervalStrategy.EPOCH
-        notes.append("evaluation data given: evaluating once per epoch (--eval_strategy epoch)")
+        if training_args.process_index == 0:  # what train.py does with its sample data: not a warning
+            logger.info("evaluation data given: evaluating once per epoch (--eval_strategy epoch)")
     return model_args, data_args, training_args, notes
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import transformers
 from trl import DPOTrainer
 
-from alpaca_trainml import cli, models
+from alpaca_trainml import cli, models, precision
 from alpaca_trainml.data import prompts
 from alpaca_trainml.data.dataset import split_rows
 from alpaca_trainml.data.preference import load_pairs, to_trl_rows
@@ -118,7 +118,8 @@ def log_setup(trainer, n_train, n_eval):
     if trainer.args.process_index != 0:
         return
     args = trainer.args
-    logger.info("%d rank(s), %s, on %s", args.world_size, trainer.accelerator.distributed_type, args.device)
+    where = (args.world_size, trainer.accelerator.distributed_type, args.device, precision.training_precision(args))
+    logger.info("%d rank(s), %s, on %s, %s", *where)
     kept = len(trainer.train_dataset)
     kept_eval = len(trainer.eval_dataset) if trainer.eval_dataset is not None else 0
     if kept < n_train or kept_eval < n_eval:

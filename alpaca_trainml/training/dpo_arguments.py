@@ -2,6 +2,7 @@
 DPOConfig with this project's defaults; parsed and checked before anything loads."""
 
 import dataclasses
+import logging
 import sys
 from dataclasses import dataclass, field
 
@@ -16,6 +17,9 @@ from alpaca_trainml.training.launch import cpu_world_size, setup_cpu_ranks, tran
 
 SAMPLE_DPO = REPO_ROOT / "data" / "sample_dpo.json"
 SAMPLE_DPO_EVAL = REPO_ROOT / "data" / "sample_dpo_eval.json"
+
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -124,7 +128,8 @@ def parse_args(argv=None):
         raise ValueError("give --eval_data_path or --val_set_size, not both")
     if (data_args.eval_data_path or data_args.val_set_size) and training_args.eval_strategy == "no":
         training_args.eval_strategy = transformers.IntervalStrategy.EPOCH
-        notes.append("evaluation data given: evaluating once per epoch (--eval_strategy epoch)")
+        if training_args.process_index == 0:  # what train_dpo.py does with its sample data: not a warning
+            logger.info("evaluation data given: evaluating once per epoch (--eval_strategy epoch)")
     return model_args, data_args, training_args, notes + more
 
 

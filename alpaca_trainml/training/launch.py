@@ -59,6 +59,9 @@ def close_ranks():
 LEGACY_FLAGS = {
     "--evaluation_strategy": "--eval_strategy",  # renamed in transformers 4.46, removed in 5
     "--warmup_ratio": "--warmup_steps",  # transformers 5: a float below 1 is a ratio of total steps
+    # transformers 5.24 renamed these and warns (FutureWarning) on any value given under the old name
+    "--gradient_checkpointing": "--activation_checkpointing",
+    "--gradient_checkpointing_kwargs": "--activation_checkpointing_kwargs",
 }
 
 
@@ -86,8 +89,9 @@ def translate_legacy_args(argv, has_gpu=None, cpu_bf16=None):
         flag, _ = _split_flag(argv[i])
         if flag in LEGACY_FLAGS:
             value, i = _take_value(argv, i)
-            out += [LEGACY_FLAGS[flag], value]
-            notes.append(f"{flag} {value} is now {LEGACY_FLAGS[flag]} {value}")
+            out += [LEGACY_FLAGS[flag]] + ([] if value is None else [value])  # None: a bare boolean flag
+            shown = "" if value is None else f" {value}"
+            notes.append(f"{flag}{shown} is now {LEGACY_FLAGS[flag]}{shown}")
         elif flag == "--fsdp_transformer_layer_cls_to_wrap":
             layer_cls, i = _take_value(argv, i)
             notes.append(
@@ -103,7 +107,7 @@ def translate_legacy_args(argv, has_gpu=None, cpu_bf16=None):
             if value is None or value.lower() in ("true", "1", "yes"):
                 extra, note = _cpu_precision(flag, value, cpu_bf16)
                 out += extra
-                notes.append(note)
+                notes += [note] if note else []
         else:
             out.append(argv[i])
             i += 1
@@ -116,12 +120,10 @@ def translate_legacy_args(argv, has_gpu=None, cpu_bf16=None):
 
 def _cpu_precision(flag, value, cpu_bf16):
     """--bf16/--tf32/--fp16 True with no GPU: bf16 autocast where the CPU has it natively (the Trainer wants use_cpu
-    for bf16 without a GPU), else dropped: fp16 and emulated bf16 are slower than fp32 on a CPU. (argv, note)"""
+    for bf16 without a GPU), else dropped: fp16 and emulated bf16 are slower than fp32 on a CPU. (argv, note or None)"""
     cpu_bf16 = precision.cpu_bf16_flag() if cpu_bf16 is None else cpu_bf16
-    if flag == "--bf16" and cpu_bf16:
-        return ["--bf16", "True", "--use_cpu", "True"], (
-            f"no GPU found: --bf16 trains in bf16 mixed precision (autocast) on the CPU, which has {cpu_bf16}"
-        )
+    if flag == "--bf16" and cpu_bf16:  # kept as asked, so no note: the trainer's log line names the precision
+        return ["--bf16", "True", "--use_cpu", "True"], None
     why = " (this CPU has no native bf16)" if flag == "--bf16" else ""
     return [], f"no GPU found: ignoring {flag} {value or 'True'} and training in fp32 on CPU{why}"
 

@@ -5,7 +5,7 @@ from pathlib import Path
 
 import transformers
 
-from alpaca_trainml import cli, models
+from alpaca_trainml import cli, models, precision
 from alpaca_trainml.data import prompts
 from alpaca_trainml.data.collators import DataCollatorForSupervisedDataset, make_collator
 from alpaca_trainml.data.dataset import (
@@ -141,10 +141,11 @@ def train(argv=None):
     trainer = SupervisedTrainer(model=model, processing_class=tokenizer, args=training_args, **data_module)
     if training_args.process_index == 0:
         logger.info(
-            "%d rank(s), %s, on %s",
+            "%d rank(s), %s, on %s, %s",
             training_args.world_size,
             trainer.accelerator.distributed_type,
             training_args.device,
+            precision.training_precision(training_args),
         )
 
     before = demo_answers(trainer, tokenizer, data_args) if data_args.demo_generations else None
