@@ -5,15 +5,17 @@ end-of-turn token of the prompt style it was trained in. A LoRA adapter folder i
     python export_gguf.py out/demo out/demo-f32.gguf
     python export_gguf.py out/demo-lora out/demo-lora-q8_0.gguf --outtype q8_0 --modelfile out/Modelfile
     python export_gguf.py embedded:smollm2-135m smollm2-f16.gguf --outtype f16
+    python export_gguf.py out/qwen-tuned qwen-q4_k_m.gguf --outtype q4_k_m   # needs pip install '.[gguf]'
 
-Covers the Llama architecture (SmolLM2, Llama 2/3 without rope scaling, TinyLlama); see README "Run it with
-llama.cpp / Ollama".
+Covers llama (incl. Llama 3.1/3.2's rope), mistral, qwen2, qwen3, gemma2, gemma3 (text) and phi3; the weight types
+f32, f16, bf16, q8_0, q4_0, q4_1, q5_0, q5_1 and llama.cpp's k-quants. docs/architectures.md has both tables.
 """
 
 import logging
 
 from alpaca_trainml import cli
-from alpaca_trainml.export.gguf import OUTTYPES, export
+from alpaca_trainml.export.gguf import export
+from alpaca_trainml.export.quantize import OUTTYPES
 from alpaca_trainml.models import resolve_model_path
 
 
@@ -31,7 +33,12 @@ def parse_args(argv=None):
     p = cli.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="a folder train.py saved (full or LoRA adapter), or embedded:smollm2-135m")
     p.add_argument("out", help="the .gguf file to write")
-    p.add_argument("--outtype", default="f32", choices=list(OUTTYPES), help="weight type (default f32)")
+    p.add_argument(
+        "--outtype",
+        default="f32",
+        choices=list(OUTTYPES),
+        help="weight type (default f32); k-quants: llama.cpp's quantizer",
+    )
     p.add_argument("--base_model", default=None, help="the base of a LoRA adapter (default: its own record)")
     p.add_argument(
         "--modelfile",

@@ -15,7 +15,8 @@ from helpers import ROOT
 
 from alpaca_trainml.cli import UserError
 from alpaca_trainml.data.chat_template import install_chat_template
-from alpaca_trainml.export.gguf import export, rope_permute
+from alpaca_trainml.export.arch import rope_permute
+from alpaca_trainml.export.gguf import export
 
 PEERS_PYTHON = ROOT / ".venv-peers" / "bin" / "python"
 

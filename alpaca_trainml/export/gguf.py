@@ -1,21 +1,22 @@
 """A checkpoint (a full one, or a LoRA adapter merged onto its base first) as one GGUF file, for llama.cpp and Ollama:
-the weights at f32, f16, bf16 or q8_0, the tokenizer, and the chat template and end-of-turn token of the prompt style
-the checkpoint was trained in (data/prompts.py), so that llama.cpp prompts it as it was trained and stops where it
-was trained to stop. write_modelfile gives Ollama the same prompt, as a Go template.
+the weights (f32, f16, bf16, q8_0, q4_0 to q5_1, or llama.cpp's k-quants), the tokenizer, and the chat template and
+end-of-turn token of the prompt style the checkpoint was trained in (data/prompts.py), so that llama.cpp prompts it
+as it was trained and stops where it was trained to stop. write_modelfile gives Ollama the same prompt, as a Go
+template.
 
-Only the Llama architecture (LlamaForCausalLM: SmolLM2, Llama 2/3 without rope scaling, TinyLlama) is covered: it
-is what train.py fine-tunes here, and its GGUF layout is the one we test against llama.cpp.
+The architectures (llama incl. llama3 rope, mistral, qwen2, qwen3, gemma2, gemma3 text, phi3) and their layouts are
+in export/arch.py, the weight types in export/quantize.py and export/kquants.py; docs/architectures.md has the table.
 """
 
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
 
 import gguf
-import numpy as np
 import torch
 import transformers
 
@@ -24,37 +25,9 @@ from alpaca_trainml.checkpoints import adapters
 from alpaca_trainml.cli import UserError
 from alpaca_trainml.data.ollama_template import modelfile
 from alpaca_trainml.data.prompts import load_style
+from alpaca_trainml.export import arch, kquants, quantize
 
 logger = logging.getLogger(__name__)
-
-OUTTYPES = {
-    "f32": gguf.GGMLQuantizationType.F32,
-    "f16": gguf.GGMLQuantizationType.F16,
-    "bf16": gguf.GGMLQuantizationType.BF16,
-    "q8_0": gguf.GGMLQuantizationType.Q8_0,
-}
-FILE_TYPES = {
-    "f32": gguf.LlamaFileType.ALL_F32,
-    "f16": gguf.LlamaFileType.MOSTLY_F16,
-    "bf16": gguf.LlamaFileType.MOSTLY_BF16,
-    "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
-}
-SUPPORTED = "llama (LlamaForCausalLM: SmolLM2, Llama 2/3 without rope scaling, TinyLlama)"
-
-
-def check_config(config, where):
-    """UserError unless this is a Llama our export writes exactly."""
-    arch = (config.get("architectures") or ["?"])[0]
-    if config.get("model_type") != "llama" or arch != "LlamaForCausalLM":
-        raise UserError(f"{where}: architecture {arch} ({config.get('model_type')}); GGUF export supports {SUPPORTED}")
-    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
-    unsupported = [f"{k}={config[k]!r}" for k in ("attention_bias", "mlp_bias") if config.get(k)] + (
-        [f"rope_type={rope.get('rope_type')!r}"] if rope.get("rope_type", "default") != "default" else []
-    )
-    if config.get("hidden_act", "silu") != "silu":
-        unsupported.append(f"hidden_act={config['hidden_act']!r}")
-    if unsupported:
-        raise UserError(f"{where}: {', '.join(unsupported)} is not covered; GGUF export supports {SUPPORTED}")
 
 
 def read_config(folder):
@@ -69,64 +42,6 @@ def read_config(folder):
     return json.loads(path.read_text())
 
 
-def rope_permute(w, heads):
-    """HF stores each head's query/key rows as two halves (rotate_half); GGUF's llama layout interleaves the pairs."""
-    return w.reshape(heads, 2, w.shape[0] // heads // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def tensor_data(name, w, outtype):
-    """(numpy data, raw dtype or None): norms and other 1-D tensors stay f32, as llama.cpp expects."""
-    w = w.detach().float().cpu().numpy()
-    if w.ndim == 1 or outtype == "f32":
-        return w.astype(np.float32), None
-    if outtype == "q8_0" and w.shape[-1] % gguf.GGML_QUANT_SIZES[OUTTYPES["q8_0"]][0]:
-        logger.warning("%s: rows of %d do not split into q8_0 blocks; written as f16", name, w.shape[-1])
-        return w.astype(np.float16), None
-    if outtype == "f16":
-        return w.astype(np.float16), None
-    return gguf.quants.quantize(w, OUTTYPES[outtype]), OUTTYPES[outtype]
-
-
-def add_tensors(writer, model, outtype):
-    c = model.config
-    names = gguf.TensorNameMap(gguf.MODEL_ARCH.LLAMA, c.num_hidden_layers)
-    tied = c.tie_word_embeddings
-    for hf_name, w in model.state_dict().items():
-        if tied and hf_name == "lm_head.weight":
-            continue  # llama.cpp reads the token embedding as the output when `output` is absent
-        name = names.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if name is None:
-            raise UserError(
-                f"{hf_name}: a tensor GGUF's llama layout has no name for; GGUF export supports {SUPPORTED}"
-            )
-        if hf_name.endswith("q_proj.weight"):
-            w = rope_permute(w, c.num_attention_heads)
-        elif hf_name.endswith("k_proj.weight"):
-            w = rope_permute(w, c.num_key_value_heads)
-        data, raw = tensor_data(hf_name, w, outtype)
-        writer.add_tensor(name, data, raw_dtype=raw)
-
-
-def add_hparams(writer, model, name, outtype):
-    c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    rope = getattr(c, "rope_parameters", None) or {}
-    writer.add_name(name)
-    writer.add_context_length(c.max_position_embeddings)
-    writer.add_embedding_length(c.hidden_size)
-    writer.add_block_count(c.num_hidden_layers)
-    writer.add_feed_forward_length(c.intermediate_size)
-    writer.add_head_count(c.num_attention_heads)
-    writer.add_head_count_kv(c.num_key_value_heads)
-    writer.add_rope_dimension_count(head_dim)
-    writer.add_key_length(head_dim)
-    writer.add_value_length(head_dim)
-    writer.add_rope_freq_base(float(rope.get("rope_theta", getattr(c, "rope_theta", 10000.0))))
-    writer.add_layer_norm_rms_eps(c.rms_norm_eps)
-    writer.add_vocab_size(c.vocab_size)
-    writer.add_file_type(FILE_TYPES[outtype])
-
-
 def load(checkpoint, base_model, workdir):
     """(model, tokenizer, prompt style) in fp32; an adapter is merged onto its base first (lora_merge, into workdir),
     with the adapter's own tokenizer files and style."""
@@ -135,36 +50,61 @@ def load(checkpoint, base_model, workdir):
         from alpaca_trainml.models import resolve_model_path
 
         base = resolve_model_path(adapters.base_of(checkpoint, base_model))
-        check_config(read_config(base), base)  # before the merge: refuse early
+        arch.check_config(read_config(base), base)  # before the merge: refuse early
         checkpoint = merge(base, checkpoint, Path(workdir) / "merged")
-    check_config(read_config(checkpoint), checkpoint)
+    arch.check_config(read_config(checkpoint), checkpoint)
     tokenizer = transformers.AutoTokenizer.from_pretrained(checkpoint)
     model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     style = load_style(tokenizer, checkpoint)
     return model, style.adopt(tokenizer), style
 
 
-def export(checkpoint, out, outtype="f32", base_model=None, modelfile_path=None):
-    """Write checkpoint as GGUF to `out` (atomically), and an Ollama Modelfile to modelfile_path if given; return the
-    GGUF path."""
+def model_name(name, tokenizer):
+    """general.name. llama.cpp's loader looks up <s>, </s>, <unk> and <|endoftext|> in any model whose name contains
+    "phi3" or "phi-3", and fails when one is missing; such a name is written as "phi 3" then."""
+    needed = {"<s>", "</s>", "<unk>", "<|endoftext|>"}
+    if re.search(r"phi-?3", name.lower()) and not needed <= set(tokenizer.get_vocab()):
+        return re.sub(r"(?i)phi-?3", "phi 3", name)
+    return name
+
+
+def write(model, tokenizer, path, name, outtype, end_of_turn):
+    """One GGUF file: the architecture's hyperparameters, the tokenizer, then the tensors as `outtype`."""
     from alpaca_trainml.export.gguf_vocab import add_tokenizer
 
-    if outtype not in OUTTYPES:
-        raise UserError(f"--outtype {outtype!r}: choose one of {', '.join(OUTTYPES)}")
+    spec = arch.ARCHS[model.config.model_type]
+    writer = gguf.GGUFWriter(path, gguf.MODEL_ARCH_NAMES[spec.arch])
+    writer.add_name(model_name(name, tokenizer))
+    arch.add_hparams(writer, spec, model.config)
+    writer.add_file_type(quantize.file_type(outtype))
+    add_tokenizer(writer, tokenizer, model.config.vocab_size, end_of_turn)
+    tensors = list(arch.tensors(spec, model))
+    head = "output.weight" if any(n == "output.weight" for n, _ in tensors) else "token_embd.weight"
+    for gguf_name, w in tensors:
+        data, raw = quantize.tensor_data(gguf_name, w.detach().float().cpu().numpy(), outtype, gguf_name == head)
+        writer.add_tensor(gguf_name, data, raw_dtype=raw)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file(progress=True)
+    writer.close()
+
+
+def export(checkpoint, out, outtype="f32", base_model=None, modelfile_path=None):
+    """Write checkpoint as GGUF to `out` (atomically), and an Ollama Modelfile to modelfile_path if given; return the
+    GGUF path. A k-quant is llama.cpp's quantizer run on our f16 file."""
+    quantize.check_outtype(outtype)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         model, tokenizer, style = load(checkpoint, base_model, work)
         tmp = work / out.name
-        writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
-        add_hparams(writer, model, Path(str(checkpoint)).name, outtype)
-        add_tokenizer(writer, tokenizer, model.config.vocab_size, style.end_of_turn(tokenizer))
-        add_tensors(writer, model, outtype)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file(progress=True)
-        writer.close()
+        ours = kquants.SOURCE if outtype in kquants.K_QUANTS else outtype
+        source = tmp if ours == outtype else work / f"source-{ours}.gguf"
+        write(model, tokenizer, source, Path(str(checkpoint)).name, ours, style.end_of_turn(tokenizer))
+        if ours != outtype:
+            del model
+            kquants.quantize(source, tmp, outtype)
         os.replace(tmp, out)
         if modelfile_path is not None:
             write_modelfile(modelfile_path, out, tokenizer, style)

@@ -6,6 +6,8 @@ import logging
 
 import gguf
 
+from alpaca_trainml.cli import UserError
+
 logger = logging.getLogger(__name__)
 
 
@@ -36,13 +38,34 @@ def token_types(tokenizer, vocab_size, byte_tokens):
     return tokens, types
 
 
+# The split regexes of the BPE families llama.cpp knows by name (as the tokenizer.json files of those families spell
+# them); llama.cpp does not read the regex from the GGUF, only the name, so a wrong name splits text differently.
+_WORDS = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|"
+_REST = r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+LLAMA3_SPLIT = _WORDS + r"\p{N}{1,3}" + _REST  # numbers in groups of up to 3 digits
+QWEN2_SPLIT = _WORDS + r"\p{N}" + _REST  # digits one by one
+SPLITS = {LLAMA3_SPLIT: "llama-bpe", QWEN2_SPLIT: "qwen2"}  # Llama 3.x, Qwen 2/2.5/3
+PRE_TOKENIZERS = "gpt-2 (ByteLevel), smollm (Digits + ByteLevel), llama-bpe (Llama 3's split), qwen2 (Qwen's split)"
+
+
 def pre_tokenizer(spec):
-    """llama.cpp's name for how text is split before BPE: GPT-2's regex when ours is plain ByteLevel with it."""
+    """llama.cpp's name for how this byte-level BPE splits text before merging, read from tokenizer.json's
+    pre_tokenizer; UserError for a split llama.cpp would not reproduce."""
     pre = spec.get("pre_tokenizer") or {}
-    if pre.get("type") == "ByteLevel" and pre.get("use_regex", True):
-        return "gpt-2"  # llama.cpp's name for GPT-2's split
-    logger.warning("pre-tokenizer %s has no llama.cpp name we know; written as 'default'", pre.get("type"))
-    return "default"
+    steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [p.get("type") for p in steps]
+    if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
+        return "gpt-2"
+    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+        return "smollm"  # SmolLM/SmolLM2: digits one by one, then GPT-2's split
+    if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
+        name = SPLITS.get((steps[0].get("pattern") or {}).get("Regex"))
+        if name and steps[0].get("behavior") == "Isolated":
+            return name
+    raise UserError(
+        f"tokenizer.json pre_tokenizer {json.dumps(pre)[:200]}: not a split llama.cpp has a name for here; "
+        f"covered: {PRE_TOKENIZERS}"
+    )
 
 
 def add_tokenizer(writer, tokenizer, vocab_size, end_of_turn=None):
