@@ -211,7 +211,8 @@ def test_merge_takes_the_whole_tables_peft_saves_for_a_resized_vocabulary(tiny_l
 
 def test_export_gguf_merges_train_py_adapter_first(lora_run, merged_dir, tiny_llama_dir, tmp_path):
     gguf = pytest.importorskip("gguf")
-    from alpaca_trainml.export.gguf import export, rope_permute
+    from alpaca_trainml.export.arch import rope_permute
+    from alpaca_trainml.export.gguf import export
 
     _, out, _ = lora_run
     path = export(out, tmp_path / "adapter-f32.gguf", "f32")  # the base is the one adapter_config.json names
