@@ -36,7 +36,9 @@ def sample(logits, temperature, top_p):
     if len(nucleus):
         sorted_probs, order = probs[nucleus].sort(dim=-1, descending=True)
         before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the likelier tokens
-        sorted_probs = sorted_probs.masked_fill(before >= top_p[nucleus, None], 0.0)  # the likeliest always stays
+        cut = before >= top_p[nucleus, None]
+        cut[:, 0] = False  # the likeliest always stays, even for a top_p that is 0 in float32 (5e-324)
+        sorted_probs = sorted_probs.masked_fill(cut, 0.0)
         probs[nucleus] = torch.zeros_like(sorted_probs).scatter(-1, order, sorted_probs)
     picked = torch.multinomial(probs, 1).squeeze(-1)
     return torch.where(temperature == 0, greedy, picked)

@@ -13,9 +13,11 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from alpaca_trainml import REPO_ROOT
 from alpaca_trainml.cli import UsageError
+from alpaca_trainml.generation.api_schema import http_error, openapi_schema
 from alpaca_trainml.generation.engine import Engine
 from alpaca_trainml.generation.http_guard import (
     DEFAULT_MAX_BODY_BYTES,
@@ -55,10 +57,12 @@ def create_app(
     app = FastAPI(title="Alpaca instruct server", lifespan=lifespan)
     app.state.engine = engine
     install_error_handlers(app)
+    app.add_exception_handler(StarletteHTTPException, http_error)  # keeps a 405's Allow
     add_middleware(app, api_key, allowed_origins, host, max_body_bytes)
     for group in ROUTE_GROUPS:
         group.add_routes(app, model, engine, name)
     app.mount("/", StaticFiles(directory=FRONT_END, html=True), name="front-end")
+    app.openapi = lambda: openapi_schema(app, model.context_window, model.vocab_size, [name], api_key)
     return app
 
 

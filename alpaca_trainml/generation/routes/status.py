@@ -1,10 +1,11 @@
 """GET /health: the model, its limits and the engine's load; the web page reads its defaults and ranges here."""
 
+from alpaca_trainml.generation.api_schema import error_responses
 from alpaca_trainml.generation.decoding import generation_limits
 
 
 def add_routes(app, model, engine, name):
-    @app.get("/health")
+    @app.get("/health", responses=error_responses("open"))
     async def health():
         return dict(
             status="ok",
