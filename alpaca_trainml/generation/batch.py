@@ -4,6 +4,7 @@ model step (llama_step.LlamaStep where it applies, else hf_step.HFStep)."""
 
 import logging
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
@@ -24,6 +25,8 @@ class Job:
     on_text: Callable | None = None  # for streams: called from the model thread with each new piece of text
     cancel: threading.Event = field(default_factory=threading.Event)  # set when the caller leaves
     future: Future = field(default_factory=Future)  # the Completion
+    submitted: float = field(default_factory=time.perf_counter)  # for serve.py's /metrics (generation/metrics.py)
+    token_times: list = field(default_factory=list)  # perf_counter() as each token was sampled
 
 
 def sample(logits, temperature, top_p):
@@ -71,6 +74,7 @@ class Row:
     def add(self, token):
         """Append one token; True when the row has ended (and its caller has the Completion)."""
         params = self.job.params
+        self.job.token_times.append(time.perf_counter())
         self.made += 1
         if token in self.eos:
             return self.finish("stop")
