@@ -74,6 +74,19 @@ def test_the_schema_declares_every_error_and_the_models_limits(model):
     }
 
 
+def test_max_model_len_serves_a_smaller_context_window(scripted_dir):
+    app = create_app(InstructModel(str(scripted_dir)), max_model_len=64)  # its own model: create_app narrows it
+    health, doc, over = call(
+        app,
+        ("GET", "/health", {}),
+        ("GET", "/openapi.json", {}),
+        ("POST", "/v1/completions", dict(json={"prompt": "Hi", "max_tokens": 64})),
+    )
+    assert health.json()["context_window"] == 64 and health.json()["max_prompt_tokens"] == 64
+    assert doc.json()["components"]["schemas"]["InstructBody"]["properties"]["max_tokens"]["anyOf"][0]["maximum"] == 64
+    assert over.status_code == 400 and over.json()["error"]["code"] == "context_length_exceeded"
+
+
 def test_405_says_which_methods_the_path_takes(model):
     answers = call(
         create_app(model),
