@@ -15,6 +15,7 @@ from helpers import ROOT, serve_in_thread, subprocess_env
 from scripted_llama import build_scripted_llama
 
 from alpaca_trainml.generation.batch import sample
+from alpaca_trainml.generation.decoding import GenParams
 from inference import InstructModel
 from serve import create_app
 
@@ -125,6 +126,12 @@ def test_token_id_prompts_and_empty_prompts_are_answered(model):
     assert len(answers[4].json()["choices"]) == 2
     assert answers[5].status_code == 400 and answers[5].json()["error"]["code"] == "invalid_token_id"
     assert f"[{bad_id}]" in answers[5].json()["error"]["message"]
+
+
+def test_a_tiny_temperature_in_a_beam_search_is_no_500(model):
+    ids = model.encode("Hi")  # found by the fuzzer on the embedded model: 1e-300 made transformers' logits inf
+    (answer,) = model.generate([ids], GenParams(max_tokens=3, temperature=1e-300, num_beams=2))
+    assert answer.text and answer.completion_tokens <= 3
 
 
 def test_a_top_p_that_is_zero_in_float32_keeps_the_likeliest_token():

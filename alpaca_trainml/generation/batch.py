@@ -11,7 +11,7 @@ from typing import Callable
 
 import torch
 
-from alpaca_trainml.generation.decoding import Completion, GenParams, cut_at_stop, stop_holdback
+from alpaca_trainml.generation.decoding import MIN_TEMPERATURE, Completion, GenParams, cut_at_stop, stop_holdback
 from alpaca_trainml.generation.hf_step import HFStep
 from alpaca_trainml.generation.llama_step import LlamaStep, supports
 
@@ -34,7 +34,7 @@ def sample(logits, temperature, top_p):
     the smallest set of likeliest tokens whose probability reaches top_p, as transformers' TopPLogitsWarper."""
     logits = logits.float()
     greedy = logits.argmax(-1)
-    probs = torch.softmax(logits / temperature.clamp(min=1e-5)[:, None], dim=-1)
+    probs = torch.softmax(logits / temperature.clamp(min=MIN_TEMPERATURE)[:, None], dim=-1)
     nucleus = ((top_p < 1) & (temperature > 0)).nonzero().squeeze(-1)  # sorting the vocabulary costs: only these
     if len(nucleus):
         sorted_probs, order = probs[nucleus].sort(dim=-1, descending=True)
