@@ -1,9 +1,9 @@
 """A schemathesis check of our own, loaded with SCHEMATHESIS_HOOKS=schemathesis_hooks (tests/ on PYTHONPATH).
 
 Schema-valid bodies may still be refused for rules a JSON schema cannot state: the prompt and max_tokens together
-beyond the context window, a prompt past /instruct's training length, a chat whose last message is not the user's
-(its content empty). tests/schemathesis.toml lets positive_data_acceptance take a 400; this check then fails every
-400 to a schema-valid body whose error code is not one of those rules, so no other refusal slips through."""
+beyond the context window, a prompt past /instruct's training length, a chat the prompt template cannot take (its
+last message not the user's). tests/schemathesis.toml lets positive_data_acceptance take a 400; this check then
+fails every 400 to a schema-valid body whose error code is not one of those rules, so no other refusal slips through."""
 
 import schemathesis
 

@@ -114,7 +114,7 @@ def test_instruct_streams_server_sent_events(model):
         ("/instruct", {"instruction": "Hi " * 600}, 400, "trained on at most 512"),
         ("/v1/completions", {"model": NAME, "prompt": "Hi", "max_tokens": 8192}, 400, "maximum context length is 8192"),
         ("/v1/completions", {"model": "gpt-4o", "prompt": "Hi"}, 404, "The model 'gpt-4o' does not exist"),
-        ("/v1/completions", {"model": NAME, "prompt": "Hi", "n": 2}, 400, "n: Input should be 1"),
+        ("/v1/completions", {"model": NAME, "prompt": "Hi", "n": 2}, 400, "n: Input should be less than or equal to 1"),
         (
             "/v1/chat/completions",
             {"model": NAME, "messages": [{"role": "assistant", "content": "x"}]},
