@@ -219,7 +219,17 @@ def validation_message(errors):
     for e in errors:
         if e.get("type") == "json_invalid":
             return f"malformed JSON body: {e.get('ctx', {}).get('error', e.get('msg'))}"
-    return "; ".join(f"{'.'.join(str(x) for x in e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors)
+    return "; ".join(f"{'.'.join(str(x) for x in e['loc'][1:]) or 'body'}: {e['msg']}{_got(e)}" for e in errors)
+
+
+def _got(error):
+    """' (got 'tool')': the value refused, when it is short (a missing field has none)."""
+    value = error.get("input")
+    if "input" not in error or error.get("type") == "missing" or isinstance(value, (dict, list)):
+        return ""
+    if len(repr(value)) > 40:
+        return ""
+    return f" (got {value!r})"
 
 
 async def instruct_events(items):
