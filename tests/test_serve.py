@@ -102,7 +102,7 @@ def test_instruct_streams_server_sent_events(model):
             "/instruct",
             {"instruction": "Hi", "max_tokens": 0, "num_beams": 0},
             400,
-            "max_tokens: Input should be greater than or equal to 1; num_beams: Input should be greater than",
+            "max_tokens: Input should be greater than or equal to 1 (got 0); num_beams: Input should be greater than",
         ),
         (
             "/instruct",
