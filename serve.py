@@ -74,6 +74,13 @@ def parse_args(argv=None):
     )
     p.add_argument("--max_batch_size", type=int, default=8, help="requests decoded together, at most")
     p.add_argument(
+        "--max_model_len",
+        type=int,
+        default=None,
+        help="the context window served, at most the model's (default: the model's): prompt and max_tokens must "
+        "fit it, as vLLM's --max-model-len",
+    )
+    p.add_argument(
         "--allowed_origins",
         nargs="*",
         default=[],

@@ -6,6 +6,7 @@ import asyncio
 import logging
 
 import pytest
+from pydantic import ValidationError
 
 from alpaca_trainml.generation.decoding import GenParams
 from alpaca_trainml.generation.engine import EngineStopped, QueueFullError, RequestCancelled
@@ -92,14 +93,17 @@ def test_a_client_that_leaves_is_one_info_line_and_a_499(caplog, monkeypatch):
     ]
 
 
-def test_response_head_refuses_another_model_and_unsupported_settings():
-    head = response_head(CompletionBody(prompt="x"), "served", [])
+def test_response_head_refuses_another_model_and_the_request_models_unsupported_settings():
+    head = response_head(CompletionBody(prompt="x"), "served")
     assert head["model"] == "served" and head["id"].startswith("cmpl-") and isinstance(head["created"], int)
     with pytest.raises(ApiError) as e:
-        response_head(CompletionBody(prompt="x", model="gpt-4"), "served", [])
+        response_head(CompletionBody(prompt="x", model="gpt-4"), "served")
     assert e.value.status == 404 and e.value.body["error"]["code"] == "model_not_found"
-    with pytest.raises(ApiError) as e:
-        response_head(ChatBody(messages=[], n=2), "served", [])
-    assert e.value.status == 400 and e.value.body["error"]["param"] == "n"
-    with pytest.raises(ApiError, match="echo=True is not supported"):
-        response_head(CompletionBody(prompt="x", echo=True), "served", [("echo", True, False)])
+    for body, field in [
+        (dict(messages=[{"role": "user", "content": "Hi"}], n=2), "n"),
+        (dict(logprobs=True), "logprobs"),
+    ]:
+        with pytest.raises(ValidationError, match=field):
+            ChatBody.model_validate(body)
+    with pytest.raises(ValidationError, match="echo"):
+        CompletionBody.model_validate(dict(prompt="x", echo=True))

@@ -4,13 +4,14 @@ model step (llama_step.LlamaStep where it applies, else hf_step.HFStep)."""
 
 import logging
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
-from alpaca_trainml.generation.decoding import Completion, GenParams, cut_at_stop, stop_holdback
+from alpaca_trainml.generation.decoding import MIN_TEMPERATURE, Completion, GenParams, cut_at_stop, stop_holdback
 from alpaca_trainml.generation.hf_step import HFStep
 from alpaca_trainml.generation.llama_step import LlamaStep, supports
 
@@ -24,6 +25,8 @@ class Job:
     on_text: Callable | None = None  # for streams: called from the model thread with each new piece of text
     cancel: threading.Event = field(default_factory=threading.Event)  # set when the caller leaves
     future: Future = field(default_factory=Future)  # the Completion
+    submitted: float = field(default_factory=time.perf_counter)  # for serve.py's /metrics (generation/metrics.py)
+    token_times: list = field(default_factory=list)  # perf_counter() as each token was sampled
 
 
 def sample(logits, temperature, top_p):
@@ -31,12 +34,14 @@ def sample(logits, temperature, top_p):
     the smallest set of likeliest tokens whose probability reaches top_p, as transformers' TopPLogitsWarper."""
     logits = logits.float()
     greedy = logits.argmax(-1)
-    probs = torch.softmax(logits / temperature.clamp(min=1e-5)[:, None], dim=-1)
+    probs = torch.softmax(logits / temperature.clamp(min=MIN_TEMPERATURE)[:, None], dim=-1)
     nucleus = ((top_p < 1) & (temperature > 0)).nonzero().squeeze(-1)  # sorting the vocabulary costs: only these
     if len(nucleus):
         sorted_probs, order = probs[nucleus].sort(dim=-1, descending=True)
         before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the likelier tokens
-        sorted_probs = sorted_probs.masked_fill(before >= top_p[nucleus, None], 0.0)  # the likeliest always stays
+        cut = before >= top_p[nucleus, None]
+        cut[:, 0] = False  # the likeliest always stays, even for a top_p that is 0 in float32 (5e-324)
+        sorted_probs = sorted_probs.masked_fill(cut, 0.0)
         probs[nucleus] = torch.zeros_like(sorted_probs).scatter(-1, order, sorted_probs)
     picked = torch.multinomial(probs, 1).squeeze(-1)
     return torch.where(temperature == 0, greedy, picked)
@@ -69,6 +74,7 @@ class Row:
     def add(self, token):
         """Append one token; True when the row has ended (and its caller has the Completion)."""
         params = self.job.params
+        self.job.token_times.append(time.perf_counter())
         self.made += 1
         if token in self.eos:
             return self.finish("stop")

@@ -8,6 +8,8 @@ import transformers
 
 from alpaca_trainml.generation.limits import MAX_BEAMS, MAX_STOPS, MAX_TEMPERATURE, temperature_ok, top_p_ok
 
+MIN_TEMPERATURE = 1e-5  # a smaller one above 0 samples as this: 1e-300 overflows the logits to inf (a 500 once)
+
 
 @dataclass(frozen=True)
 class GenParams:
@@ -74,7 +76,7 @@ def generation_kwargs(params):
     return dict(
         do_sample=True,
         num_beams=params.num_beams,
-        temperature=float(params.temperature),
+        temperature=max(float(params.temperature), MIN_TEMPERATURE),
         top_p=float(params.top_p),
         top_k=None,
     )  # float(): transformers refuses an int temperature; top_k off: the fork and OpenAI sample with top_p alone

@@ -8,7 +8,8 @@ no unbounded request bodies.
   tool), the server's own, or listed in --allowed_origins ("*" allows every origin). The CORS headers follow the
   same rule, so allowed pages can read the answers.
 - Body: over max_body_bytes, a request gets 413, whether it says its Content-Length or sends chunks.
-- API key (ApiKey, with --api_key): the model routes need 'Authorization: Bearer <key>'; / and /health stay open.
+- API key (ApiKey, with --api_key): the model routes and /metrics need 'Authorization: Bearer <key>'; / and /health
+  stay open.
 """
 
 import hmac
@@ -119,14 +120,15 @@ async def send_error(send, error):
 
 
 class ApiKey:
-    """ASGI middleware: /instruct and /v1/* need 'Authorization: Bearer <api_key>' (CORS preflights carry none)."""
+    """ASGI middleware: /instruct, /metrics and /v1/* need 'Authorization: Bearer <api_key>' (CORS preflights carry
+    none)."""
 
     def __init__(self, app, api_key):
         self.app, self.api_key = app, api_key.encode()
 
     async def __call__(self, scope, receive, send):
         path = scope.get("path", "")
-        guarded = scope["type"] == "http" and (path == "/instruct" or path.startswith("/v1/"))
+        guarded = scope["type"] == "http" and (path in ("/instruct", "/metrics") or path.startswith("/v1/"))
         if guarded and scope["method"] != "OPTIONS":
             headers = dict(scope["headers"])
             scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")

@@ -30,6 +30,10 @@ class PromptTooLongError(ValueError):
     """The prompt has more tokens than the model was trained on, and truncation was not asked for."""
 
 
+class TokenIdError(ValueError):
+    """A prompt given as token ids holds one that is not in the vocabulary."""
+
+
 class ContextLengthError(ValueError):
     """Prompt plus max_tokens do not fit the model's context window (OpenAI's context_length_exceeded)."""
 
@@ -140,11 +144,29 @@ class InstructModel:
             f"{self.max_prompt_tokens}. Shorten it, or {hint}"
         )
 
+    @property
+    def vocab_size(self):
+        """Token ids below this are valid: the tokenizer's and the embedding's sizes, the smaller."""
+        return min(len(self.tokenizer), self.model.get_input_embeddings().num_embeddings)
+
+    def start_ids(self):
+        """An empty prompt's ids: the beginning-of-text token (end-of-text where there is none), as OpenAI starts."""
+        bos = self.tokenizer.bos_token_id
+        return [bos if bos is not None else self.eos_ids[0]]
+
     def encode(self, prompt, truncate=False, limit=None):
-        """Token ids of a raw prompt; with truncate, an over-long prompt keeps its last tokens (and a leading BOS).
+        """Token ids of a raw prompt, text or token ids (checked against the vocabulary); an empty one starts from
+        start_ids(). With truncate, an over-long prompt keeps its last tokens (and a leading BOS).
 
         limit: the most prompt tokens (default: the training length, max_prompt_tokens)."""
-        ids = self._ids(prompt)
+        if isinstance(prompt, str):
+            ids = self._ids(prompt)
+        else:
+            bad = [i for i in prompt if not 0 <= i < self.vocab_size]
+            if bad:
+                raise TokenIdError(f"token ids {bad[:5]} are not in the vocabulary (0 to {self.vocab_size - 1})")
+            ids = list(prompt)
+        ids = ids or self.start_ids()
         limit = self.max_prompt_tokens if limit is None else limit
         if len(ids) <= limit:
             return ids

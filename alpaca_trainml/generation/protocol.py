@@ -3,14 +3,15 @@ shapes of answers, errors and stream events. No model here (a chat's prompt is i
 
 import json
 import logging
-from typing import List
+from typing import Annotated, List, Literal
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from alpaca_trainml.generation.decoding import GenParams
+from alpaca_trainml.generation.limits import MAX_BEAMS, MAX_STOPS, MAX_TEMPERATURE
 
 logger = logging.getLogger(__name__)
 
@@ -22,57 +23,138 @@ class ApiError(Exception):
 
 
 class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore")  # OpenAI clients send fields we have no use for (user, logit_bias...)
+    # OpenAI clients send fields we have no use for (user, logit_bias...); strict: `true` is not a number, "1" not 1
+    model_config = ConfigDict(extra="ignore", strict=True)
+
+
+# The ranges every generation path checks (decoding.check_params), stated here too so that /openapi.json tells them.
+# What depends on the model (max_tokens: up to the context window; token ids: the vocabulary; model: the names
+# served) is filled in per app by api_schema.openapi_schema, where these markers stand.
+MAX_TOKENS_MARK, TOKEN_ID_MARK, MODEL_MARK = "x-max-tokens", "x-token-id", "x-model"
+
+
+def _whole(x):
+    """JSON Schema counts 1.0 as an integer; strict pydantic does not. Take it, as 1."""
+    return int(x) if isinstance(x, float) and x.is_integer() else x
+
+
+Whole = BeforeValidator(_whole)
+
+
+def _only_false(x):
+    if x is not False:
+        raise ValueError("only false is supported here; leave it out")
+    return x
+
+
+OnlyFalse = Annotated[bool, AfterValidator(_only_false), Field(json_schema_extra={"const": False})]  # no echo...
+MaxTokens = Annotated[int, Field(ge=1, json_schema_extra={MAX_TOKENS_MARK: True}), Whole]
+TokenId = Annotated[int, Field(ge=0, json_schema_extra={TOKEN_ID_MARK: True}), Whole]
+Temperature = Annotated[float, Field(ge=0, le=MAX_TEMPERATURE, description="0 = greedy")]
+TopP = Annotated[float, Field(gt=0, le=1)]
+Beams = Annotated[int, Field(ge=1, le=MAX_BEAMS), Whole]
+StopText = Annotated[str, Field(min_length=1)]
+Stop = StopText | Annotated[List[StopText], Field(max_length=MAX_STOPS)]
 
 
 class InstructBody(_Body):
-    instruction: str
+    model_config = ConfigDict(json_schema_extra={"examples": [{"instruction": "Name a colour.", "max_tokens": 16}]})
+    # not blank; \x1c-\x1f: Python's str.isspace() counts them as blanks, Unicode's White_Space does not
+    instruction: Annotated[str, Field(pattern=r"[^\s\x1c-\x1f]", description="what the model should do; not blank")]
     input: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    num_beams: int | None = None
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    num_beams: Beams | None = None
     truncate: bool = False
     stream: bool = False
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False
 
 
 class _OpenAIBody(_Body):
-    model: str | None = None
-    max_tokens: int | None = None
-    temperature: float | None = 1.0  # OpenAI's defaults
-    top_p: float | None = 1.0
-    n: int = 1
-    stop: str | List[str] | None = None
+    model: Annotated[str, Field(json_schema_extra={MODEL_MARK: True})] | None = None  # the schema lists the names
+    max_tokens: MaxTokens | None = None
+    temperature: Temperature | None = 1.0  # OpenAI's defaults
+    top_p: TopP | None = 1.0
+    n: Annotated[int, Field(ge=1, le=1), Whole] = 1  # one choice per prompt
+    stop: Stop | None = None
     stream: bool = False
-    stream_options: dict | None = None
-    num_beams: int | None = None  # ours, as in /instruct
+    stream_options: StreamOptions | None = None
+    num_beams: Beams | None = None  # ours, as in /instruct
     truncate: bool = False
 
 
+TokenPrompt = List[TokenId]  # token ids; [] starts from the beginning-of-text token, as an empty string does
+
+
 class CompletionBody(_OpenAIBody):
-    prompt: str | List[str]
-    echo: bool = False
-    logprobs: int | None = None
+    model_config = ConfigDict(json_schema_extra={"examples": [{"prompt": "Once upon a time", "max_tokens": 16}]})
+    prompt: (
+        str
+        | Annotated[List[str], Field(min_length=1)]
+        | TokenPrompt
+        | Annotated[List[TokenPrompt], Field(min_length=1)]
+    ) = Field(description="a text, texts, token ids, or lists of token ids; empty starts from beginning-of-text")
+    echo: OnlyFalse = False
+    logprobs: None = None
+
+
+class TextPart(_Body):
+    type: Literal["text"]
+    text: str
 
 
 class ChatMessage(_Body):
-    role: str
-    content: str | List[dict] | None = None
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | List[TextPart] | None = None
 
 
 class ChatBody(_OpenAIBody):
-    messages: List[ChatMessage]
-    max_completion_tokens: int | None = None
-    logprobs: bool | None = None
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [{"messages": [{"role": "user", "content": "Name a colour."}], "max_tokens": 16}]
+        }
+    )
+    messages: Annotated[List[ChatMessage], Field(min_length=1, description="the last one must be the user's")]
+    max_completion_tokens: MaxTokens | None = None
+    logprobs: OnlyFalse | None = None
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | int | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error answer's body, as OpenAI's."""
+
+    error: ErrorDetail
 
 
 def message_text(message):
     if isinstance(message.content, list):
-        kinds = {p.get("type") for p in message.content} - {"text"}
+        parts = [p if isinstance(p, dict) else p.model_dump() for p in message.content]
+        kinds = {p.get("type") for p in parts} - {"text"}
         if kinds:
             raise ValueError(f"content parts of type {sorted(map(str, kinds))} are not supported; send text")
-        return "".join(p.get("text", "") for p in message.content)
+        return "".join(p.get("text", "") for p in parts)
     return message.content or ""
+
+
+def prompt_list(prompt):
+    """A completions body's prompts, each a text or a list of token ids ([] is one empty prompt of token ids)."""
+    if isinstance(prompt, str) or all(isinstance(x, int) for x in prompt):
+        return [prompt]
+    return list(prompt)
+
+
+def include_usage(body):
+    return bool(body.stream_options and body.stream_options.include_usage)
 
 
 def make_params(body, max_tokens_default, stop=None):
@@ -137,7 +219,17 @@ def validation_message(errors):
     for e in errors:
         if e.get("type") == "json_invalid":
             return f"malformed JSON body: {e.get('ctx', {}).get('error', e.get('msg'))}"
-    return "; ".join(f"{'.'.join(str(x) for x in e['loc'][1:]) or 'body'}: {e['msg']}" for e in errors)
+    return "; ".join(f"{'.'.join(str(x) for x in e['loc'][1:]) or 'body'}: {e['msg']}{_got(e)}" for e in errors)
+
+
+def _got(error):
+    """' (got 'tool')': the value refused, when it is short (a missing field has none)."""
+    value = error.get("input")
+    if "input" not in error or error.get("type") == "missing" or isinstance(value, (dict, list)):
+        return ""
+    if len(repr(value)) > 40:
+        return ""
+    return f" (got {value!r})"
 
 
 async def instruct_events(items):

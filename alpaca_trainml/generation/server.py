@@ -13,10 +13,11 @@ import uvicorn
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.staticfiles import StaticFiles
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from alpaca_trainml import REPO_ROOT
 from alpaca_trainml.cli import UsageError
-from alpaca_trainml.generation.engine import Engine
+from alpaca_trainml.generation.api_schema import http_error, openapi_schema
 from alpaca_trainml.generation.http_guard import (
     DEFAULT_MAX_BODY_BYTES,
     LOOPBACK_ORIGIN_REGEX,
@@ -24,6 +25,7 @@ from alpaca_trainml.generation.http_guard import (
     Guard,
     is_loopback,
 )
+from alpaca_trainml.generation.metrics import CountAnswers, ObservedEngine
 from alpaca_trainml.generation.model import InstructModel
 from alpaca_trainml.generation.protocol import install_error_handlers
 from alpaca_trainml.generation.routes import instruct, openai_api, status
@@ -31,6 +33,7 @@ from alpaca_trainml.generation.routes import instruct, openai_api, status
 logger = logging.getLogger(__name__)
 FRONT_END = REPO_ROOT / "front-end"
 ROUTE_GROUPS = (status, instruct, openai_api)  # each adds its routes: add_routes(app, model, engine, name)
+COUNTED_ROUTES = ("/", "/health", "/metrics", "/instruct", "/v1/models", "/v1/completions", "/v1/chat/completions")
 
 
 def create_app(
@@ -42,9 +45,17 @@ def create_app(
     host="127.0.0.1",
     max_body_bytes=DEFAULT_MAX_BODY_BYTES,
     max_waiting=256,
+    max_model_len=None,
 ):
-    """The FastAPI app around a loaded InstructModel; its engine (model thread) starts and stops with the app."""
-    engine, name = Engine(model, max_batch_size, max_waiting), served_model_name or model.name
+    """The FastAPI app around a loaded InstructModel; its engine (model thread) starts and stops with the app.
+    max_model_len: a smaller context window to serve than the model's."""
+    if max_model_len is not None:
+        if max_model_len < 2:
+            raise ValueError(f"--max_model_len {max_model_len}: a context window needs at least 2 tokens")
+        model.context_window = min(model.context_window, max_model_len)
+        model.max_prompt_tokens = min(model.max_prompt_tokens, model.context_window)
+    name = served_model_name or model.name
+    engine = ObservedEngine(model, max_batch_size, max_waiting, name)
 
     @asynccontextmanager
     async def lifespan(app):
@@ -55,10 +66,13 @@ def create_app(
     app = FastAPI(title="Alpaca instruct server", lifespan=lifespan)
     app.state.engine = engine
     install_error_handlers(app)
+    app.add_exception_handler(StarletteHTTPException, http_error)  # keeps a 405's Allow
     add_middleware(app, api_key, allowed_origins, host, max_body_bytes)
+    app.add_middleware(CountAnswers, metrics=engine.metrics, handlers=COUNTED_ROUTES)  # outermost: counts refusals
     for group in ROUTE_GROUPS:
         group.add_routes(app, model, engine, name)
     app.mount("/", StaticFiles(directory=FRONT_END, html=True), name="front-end")
+    app.openapi = lambda: openapi_schema(app, model.context_window, model.vocab_size, [name], api_key)
     return app
 
 
@@ -116,6 +130,7 @@ def build_server(args, model=None):
         args.allowed_origins,
         args.host,
         args.max_body_bytes,
+        max_model_len=getattr(args, "max_model_len", None),
     )
     # the backstop: after 5 s, requests still running are cut off
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)

@@ -6,7 +6,7 @@ import sys
 
 from alpaca_trainml.generation.decoding import check_params
 from alpaca_trainml.generation.engine import EngineStopped, QueueFullError, RequestCancelled, stream, wait_for
-from alpaca_trainml.generation.model import ContextLengthError, PromptTooLongError
+from alpaca_trainml.generation.model import ContextLengthError, PromptTooLongError, TokenIdError
 from alpaca_trainml.generation.protocol import ApiError
 
 logger = logging.getLogger(__name__)
@@ -28,6 +28,8 @@ def prepare(model, params, truncate, encode, openai=False):
         raise ApiError(400, str(e), code="prompt_too_long") from e
     except ContextLengthError as e:
         raise ApiError(400, str(e), param="max_tokens", code="context_length_exceeded") from e
+    except TokenIdError as e:
+        raise ApiError(400, str(e), param="prompt", code="invalid_token_id") from e
     except ValueError as e:
         raise ApiError(400, str(e)) from e
     if len(ids) > model.max_prompt_tokens:

@@ -3,18 +3,17 @@ answer is a JSON string, as the trainML route answers."""
 
 from fastapi import Request
 
+from alpaca_trainml.generation.api_schema import error_responses
 from alpaca_trainml.generation.decoding import GenParams
 from alpaca_trainml.generation.engine import Job
-from alpaca_trainml.generation.protocol import ApiError, InstructBody, instruct_events, make_params, sse_response
+from alpaca_trainml.generation.protocol import InstructBody, instruct_events, make_params, sse_response
 from alpaca_trainml.generation.routes.common import answers, api_error, prepare, streams
 
 
 def add_routes(app, model, engine, name):
-    @app.post("/instruct")
+    @app.post("/instruct", responses=error_responses("generate", streams=True))
     async def instruct(body: InstructBody, request: Request):
         params = make_params(body, GenParams.max_tokens)
-        if not body.instruction.strip():
-            raise ApiError(400, "instruction is empty: say what the model should do", param="instruction")
         job = Job(
             prepare(
                 model,
