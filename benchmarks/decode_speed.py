@@ -103,9 +103,10 @@ def served(url, text):
     return run
 
 
-def llama_cpp(gguf, runs, threads):
-    """[(tokens made, seconds)] for each (ids, max_tokens) in runs, in one llama.cpp process."""
-    job = json.dumps(dict(model=str(gguf), runs=runs, threads=threads))
+def llama_cpp(gguf, runs, threads, lookup=None):
+    """[(tokens made, seconds)] for each (ids, max_tokens) in runs, in one llama.cpp process; lookup: [max n-gram,
+    tokens per draft] for its prompt-lookup speculation (benchmarks/speculative.py)."""
+    job = json.dumps(dict(model=str(gguf), runs=runs, threads=threads, lookup=lookup))
     peer = [str(PEERS_PYTHON), str(Path(__file__).with_name("llama_cpp_peer.py"))]
     out = run_peer(f"llama.cpp ({Path(gguf).name})", peer, timeout=PEER_TIMEOUT_S, input=job)
     return json.loads(out.stdout.strip().splitlines()[-1])

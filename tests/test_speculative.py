@@ -210,3 +210,26 @@ def test_the_scripts_take_speculative_ngram_and_answer_the_same(tiny_llama_dir, 
     model = InstructModel(str(tiny_llama_dir))
     serve.build_server(args, model=model)
     assert model.speculative == Lookup()
+
+
+@pytest.mark.slow
+def test_the_benchmark_runs_both_sides_and_finds_the_same_greedy_texts(tiny_llama_dir):
+    import subprocess
+    import sys
+
+    from helpers import ROOT, subprocess_env
+
+    argv = ["--model_name_or_path", str(tiny_llama_dir), "--tokens", "16", "--no_llama_cpp"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.speculative", *argv],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = proc.stdout.strip().splitlines()[-1]
+    # grounded_prompts.json: 20 Alpaca rows with an input, 8 articles to summarise
+    assert "alpaca_input" in last and "identical 20/20" in last and "identical 8/8" in last, last
+    assert last.startswith("speculative: ngram over plain decode, batch 1")
