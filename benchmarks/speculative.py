@@ -118,12 +118,13 @@ def main(args):
     timed(model, model.encode_instruction("Say hi."), 8, lookup)  # warm-up: the kernel, first-call allocations
     heads, theirs = [], []
     for name in args.sets.split(","):
-        totals = run_set(model, sets[name], args, lookup)
+        rows = sets[name][: args.prompts] if args.prompts else sets[name]
+        totals = run_set(model, rows, args, lookup)
         speedup, accept, same, n = report(name, totals)
         heads.append(f"{name} {speedup:.2f}x (acceptance {accept:.2f}, identical {same}/{n})")
         if not args.no_llama_cpp and not peer_status():
             gguf = gguf_file(checkpoint, "f32", args.gguf_dir)
-            plain, looked = llama_cpp_set(gguf, model, sets[name], args)
+            plain, looked = llama_cpp_set(gguf, model, rows, args)
             if plain and looked:
                 print(f"{name}: llama.cpp f32 plain {plain:.1f} tok/s, prompt lookup {looked:.1f} tok/s")
                 theirs.append(f"{name} {looked / plain:.2f}x")
@@ -137,6 +138,7 @@ def parse_args(argv=None):
     p.add_argument("--dtype", default="float32", help="float32 (default) or bfloat16")
     p.add_argument("--tokens", type=int, default=128, help="greedy tokens per answer at most (default 128)")
     p.add_argument("--sets", default="alpaca_input,summarise", help="prompt sets of grounded_prompts.json")
+    p.add_argument("--prompts", type=int, default=0, help="the first N prompts of each set (default: all)")
     p.add_argument("--draft_tokens", type=int, default=Lookup.tokens, help="tokens drafted per step at most")
     p.add_argument("--max_ngram", type=int, default=Lookup.max_ngram)
     p.add_argument("--min_ngram", type=int, default=Lookup.min_ngram)
