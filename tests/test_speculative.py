@@ -233,3 +233,12 @@ def test_the_benchmark_runs_both_sides_and_finds_the_same_greedy_texts(tiny_llam
     # grounded_prompts.json: 20 Alpaca rows with an input, 8 articles to summarise
     assert "alpaca_input" in last and "identical 20/20" in last and "identical 8/8" in last, last
     assert last.startswith("speculative: ngram over plain decode, batch 1")
+
+
+def test_speculation_is_off_where_the_verify_step_would_not_match_plain_decoding(tiny_llama_dir, monkeypatch):
+    half = InstructModel(str(tiny_llama_dir), dtype="bfloat16", speculative=Lookup())
+    assert DecodeBatch(half).lookup is None  # bf16: plain decoding (the verify pass rounds activations to bf16)
+    monkeypatch.setenv("ALPACA_FAST_DECODE", "0")  # transformers' forward: no verify step
+    assert DecodeBatch(InstructModel(str(tiny_llama_dir), speculative=Lookup())).lookup is None
+    monkeypatch.delenv("ALPACA_FAST_DECODE")
+    assert DecodeBatch(InstructModel(str(tiny_llama_dir), speculative=Lookup())).lookup == Lookup()

@@ -103,8 +103,8 @@ class DecodeBatch:
     def __init__(self, model):
         self.model = model  # an InstructModel
         self.stepper = LlamaStep(model.model) if supports(model.model) else HFStep(model.model, model.pad_id)
-        # prompt-lookup speculation (speculative.py) where the step can verify a draft: not on transformers' forward
-        self.lookup = getattr(model, "speculative", None) if hasattr(self.stepper, "verify") else None
+        # prompt-lookup speculation (speculative.py) where the step verifies a draft exactly: fp32 on our Llama step
+        self.lookup = getattr(model, "speculative", None) if getattr(self.stepper, "verifies", False) else None
         self.drafted = self.accepted = 0  # draft tokens checked and kept, for the acceptance rate
         self.eos = frozenset(model.eos_ids)
         self.rows, self.next_ids = [], None  # next_ids (rows,): each row's sampled, not yet fed token

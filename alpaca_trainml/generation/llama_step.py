@@ -209,6 +209,9 @@ class LlamaStep:
                     weights, self.heads, self.kv_heads, self.head_dim, self.eps, self.scale, windows
                 )
         self.cache = SlotCache(len(self.layers), self.kv_heads, self.head_dim, self.embed.dtype, self.embed.device)
+        # verify() gives decode()'s greedy tokens in fp32 only: in bf16 its activations round to bf16 between layers,
+        # where the kernel's stay fp32, and a tiny model's greedy text then differed (2026-12-05)
+        self.verifies = dtype == torch.float32
 
     def __len__(self):
         return len(self.cache)
