@@ -54,12 +54,16 @@ def generate(
     max_prompt_tokens=None,
     reference_output=None,
     instructions=None,
+    speculative="none",
 ):
     """Write OUT: one model_outputs row {instruction, output, generator} per eval-set row, in the file's order.
 
     eval_set: Alpaca rows or AlpacaEval's alpaca_eval.json (instructions is its old name). generator defaults to the
     model folder's name. Rows already in OUT (same generator) are kept and skipped. batch_size: rows decoded together.
-    reference_output: also write the eval set's own outputs there (AlpacaEval's are GPT-4's), as reference_outputs."""
+    reference_output: also write the eval set's own outputs there (AlpacaEval's are GPT-4's), as reference_outputs.
+    speculative: "ngram" for speculative decoding by prompt lookup (the same greedy answers), or "none"."""
+    from alpaca_trainml.generation.speculative import MODES, lookup_for  # here: `judge` needs no torch
+
     flag = "instructions" if eval_set is None and instructions is not None else "eval_set"  # as the user wrote it
     eval_set = eval_set if eval_set is not None else instructions
     check_flags(
@@ -69,6 +73,7 @@ def generate(
             ("max_tokens", max_tokens, integer(max_tokens, 1), "an integer of at least 1"),
             ("batch_size", batch_size, integer(batch_size, 1), "an integer of at least 1"),
             *flag_checks(temperature, top_p),
+            ("speculative", speculative, speculative in MODES, f"one of {', '.join(MODES)}"),
             (
                 "max_prompt_tokens",
                 max_prompt_tokens,
@@ -91,7 +96,7 @@ def generate(
     from alpaca_trainml.generation.decoding import GenParams
     from alpaca_trainml.generation.model import InstructModel  # here: `judge` needs no torch
 
-    model = InstructModel(model_name_or_path, max_prompt_tokens)
+    model = InstructModel(model_name_or_path, max_prompt_tokens, speculative=lookup_for(speculative))
     generator = generator or Path(str(model.name).rstrip("/")).name
     done = formats.load_partial_outputs(output, tasks, generator)
     todo = [(i, t) for i, t in enumerate(tasks) if judging.pair_key(t) not in done]

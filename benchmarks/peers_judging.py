@@ -29,6 +29,7 @@ from pathlib import Path
 
 from alpaca_trainml import REPO_ROOT, jsonio
 from alpaca_trainml.evaluation import formats, judging
+from benchmarks.peer_process import PeerFailed, run_peer
 
 PEERS_PYTHON = REPO_ROOT / ".venv-peers" / "bin" / "python"
 SHOWN = re.compile(r"\nOutput \(a\):\n(.*)\n\nOutput \(b\):\n(.*)\n\nWhich output is better\?", re.S)
@@ -162,7 +163,12 @@ def main(argv=None):
         ours_cmd += ["--base_url", judge.base_url, "--api_key", "not-needed", "--output_dir", str(work / "ours")]
         ours_line = run(ours_cmd, "evaluate.py judge").strip().splitlines()[-1]
         theirs_cmd = [args.peers_python, "-m", "benchmarks.peers_alpaca_eval", "--work", str(work)]
-        run(theirs_cmd + ["--base_url", judge.base_url], "alpaca_eval")
+        try:  # the peer in its own process, with a time limit: its crash is a finding, not the run's end
+            run_peer("alpaca_eval", theirs_cmd + ["--base_url", judge.base_url], timeout=1800, cwd=REPO_ROOT)
+        except PeerFailed as e:
+            print(f"{len(model)} pairs. evaluate.py: {ours_line}\nalpaca_eval: FAILED: {e}")
+            print(f"peers_judging: evaluate.py {ours_line}; alpaca_eval failed")
+            return
         report(work, ours_line, len(model))
 
 

@@ -15,20 +15,22 @@ The held-out loss of every trained model is computed afterwards by the same code
 --eval_rows rows never trained on). bf16 runs only where the CPU has native bf16 (AVX512-BF16 or AMX); elsewhere it
 is emulated and would measure the emulation.
 
+Each run is its own process with a time limit (--timeout): a TRL run that crashes or hangs prints FAILED with the
+signal and its log's last line, and the other runs go on.
+
 Last line: ours' tokens/s over TRL's fastest exact mode, per configuration.
 """
 
 import argparse
 import json
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from alpaca_trainml import REPO_ROOT
 from alpaca_trainml.models import EMBEDDED_MODEL
+from benchmarks.peer_process import PeerFailed, run_logged
 
 PEERS_PYTHON = REPO_ROOT / ".venv-peers" / "bin" / "python"
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
@@ -52,6 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--work_dir", default=None, help="keep the runs here (default: a temporary folder)")
     p.add_argument("--peers_python", default=str(PEERS_PYTHON))
     p.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both sides (default: inherited)")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds one training run may take (default 3600)")
     p.add_argument("--resume", action="store_true", help="with --work_dir: keep the runs an earlier call finished")
     p.add_argument("--worker_out", default=None, help=argparse.SUPPRESS)  # internal: run ours' side only, here
     return p.parse_args(argv)
@@ -66,17 +69,10 @@ def native_bf16():
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def run_measured(cmd, log_path, env=None):
-    """Run cmd; (seconds, peak RSS in GiB of that process alone, from wait4's rusage). Output goes to log_path."""
-    start = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT, env=env)
-        _, status, usage = os.wait4(proc.pid, 0)
-    seconds = time.perf_counter() - start
-    if os.waitstatus_to_exitcode(status) != 0:
-        tail = Path(log_path).read_text()[-3000:]
-        raise SystemExit(f"peers_training: {' '.join(map(str, cmd[:4]))} ... failed; end of {log_path}:\n{tail}")
-    return seconds, usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+def run_measured(what, cmd, log_path, timeout, env=None):
+    """Run cmd in its own process; (seconds, peak RSS in GiB of that process alone). Output goes to log_path. A run
+    that crashes or passes `timeout` seconds raises PeerFailed (the signal and the log's last line)."""
+    return run_logged(what, cmd, log_path, timeout, cwd=REPO_ROOT, env=env)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -245,7 +241,15 @@ def run_side(args, work, side, config, dtype):
         cmd += ["--mode", side.removeprefix("trl-"), "--config", config] + (["--bf16"] if dtype == "bf16" else [])
     if (out / "measured.json").exists() and args.resume:  # a finished run of an interrupted benchmark
         return json.loads((out / "measured.json").read_text())
-    seconds, rss = run_measured(cmd, out / "log.txt", threads_env(args.threads))
+    try:
+        seconds, rss = run_measured(
+            f"{side} {config}-{dtype}", cmd, out / "log.txt", args.timeout, threads_env(args.threads)
+        )
+    except PeerFailed as e:
+        if side == "ours":
+            raise SystemExit(f"peers_training: {e}") from None  # ours failing is our bug, not a finding
+        print(f"  failed: {e}", flush=True)  # a peer's crash costs its row only
+        return dict(side=side, failed=str(e))
     result = json.loads((out / "result.json").read_text())
     job = json.loads((work / "job.json").read_text())
     result.update(process_s=seconds, peak_rss_gib=rss)
@@ -266,11 +270,19 @@ def leak_report(args, work):
     if (out / "leak.json").exists() and args.resume:
         return json.loads((out / "leak.json").read_text())
     cmd = [args.peers_python, "-m", "benchmarks.peers_trl", "--work", str(work), "--out", str(out), "--leak_check"]
-    run_measured(cmd, work / "leak_log.txt")
+    try:
+        run_measured("TRL leak check", cmd, work / "leak_log.txt", args.timeout)
+    except PeerFailed as e:
+        print(f"failed: {e}; TRL's padding-free mode is counted as not exact", flush=True)
+        return None
     return json.loads((out / "leak.json").read_text())
 
 
 def print_config(name, results, total_tokens, baseline_loss):
+    for r in results:
+        if "failed" in r:
+            print(f"  {r['side']}: FAILED: {r['failed']}")
+    results = [r for r in results if "failed" not in r]
     print(f"\n{name}: {total_tokens} tokens in {len(results[0]['per_step'])} optimizer steps")
     print(f"  supervised tokens per step: ours {results[0]['per_step']}")
     for r in results[1:]:
@@ -308,12 +320,13 @@ def main(argv=None):
         print(f"  rows where TRL's own text tokenization would label differently: {prefix_mismatches(rows, tokenizer)}")
         leak = leak_report(args, work)
         # SFTTrainer trains with use_cache=False: that is the case that decides whether its padding-free mode is exact
-        training = [v for k, v in leak["max_logit_diff"].items() if k.endswith("use_cache=False")]
+        training = [v for k, v in leak["max_logit_diff"].items() if k.endswith("use_cache=False")] if leak else [1]
         exact = {m for m in args.trl_modes.split(",") if m == "padded" or max(training) < 1e-3}
-        print(
-            f"TRL {leak['trl']}, transformers {leak['transformers']} (.venv-peers); padding-free batch vs alone, "
-            f"max |logit diff|: {leak['max_logit_diff']} -> exact TRL modes: {sorted(exact)}"
-        )
+        if leak:
+            print(
+                f"TRL {leak['trl']}, transformers {leak['transformers']} (.venv-peers); padding-free batch vs alone, "
+                f"max |logit diff|: {leak['max_logit_diff']} -> exact TRL modes: {sorted(exact)}"
+            )
         baseline = heldout_loss(job, None, "full", work / "eval.json")
         ratios = {}
         for config in args.configs.split(","):
@@ -327,7 +340,9 @@ def main(argv=None):
 
 def summarize(results, exact):
     """'1.62' (ours over TRL's fastest exact mode), with the fastest mode that leaks in brackets when there is one."""
-    ours, trl = results[0], results[1:]
+    ours, trl = results[0], [r for r in results[1:] if "failed" not in r]
+    if not any(r["side"].removeprefix("trl-") in exact for r in trl):
+        return "n/a (TRL failed)"
     best_exact = max((r for r in trl if r["side"].removeprefix("trl-") in exact), key=lambda r: r["tokens_per_s"])
     line = f"{ours['tokens_per_s'] / best_exact['tokens_per_s']:.2f}"
     leaky = [r for r in trl if r["side"].removeprefix("trl-") not in exact]

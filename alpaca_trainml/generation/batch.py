@@ -11,9 +11,10 @@ from typing import Callable
 
 import torch
 
-from alpaca_trainml.generation.decoding import MIN_TEMPERATURE, Completion, GenParams, cut_at_stop, stop_holdback
+from alpaca_trainml.generation.decoding import Completion, GenParams, cut_at_stop, probabilities, stop_holdback
 from alpaca_trainml.generation.hf_step import HFStep
 from alpaca_trainml.generation.llama_step import LlamaStep, supports
+from alpaca_trainml.generation.speculative import accept_rows, row_draft
 
 logger = logging.getLogger(__name__)
 
@@ -30,21 +31,10 @@ class Job:
 
 
 def sample(logits, temperature, top_p):
-    """One token per row of logits (batch, vocab), each row with its own temperature (0 = greedy) and top_p:
-    the smallest set of likeliest tokens whose probability reaches top_p, as transformers' TopPLogitsWarper."""
+    """One token per row of logits (batch, vocab), each row with its own temperature (0 = greedy) and top_p."""
     logits = logits.float()
-    greedy = logits.argmax(-1)
-    probs = torch.softmax(logits / temperature.clamp(min=MIN_TEMPERATURE)[:, None], dim=-1)
-    nucleus = ((top_p < 1) & (temperature > 0)).nonzero().squeeze(-1)  # sorting the vocabulary costs: only these
-    if len(nucleus):
-        sorted_probs, order = probs[nucleus].sort(dim=-1, descending=True)
-        before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the likelier tokens
-        cut = before >= top_p[nucleus, None]
-        cut[:, 0] = False  # the likeliest always stays, even for a top_p that is 0 in float32 (5e-324)
-        sorted_probs = sorted_probs.masked_fill(cut, 0.0)
-        probs[nucleus] = torch.zeros_like(sorted_probs).scatter(-1, order, sorted_probs)
-    picked = torch.multinomial(probs, 1).squeeze(-1)
-    return torch.where(temperature == 0, greedy, picked)
+    picked = torch.multinomial(probabilities(logits, temperature, top_p), 1).squeeze(-1)
+    return torch.where(temperature == 0, logits.argmax(-1), picked)
 
 
 def sample_rows(rows, logits):
@@ -117,6 +107,9 @@ class DecodeBatch:
     def __init__(self, model):
         self.model = model  # an InstructModel
         self.stepper = LlamaStep(model.model) if supports(model.model) else HFStep(model.model, model.pad_id)
+        # prompt-lookup speculation (speculative.py) where the step verifies a draft exactly: fp32 on our Llama step
+        self.lookup = getattr(model, "speculative", None) if getattr(self.stepper, "verifies", False) else None
+        self.drafted = self.accepted = 0  # draft tokens checked and kept, for the acceptance rate
         self.eos = frozenset(model.eos_ids)
         self.rows, self.next_ids = [], None  # next_ids (rows,): each row's sampled, not yet fed token
 
@@ -132,10 +125,28 @@ class DecodeBatch:
         self._emit(new, len(self.rows) - len(new))
 
     def step(self):
+        drafts = [row_draft(r, self.lookup) for r in self.rows] if self.lookup else None
+        if drafts and any(drafts):
+            return self._verify(drafts)
         with self.model.lock:
             logits = self.stepper.decode(self.next_ids)
         self.next_ids = sample_rows(self.rows, logits)
         self._emit(self.rows, 0)
+
+    def _verify(self, drafts):
+        """One step that checks every row's draft at once (rows without one check just their pending token); each
+        row keeps what accept_rows gives it, 1 to len(draft) + 1 tokens, and the cache forgets the rest."""
+        s = 1 + max(map(len, drafts))
+        pending = self.next_ids.tolist()
+        tokens = [[p, *d] + [p] * (s - 1 - len(d)) for p, d in zip(pending, drafts)]  # short drafts padded, unread
+        with self.model.lock:
+            logits = self.stepper.verify(torch.tensor(tokens, device=self.next_ids.device))
+        made = accept_rows(self.rows, logits, drafts)
+        self.stepper.rewind([s - len(m) for m in made])  # each row fed its pending token and len(m) - 1 of its draft
+        self.drafted += sum(map(len, drafts))
+        self.accepted += sum(len(m) - 1 for m in made)
+        self.next_ids = torch.tensor([m[-1] for m in made], device=self.next_ids.device)
+        self.drop([r for r, m in zip(self.rows, made) if any(r.add(t) for t in m)])  # any(): up to the end token
 
     def drop(self, leaving):
         """Take rows out of the batch (their callers are told apart)."""

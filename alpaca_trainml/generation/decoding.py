@@ -82,6 +82,22 @@ def generation_kwargs(params):
     )  # float(): transformers refuses an int temperature; top_k off: the fork and OpenAI sample with top_p alone
 
 
+def probabilities(logits, temperature, top_p):
+    """(batch, vocab) the distribution each row samples from, with its own temperature and top_p: the smallest set
+    of likeliest tokens whose probability reaches top_p, as transformers' TopPLogitsWarper (unnormalised: multinomial
+    takes weights). Rows with temperature 0 are left to the caller (greedy: the argmax)."""
+    probs = torch.softmax(logits.float() / temperature.clamp(min=MIN_TEMPERATURE)[:, None], dim=-1)
+    nucleus = ((top_p < 1) & (temperature > 0)).nonzero().squeeze(-1)  # sorting the vocabulary costs: only these
+    if len(nucleus):
+        sorted_probs, order = probs[nucleus].sort(dim=-1, descending=True)
+        before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the likelier tokens
+        cut = before >= top_p[nucleus, None]
+        cut[:, 0] = False  # the likeliest always stays, even for a top_p that is 0 in float32 (5e-324)
+        sorted_probs = sorted_probs.masked_fill(cut, 0.0)
+        probs[nucleus] = torch.zeros_like(sorted_probs).scatter(-1, order, sorted_probs)
+    return probs
+
+
 def cut_at_stop(text, stops):
     """(text before the earliest stop string, whether one was found)."""
     hits = [i for i in (text.find(s) for s in stops) if i >= 0]

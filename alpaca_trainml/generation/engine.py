@@ -1,5 +1,6 @@
 """Continuous batching for serve.py: the scheduler. One model thread decodes every running request one token per
-step, through the decoder core (batch.DecodeBatch: the model step, the cache operations, sampling and stop handling).
+step, through the decoder core (batch.DecodeBatch: the model step, the cache operations, sampling and stop handling;
+with speculative decoding, speculative.py, a step checks each row's draft and can make several tokens per row).
 
 A request joins the running batch at the next step (its prompt is prefilled into the batch's cache), and leaves when
 it ends: end of text, a stop string, max_tokens, or its caller left (the `cancel` event). Each row samples with its

@@ -209,6 +209,9 @@ class LlamaStep:
                     weights, self.heads, self.kv_heads, self.head_dim, self.eps, self.scale, windows
                 )
         self.cache = SlotCache(len(self.layers), self.kv_heads, self.head_dim, self.embed.dtype, self.embed.device)
+        # verify() gives decode()'s greedy tokens in fp32 only: in bf16 its activations round to bf16 between layers,
+        # where the kernel's stay fp32, and a tiny model's greedy text then differed (2026-12-05)
+        self.verifies = dtype == torch.float32
 
     def __len__(self):
         return len(self.cache)
@@ -279,6 +282,34 @@ class LlamaStep:
         mask = torch.zeros(keep.shape, dtype=self.embed.dtype, device=pos.device).masked_fill(~keep, float("-inf"))
         return mask[:, None]
 
+    @torch.inference_mode()
+    def verify(self, tokens):
+        """tokens (rows, s): each row's next s tokens (the one it was to take next, then a draft of what follows);
+        (rows, s, vocab) logits, one per position, as s decode() calls would give them, in one pass over the weights
+        (speculative.py). The cache then holds all s tokens of every row: rewind() takes back those not accepted."""
+        lens, (rows, s), dev = self.cache.lens, tokens.shape, tokens.device
+        self.cache.reserve(rows, max(lens) + s)
+        pos = torch.tensor(lens, device=dev)[:, None] + torch.arange(s, device=dev)  # (rows, s)
+        width = max(lens) + s
+        masks = {w: self._band_mask(pos, width, w) for w in {layer.window for layer in self.layers}}  # causal per row
+        index = torch.arange(rows, device=dev)[:, None]
+
+        def attention(i, k, v):  # k, v (rows, kv_heads, s, dim) into each row's positions pos
+            keys, values = self.cache.keys[i], self.cache.values[i]
+            keys[index, :, pos], values[index, :, pos] = k.transpose(1, 2), v.transpose(1, 2)
+            keys, values = keys[:rows, :, :width], values[:rows, :, :width]
+            return lambda q: F.scaled_dot_product_attention(
+                q, keys, values, attn_mask=masks[self.layers[i].window], scale=self.scale, enable_gqa=True
+            )
+
+        logits = self._forward(tokens, pos, attention, last_only=False)
+        self.cache.lens = [n + s for n in lens]
+        return logits
+
+    def rewind(self, drop):
+        """Forget the last drop[r] tokens of each row r (a draft's rejected tail): later steps write over them."""
+        self.cache.lens = [n - d for n, d in zip(self.cache.lens, drop)]
+
     def _prefill_attn(self, i, row, k, v):
         window = self.layers[i].window
 
@@ -306,8 +337,9 @@ class LlamaStep:
 
         return attend
 
-    def _forward(self, x, positions, attention):
-        """x (batch, seq) ids -> (batch, vocab) logits of the last position; attention(i, k, v) -> attend(q)."""
+    def _forward(self, x, positions, attention, last_only=True):
+        """x (batch, seq) ids -> (batch, vocab) logits of the last position (all: (batch, seq, vocab));
+        attention(i, k, v) -> attend(q)."""
         b, s = x.shape
         h = F.embedding(x, self.embed)
         cos, sin = (t[:, None] for t in self.rotary(h, positions))  # (batch, 1, seq, dim)
@@ -328,7 +360,7 @@ class LlamaStep:
             h = h + layer.o(o.transpose(1, 2).reshape(b, s, -1))
             gate, up = layer.gate_up(self._norm(h, layer.ln2)).chunk(2, -1)
             h = h + layer.down(F.silu(gate) * up)
-        return self.lm_head(self._norm(h[:, -1], self.norm))
+        return self.lm_head(self._norm(h[:, -1] if last_only else h, self.norm))
 
     def _norm(self, h, weight):
         """transformers' LlamaRMSNorm in 2 operations instead of 7 (fp32 math, then the weight in the model's dtype);

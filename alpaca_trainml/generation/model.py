@@ -57,12 +57,14 @@ class InstructModel:
         model=None,
         tokenizer=None,
         base_model=None,
+        speculative=None,
     ):
         """Load model_name_or_path (default $TRAINML_CHECKPOINT_PATH, else the embedded model), or wrap an already
         loaded `model` and `tokenizer` (train.py's demo answers, on the model being trained). dtype: None picks
         bf16/fp16 on a GPU and fp32 on CPU; "auto" bf16 where the device computes it natively (a CPU with
         AVX512-BF16/AMX too), else fp32; or a torch dtype or its name.
-        base_model: overrides an adapter's base."""
+        base_model: overrides an adapter's base.
+        speculative: a speculative.Lookup to draft tokens from the prompt (batch.py verifies them), or None."""
         if model is not None:
             self.name, self.model, self.tokenizer = model_name_or_path or model.name_or_path, model, tokenizer
             dtype = model.dtype
@@ -77,6 +79,7 @@ class InstructModel:
         eos = list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []
         self.eos_ids = sorted({*eos, *self.prompt_style.stop_token_ids(self.tokenizer)})  # with its end of turn
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.speculative = speculative
         self.lock = threading.Lock()  # one generate() at a time
         self.tokenizer_lock = threading.RLock()  # the tokenizer is shared with request threads that encode
         logger.info(

@@ -29,6 +29,7 @@ from alpaca_trainml.generation.metrics import CountAnswers, ObservedEngine
 from alpaca_trainml.generation.model import InstructModel
 from alpaca_trainml.generation.protocol import install_error_handlers
 from alpaca_trainml.generation.routes import instruct, openai_api, status
+from alpaca_trainml.generation.speculative import lookup_for
 
 logger = logging.getLogger(__name__)
 FRONT_END = REPO_ROOT / "front-end"
@@ -122,6 +123,8 @@ def build_server(args, model=None):
         model = InstructModel(
             args.model_name_or_path, args.max_prompt_tokens, dtype=args.dtype, base_model=args.base_model
         )
+    if getattr(args, "speculative", None) is not None:  # given: it decides, also for a model loaded already
+        model.speculative = lookup_for(args.speculative)
     app = create_app(
         model,
         args.api_key,

@@ -1,0 +1,111 @@
+"""Speculative decoding by prompt lookup: more than one token per read of the weights, with no draft model.
+
+A decode step reads every weight once for one token, so it is bound by the memory bandwidth. When the answer copies
+from its prompt (a summary, an extraction, an edit of a given text), the tokens that follow are often the ones that
+followed the same few tokens earlier. draft() takes them from the prompt and the text so far; the model checks the
+whole draft in one step (LlamaStep.verify: k positions, one pass over the weights), and the row keeps the longest
+prefix the model agrees with, then one token of the model's own. So each step makes 1 to k + 1 tokens.
+
+Nothing changes what is generated:
+- greedy: a drafted token is kept only when it is the model's argmax at its position, and the first one that is not
+  is replaced by that argmax. The tokens are those of plain decoding (tests/test_speculative.py), up to the last
+  bits of the sums (the verify pass and the one-token kernel add in different orders);
+- sampling: the standard acceptance rule (Leviathan et al. 2023; Chen et al. 2023) with a draft that is one token
+  for sure (q = 1 at the drafted token t): keep t with probability p(t), else sample from p without t,
+  renormalised, and stop. Each token is then distributed exactly as p, the model's distribution after temperature
+  and top_p.
+"""
+
+from array import array
+from dataclasses import dataclass
+
+import torch
+
+from alpaca_trainml.generation.decoding import probabilities
+
+MODES = ("none", "ngram")  # --speculative on serve.py, inference.py and evaluate.py
+SPECULATIVE_HELP = (
+    "ngram: speculative decoding by prompt lookup (drafts from the prompt and the text so far, checked in one model "
+    "step: the same greedy text, faster when the answer copies from its input); none: plain decoding"
+)
+
+
+@dataclass(frozen=True)
+class Lookup:
+    """Prompt-lookup settings: at most `tokens` drafted per step, from a match of the last max_ngram down to
+    min_ngram tokens (the longest match first)."""
+
+    tokens: int = 8
+    max_ngram: int = 3
+    min_ngram: int = 1
+
+
+def lookup_for(mode):
+    """The Lookup for a --speculative value ('none': None, plain decoding)."""
+    if mode not in MODES:
+        raise ValueError(f"speculative must be one of {', '.join(MODES)}, got {mode!r}")
+    return Lookup() if mode == "ngram" else None
+
+
+def draft(context, k, max_ngram=3, min_ngram=1):
+    """Up to k token ids that followed the latest earlier occurrence of the context's last n tokens (n from max_ngram
+    down to min_ngram); [] when none occurs. context: the prompt's ids and those generated so far."""
+    if k <= 0 or len(context) < 2:
+        return []
+    data = array("i", context).tobytes()  # bytes.rfind finds a run of ids at C speed; 4 bytes per id
+    end = 4 * (len(context) - 1)  # an occurrence ends before the last id, so at least one id follows it
+    for n in range(min(max_ngram, len(context) - 1), min_ngram - 1, -1):
+        pattern, stop = data[-4 * n :], end
+        while (at := data.rfind(pattern, 0, stop)) >= 0:
+            if at % 4 == 0:  # a match on id boundaries (not across the bytes of two ids)
+                return list(context[at // 4 + n : at // 4 + n + k])
+            stop = at + len(pattern) - 1
+    return []
+
+
+def accept_greedy(logits, drafted):
+    """logits (len(drafted) + 1, vocab): the model's at the row's pending token and at each drafted one. The new
+    tokens: the drafted prefix that equals the model's argmax, then the argmax after it."""
+    best = logits.argmax(-1).tolist()
+    n = 0
+    while n < len(drafted) and drafted[n] == best[n]:
+        n += 1
+    return [*drafted[:n], best[n]]
+
+
+def accept_sampled(probs, drafted, generator=None):
+    """probs (len(drafted) + 1, vocab): the model's distribution at each position. Keep drafted token t with
+    probability p(t); at the first one rejected, sample from p with t removed (renormalised) and stop; when all are
+    kept, sample one more from the last position."""
+    u = torch.rand(len(drafted), generator=generator).tolist()
+    for j, t in enumerate(drafted):
+        p = probs[j]
+        if u[j] < float(p[t]):
+            continue
+        rest = p.clone()
+        rest[t] = 0.0
+        return [*drafted[:j], int(torch.multinomial(rest / rest.sum(), 1, generator=generator))]
+    return [*drafted, int(torch.multinomial(probs[len(drafted)], 1, generator=generator))]
+
+
+def row_draft(row, lookup):
+    """A row's draft, no longer than the tokens it may still make minus the model's own one (max_tokens and the
+    context window end the row mid-draft otherwise, and the rest would be wasted work)."""
+    made, prompt = row.made, len(row.job.ids)
+    left = min(row.job.params.max_tokens - made, row.context_window - prompt - made) - 1
+    return draft(row.job.ids + row.ids, min(lookup.tokens, left), lookup.max_ngram, lookup.min_ngram)
+
+
+def accept_rows(rows, logits, drafts):
+    """Each row's new tokens from its verify logits (rows, s, vocab), by its own temperature and top_p."""
+    out = []
+    for row, row_logits, drafted in zip(rows, logits, drafts):
+        mine = row_logits[: len(drafted) + 1].float()
+        temperature, top_p = float(row.job.params.temperature), float(row.job.params.top_p)
+        if temperature == 0:
+            out.append(accept_greedy(mine, drafted))
+        else:
+            settings = torch.tensor([[temperature, top_p]] * len(mine)).unbind(-1)
+            probs = probabilities(mine, *settings)
+            out.append(accept_sampled(probs / probs.sum(-1, keepdim=True), drafted))  # top_p left them unnormalised
+    return out
