@@ -11,7 +11,6 @@ The trainML route maps POST /instruct to instruct() here; serve.py serves the sa
 """
 
 import logging
-import sys
 import threading
 
 from alpaca_trainml import cli
@@ -97,7 +96,7 @@ def parse_args(argv=None):
     )
     p.add_argument("--truncate", action="store_true", help="cut an over-long input instead of refusing it")
     p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help=DTYPE_HELP)
-    return p.parse_args(cli.expand_config(sys.argv[1:] if argv is None else argv, p))  # a leading config file
+    return p.parse_args(argv)
 
 
 if __name__ == "__main__":

@@ -62,7 +62,8 @@ def unknown_flags_error(unknown, known):
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse for the scripts, but a misspelled --flag is named with the closest real one, and before anything
-    else: plain argparse answers `--instrucion Hi` with only "the following arguments are required: --instruction"."""
+    else: plain argparse answers `--instrucion Hi` with only "the following arguments are required: --instruction".
+    A config file may come first (expand_config): `serve.py serve.yaml --port 8001`."""
 
     def add_argument(self, *names, **kwargs):
         action = super().add_argument(*names, **kwargs)
@@ -71,7 +72,10 @@ class ArgumentParser(argparse.ArgumentParser):
         return action
 
     def parse_known_args(self, args=None, namespace=None):
-        args = list(sys.argv[1:] if args is None else args)
+        try:  # a leading YAML or JSON config file gives the flags; the flags after it override it
+            args = expand_config(list(sys.argv[1:] if args is None else args), self)
+        except UsageError as e:
+            self.error(str(e))
         known = getattr(self, "long_flags", [])
         unknown = []
         for arg in args:

@@ -34,6 +34,9 @@ TESTED_WITH_THEIR_SCRIPT = {
     "data/alpaca_labels.py": "test_dataset.py",  # the golden labels
     "data/templates.py": "test_prompts.py",
     "data/ollama_template.py": "test_chat_prompts.py",  # run by Go, as Ollama runs it
+    "evaluation/commands.py": "test_evaluate.py",  # evaluate.py's commands
+    "export/command.py": "test_export_gguf.py",  # export_gguf.py's command line
+    "generation/serve_command.py": "test_serve.py",  # serve.py's command line
 }
 
 
