@@ -98,7 +98,8 @@ def test_the_package_never_imports_a_root_script():
 
 # The package's layers, lowest first: a module imports only from its own layer's modules (its own subpackage) and
 # from lower layers. data/ knows no model code; checkpoints/ reads and writes folders; generation/ and export/ serve
-# and ship them; self_instruct/ asks a model; training/ and evaluation/ drive the rest.
+# and ship them; self_instruct/ asks a model; training/ and evaluation/ drive the rest; loop/ (the `alpaca` command)
+# runs them all.
 LAYERS = [
     {"__init__", "cli", "jsonio"},
     {"precision", "models"},
@@ -107,6 +108,7 @@ LAYERS = [
     {"generation", "export"},
     {"self_instruct"},
     {"training", "evaluation"},
+    {"loop"},
 ]
 
 
