@@ -119,7 +119,7 @@ def tiny_recipe(tmp_path, tiny_llama_dir, monkeypatch):
 
     def write(**changes):
         for section, values in changes.items():
-            plan[section] = {**plan[section], **values} if isinstance(values, dict) else values
+            plan[section] = {**plan.get(section, {}), **values} if isinstance(values, dict) else values
         path.write_text(json.dumps(plan))  # JSON is YAML
         return path
 
@@ -195,3 +195,42 @@ def test_a_failed_stage_names_itself_and_a_killed_one_loses_only_itself(tiny_rec
     expected = f"stage evaluate failed (RuntimeError: at the end); the stages before it are kept in {run_dir}"
     assert str(e.value) == expected
     assert manifest.outputs_intact(run_dir, manifest.load(run_dir)["stages"]["sft"]) and path.exists()
+
+
+# The commands docs/loop.md shows, run as printed (`alpaca` through `python -m alpaca_trainml.loop`, which is what
+# the console script calls, so the test needs no reinstall), and a recipe of every stage but generate, end to end.
+DOC_COMMANDS = ["alpaca --help", "alpaca run recipes/demo.yaml --check"]
+
+
+def run_alpaca(command, cwd=ROOT, timeout=600):
+    import subprocess
+    import sys
+
+    from helpers import subprocess_env
+
+    argv = [sys.executable, "-m", "alpaca_trainml.loop", *command.split()[1:]]
+    return subprocess.run(argv, cwd=cwd, env=subprocess_env(), capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_the_documented_commands_run():
+    help_run, check_run = (run_alpaca(c) for c in DOC_COMMANDS)
+    assert help_run.returncode == 0 and "\n  run " in help_run.stdout
+    assert check_run.returncode == 0 and check_run.stdout.strip() == "recipes/demo.yaml: ok"
+
+
+@pytest.mark.slow
+def test_alpaca_run_sft_under_a_launcher_then_dpo_evaluate_export(tiny_recipe, tmp_path):
+    path = tiny_recipe(
+        sft={"launcher": "python"},  # a process of its own: `python -m alpaca_trainml.loop train FLAGS.json`
+        dpo={"data_path": str(ROOT / "data" / "sample_dpo.json"), "max_steps": 2, "per_device_train_batch_size": 4},
+    )
+    run = run_alpaca(f"alpaca run {path} --run_dir {tmp_path / 'run'}", timeout=1200)
+    assert run.returncode == 0, run.stderr[-4000:]
+    record = manifest.load(tmp_path / "run")
+    assert list(record["stages"]) == ["sft", "dpo", "evaluate", "export"]
+    assert record["stages"]["dpo"]["config"]["model_name_or_path"] == "RUN_DIR/sft"  # the data flows down
+    assert record["stages"]["evaluate"]["config"]["model"] == "RUN_DIR/dpo"
+    assert (tmp_path / "run" / "export" / "Modelfile").is_file() and "ollama create" in run.stdout
+    again = run_alpaca(f"alpaca run {path} --run_dir {tmp_path / 'run'}")
+    assert again.stdout.count("skipped") == 4, again.stdout
