@@ -181,7 +181,7 @@ def test_a_failed_stage_names_itself_and_a_killed_one_loses_only_itself(tiny_rec
         raise KeyboardInterrupt  # Ctrl-C in the middle of the stage
 
     monkeypatch.setitem(stages.EXECUTE, "evaluate", killed)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(KeyboardInterrupt, match="interrupted during stage evaluate; the stages before it are kept"):
         runner.run(tiny_recipe(evaluate={"max_tokens": 3}), run_dir, say=lambda line: None)
     assert (run_dir / "manifest.json").read_text() == before and manifest.hash_files(run_dir / "sft") == sft_files
     assert not (run_dir / "evaluate" / "half.json").exists()  # the finished stage's folder is untouched

@@ -85,7 +85,7 @@ def diff(argv):
 
 
 def run(argv):
-    from alpaca_trainml.loop.runner import StageFailed
+    from alpaca_trainml.loop.runner import Interrupted, StageFailed
     from alpaca_trainml.loop.runner import run as run_recipe
 
     p = argparse.ArgumentParser(prog="alpaca run", description="Run a recipe's stages; unchanged ones are skipped.")
@@ -104,6 +104,9 @@ def run(argv):
     except StageFailed as e:
         print(f"alpaca run: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
+    except Interrupted as e:
+        print(f"alpaca run: {e}", file=sys.stderr)
+        raise SystemExit(130) from None  # the shell's status for Ctrl-C
 
 
 HANDLERS = {name: globals()[name] for name in COMMANDS}

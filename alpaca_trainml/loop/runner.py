@@ -27,6 +27,14 @@ class StageFailed(Exception):
         super().__init__(f"stage {stage} failed ({what}); the stages before it are kept in {run_dir}")
 
 
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C during a stage: the one line that says which stage was lost."""
+
+    def __init__(self, stage, run_dir):
+        self.stage = stage
+        super().__init__(f"interrupted during stage {stage}; the stages before it are kept in {run_dir}")
+
+
 def set_determinism(threads):
     """Fix what changes the numbers between two runs on one CPU: the thread count (sums split differently) and the
     seed of Python's hash (set order). The stages seed torch, numpy and random themselves (Trainer's set_seed)."""
@@ -99,6 +107,8 @@ def run(path, run_dir=None, say=print):
             metrics = run_stage(ctx, stage, real)
         except UsageError as e:
             raise UsageError(f"stage {stage}: {e}") from e
+        except KeyboardInterrupt:
+            raise Interrupted(stage, ctx.run_dir) from None
         except Exception as e:  # a bug or a crash: the traceback is logged, the last line names the stage
             logger.exception("stage %s failed", stage)
             raise StageFailed(stage, ctx.run_dir, e) from e
