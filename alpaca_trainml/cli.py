@@ -238,6 +238,7 @@ def expand_config(argv, parser, aliases=()):
     for action in parser._actions:  # argparse has no public list of its actions
         for option in action.option_strings or [action.dest]:
             actions.setdefault(option.lstrip("-"), action)
+            actions.setdefault(option.lstrip("-").replace("-", "_"), action)  # --dry-run: the key dry_run
     config = read_config(path)
     unknown = [k for k in config if k not in aliases and (k not in actions or actions[k].dest == "help")]
     if unknown:
