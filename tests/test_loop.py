@@ -90,13 +90,6 @@ def test_launchers_start_alpaca_under_deepspeed_and_torchrun():
     assert stages.launch_command("in-process", 1, "train", "f.json") is None
 
 
-def test_the_modelfile_carries_the_alpaca_prompt(tmp_path):
-    stages.write_modelfile(tmp_path / "Modelfile", "model-q8_0.gguf", tmp_path)
-    text = (tmp_path / "Modelfile").read_text()
-    assert text.startswith('FROM ./model-q8_0.gguf\nTEMPLATE """Below is an instruction')
-    assert "### Instruction:\n{{ .Prompt }}\n\n### Response:" in text and 'PARAMETER stop "### Instruction:"' in text
-
-
 # alpaca run on the tiny Llama: sft (2 steps) -> evaluate (2 rows) -> export (f32)
 
 
@@ -231,6 +224,7 @@ def test_alpaca_run_sft_under_a_launcher_then_dpo_evaluate_export(tiny_recipe, t
     assert list(record["stages"]) == ["sft", "dpo", "evaluate", "export"]
     assert record["stages"]["dpo"]["config"]["model_name_or_path"] == "RUN_DIR/sft"  # the data flows down
     assert record["stages"]["evaluate"]["config"]["model"] == "RUN_DIR/dpo"
-    assert (tmp_path / "run" / "export" / "Modelfile").is_file() and "ollama create" in run.stdout
+    modelfile = (tmp_path / "run" / "export" / "Modelfile").read_text()
+    assert modelfile.startswith("FROM ./model-f32.gguf\n") and "ollama create" in run.stdout
     again = run_alpaca(f"alpaca run {path} --run_dir {tmp_path / 'run'}")
     assert again.stdout.count("skipped") == 4, again.stdout

@@ -201,32 +201,18 @@ def resolve_export(ctx):
 
 
 def execute_export(ctx, config, out):
+    """A GGUF file per type; the Modelfile (export_gguf.py --modelfile: the checkpoint's prompt style as a Go template
+    and its stop strings) FROM the first one."""
     from alpaca_trainml.export.gguf import export
     from alpaca_trainml.models import resolve_model_path
 
     files = []
     for outtype in config["outtypes"]:
         path = out / f"model-{outtype}.gguf"
-        export(resolve_model_path(config["model"]), path, outtype)
+        modelfile = out / "Modelfile" if config["modelfile"] and not files else None
+        export(resolve_model_path(config["model"]), path, outtype, modelfile_path=modelfile)
         files.append(path.name)
-    if config["modelfile"]:
-        write_modelfile(out / "Modelfile", files[0], config["model"])
     return {"files": files}
-
-
-def write_modelfile(path, gguf_name, checkpoint):
-    """An Ollama Modelfile beside the GGUF file: FROM it, the Alpaca prompt for a model trained in the Alpaca style
-    (else the chat template inside the GGUF file), greedy decoding, and the stop at the next instruction."""
-    from alpaca_trainml.data import prompts
-
-    lines = [f"FROM ./{gguf_name}"]
-    config = Path(checkpoint) / "tokenizer_config.json"
-    style = jsonio.jload(config).get(prompts.STYLE_KEY) if config.is_file() else prompts.ALPACA.name
-    if style in (None, prompts.ALPACA.name):
-        template = prompts.PROMPT_DICT["prompt_no_input"].replace("{instruction}", "{{ .Prompt }}")
-        lines += [f'TEMPLATE """{template}"""', 'PARAMETER stop "### Instruction:"']
-    lines.append("PARAMETER temperature 0")
-    jsonio.atomic_write(path, lambda fh: fh.write("\n".join(lines) + "\n"))
 
 
 RESOLVE = {
