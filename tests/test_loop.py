@@ -160,6 +160,10 @@ def test_two_fresh_runs_agree_a_third_skips_and_a_changed_flag_reruns_from_its_s
     runner.run(tiny_recipe(evaluate={"max_tokens": 4}), tmp_path / "run1", say=said.append)
     assert said[0].startswith("sft: unchanged") and said[1] == "evaluate: running (changed: max_tokens)"
     assert said[3] == "export: running (an earlier stage changed)"
+    said.clear()
+    runner.run(tiny_recipe(evaluate={"max_tokens": 4}), tmp_path / "run1", say=said.append, rerun="evaluate")
+    assert said[0].startswith("sft: unchanged") and said[1] == "evaluate: running (--rerun)"
+    assert said[3] == "export: running (an earlier stage reran)"
 
 
 def test_a_failed_stage_names_itself_and_a_killed_one_loses_only_itself(tiny_recipe, tmp_path, monkeypatch):

@@ -92,6 +92,7 @@ def run(argv):
     p.add_argument("recipe", help="a YAML or JSON recipe (recipes/demo.yaml)")
     p.add_argument("--run_dir", default=None, help="the run folder (default: the recipe's run_dir)")
     p.add_argument("--check", action="store_true", help="check the recipe and exit without running anything")
+    p.add_argument("--rerun", default=None, help="run this stage and the later ones again, even if unchanged")
     args = p.parse_args(argv)
     if args.check:
         from alpaca_trainml.loop.recipe import load
@@ -100,7 +101,7 @@ def run(argv):
         print(f"{args.recipe}: ok")
         return
     try:
-        cli.run("alpaca run", run_recipe, args.recipe, args.run_dir)
+        cli.run("alpaca run", run_recipe, args.recipe, args.run_dir, print, args.rerun)
     except StageFailed as e:
         print(f"alpaca run: error: {e}", file=sys.stderr)
         raise SystemExit(1) from None

@@ -81,15 +81,19 @@ def now():
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def run(path, run_dir=None, say=print):
-    """Run the recipe at path; returns the manifest. A failing stage raises StageFailed (UsageError: the user's)."""
+def run(path, run_dir=None, say=print, rerun=None):
+    """Run the recipe at path; returns the manifest. A failing stage raises StageFailed (UsageError: the user's).
+    rerun: a stage to run again even if unchanged (and so every stage after it)."""
     plan = recipe.load(path)
+    if rerun is not None and rerun not in plan:
+        present = ", ".join(s for s in recipe.STAGES if s in plan)
+        raise UsageError(f"--rerun {rerun}: the recipe has no such stage; it has {present}")
     ctx = stages.Context(plan, recipe.run_dir(plan, path, run_dir), plan.get("seed", 42))
     ctx.run_dir.mkdir(parents=True, exist_ok=True)
     set_determinism(plan.get("threads"))
     record = manifest.load(ctx.run_dir)
     record.update(recipe=str(path), recipe_sha256=manifest.sha256_file(path), versions=manifest.versions())
-    previous = None
+    previous, forced = None, False
     for stage in (s for s in recipe.STAGES if s in plan):
         real, inputs = stages.RESOLVE[stage](ctx)
         config = stages.shown(real, ctx)  # paths in the run folder as RUN_DIR/...: a moved folder still matches
@@ -97,6 +101,9 @@ def run(path, run_dir=None, say=print):
         fingerprint = manifest.fingerprint(stage, config, input_hashes, previous, plan.get("threads"))
         entry = record["stages"].get(stage)
         reason = why_rerun(entry, fingerprint, config, previous, ctx.run_dir)
+        forced = forced or stage == rerun
+        if forced and not reason:
+            reason = "--rerun" if stage == rerun else "an earlier stage reran"
         if not reason:
             say(f"{stage}: unchanged since {entry['finished']}, skipped ({ctx.run_dir / stage})")
             previous = fingerprint
