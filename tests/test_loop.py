@@ -232,3 +232,31 @@ def test_alpaca_run_sft_under_a_launcher_then_dpo_evaluate_export(tiny_recipe, t
     assert modelfile.startswith("FROM ./model-f32.gguf\n") and "ollama create" in run.stdout
     again = run_alpaca(f"alpaca run {path} --run_dir {tmp_path / 'run'}")
     assert again.stdout.count("skipped") == 4, again.stdout
+
+
+@pytest.mark.slow
+def test_train_py_trains_from_a_yaml_config_file(tmp_path, tiny_llama_dir):
+    import subprocess
+    import sys
+
+    from helpers import subprocess_env
+
+    data = tmp_path / "train.json"
+    data.write_text(json.dumps(make_rows(8, seed=2)))
+    config = tmp_path / "config.yaml"
+    config.write_text(
+        f"model_name_or_path: {tiny_llama_dir}\ndata_path: {data}\noutput_dir: {tmp_path / 'out'}\n"
+        "max_steps: 1\nper_device_train_batch_size: 4\nreport_to: none\nsave_strategy: 'no'\n"
+    )
+    run = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), str(config), "--learning_rate", "1e-3"],
+        cwd=tmp_path,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    state = json.loads((tmp_path / "out" / "trainer_state.json").read_text())
+    assert state["max_steps"] == 1 and (tmp_path / "out" / "model.safetensors").is_file()
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] > 0
