@@ -14,7 +14,6 @@ import asyncio
 import json
 import logging
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -138,7 +137,7 @@ def parse_args(argv=None):
     p.add_argument("--base_model", default=None, help="base of a LoRA adapter checkpoint (default: its own record)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds to wait for the endpoint to run")
     p.add_argument("--dry-run", dest="dry_run", action="store_true", help="print the job spec and stop")
-    return p.parse_args(cli.expand_config(sys.argv[1:] if argv is None else argv, p))  # a leading config file
+    return p.parse_args(argv)
 
 
 if __name__ == "__main__":
