@@ -29,10 +29,10 @@ DIR/leaderboard.md and DIR/winrate.png and end with the line
 
 import logging
 
-from alpaca_trainml.cli import run_fire
+from alpaca_trainml.cli import UsageError, run_fire
 from alpaca_trainml.evaluation.commands import COMMANDS, generate, judge, winrate, write_reports
 
-__all__ = ["generate", "judge", "winrate", "write_reports", "COMMANDS"]
+__all__ = ["generate", "judge", "winrate", "write_reports", "COMMANDS", "UsageError"]
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

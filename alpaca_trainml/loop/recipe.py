@@ -109,7 +109,7 @@ def check_values(stage, section):
         if section.get("judge_url") and not section.get("judge_model"):
             problems.append("evaluate.judge_url needs evaluate.judge_model (the judge's model name)")
     if stage == "export":
-        from alpaca_trainml.export.gguf import OUTTYPES
+        from alpaca_trainml.export.quantize import OUTTYPES
 
         types = section.get("outtypes", ["q8_0"])
         bad = [t for t in (types if isinstance(types, list) else [types]) if t not in OUTTYPES]
