@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # so a CPU-only machine keeps its CPU build. Override for another build, e.g. TORCH_SPEC="torch==2.14.1".
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: setup peers demo demo-lora demo-dpo test test-all lint bench clean
+.PHONY: setup peers demo demo-lora demo-dpo loop test test-all lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -68,6 +68,11 @@ DPO_FLAGS := --max_steps 4 --per_device_train_batch_size 4 --per_device_eval_bat
 demo-dpo: setup
 	$(PY) train_dpo.py --output_dir out/demo-dpo --learning_rate 1e-5 --beta 0.1 $(DPO_FLAGS)
 	@echo "wrote out/demo-dpo: model, chat template, trainer_state.json, loss.png (loss, reward margin and accuracy)"
+
+# The whole loop in one command (recipes/demo.yaml, docs/loop.md): fine-tune the embedded model, evaluate it, export a
+# q8_0 GGUF and a Modelfile, into out/loop with manifest.json. A second run skips every unchanged stage.
+loop: setup
+	$(VENV)/bin/alpaca run recipes/demo.yaml
 
 test: setup
 	$(PY) -m pytest -q tests -m "not slow"

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import difflib
 import inspect
+import json
 import sys
 
 FIRE_HELP = {"help", "h"}  # fire's own --help, which prints the usage
@@ -61,7 +62,8 @@ def unknown_flags_error(unknown, known):
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse for the scripts, but a misspelled --flag is named with the closest real one, and before anything
-    else: plain argparse answers `--instrucion Hi` with only "the following arguments are required: --instruction"."""
+    else: plain argparse answers `--instrucion Hi` with only "the following arguments are required: --instruction".
+    A config file may come first (expand_config): `serve.py serve.yaml --port 8001`."""
 
     def add_argument(self, *names, **kwargs):
         action = super().add_argument(*names, **kwargs)
@@ -70,7 +72,10 @@ class ArgumentParser(argparse.ArgumentParser):
         return action
 
     def parse_known_args(self, args=None, namespace=None):
-        args = list(sys.argv[1:] if args is None else args)
+        try:  # a leading YAML or JSON config file gives the flags; the flags after it override it
+            args = expand_config(list(sys.argv[1:] if args is None else args), self)
+        except UsageError as e:
+            self.error(str(e))
         known = getattr(self, "long_flags", [])
         unknown = []
         for arg in args:
@@ -145,6 +150,10 @@ def run_fire(commands, prog, argv=None):
         return None
     if args[0] not in commands:
         exit_usage(prog, f"unknown command {args[0]!r}; expected one of: {', '.join(commands)}")
+    try:
+        args = expand_fire_config(args, commands[args[0]])
+    except UsageError as e:
+        exit_usage(prog, e)
     message = unknown_flags_message(args[0], commands[args[0]], args[1:])
     if message:
         exit_usage(prog, message)
@@ -170,3 +179,88 @@ def check_flags(checks, problems=()):
     found = [*problems, *(f"--{flag} {value!r}: expected {expected}" for flag, value, ok, expected in checks if not ok)]
     if found:
         raise UsageError("invalid options:\n  " + "\n  ".join(found))
+
+
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def is_config_file(arg):
+    """Whether a command-line argument names a config file (YAML or JSON) rather than a flag or a value."""
+    return isinstance(arg, str) and not arg.startswith("-") and arg.lower().endswith(CONFIG_SUFFIXES)
+
+
+def read_config(path):
+    """{flag name: value} from a YAML or JSON file; a missing file, a parse error or a non-mapping is a UsageError."""
+    import yaml  # YAML is a superset of JSON: one reader for both
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except OSError as e:
+        raise UsageError(f"config file {path}: {e.strerror or e}") from e
+    except yaml.YAMLError as e:
+        raise UsageError(f"config file {path}: not valid YAML/JSON: {str(e).splitlines()[0]}") from e
+    if data is None:
+        return {}
+    if not isinstance(data, dict) or not all(isinstance(k, str) for k in data):
+        raise UsageError(f"config file {path}: expected a mapping of flag names to values, got {type(data).__name__}")
+    return data
+
+
+def unknown_keys_error(path, unknown, known):
+    """The one-line error for keys of a config file that are no flag, with the closest flag where there is one."""
+    parts = [key + closest(key, known) for key in unknown]
+    return UsageError(f"config file {path}: unknown key(s): {', '.join(parts)}; see --help")
+
+
+def _action_argv(action, value):
+    """The argv that gives an argparse action this value (a list gives one value per item; true/false for a switch)."""
+    if action.nargs == 0:  # store_true / store_false / store_const
+        wanted = action.const if action.const is not None else True
+        return [action.option_strings[0]] if value == wanted else []
+    values = value if isinstance(value, (list, tuple)) else [value]
+    texts = [v if isinstance(v, str) else json.dumps(v) if isinstance(v, dict) else str(v) for v in values]
+    return texts if not action.option_strings else [action.option_strings[0], *texts]
+
+
+def expand_config(argv, parser, aliases=()):
+    """argv with a leading config file (YAML or JSON, keys = the parser's flag names) replaced by its flags, so that
+    the flags written after it on the command line override it (argparse keeps the last value given).
+
+    `train.py cfg.yaml --learning_rate 1e-4` reads as `train.py --<every key of cfg.yaml> ... --learning_rate 1e-4`.
+    A key that is no flag is a UsageError naming it, with the closest flag. Keys whose value is null are left out.
+    aliases: other flag names the caller translates itself (the seed's removed flags), passed on as `--name value`."""
+    argv = list(argv)
+    if not argv or not is_config_file(argv[0]):
+        return argv
+    path, rest = argv[0], argv[1:]
+    actions = {}
+    for action in parser._actions:  # argparse has no public list of its actions
+        for option in action.option_strings or [action.dest]:
+            actions.setdefault(option.lstrip("-"), action)
+            actions.setdefault(option.lstrip("-").replace("-", "_"), action)  # --dry-run: the key dry_run
+    config = read_config(path)
+    unknown = [k for k in config if k not in aliases and (k not in actions or actions[k].dest == "help")]
+    if unknown:
+        raise unknown_keys_error(path, unknown, sorted(k for k in actions if k != "help"))
+    positional, flags = [], []
+    for key, value in config.items():
+        if key in aliases and value is not None:
+            flags += [f"--{key}", str(value)]
+        elif value is not None:
+            (flags if actions[key].option_strings else positional).extend(_action_argv(actions[key], value))
+    return positional + flags + rest
+
+
+def expand_fire_config(args, fn):
+    """run_fire's argv (command first) with a config file after the command replaced by --key=value flags (Python
+    literals, which fire reads back as the same values), before the flags that follow it on the command line."""
+    if len(args) < 2 or not is_config_file(args[1]):
+        return args
+    path = args[1]
+    config = read_config(path)
+    valid = command_flags(fn)
+    unknown = [k for k in config if k not in valid]
+    if unknown:
+        raise unknown_keys_error(path, unknown, valid)
+    return [args[0], *(f"--{k}={v!r}" for k, v in config.items()), *args[2:]]

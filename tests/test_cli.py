@@ -205,3 +205,64 @@ def test_argument_parser_names_a_misspelled_flag_before_a_missing_required_one(c
         "x.py: error: unknown flag(s): --instrucion (did you mean --instruction?), "
         "--max_tokns=3 (did you mean --max_tokens?); see --help"
     )
+
+
+# Config files: `script.py cfg.yaml --flag v` reads cfg.yaml's keys as the flags, and the flags after it win.
+
+
+def test_a_fire_config_file_gives_the_flags_and_a_flag_overrides_it(tmp_path):
+    config = tmp_path / "greet.yaml"
+    config.write_text("name: 'file: yes'\ntimes: 2\nloud: true\n")
+    run_fire(COMMANDS, "prog", ["greet", str(config), "--times", "3"])
+    assert CALLS == [("file: yes", 3, True)]  # the string survives as written; --times 3 beats the file's 2
+
+
+def test_an_unknown_config_key_is_one_line_naming_the_closest_flag(tmp_path, capsys):
+    config = tmp_path / "greet.json"
+    config.write_text('{"nmae": "x"}')
+    with pytest.raises(SystemExit) as e:
+        run_fire(COMMANDS, "prog", ["greet", str(config)])
+    assert e.value.code == 2 and CALLS == []
+    err = capsys.readouterr().err.strip()
+    assert err == f"prog: error: config file {config}: unknown key(s): nmae (did you mean name?); see --help"
+
+
+def test_expand_config_for_argparse_switches_lists_positionals_and_overrides(tmp_path):
+    import argparse
+
+    p = argparse.ArgumentParser()
+    p.add_argument("src")
+    p.add_argument("--rate", type=float, default=1.0)
+    p.add_argument("--tags", nargs="*", default=[])
+    p.add_argument("--fast", action="store_true")
+    config = tmp_path / "c.yaml"
+    config.write_text("src: in.json\nrate: 0.5\ntags: [a, b]\nfast: true\n")
+    args = p.parse_args(cli.expand_config([str(config), "--rate", "2"], p))
+    assert (args.src, args.rate, args.tags, args.fast) == ("in.json", 2.0, ["a", "b"], True)
+    config.write_text("src: in.json\nrat: 0.5\n")
+    with pytest.raises(cli.UsageError, match=r"unknown key\(s\): rat \(did you mean rate\?\)"):
+        cli.expand_config([str(config)], p)
+    assert cli.expand_config(["--rate", "2"], p) == ["--rate", "2"]  # no config file: argv as given
+
+
+@pytest.mark.parametrize("text, expected", [("[1, 2]", "expected a mapping"), ("a: [", "not valid YAML")])
+def test_a_config_file_that_is_no_mapping_is_a_usage_error(tmp_path, text, expected):
+    config = tmp_path / "c.yaml"
+    config.write_text(text)
+    with pytest.raises(cli.UsageError, match=expected):
+        cli.read_config(config)
+    with pytest.raises(cli.UsageError, match="No such file"):
+        cli.read_config(tmp_path / "missing.yaml")
+
+
+def test_train_py_reads_a_config_file_with_the_seeds_flag_names_and_a_flag_overrides_it(tmp_path):
+    from alpaca_trainml.training.arguments import parse_args
+
+    config = tmp_path / "train.yaml"
+    config.write_text("output_dir: out/x\nlearning_rate: 1.0e-4\nnum_train_epochs: 2\nevaluation_strategy: 'no'\n")
+    _, data_args, training_args, notes = parse_args([str(config), "--num_train_epochs", "3"])
+    assert (training_args.learning_rate, training_args.num_train_epochs) == (1e-4, 3.0)
+    assert "--evaluation_strategy no is now --eval_strategy no" in notes  # the seed's name, translated as a flag is
+    config.write_text("lerning_rate: 1\n")
+    with pytest.raises(cli.UsageError, match=r"lerning_rate \(did you mean learning_rate\?\)"):
+        parse_args([str(config)])

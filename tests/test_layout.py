@@ -34,6 +34,9 @@ TESTED_WITH_THEIR_SCRIPT = {
     "data/alpaca_labels.py": "test_dataset.py",  # the golden labels
     "data/templates.py": "test_prompts.py",
     "data/ollama_template.py": "test_chat_prompts.py",  # run by Go, as Ollama runs it
+    "evaluation/commands.py": "test_evaluate.py",  # evaluate.py's commands
+    "export/command.py": "test_export_gguf.py",  # export_gguf.py's command line
+    "generation/serve_command.py": "test_serve.py",  # serve.py's command line
 }
 
 
@@ -95,7 +98,8 @@ def test_the_package_never_imports_a_root_script():
 
 # The package's layers, lowest first: a module imports only from its own layer's modules (its own subpackage) and
 # from lower layers. data/ knows no model code; checkpoints/ reads and writes folders; generation/ and export/ serve
-# and ship them; self_instruct/ asks a model; training/ and evaluation/ drive the rest.
+# and ship them; self_instruct/ asks a model; training/ and evaluation/ drive the rest; loop/ (the `alpaca` command)
+# runs them all.
 LAYERS = [
     {"__init__", "cli", "jsonio"},
     {"precision", "models"},
@@ -104,6 +108,7 @@ LAYERS = [
     {"generation", "export"},
     {"self_instruct"},
     {"training", "evaluation"},
+    {"loop"},
 ]
 
 

@@ -12,10 +12,14 @@ from alpaca_trainml.data.prompts import AUTO, PROMPT_STYLES
 from alpaca_trainml.models import DEFAULT_MODEL_MAX_LENGTH, EMBEDDED_MODEL
 from alpaca_trainml.training import lora
 from alpaca_trainml.training.launch import (
+    LEGACY_FLAGS,
     cpu_world_size,
     setup_cpu_ranks,
     translate_legacy_args,
 )
+
+# The seed's flags that translate_legacy_args rewrites, accepted as config keys too.
+LEGACY_CONFIG_KEYS = (*(f.lstrip("-") for f in LEGACY_FLAGS), "fsdp_transformer_layer_cls_to_wrap", "group_by_length")
 
 SAMPLE_TRAIN = REPO_ROOT / "data" / "sample_train.json"
 SAMPLE_EVAL = REPO_ROOT / "data" / "sample_eval.json"
@@ -121,9 +125,11 @@ class ArgumentParser(transformers.HfArgumentParser):
 
 
 def parse_args(argv=None):
-    """(model_args, data_args, training_args, notes). Unknown flags and values out of range are a UserError."""
-    argv, notes = translate_legacy_args(list(sys.argv[1:] if argv is None else argv))
+    """(model_args, data_args, training_args, notes). argv may start with a YAML or JSON config file whose keys are
+    the flag names (flags after it override it). Unknown flags or keys and values out of range are a UserError."""
     parser = ArgumentParser(ARGUMENT_CLASSES)
+    argv = cli.expand_config(list(sys.argv[1:] if argv is None else argv), parser, LEGACY_CONFIG_KEYS)
+    argv, notes = translate_legacy_args(argv)
     model_args, data_args, training_args, unknown = parser.parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True
     )

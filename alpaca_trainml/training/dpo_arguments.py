@@ -12,7 +12,7 @@ from trl import DPOConfig
 from alpaca_trainml import REPO_ROOT, cli
 from alpaca_trainml.models import DEFAULT_MODEL_MAX_LENGTH
 from alpaca_trainml.training import lora
-from alpaca_trainml.training.arguments import ArgumentParser, ModelArguments
+from alpaca_trainml.training.arguments import LEGACY_CONFIG_KEYS, ArgumentParser, ModelArguments
 from alpaca_trainml.training.launch import cpu_world_size, setup_cpu_ranks, translate_legacy_args
 
 SAMPLE_DPO = REPO_ROOT / "data" / "sample_dpo.json"
@@ -107,10 +107,13 @@ def alias_max_length(argv):
 
 
 def parse_args(argv=None):
-    """(model_args, data_args, training_args, notes). Unknown flags and values out of range are a UserError."""
-    argv, notes = translate_legacy_args(list(sys.argv[1:] if argv is None else argv))
-    argv, more = alias_max_length(argv)
+    """(model_args, data_args, training_args, notes); argv may start with a config file, as train.py's."""
     parser = ArgumentParser(ARGUMENT_CLASSES)
+    argv = cli.expand_config(
+        list(sys.argv[1:] if argv is None else argv), parser, (*LEGACY_CONFIG_KEYS, "model_max_length")
+    )
+    argv, notes = translate_legacy_args(argv)
+    argv, more = alias_max_length(argv)
     model_args, data_args, training_args, unknown = parser.parse_args_into_dataclasses(
         args=argv, return_remaining_strings=True
     )
