@@ -17,6 +17,7 @@ import torch
 from helpers import ROOT, subprocess_env
 from scripted_llama import SCRIPT, build_scripted_llama
 
+from alpaca_trainml.generation import serve_command
 from inference import InstructModel
 from serve import ServerThread
 
@@ -188,7 +189,7 @@ def test_a_port_in_use_is_refused_before_the_model_loads(scripted_dir, monkeypat
     import serve
     from alpaca_trainml import cli
 
-    monkeypatch.setattr(serve, "build_server", lambda *a, **k: pytest.fail("the model loaded"))
+    monkeypatch.setattr(serve_command, "build_server", lambda *a, **k: pytest.fail("the model loaded"))
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -214,7 +215,7 @@ def test_the_port_is_taken_before_the_model_loads_and_handed_to_uvicorn(scripted
             other.bind(("127.0.0.1", free_port))
         return FakeServer()
 
-    monkeypatch.setattr(serve, "build_server", build_server)
+    monkeypatch.setattr(serve_command, "build_server", build_server)
     serve.main(serve.parse_args(["--model_name_or_path", str(scripted_dir), "--port", str(free_port)]))
     (sock,) = seen["sockets"]
     assert sock.getsockname() == ("127.0.0.1", free_port)

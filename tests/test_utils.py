@@ -64,7 +64,7 @@ def test_model_paths_that_name_no_folder_are_refused_with_the_path(tmp_path):
     assert utils.resolve_model_path(str(tmp_path)) == str(tmp_path)
     assert utils.resolve_model_path("gpt2") == "gpt2"  # hub ids pass through: "name" or "owner/name"
     assert utils.resolve_model_path("owner/name") == "owner/name"
-    for missing in ("./out/demo", str(tmp_path / "gone"), "a/b/c", "~/nothing-here-at-all"):
+    for missing in ("./out/no-such-run", str(tmp_path / "gone"), "a/b/c", "~/nothing-here-at-all"):
         # then, where it helps: the closest folder beside it, or that its parent is missing too
         with pytest.raises(ValueError, match=f"^{missing}: no such folder"):
             utils.resolve_model_path(missing)
