@@ -197,6 +197,26 @@ def subprocess_env(**extra):
     return env
 
 
+def call_app(app, *requests, generate=True):
+    """Send (method, path, kwargs) requests concurrently to the app in process; the model thread runs meanwhile
+    (generate=False: no model thread, for routes that need none)."""
+    import asyncio
+
+    import httpx
+
+    async def go():
+        if generate:
+            app.state.engine.start()
+        try:
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://localhost", timeout=60) as client:
+                return await asyncio.gather(*(client.request(m, p, **kw) for m, p, kw in requests))
+        finally:
+            app.state.engine.stop()
+
+    return asyncio.run(go())
+
+
 def serve_in_thread(argv):
     """serve.py's own server (parse_args, build_server) on a thread of this process: a context manager with .url and
     .stop(). A separate process would import torch again, which costs minutes on a busy 2-core machine; the HTTP path

@@ -2,7 +2,6 @@
 the server keeps what it tells: schemathesis (the OpenAPI fuzzer) runs every check over serve.py on the scripted
 model and finds nothing. The same run by hand over the embedded model is in docs/operators.md."""
 
-import asyncio
 import re
 import shlex
 import subprocess
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from helpers import ROOT, serve_in_thread, subprocess_env
+from helpers import ROOT, call_app, serve_in_thread, subprocess_env
 from scripted_llama import build_scripted_llama
 
 from alpaca_trainml.generation.batch import sample
@@ -34,20 +33,7 @@ def model(scripted_dir):
     return InstructModel(str(scripted_dir))
 
 
-def call(app, *requests, generate=True):
-    """Send (method, path, kwargs) requests to the app in process; generate=False: no model thread (none needed)."""
-
-    async def go():
-        if generate:
-            app.state.engine.start()
-        try:
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://localhost", timeout=60) as client:
-                return await asyncio.gather(*(client.request(m, p, **kw) for m, p, kw in requests))
-        finally:
-            app.state.engine.stop()
-
-    return asyncio.run(go())
+call = call_app
 
 
 def test_the_schema_declares_every_error_and_the_models_limits(model):

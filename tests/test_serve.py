@@ -11,7 +11,7 @@ import time
 
 import httpx
 import pytest
-from helpers import ROOT, serve_in_thread, subprocess_env
+from helpers import ROOT, call_app, serve_in_thread, subprocess_env
 from scripted_llama import SCRIPT, build_scripted_llama
 
 from alpaca_trainml.generation.decoding import generation_limits
@@ -33,19 +33,7 @@ def model(scripted_dir):
     return InstructModel(str(scripted_dir))
 
 
-def call(app, *requests):
-    """Send (method, path, kwargs) requests concurrently to the app in process; the model thread runs meanwhile."""
-
-    async def go():
-        app.state.engine.start()
-        try:
-            transport = httpx.ASGITransport(app=app)
-            async with httpx.AsyncClient(transport=transport, base_url="http://localhost", timeout=60) as client:
-                return await asyncio.gather(*(client.request(m, p, **kw) for m, p, kw in requests))
-        finally:
-            app.state.engine.stop()
-
-    return asyncio.run(go())
+call = call_app
 
 
 def post(app, path, body, **kw):
