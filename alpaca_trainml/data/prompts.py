@@ -173,6 +173,9 @@ def is_instruction_row(messages):
     return len(messages) == 2 and "input" in messages[0] and messages[1]["role"] == "assistant"
 
 
+_END_OF_TURN = {}  # (template, special tokens, EOS, BOS) -> the end-of-turn token the template writes
+
+
 class ModelChatTemplate(PromptStyle):
     """The tokenizer's own chat template, which writes any BOS itself."""
 
@@ -194,7 +197,13 @@ class ModelChatTemplate(PromptStyle):
 
     def end_of_turn(self, tokenizer):
         """The first special token the template writes after an assistant's text (ChatML's <|im_end|>, Llama 3's
-        <|eot_id|>, Gemma's <end_of_turn>), else EOS."""
+        <|eot_id|>, Gemma's <end_of_turn>), else EOS. Found once per template: answer() asks for every trained turn."""
+        key = (tokenizer.chat_template, tuple(tokenizer.all_special_tokens), tokenizer.eos_token, tokenizer.bos_token)
+        if key not in _END_OF_TURN:
+            _END_OF_TURN[key] = self._find_end_of_turn(tokenizer)
+        return _END_OF_TURN[key]
+
+    def _find_end_of_turn(self, tokenizer):
         marker = "\u2063answer\u2063"
         chat = [{"role": "user", "content": "q"}, {"role": "assistant", "content": marker}]
         text = tokenizer.apply_chat_template(chat, tokenize=False)
