@@ -12,6 +12,7 @@ from alpaca_trainml.generation.protocol import (
     make_params,
     message_text,
     openai_events,
+    sse_response,
     validation_message,
 )
 
@@ -60,3 +61,24 @@ def test_openai_stream_events_with_usage():
         "choices": [],
         "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
     }
+
+
+def test_a_stream_gives_the_event_loop_a_turn_between_events():
+    """A callback the loop schedules (the server noticing that its client left) runs before the next event is
+    written, even when every event is already waiting: otherwise queued tokens pile into a closed socket."""
+
+    async def run():
+        async def events():
+            for i in range(3):
+                yield {"i": i}
+
+        seen, chunks = [], []
+        body = sse_response(events(), [], to_error=None).body_iterator
+        async for chunk in body:
+            chunks.append(chunk)
+            asyncio.get_running_loop().call_soon(lambda: seen.append(len(chunks)))  # chunks made when it ran
+        return seen, chunks
+
+    seen, chunks = asyncio.run(run())
+    assert chunks[-1] == "data: [DONE]\n\n" and len(chunks) == 4
+    assert seen[:3] == [1, 2, 3]  # each callback ran before the following chunk was made (not [4, 4, 4])

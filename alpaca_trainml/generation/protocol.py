@@ -1,6 +1,7 @@
 """What serve.py speaks: the request bodies of the fork's trainML route (/instruct) and of the OpenAI API, and the
 shapes of answers, errors and stream events. No model here (a chat's prompt is its prompt style's: data/prompts.py)."""
 
+import asyncio
 import json
 import logging
 from typing import Annotated, List, Literal
@@ -190,13 +191,17 @@ def install_error_handlers(app):
 def sse_response(events, jobs, to_error):
     """A server-sent events answer. An error after the status line is sent becomes an error event, as OpenAI sends
     (to_error(exception) gives its ApiError). When it ends, or its client leaves, the request's jobs are cancelled
-    (the engine drops them at its next step)."""
+    (the engine drops them at its next step).
+    Each event gives the event loop a turn: when a write fails because the client has gone, the server learns it in
+    a callback on the loop. Without that turn, tokens already queued went one after another into the closed socket,
+    and past five of them asyncio logged "socket.send() raised exception." at WARNING."""
 
     async def body():
         ended = False
         try:
             async for event in events:
                 yield sse(event)
+                await asyncio.sleep(0)
             ended = True
         except Exception as e:
             ended = True
