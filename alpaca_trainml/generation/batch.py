@@ -15,6 +15,7 @@ from alpaca_trainml.generation.decoding import Completion, GenParams, cut_at_sto
 from alpaca_trainml.generation.hf_step import HFStep
 from alpaca_trainml.generation.llama_step import LlamaStep, supports
 from alpaca_trainml.generation.speculative import accept_rows, row_draft
+from alpaca_trainml.generation.structured import constrain
 
 logger = logging.getLogger(__name__)
 
@@ -28,6 +29,7 @@ class Job:
     future: Future = field(default_factory=Future)  # the Completion
     submitted: float = field(default_factory=time.perf_counter)  # for serve.py's /metrics (generation/metrics.py)
     token_times: list = field(default_factory=list)  # perf_counter() as each token was sampled
+    grammar: object = None  # a structured.Matcher: the row samples only tokens its grammar takes (response_format)
 
 
 def sample(logits, temperature, top_p):
@@ -69,6 +71,9 @@ class Row:
         if token in self.eos:
             return self.finish("stop")
         self.ids.append(token)
+        grammar = self.job.grammar
+        if grammar is not None and not grammar.consume(token):
+            return self.finish("stop")  # cannot happen under the mask; ends the row rather than the batch
         if params.stop or self.job.on_text:
             text, stopped = cut_at_stop(self.decode(self.ids), params.stop)
             if stopped:
@@ -77,6 +82,8 @@ class Row:
             if text.endswith("\ufffd"):  # half a UTF-8 character waits for its other half
                 end = min(end, len(text) - 1)
             self._send(text[:end])
+        if grammar is not None and grammar.complete():  # the JSON has ended: no end-of-text step needed
+            return self.finish("stop")
         if self.made >= params.max_tokens or len(self.job.ids) + self.made >= self.context_window:
             return self.finish("length")
         return False
@@ -110,7 +117,7 @@ class DecodeBatch:
         # prompt-lookup speculation (speculative.py) where the step verifies a draft exactly: fp32 on our Llama step
         self.lookup = getattr(model, "speculative", None) if getattr(self.stepper, "verifies", False) else None
         self.drafted = self.accepted = 0  # draft tokens checked and kept, for the acceptance rate
-        self.eos = frozenset(model.eos_ids)
+        self.eos, self.eos_ids = frozenset(model.eos_ids), list(model.eos_ids)
         self.rows, self.next_ids = [], None  # next_ids (rows,): each row's sampled, not yet fed token
 
     def admit(self, jobs):
@@ -120,7 +127,7 @@ class DecodeBatch:
                 logits = self.stepper.prefill([j.ids for j in jobs])
         finally:
             self.rows += new  # on an error the new callers get it too (end())
-        ids = sample_rows(new, logits)
+        ids = sample_rows(new, constrain(new, logits, self.eos_ids))
         self.next_ids = ids if self.next_ids is None else torch.cat([self.next_ids, ids])
         self._emit(new, len(self.rows) - len(new))
 
@@ -130,7 +137,7 @@ class DecodeBatch:
             return self._verify(drafts)
         with self.model.lock:
             logits = self.stepper.decode(self.next_ids)
-        self.next_ids = sample_rows(self.rows, logits)
+        self.next_ids = sample_rows(self.rows, constrain(self.rows, logits, self.eos_ids))
         self._emit(self.rows, 0)
 
     def _verify(self, drafts):
@@ -141,6 +148,8 @@ class DecodeBatch:
         tokens = [[p, *d] + [p] * (s - 1 - len(d)) for p, d in zip(pending, drafts)]  # short drafts padded, unread
         with self.model.lock:
             logits = self.stepper.verify(torch.tensor(tokens, device=self.next_ids.device))
+        if any(r.job.grammar is not None for r in self.rows):  # constrained rows drafted nothing: mask position 0
+            logits = torch.cat([constrain(self.rows, logits[:, 0], self.eos_ids)[:, None], logits[:, 1:]], dim=1)
         made = accept_rows(self.rows, logits, drafts)
         self.stepper.rewind([s - len(m) for m in made])  # each row fed its pending token and len(m) - 1 of its draft
         self.drafted += sum(map(len, drafts))

@@ -4,7 +4,7 @@ shapes of answers, errors and stream events. No model here (a chat's prompt is i
 import asyncio
 import json
 import logging
-from typing import Annotated, List, Literal
+from typing import Annotated, Any, Dict, List, Literal
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -75,6 +75,34 @@ class StreamOptions(_Body):
     include_usage: bool = False
 
 
+class TextFormat(_Body):
+    type: Literal["text"]
+
+
+class JsonObjectFormat(_Body):
+    type: Literal["json_object"]
+
+
+class JsonSchemaSpec(_Body):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
+    description: str | None = None
+    schema_: Dict[str, Any] | None = Field(
+        None,
+        alias="schema",
+        description="a JSON schema (structured.py: llguidance's subset; a keyword it does not implement is a 400 of "
+        "code invalid_json_schema); left out, any JSON object",
+    )
+    strict: bool | None = None  # the answer follows the schema either way
+
+
+class JsonSchemaFormat(_Body):
+    type: Literal["json_schema"]
+    json_schema: JsonSchemaSpec
+
+
+ResponseFormat = Annotated[TextFormat | JsonObjectFormat | JsonSchemaFormat, Field(discriminator="type")]
+
+
 class _OpenAIBody(_Body):
     model: Annotated[str, Field(json_schema_extra={MODEL_MARK: True})] | None = None  # the schema lists the names
     max_tokens: MaxTokens | None = None
@@ -86,6 +114,7 @@ class _OpenAIBody(_Body):
     stream_options: StreamOptions | None = None
     num_beams: Beams | None = None  # ours, as in /instruct
     truncate: bool = False
+    response_format: ResponseFormat | None = None  # JSON output (generation/structured.py)
 
 
 TokenPrompt = List[TokenId]  # token ids; [] starts from the beginning-of-text token, as an empty string does

@@ -90,7 +90,11 @@ def accept_sampled(probs, drafted, generator=None):
 
 def row_draft(row, lookup):
     """A row's draft, no longer than the tokens it may still make minus the model's own one (max_tokens and the
-    context window end the row mid-draft otherwise, and the rest would be wasted work)."""
+    context window end the row mid-draft otherwise, and the rest would be wasted work). A row under a grammar
+    (structured.py) drafts nothing: checking a draft against
+    the grammar would need a mask at each of its positions."""
+    if row.job.grammar is not None:
+        return []
     made, prompt = row.made, len(row.job.ids)
     left = min(row.job.params.max_tokens - made, row.context_window - prompt - made) - 1
     return draft(row.job.ids + row.ids, min(lookup.tokens, left), lookup.max_ngram, lookup.min_ngram)

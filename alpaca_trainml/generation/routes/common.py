@@ -8,6 +8,7 @@ from alpaca_trainml.generation.decoding import check_params
 from alpaca_trainml.generation.engine import EngineStopped, QueueFullError, RequestCancelled, stream, wait_for
 from alpaca_trainml.generation.model import ContextLengthError, PromptTooLongError, TokenIdError
 from alpaca_trainml.generation.protocol import ApiError
+from alpaca_trainml.generation.structured import GrammarError, format_schema
 
 logger = logging.getLogger(__name__)
 DISCONNECT_POLL_S = 0.25  # how often a waiting non-streaming request checks that its client is still there
@@ -71,3 +72,18 @@ def streams(engine, jobs):
         for j in jobs:  # the queue filled halfway: take back the prompts already in
             j.cancel.set()
         raise api_error(e) from e
+
+
+def grammar_factory(grammars, response_format, params):
+    """For a body's response_format: a factory of one grammar matcher per answer, or None for free text. A schema the
+    grammar library refuses, or JSON output asked of a beam search (which runs apart, unconstrained), is a 400."""
+    schema = format_schema(response_format)
+    if schema is None:
+        return None
+    if params.num_beams > 1:
+        message = "response_format needs num_beams 1: beam search does not follow a grammar here"
+        raise ApiError(400, message, param="response_format", code="response_format_with_beams")
+    try:
+        return grammars.compile(schema)
+    except GrammarError as e:
+        raise ApiError(400, str(e), param="response_format", code="invalid_json_schema") from e

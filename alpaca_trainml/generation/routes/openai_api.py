@@ -7,6 +7,7 @@ import uuid
 from functools import partial
 
 from fastapi import Request
+from starlette.concurrency import run_in_threadpool
 
 from alpaca_trainml.generation.api_schema import error_responses
 from alpaca_trainml.generation.decoding import GenParams
@@ -24,7 +25,8 @@ from alpaca_trainml.generation.protocol import (
     sse_response,
     usage,
 )
-from alpaca_trainml.generation.routes.common import answers, api_error, prepare, streams
+from alpaca_trainml.generation.routes.common import answers, api_error, grammar_factory, prepare, streams
+from alpaca_trainml.generation.structured import Grammars
 
 OPENAI_MAX_TOKENS = 16  # the OpenAI completions default when max_tokens is left out
 
@@ -54,6 +56,12 @@ def encode_chat(model, messages, truncate, limit):
 
 
 def add_routes(app, model, engine, name):
+    grammars = Grammars(model.tokenizer, model.eos_ids, model.model.config.vocab_size, model.tokenizer_lock)
+
+    async def grammar(body, params):
+        """The body's response_format as a matcher factory (None: free text); compiled off the event loop."""
+        return await run_in_threadpool(grammar_factory, grammars, body.response_format, params)
+
     @app.get("/v1/models", responses=error_responses("read"))
     async def models():
         card = dict(id=name, object="model", created=0, owned_by="alpaca", max_model_len=model.context_window)
@@ -65,7 +73,9 @@ def add_routes(app, model, engine, name):
         prompts = prompt_list(body.prompt)
         params = make_params(body, OPENAI_MAX_TOKENS, body.stop)
         encodes = [partial(model.encode, p, body.truncate) for p in prompts]  # each: limit -> the prompt's ids
-        jobs = [Job(prepare(model, params, body.truncate, encode, openai=True), params) for encode in encodes]
+        ids = [prepare(model, params, body.truncate, encode, openai=True) for encode in encodes]
+        matcher = await grammar(body, params)
+        jobs = [Job(i, params, grammar=matcher() if matcher else None) for i in ids]
         if body.stream:
             events = openai_events(streams(engine, jobs), head, False, include_usage(body))
             return sse_response(events, jobs, api_error)
@@ -88,7 +98,9 @@ def add_routes(app, model, engine, name):
             raise ApiError(400, str(e), param="messages", code="invalid_messages") from e
         params = make_params(body, GenParams.max_tokens, body.stop)
         encode = partial(encode_chat, model, messages, body.truncate)
-        job = Job(prepare(model, params, body.truncate, encode, openai=True), params)
+        ids = prepare(model, params, body.truncate, encode, openai=True)
+        matcher = await grammar(body, params)
+        job = Job(ids, params, grammar=matcher() if matcher else None)
         if body.stream:
             chunk_head = dict(head, object="chat.completion.chunk")
             events = openai_events(streams(engine, [job]), chunk_head, True, include_usage(body))
