@@ -9,9 +9,10 @@
    when absent), which compiles the schema into a token automaton up front.
 2. Decoding, through the decoder core (batch.DecodeBatch, as serve.py's engine runs it): the same chat prompts,
    greedy, a batch of --batch rows, once free and once under the record schema, back to back with the order
-   alternating, --repeats times. Tokens/s: completion tokens over the wall time, prefill included; the constrained
-   side's time includes its masks, and the time spent in them is also given per step against the step's time. Every
-   constrained answer is checked with jsonschema.
+   alternating, --repeats times. Each row makes at most as many tokens as its JSON answer takes (a first run finds
+   them), so that both sides run about the same steps. Tokens/s: completion tokens over the wall time, prefill
+   included; ms per decode step, prefill left out. The constrained side's time includes its masks; the time spent in
+   them is also given on its own. Every constrained answer is checked with jsonschema.
 Last line: the headline.
 """
 
@@ -20,6 +21,7 @@ import json
 import logging
 import statistics
 import time
+from dataclasses import replace
 
 import torch
 
@@ -184,13 +186,19 @@ def decoding(model, args):
         masking.append(time.perf_counter() - t)
         return out
 
-    decode(model, [Job(prompts[0], GenParams(max_tokens=8, temperature=0))])  # warm-up
+    # warm-up, and each JSON answer's length: both sides then make that many tokens per row (the free side fewer
+    # where it ends first), so that their steps compare like for like
+    first, _, _, _ = decode(model, [Job(p, params, grammar=matchers()) for p in prompts])
+    lengths = [c.completion_tokens for c in first]
     totals = {s: dict(tokens=0, seconds=0.0, decode_s=0.0, steps=0) for s in ("free", "json")}
     ratios = []
     for r in range(args.repeats):
         rates = {}
         for side in ("free", "json") if r % 2 == 0 else ("json", "free"):
-            jobs = [Job(p, params, grammar=matchers() if side == "json" else None) for p in prompts]
+            jobs = [
+                Job(p, replace(params, max_tokens=n), grammar=matchers() if side == "json" else None)
+                for p, n in zip(prompts, lengths)
+            ]
             batch_module.constrain = timed_constrain if side == "json" else real
             try:
                 done, seconds, prefill, steps = decode(model, jobs)
