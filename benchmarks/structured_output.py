@@ -114,8 +114,8 @@ def mask_times(start, step, fill, ids, vocab):
 
 def libraries(model, args):
     """Print compile and mask times per schema and library; {library: (compile s, mask s per step)} over schemas."""
-    vocab_size = model.model.config.vocab_size
-    grammars = Grammars(model.tokenizer, model.eos_ids, vocab_size)
+    vocab_size = len(model.tokenizer)
+    grammars = Grammars(model.tokenizer, model.eos_ids)
     t = time.perf_counter()
     grammars.tokenizer()
     print(f"llguidance: the tokenizer read in {time.perf_counter() - t:.2f} s (once per model)")
@@ -173,7 +173,7 @@ def decode(model, jobs):
 def decoding(model, args):
     import jsonschema
 
-    grammars = Grammars(model.tokenizer, model.eos_ids, model.model.config.vocab_size)
+    grammars = Grammars(model.tokenizer, model.eos_ids)
     matchers = grammars.compile(RECORD)
     prompts = [model.encode_chat([{"role": "user", "content": p}]) for p in PROMPTS[: args.batch]]
     params = GenParams(max_tokens=args.tokens, temperature=0)

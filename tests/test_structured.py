@@ -44,7 +44,7 @@ def model(bpe_tokenizer_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def grammars(model):
-    return Grammars(model.tokenizer, model.eos_ids, model.model.config.vocab_size, model.tokenizer_lock)
+    return Grammars(model.tokenizer, model.eos_ids, model.tokenizer_lock)
 
 
 def valid(text, schema=SCHEMA):
@@ -55,8 +55,8 @@ def valid(text, schema=SCHEMA):
 class FixedMatcher:
     """A matcher whose grammar takes the given token ids."""
 
-    def __init__(self, ids):
-        self.ids = ids
+    def __init__(self, ids, vocab=64):
+        self.ids, self.words = ids, (vocab + 31) // 32
 
     def fill_mask(self, words):
         for i in self.ids:
@@ -69,8 +69,11 @@ class FakeRow:
 
 
 def test_masks_unpack_bit_by_bit_and_leave_free_rows_alone():
-    allowed = allowed_tokens([FixedMatcher([0, 31, 32, 69])], 70)  # ids across word edges; 70: a partial last word
+    allowed = allowed_tokens([FixedMatcher([0, 31, 32, 69], vocab=70)], 70)  # across word edges; a partial last word
     assert allowed.nonzero()[:, 1].tolist() == [0, 31, 32, 69]
+    wider = allowed_tokens([FixedMatcher([3, 63])], 100)  # logits wider than the tokenizer: the rest never allowed
+    assert wider.shape == (1, 100) and wider.nonzero()[:, 1].tolist() == [3, 63]
+    assert allowed_tokens([FixedMatcher([3, 63])], 40).nonzero()[:, 1].tolist() == [3]  # narrower: cut
     logits = torch.zeros(3, 70)
     rows = [FakeRow(None), FakeRow(FixedMatcher([5, 40])), FakeRow(FixedMatcher([]))]
     out = constrain(rows, logits, eos_ids=[2])
@@ -85,6 +88,10 @@ def test_bad_schemas_are_refused_with_the_reason(grammars):
         grammars.compile({"type": "object", "dependentRequired": {"a": ["b"]}})  # a keyword llguidance lacks
     with pytest.raises(GrammarError):
         grammars.compile({"type": "integer", "minimum": 5, "maximum": 2})  # nothing satisfies it
+    with pytest.raises(GrammarError, match="dependentRequired"):  # the schema cannot make llguidance lenient
+        grammars.compile({"x-guidance": {"lenient": True}, "dependentRequired": {"a": ["b"]}})
+    with pytest.raises(GrammarError):  # shows only when a matcher starts
+        grammars.compile({"$defs": {"a": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"})
     assert callable(grammars.compile({"type": "object"}))
 
 

@@ -72,8 +72,9 @@ class Row:
             return self.finish("stop")
         self.ids.append(token)
         grammar = self.job.grammar
-        if grammar is not None and not grammar.consume(token):
-            return self.finish("stop")  # cannot happen under the mask; ends the row rather than the batch
+        if grammar is not None and not grammar.consume(token):  # cannot happen under the mask
+            self.ids.pop()
+            return self.finish("stop")  # the row ends without the token, the batch goes on
         if params.stop or self.job.on_text:
             text, stopped = cut_at_stop(self.decode(self.ids), params.stop)
             if stopped:

@@ -18,11 +18,13 @@ import json
 import logging
 import threading
 
+import numpy as np
 import torch
 
 logger = logging.getLogger(__name__)
 
-JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+# over the schema's own "x-guidance" options: lenient would pass keywords it does not implement, unchecked
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": ", "lenient": False}
 ANY_OBJECT = {"type": "object"}  # what {"type": "json_object"} asks for: any JSON object
 
 
@@ -44,9 +46,9 @@ class Grammars:
     """One model's grammar compiler. The tokenizer as llguidance reads it is built on first use (about 0.5 s for a
     49k vocabulary) and kept."""
 
-    def __init__(self, tokenizer, eos_ids, vocab_size, tokenizer_lock=None):
-        """vocab_size: the width of the model's logits; tokenizer_lock: held while the tokenizer is read."""
-        self.hf_tokenizer, self.eos_ids, self.vocab_size = tokenizer, list(eos_ids), vocab_size
+    def __init__(self, tokenizer, eos_ids, tokenizer_lock=None):
+        """tokenizer_lock: held while the tokenizer is read."""
+        self.hf_tokenizer, self.eos_ids = tokenizer, list(eos_ids)
         self._tokenizer, self._lock = None, threading.Lock()
         self._tokenizer_lock = tokenizer_lock or threading.Lock()
 
@@ -55,10 +57,9 @@ class Grammars:
             if self._tokenizer is None:
                 import llguidance.hf
 
-                n_vocab = max(self.vocab_size, len(self.hf_tokenizer))
                 try:
                     self._tokenizer = llguidance.hf.from_tokenizer(
-                        self.hf_tokenizer, n_vocab=n_vocab, eos_token=self.eos_ids
+                        self.hf_tokenizer, n_vocab=len(self.hf_tokenizer), eos_token=self.eos_ids
                     )
                 except (ValueError, TypeError, AttributeError) as e:  # a tokenizer without a `tokenizers` backend
                     raise GrammarError(f"this model's tokenizer cannot be read by llguidance: {e}") from e
@@ -69,14 +70,18 @@ class Grammars:
         import llguidance
 
         try:
-            grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), defaults=JSON_OPTIONS)
+            grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema), overrides=JSON_OPTIONS)
         except (ValueError, TypeError) as e:
             raise GrammarError(f"response_format: the JSON schema cannot be read: {e}") from e
         tokenizer = self.tokenizer()
         error = llguidance.LLMatcher.validate_grammar(grammar, tokenizer)
+        if not error:  # some faults show only at the first mask (a $ref that refers only to itself)
+            check = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+            check.compute_bitmask()
+            error = check.get_error()
         if error:
             raise GrammarError(f"response_format: the JSON schema is not supported: {_first_line(error)}")
-        return lambda: Matcher(llguidance.LLMatcher(tokenizer, grammar, log_level=0))
+        return lambda: Matcher(llguidance.LLMatcher(tokenizer, grammar, log_level=0), tokenizer.vocab_size)
 
 
 def _first_line(message, limit=300):
@@ -87,11 +92,12 @@ def _first_line(message, limit=300):
 class Matcher:
     """One answer's place in its grammar."""
 
-    def __init__(self, matcher):
-        self.matcher = matcher
+    def __init__(self, matcher, vocab):
+        self.matcher, self.words = matcher, (vocab + 31) // 32  # the tokenizer's vocabulary, in 32-bit words
 
     def fill_mask(self, words):
-        """Write the bitmask of allowed next tokens into `words`, a contiguous int32 tensor (ceil(vocab / 32),)."""
+        """Write the bitmask of allowed next tokens into `words`, a contiguous int32 tensor (self.words,): token t is
+        bit t % 32 of word t // 32."""
         self.matcher.unsafe_compute_mask_ptr(words.data_ptr(), words.numel() * 4)
 
     def consume(self, token):
@@ -106,17 +112,18 @@ class Matcher:
         return self.matcher.is_stopped()
 
 
-_BITS = torch.arange(32, dtype=torch.int32)
-
-
 def allowed_tokens(matchers, vocab):
-    """(len(matchers), vocab) bool: the tokens each matcher's grammar takes next."""
-    words = (vocab + 31) // 32
+    """(len(matchers), vocab) bool: the tokens each matcher's grammar takes next. vocab: the logits' width, which
+    may differ from the tokenizer's (a token past the tokenizer's is never allowed)."""
+    words = max(m.words for m in matchers)
     masks = torch.zeros((len(matchers), words), dtype=torch.int32)
     for i, m in enumerate(matchers):
-        m.fill_mask(masks[i])
-    bits = (masks.unsqueeze(-1) >> _BITS) & 1  # (rows, words, 32): bit j of word w is token 32 * w + j
-    return bits.reshape(len(matchers), words * 32)[:, :vocab].bool()
+        m.fill_mask(masks[i, : m.words])
+    # little-endian bytes, bits unpacked least significant first: token t is bit t of the row
+    bits = torch.from_numpy(np.unpackbits(masks.numpy().view(np.uint8), axis=-1, bitorder="little"))
+    if bits.shape[1] < vocab:
+        bits = torch.nn.functional.pad(bits, (0, vocab - bits.shape[1]))
+    return bits[:, :vocab].bool()
 
 
 def constrain(rows, logits, eos_ids):

@@ -56,7 +56,7 @@ def encode_chat(model, messages, truncate, limit):
 
 
 def add_routes(app, model, engine, name):
-    grammars = Grammars(model.tokenizer, model.eos_ids, model.model.config.vocab_size, model.tokenizer_lock)
+    grammars = Grammars(model.tokenizer, model.eos_ids, model.tokenizer_lock)
 
     async def grammar(body, params):
         """The body's response_format as a matcher factory (None: free text); compiled off the event loop."""
