@@ -186,3 +186,14 @@ def test_bad_response_formats_are_one_400_with_our_error_body(model):
     assert errors[0]["param"] == "response_format"
     assert "response_format" in errors[1]["message"] and "response_format" in errors[2]["message"]
     assert errors[3]["code"] == "response_format_with_beams"
+
+
+def test_the_openapi_schema_declares_response_format(model):
+    (r,) = call_app(create_app(model), ("GET", "/openapi.json", {}), generate=False)
+    bodies = r.json()["components"]["schemas"]
+    for body in ("CompletionBody", "ChatBody"):
+        kinds = bodies[body]["properties"]["response_format"]["anyOf"][0]["discriminator"]["mapping"]
+        assert sorted(kinds) == ["json_object", "json_schema", "text"], body
+    spec = bodies["JsonSchemaSpec"]
+    assert spec["required"] == ["name"] and spec["properties"]["schema"]["anyOf"][0]["type"] == "object"
+    assert "invalid_json_schema" in r.json()["paths"]["/v1/chat/completions"]["post"]["responses"]["400"]["description"]
