@@ -80,6 +80,7 @@ def test_masks_unpack_bit_by_bit_and_leave_free_rows_alone():
     assert torch.equal(out[0], logits[0])  # a free row keeps every token
     assert torch.isfinite(out[1]).nonzero().squeeze(-1).tolist() == [5, 40]
     assert torch.isfinite(out[2]).nonzero().squeeze(-1).tolist() == [2]  # a grammar that takes nothing may only end
+    assert torch.isfinite(constrain(rows, logits, eos_ids=[])[2]).all()  # no end-of-text token: never all -inf
     assert constrain(rows[:1], logits, [2]) is logits  # no constrained row: no copy
 
 

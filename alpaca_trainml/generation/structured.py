@@ -128,15 +128,18 @@ def allowed_tokens(matchers, vocab):
 
 def constrain(rows, logits, eos_ids):
     """logits (rows, vocab) with every token a constrained row's grammar refuses at -inf (a new tensor; the same one
-    when no row is constrained). A row whose grammar takes nothing (it failed) may only end: its end-of-text tokens."""
+    when no row is constrained). A row whose grammar takes nothing (it failed) may only end: its end-of-text tokens.
+    Never a row all -inf: sampling would fail for the whole batch."""
     at = [i for i, r in enumerate(rows) if r.job.grammar is not None]
     if not at:
         return logits
     vocab = logits.shape[-1]
     allowed = allowed_tokens([rows[i].job.grammar for i in at], vocab)
-    stuck = ~allowed.any(-1)
-    if stuck.any():
-        allowed[stuck.nonzero().squeeze(-1)[:, None], torch.tensor(eos_ids)] = True
+    stuck = (~allowed.any(-1)).nonzero().squeeze(-1)
+    if len(stuck) and eos_ids:
+        allowed[stuck[:, None], torch.tensor(eos_ids, dtype=torch.long)] = True
+    elif len(stuck):  # no end-of-text token: any token, which the grammar then refuses, and the row ends
+        allowed[stuck] = True
     keep = torch.ones(logits.shape, dtype=torch.bool, device=logits.device)
     keep[at] = allowed.to(logits.device)
     return logits.masked_fill(~keep, float("-inf"))
