@@ -86,6 +86,12 @@ def data_file(tmp_path):
     return _write
 
 
+@pytest.fixture(scope="session")
+def lora_dirs(tmp_path_factory, spm_tokenizer_dir):
+    """(base folder, {name: adapter folder}): a tiny Llama and the LoRA adapters of helpers.LORA_ADAPTERS on it."""
+    return helpers.build_lora_adapters(spm_tokenizer_dir, tmp_path_factory.mktemp("lora"))
+
+
 @pytest.fixture
 def free_port():
     return helpers.free_port()

@@ -152,6 +152,43 @@ def build_tiny_family(family, tokenizer_dir, out_dir, seed=0):
     return Path(out_dir)
 
 
+# The tests' LoRA adapters on one base (tests/test_lora_*.py): name -> (target modules, rsLoRA). Random A and B
+# (init_lora_weights=False): B is not zero, so that each adapter's greedy text differs from the base's.
+LORA_ADAPTERS = {
+    "qv": (["q_proj", "v_proj"], False),
+    "all": (["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"], False),
+    "mlp": (["o_proj", "down_proj", "up_proj"], True),
+}
+
+
+def build_lora_adapters(tokenizer_dir, out_dir, names=tuple(LORA_ADAPTERS), **shape):
+    """A tiny Llama base (its tokenizer given a pad token, so that no special token is added and the adapters need no
+    rows of their own) and LoRA adapters on it (r=4, lora_alpha=8), saved as peft saves them with the tokenizer:
+    (base folder, {name: adapter folder}). shape: a config override, for a base the adapters do not fit."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    out_dir = Path(out_dir)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    tok.pad_token = tok.unk_token
+    torch.manual_seed(0)
+    ids = dict(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    base = LlamaForCausalLM(tiny_llama_config(len(tok), **ids, **shape))
+    base.save_pretrained(out_dir / "base")
+    tok.save_pretrained(out_dir / "base")
+    folders = {}
+    for i, name in enumerate(names):
+        targets, rslora = LORA_ADAPTERS[name]
+        torch.manual_seed(i + 1)
+        config = LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_rslora=rslora, init_lora_weights=False)
+        model = get_peft_model(LlamaForCausalLM.from_pretrained(out_dir / "base"), config)
+        folders[name] = out_dir / name
+        model.save_pretrained(folders[name])
+        tok.save_pretrained(folders[name])
+    return out_dir / "base", folders
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

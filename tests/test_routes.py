@@ -94,8 +94,9 @@ def test_a_client_that_leaves_is_one_info_line_and_a_499(caplog, monkeypatch):
 
 
 def test_response_head_refuses_another_model_and_the_request_models_unsupported_settings():
-    head = response_head(CompletionBody(prompt="x"), "served")
-    assert head["model"] == "served" and head["id"].startswith("cmpl-") and isinstance(head["created"], int)
+    head, adapter = response_head(CompletionBody(prompt="x"), "served")
+    assert adapter is None and head["model"] == "served"
+    assert head["id"].startswith("cmpl-") and isinstance(head["created"], int)
     with pytest.raises(ApiError) as e:
         response_head(CompletionBody(prompt="x", model="gpt-4"), "served")
     assert e.value.status == 404 and e.value.body["error"]["code"] == "model_not_found"

@@ -14,6 +14,7 @@ import torch
 from alpaca_trainml.generation.decoding import Completion, GenParams, cut_at_stop, probabilities, stop_holdback
 from alpaca_trainml.generation.hf_step import HFStep
 from alpaca_trainml.generation.llama_step import LlamaStep, supports
+from alpaca_trainml.generation.lora_step import LoraStep
 from alpaca_trainml.generation.speculative import accept_rows, row_draft
 from alpaca_trainml.generation.structured import constrain
 
@@ -30,6 +31,7 @@ class Job:
     submitted: float = field(default_factory=time.perf_counter)  # for serve.py's /metrics (generation/metrics.py)
     token_times: list = field(default_factory=list)  # perf_counter() as each token was sampled
     grammar: object = None  # a structured.Matcher: the row samples only tokens its grammar takes (response_format)
+    adapter: object = None  # a lora_adapters.LoraAdapter of the server's, or None for the base
 
 
 def sample(logits, temperature, top_p):
@@ -114,7 +116,8 @@ class DecodeBatch:
 
     def __init__(self, model):
         self.model = model  # an InstructModel
-        self.stepper = LlamaStep(model.model) if supports(model.model) else HFStep(model.model, model.pad_id)
+        step = LoraStep if getattr(model, "adapters", None) is not None else LlamaStep  # --lora_modules: per row
+        self.stepper = step(model.model) if supports(model.model) else HFStep(model.model, model.pad_id)
         # prompt-lookup speculation (speculative.py) where the step verifies a draft exactly: fp32 on our Llama step
         self.lookup = getattr(model, "speculative", None) if getattr(self.stepper, "verifies", False) else None
         self.drafted = self.accepted = 0  # draft tokens checked and kept, for the acceptance rate
@@ -124,8 +127,10 @@ class DecodeBatch:
     def admit(self, jobs):
         new = [Row(j, self.model.decode, self.eos, self.model.context_window) for j in jobs]
         try:
+            adapters = [j.adapter for j in jobs]
             with self.model.lock:
-                logits = self.stepper.prefill([j.ids for j in jobs])
+                prompts = [j.ids for j in jobs]
+                logits = self.stepper.prefill(prompts, adapters) if any(adapters) else self.stepper.prefill(prompts)
         finally:
             self.rows += new  # on an error the new callers get it too (end())
         ids = sample_rows(new, constrain(new, logits, self.eos_ids))

@@ -21,6 +21,7 @@ import threading
 from collections import deque
 
 from alpaca_trainml.generation.batch import DecodeBatch, Job, fail, sample
+from alpaca_trainml.generation.lora_adapters import applied
 
 __all__ = ["Engine", "EngineStopped", "Job", "QueueFullError", "RequestCancelled", "sample", "stream", "wait_for"]
 
@@ -146,7 +147,8 @@ class Engine:
             return
         self.beam_job = job
         try:
-            job.future.set_result(self.model.generate([job.ids], job.params, job.on_text, job.cancel)[0])
+            with applied(self.model.model, job.adapter):  # a LoRA adapter's delta, through transformers' forward
+                job.future.set_result(self.model.generate([job.ids], job.params, job.on_text, job.cancel)[0])
         except Exception as e:  # the caller answers 500
             logger.exception("generation failed")
             job.future.set_exception(e)

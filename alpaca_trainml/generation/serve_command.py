@@ -1,9 +1,12 @@
 """serve.py's command line (also `alpaca serve`): load a checkpoint and serve it over HTTP until SIGTERM."""
 
 import os
+from pathlib import Path
 
 from alpaca_trainml import cli
+from alpaca_trainml.checkpoints import adapters
 from alpaca_trainml.generation.http_guard import DEFAULT_MAX_BODY_BYTES
+from alpaca_trainml.generation.lora_adapters import parse_module
 from alpaca_trainml.generation.server import bind_socket, build_server
 from alpaca_trainml.generation.speculative import MODES, SPECULATIVE_HELP
 from alpaca_trainml.models import EMBEDDED_MODEL, check_checkpoint
@@ -17,9 +20,16 @@ def main(args):
     checkpoint and a port in use are each a cli.UsageError before the model loads; a broken one, when it loads."""
     name = args.model_name_or_path or os.environ.get("TRAINML_CHECKPOINT_PATH") or EMBEDDED_MODEL
     check_checkpoint(name)
+    for spec in args.lora_modules or []:  # before the model loads: a wrong folder fails in a second
+        module = parse_module(spec)
+        if not adapters.is_adapter(Path(module["path"]).expanduser()):
+            raise cli.UsageError(f"--lora_modules {spec!r}: {module['path']} is not a LoRA adapter folder")
     sock = bind_socket(args.host, args.port)  # before the model loads: a port in use fails in a second, not minutes
     try:
         server = build_server(args)
+    except cli.UsageError:  # an adapter that does not fit the base: its own message
+        sock.close()
+        raise
     except (OSError, ValueError) as e:  # a broken checkpoint, an unknown hub id: say which, without a traceback
         sock.close()
         raise cli.UsageError(f"could not load the model {name!r}: {e}") from e
@@ -67,4 +77,18 @@ def parse_args(argv=None, prog=None):
     p.add_argument("--log_level", default="info")
     p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help=DTYPE_HELP)
     p.add_argument("--speculative", default=None, choices=MODES, help=SPECULATIVE_HELP)
+    p.add_argument(
+        "--lora_modules",
+        nargs="+",
+        default=None,
+        metavar="NAME=PATH",
+        help="LoRA adapters served beside the base, each chosen by requests whose `model` is its NAME, as vLLM's "
+        '--lora-modules (also its JSON form \'{"name": ..., "path": ..., "base_model_name": ...}\')',
+    )
+    p.add_argument(
+        "--allow_runtime_lora_updating",
+        action="store_true",
+        help="add POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's VLLM_ALLOW_RUNTIME_LORA_UPDATING); "
+        "they read folders on this server named by the client",
+    )
     return p.parse_args(argv)

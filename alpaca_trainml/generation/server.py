@@ -25,16 +25,18 @@ from alpaca_trainml.generation.http_guard import (
     Guard,
     is_loopback,
 )
+from alpaca_trainml.generation.lora_adapters import AdapterSet, parse_module
 from alpaca_trainml.generation.metrics import CountAnswers, ObservedEngine
 from alpaca_trainml.generation.model import InstructModel
 from alpaca_trainml.generation.protocol import install_error_handlers
-from alpaca_trainml.generation.routes import instruct, openai_api, status
+from alpaca_trainml.generation.routes import instruct, lora, openai_api, status
 from alpaca_trainml.generation.speculative import lookup_for
 
 logger = logging.getLogger(__name__)
 FRONT_END = REPO_ROOT / "front-end"
-ROUTE_GROUPS = (status, instruct, openai_api)  # each adds its routes: add_routes(app, model, engine, name)
+ROUTE_GROUPS = (status, instruct, openai_api, lora)  # each adds its routes: add_routes(app, model, engine, name)
 COUNTED_ROUTES = ("/", "/health", "/metrics", "/instruct", "/v1/models", "/v1/completions", "/v1/chat/completions")
+COUNTED_ROUTES += ("/v1/load_lora_adapter", "/v1/unload_lora_adapter")
 
 
 def create_app(
@@ -47,15 +49,22 @@ def create_app(
     max_body_bytes=DEFAULT_MAX_BODY_BYTES,
     max_waiting=256,
     max_model_len=None,
+    lora_modules=(),
+    allow_runtime_lora_updating=False,
 ):
     """The FastAPI app around a loaded InstructModel; its engine (model thread) starts and stops with the app.
-    max_model_len: a smaller context window to serve than the model's."""
+    max_model_len: a smaller context window to serve than the model's. lora_modules: LoRA adapters served beside the
+    base, each a dict of name, path and base_model_name (lora_adapters.parse_module); allow_runtime_lora_updating
+    adds the routes that load and unload more (routes/lora.py). Either sets model.adapters; the base alone: None."""
     if max_model_len is not None:
         if max_model_len < 2:
             raise ValueError(f"--max_model_len {max_model_len}: a context window needs at least 2 tokens")
         model.context_window = min(model.context_window, max_model_len)
         model.max_prompt_tokens = min(model.max_prompt_tokens, model.context_window)
     name = served_model_name or model.name
+    model.adapters = AdapterSet(model.model, name) if lora_modules or allow_runtime_lora_updating else None
+    for module in lora_modules:
+        model.adapters.add(**module)
     engine = ObservedEngine(model, max_batch_size, max_waiting, name)
 
     @asynccontextmanager
@@ -65,7 +74,7 @@ def create_app(
         engine.stop()
 
     app = FastAPI(title="Alpaca instruct server", lifespan=lifespan)
-    app.state.engine = engine
+    app.state.engine, app.state.allow_runtime_lora_updating = engine, allow_runtime_lora_updating
     install_error_handlers(app)
     app.add_exception_handler(StarletteHTTPException, http_error)  # keeps a 405's Allow
     add_middleware(app, api_key, allowed_origins, host, max_body_bytes)
@@ -73,7 +82,11 @@ def create_app(
     for group in ROUTE_GROUPS:
         group.add_routes(app, model, engine, name)
     app.mount("/", StaticFiles(directory=FRONT_END, html=True), name="front-end")
-    app.openapi = lambda: openapi_schema(app, model.context_window, model.vocab_size, [name], api_key)
+
+    def served():  # the names `model` may take: the base's and the adapters' loaded now
+        return [name, *(model.adapters.names() if model.adapters is not None else [])]
+
+    app.openapi = lambda: openapi_schema(app, model.context_window, model.vocab_size, served(), api_key)
     return app
 
 
@@ -134,6 +147,8 @@ def build_server(args, model=None):
         args.host,
         args.max_body_bytes,
         max_model_len=getattr(args, "max_model_len", None),
+        lora_modules=[parse_module(spec) for spec in getattr(args, "lora_modules", None) or []],
+        allow_runtime_lora_updating=getattr(args, "allow_runtime_lora_updating", False),
     )
     # the backstop: after 5 s, requests still running are cut off
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)

@@ -31,17 +31,32 @@ from alpaca_trainml.generation.structured import Grammars
 OPENAI_MAX_TOKENS = 16  # the OpenAI completions default when max_tokens is left out
 
 
-def response_head(body, name):
-    """id, created and model of an answer; a 404 for another model's name. (Settings we do not support, such as
-    n > 1, echo or logprobs, are refused by the request models: a 400 naming them.)"""
-    if body.model and body.model != name:
+def response_head(body, name, adapters=None):
+    """(id, created and model of an answer, the LoRA adapter it asks for or None); a 404 for a model not served.
+    (Settings we do not support, such as n > 1, echo or logprobs, are refused by the request models: a 400 naming
+    them.)"""
+    adapter = adapters.get(body.model) if adapters is not None and body.model else None
+    if body.model and body.model != name and adapter is None:
+        served = [name, *(adapters.names() if adapters is not None else [])]
         raise ApiError(
             404,
-            f"The model {body.model!r} does not exist; this server serves {name!r} (see GET /v1/models)",
+            f"The model {body.model!r} does not exist; this server serves {', '.join(map(repr, served))} "
+            "(see GET /v1/models)",
             param="model",
             code="model_not_found",
         )
-    return dict(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=name)
+    head = dict(id=f"cmpl-{uuid.uuid4().hex}", created=int(time.time()), model=adapter.name if adapter else name)
+    return head, adapter
+
+
+def model_cards(model, name, adapters):
+    """GET /v1/models' entries: the base, then each LoRA adapter with its `parent` and `root` (its folder), as vLLM
+    lists them."""
+    card = dict(object="model", created=0, owned_by="alpaca", max_model_len=model.context_window)
+    cards = [dict(card, id=name, root=model.name, parent=None)]
+    for adapter in adapters.by_name.values() if adapters is not None else []:
+        cards.append(dict(card, id=adapter.name, root=adapter.path, parent=adapter.parent))
+    return cards
 
 
 def encode_chat(model, messages, truncate, limit):
@@ -64,18 +79,18 @@ def add_routes(app, model, engine, name):
 
     @app.get("/v1/models", responses=error_responses("read"))
     async def models():
-        card = dict(id=name, object="model", created=0, owned_by="alpaca", max_model_len=model.context_window)
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": model_cards(model, name, model.adapters)}
 
     @app.post("/v1/completions", responses=error_responses("generate", streams=True))
     async def completions(body: CompletionBody, request: Request):
-        head = dict(response_head(body, name), object="text_completion")
+        head, adapter = response_head(body, name, model.adapters)
+        head["object"] = "text_completion"
         prompts = prompt_list(body.prompt)
         params = make_params(body, OPENAI_MAX_TOKENS, body.stop)
         encodes = [partial(model.encode, p, body.truncate) for p in prompts]  # each: limit -> the prompt's ids
         ids = [prepare(model, params, body.truncate, encode, openai=True) for encode in encodes]
         matcher = await grammar(body, params)
-        jobs = [Job(i, params, grammar=matcher() if matcher else None) for i in ids]
+        jobs = [Job(i, params, grammar=matcher() if matcher else None, adapter=adapter) for i in ids]
         if body.stream:
             events = openai_events(streams(engine, jobs), head, False, include_usage(body))
             return sse_response(events, jobs, api_error)
@@ -87,7 +102,8 @@ def add_routes(app, model, engine, name):
 
     @app.post("/v1/chat/completions", responses=error_responses("generate", streams=True))
     async def chat(body: ChatBody, request: Request):
-        head = dict(response_head(body, name), object="chat.completion")
+        head, adapter = response_head(body, name, model.adapters)
+        head["object"] = "chat.completion"
         head["id"] = head["id"].replace("cmpl-", "chatcmpl-")
         if body.max_completion_tokens is not None:  # the newer name OpenAI gives max_tokens
             body.max_tokens = body.max_completion_tokens
@@ -100,7 +116,7 @@ def add_routes(app, model, engine, name):
         encode = partial(encode_chat, model, messages, body.truncate)
         ids = prepare(model, params, body.truncate, encode, openai=True)
         matcher = await grammar(body, params)
-        job = Job(ids, params, grammar=matcher() if matcher else None)
+        job = Job(ids, params, grammar=matcher() if matcher else None, adapter=adapter)
         if body.stream:
             chunk_head = dict(head, object="chat.completion.chunk")
             events = openai_events(streams(engine, [job]), chunk_head, True, include_usage(body))

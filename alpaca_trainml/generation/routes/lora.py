@@ -1,0 +1,72 @@
+"""POST /v1/load_lora_adapter and /v1/unload_lora_adapter, vLLM's bodies and answers: add or take away a LoRA adapter
+while the server runs. Off unless serve.py --allow_runtime_lora_updating (vLLM: VLLM_ALLOW_RUNTIME_LORA_UPDATING),
+because a load reads a folder on the server, named by the client."""
+
+import logging
+from typing import Annotated
+
+from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import PlainTextResponse
+from pydantic import BaseModel, ConfigDict, Field
+
+from alpaca_trainml.cli import UsageError
+from alpaca_trainml.generation.protocol import ApiError, ErrorBody
+
+logger = logging.getLogger(__name__)
+Name = Annotated[str, Field(min_length=1, max_length=200, pattern=r"[^\s]")]
+
+
+class LoadLoraBody(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)  # as protocol._Body
+    lora_name: Name
+    lora_path: Annotated[str, Field(min_length=1, description="an adapter folder on the server")]
+
+
+class UnloadLoraBody(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    lora_name: Name
+
+
+ERRORS = {
+    400: "a bad body; a folder that is not a LoRA adapter or does not fit the base (code invalid_lora_adapter); a "
+    "name taken by the base or another adapter (code lora_adapter_exists)",
+    401: "--api_key is set and the request has no 'Authorization: Bearer <key>', or a wrong one",
+    403: "a foreign Host header or a web page's Origin that is not allowed (generation/http_guard.py)",
+    404: "no adapter of that name is loaded (unload only)",
+    413: "the body is larger than --max_body_bytes",
+}
+OK = {200: {"description": "done", "content": {"text/plain": {"schema": {"type": "string"}}}}}
+
+
+def responses(*codes):
+    return {**OK, **{code: {"model": ErrorBody, "description": ERRORS[code]} for code in codes}}
+
+
+def add_routes(app, model, engine, name):
+    """The two routes, when the app allows runtime updating (create_app's allow_runtime_lora_updating)."""
+    if not app.state.allow_runtime_lora_updating:
+        return
+
+    @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=responses(400, 401, 403, 413))
+    async def load_lora_adapter(body: LoadLoraBody, request: Request):
+        if body.lora_name == name or model.adapters.get(body.lora_name) is not None:
+            message = f"The LoRA adapter {body.lora_name!r} has already been loaded."
+            raise ApiError(400, message, param="lora_name", code="lora_adapter_exists")
+        try:  # reading and checking the folder takes a while: off the event loop
+            await run_in_threadpool(model.adapters.add, body.lora_name, body.lora_path)
+        except (UsageError, OSError, ValueError) as e:
+            raise ApiError(400, str(e), param="lora_path", code="invalid_lora_adapter") from e
+        app.openapi_schema = None  # the schema's list of model names follows
+        logger.info("loaded the LoRA adapter %r from %s", body.lora_name, body.lora_path)
+        return f"Success: LoRA adapter '{body.lora_name}' added successfully."
+
+    @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=responses(400, 401, 403, 404, 413))
+    async def unload_lora_adapter(body: UnloadLoraBody):
+        if model.adapters.remove(body.lora_name) is None:
+            raise ApiError(
+                404, f"The LoRA adapter {body.lora_name!r} cannot be found.", param="lora_name", code="model_not_found"
+            )
+        app.openapi_schema = None
+        logger.info("unloaded the LoRA adapter %r (requests running on it finish with it)", body.lora_name)
+        return f"Success: LoRA adapter '{body.lora_name}' removed successfully."

@@ -1,0 +1,81 @@
+"""lora_step.py: rows on different LoRA adapters (and the base) decoded in one batch give each adapter's own greedy
+tokens, those of its checkpoint served alone (the adapter folder loaded by InstructModel: merged into the base)."""
+
+import pytest
+import torch
+
+from alpaca_trainml.generation.batch import DecodeBatch, Job, run_to_end
+from alpaca_trainml.generation.decoding import GenParams
+from alpaca_trainml.generation.lora_adapters import AdapterSet
+from alpaca_trainml.generation.lora_step import LoraStep
+from inference import InstructModel
+
+PROMPTS = ["Give three tips for staying healthy.", "Name a colour.", "Write a short poem about the sea."]
+GREEDY = GenParams(max_tokens=12, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def served(lora_dirs):
+    """The base with every adapter of lora_dirs loaded beside it, as serve.py --lora_modules does."""
+    base, folders = lora_dirs
+    model = InstructModel(str(base))
+    model.adapters = AdapterSet(model.model, "base")
+    for name, folder in folders.items():
+        model.adapters.add(name, folder)
+    return model
+
+
+@pytest.fixture(scope="module")
+def alone(lora_dirs):
+    """Each adapter's greedy completions of PROMPTS served alone: {name: [token ids]}."""
+    base, folders = lora_dirs
+    out = {}
+    for name, folder in {"base": base, **folders}.items():
+        model = InstructModel(str(folder))
+        out[name] = [_ids(model, c) for c in model.generate([model.encode_instruction(p) for p in PROMPTS], GREEDY)]
+    return out
+
+
+def _ids(model, completion):
+    return model._ids(completion.text, special=False)
+
+
+def test_a_batch_of_rows_on_different_adapters_gives_each_adapter_its_own_tokens(served, alone):
+    # 9 rows: every prompt on every adapter and on the base, in an order that mixes them
+    names = ["all", "base", "qv", "mlp", "qv", "base", "all", "mlp", "qv"]
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(names))]
+    jobs = [
+        Job(served.encode_instruction(p), GREEDY, adapter=served.adapters.get(n)) for p, n in zip(prompts, names)
+    ]
+    results = run_to_end(served, jobs)
+    for i, (name, prompt, result) in enumerate(zip(names, prompts, results)):
+        assert _ids(served, result) == alone[name][PROMPTS.index(prompt)], (i, name)
+    assert len({tuple(alone[n][0]) for n in alone}) == 4  # every adapter answers apart from the base and the others
+
+
+def test_a_step_without_adapter_rows_takes_the_kernel_again(served):
+    batch = DecodeBatch(served)
+    assert isinstance(batch.stepper, LoraStep)
+    ids = served.encode_instruction(PROMPTS[0])
+    batch.admit([Job(ids, GREEDY, adapter=served.adapters.get("qv")), Job(ids, GREEDY)])
+    batch.step()
+    assert batch.stepper.decoder is None and len(batch.stepper.routing) == 1  # one adapter, on row 0 only
+    assert batch.stepper.routing[0][1].tolist() == [0]
+    batch.drop(batch.rows[:1])  # the adapter's row leaves
+    batch.step()
+    assert batch.stepper.routing == [] and batch.stepper.decoder is batch.stepper.kernel_decoder
+    assert batch.stepper.row_adapters == [None]
+    batch.end(RuntimeError("done"))
+
+
+def test_a_beam_search_through_an_adapter_equals_its_checkpoint_alone(served, lora_dirs):
+    from alpaca_trainml.generation.lora_adapters import applied
+
+    params = GenParams(max_tokens=8, num_beams=2, temperature=0)
+    ids = served.encode_instruction(PROMPTS[1])
+    with applied(served.model, served.adapters.get("all")):
+        beams = served.generate([ids], params)[0].text
+    alone = InstructModel(str(lora_dirs[1]["all"]))
+    assert beams == alone.generate([ids], params)[0].text
+    assert served.generate([ids], params)[0].text != beams  # the hooks are gone after the block
+    assert torch.is_inference_mode_enabled() is False
