@@ -44,9 +44,7 @@ def test_a_batch_of_rows_on_different_adapters_gives_each_adapter_its_own_tokens
     # 9 rows: every prompt on every adapter and on the base, in an order that mixes them
     names = ["all", "base", "qv", "mlp", "qv", "base", "all", "mlp", "qv"]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(names))]
-    jobs = [
-        Job(served.encode_instruction(p), GREEDY, adapter=served.adapters.get(n)) for p, n in zip(prompts, names)
-    ]
+    jobs = [Job(served.encode_instruction(p), GREEDY, adapter=served.adapters.get(n)) for p, n in zip(prompts, names)]
     results = run_to_end(served, jobs)
     for i, (name, prompt, result) in enumerate(zip(names, prompts, results)):
         assert _ids(served, result) == alone[name][PROMPTS.index(prompt)], (i, name)
