@@ -3,7 +3,8 @@
 Schema-valid bodies may still be refused for rules a JSON schema cannot state: the prompt and max_tokens together
 beyond the context window, a prompt past /instruct's training length, a chat the prompt template cannot take (its
 last message not the user's), a response_format schema the grammar library refuses (any object is schema-valid there),
-JSON output asked of a beam search. tests/schemathesis.toml lets positive_data_acceptance take a 400; this check then
+JSON output asked of a beam search, a LoRA adapter folder to load that is not one or a name taken already
+(routes/lora.py). tests/schemathesis.toml lets positive_data_acceptance take a 400; this check then
 fails every 400 to a schema-valid body whose error code is not one of those rules, so no other refusal slips through."""
 
 import schemathesis
@@ -14,6 +15,8 @@ RULES_NO_SCHEMA_STATES = {
     "invalid_messages",
     "invalid_json_schema",
     "response_format_with_beams",
+    "invalid_lora_adapter",
+    "lora_adapter_exists",
 }
 
 

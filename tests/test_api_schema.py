@@ -152,9 +152,23 @@ def schemathesis(url, phases, max_examples, tmp_path):
     return done.stdout
 
 
+def scripted_adapter(scripted_dir, out):
+    """A LoRA adapter on the scripted model (peft's default init: B is zero, so it answers the script too)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    model = get_peft_model(LlamaForCausalLM.from_pretrained(scripted_dir), LoraConfig(r=2, target_modules=["q_proj"]))
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(scripted_dir).save_pretrained(out)
+    return out
+
+
 def fuzz(scripted_dir, port, phases, max_examples, tmp_path, caplog):
     pytest.importorskip("schemathesis")
     argv = ["--model_name_or_path", str(scripted_dir), "--port", str(port), "--served_model_name", NAME]
+    # an adapter served beside it, and the runtime load/unload routes: fuzzed too
+    adapter = scripted_adapter(scripted_dir, tmp_path / "adapter")
+    argv += ["--lora_modules", f"{NAME}-lora={adapter}", "--allow_runtime_lora_updating"]
     with caplog.at_level("ERROR"), serve_in_thread(argv + ["--log_level", "warning"]) as running:
         out = schemathesis(running.url, phases, max_examples, tmp_path)
         after = httpx.post(f"{running.url}/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=60)
@@ -166,7 +180,7 @@ def fuzz(scripted_dir, port, phases, max_examples, tmp_path, caplog):
 
 def test_schemathesis_finds_nothing(scripted_dir, free_port, tmp_path, caplog):
     out, generated = fuzz(scripted_dir, free_port, "examples,fuzzing", 8, tmp_path, caplog)
-    assert generated >= 20 and f"{generated} passed" in out  # 5 operations, up to 8 each, and the examples
+    assert generated >= 20 and f"{generated} passed" in out  # 7 operations, up to 8 each, and the examples
 
 
 @pytest.mark.slow

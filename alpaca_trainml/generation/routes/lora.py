@@ -11,7 +11,8 @@ from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from alpaca_trainml.cli import UsageError
-from alpaca_trainml.generation.protocol import ApiError, ErrorBody
+from alpaca_trainml.generation import api_schema
+from alpaca_trainml.generation.protocol import ApiError
 
 logger = logging.getLogger(__name__)
 Name = Annotated[str, Field(min_length=1, max_length=200, pattern=r"[^\s]")]
@@ -31,16 +32,17 @@ class UnloadLoraBody(BaseModel):
 ERRORS = {
     400: "a bad body; a folder that is not a LoRA adapter or does not fit the base (code invalid_lora_adapter); a "
     "name taken by the base or another adapter (code lora_adapter_exists)",
-    401: "--api_key is set and the request has no 'Authorization: Bearer <key>', or a wrong one",
-    403: "a foreign Host header or a web page's Origin that is not allowed (generation/http_guard.py)",
     404: "no adapter of that name is loaded (unload only)",
-    413: "the body is larger than --max_body_bytes",
+    **{code: api_schema.ERRORS[code] for code in (401, 403, 413)},
 }
 OK = {200: {"description": "done", "content": {"text/plain": {"schema": {"type": "string"}}}}}
 
 
+ERROR_CONTENT = {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}}  # not the 200's text
+
+
 def responses(*codes):
-    return {**OK, **{code: {"model": ErrorBody, "description": ERRORS[code]} for code in codes}}
+    return {**OK, **{code: {"description": ERRORS[code], "content": ERROR_CONTENT} for code in codes}}
 
 
 def add_routes(app, model, engine, name):
