@@ -29,7 +29,6 @@ import torch
 
 import inference
 import serve
-from alpaca_trainml.generation.lora_adapters import AdapterSet
 from alpaca_trainml.generation.lora_step import LoraStep
 from benchmarks.serve_throughput import INSTRUCTIONS, free_port
 

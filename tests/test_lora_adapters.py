@@ -6,6 +6,7 @@ import json
 
 import pytest
 from helpers import build_lora_adapters, call_app
+from prometheus_client.parser import text_string_to_metric_families
 
 from alpaca_trainml.cli import UsageError
 from alpaca_trainml.generation.llama_step import FAST_ENV
@@ -76,6 +77,14 @@ def test_model_picks_the_adapter_and_each_answers_as_its_checkpoint_alone(lora_d
         ("POST", "/v1/chat/completions", dict(json=chat)),
         *[("POST", "/v1/completions", dict(json=dict(BODY, model=n) if n else BODY)) for n in names],
     )
+    (scrape,) = call_app(app, ("GET", "/metrics", {}), generate=False)
+    counted = {
+        s.labels["lora_name"]: s.value
+        for family in text_string_to_metric_families(scrape.text)
+        for s in family.samples
+        if s.name == "alpaca:lora_requests_total"
+    }
+    assert counted == {"qv": 2, "all": 2, "mlp": 3}  # names' adapters, and the chat on mlp
     cards = answers[0].json()["data"]
     assert [(c["id"], c["parent"]) for c in cards] == [("base", None), ("qv", "base"), ("all", "base"), ("mlp", "base")]
     assert cards[1]["root"] == str(folders["qv"])

@@ -57,11 +57,12 @@ def test_a_step_without_adapter_rows_takes_the_kernel_again(served):
     ids = served.encode_instruction(PROMPTS[0])
     batch.admit([Job(ids, GREEDY, adapter=served.adapters.get("qv")), Job(ids, GREEDY)])
     batch.step()
-    assert batch.stepper.decoder is None and len(batch.stepper.routing) == 1  # one adapter, on row 0 only
-    assert batch.stepper.routing[0][1].tolist() == [0]
+    assert batch.stepper.decoder is None
+    a, b, mask = batch.stepper.plan[0, "qkv"]  # the adapter's own pair, on row 0 only
+    assert mask[:, 0].tolist() == [1, 0] and a.shape == (4 + 4, 32)  # q_proj and v_proj, rank 4 each
     batch.drop(batch.rows[:1])  # the adapter's row leaves
     batch.step()
-    assert batch.stepper.routing == [] and batch.stepper.decoder is batch.stepper.kernel_decoder
+    assert batch.stepper.plan == {} and batch.stepper.decoder is batch.stepper.kernel_decoder
     assert batch.stepper.row_adapters == [None]
     batch.end(RuntimeError("done"))
 

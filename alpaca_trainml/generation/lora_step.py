@@ -2,10 +2,10 @@
 of the server's (lora_adapters.py), or none, in the same forward.
 
 Each projection of a layer (fused q/k/v, o, fused gate/up, down) computes the base's output for every row as before,
-then adds each adapter's delta to its own rows: (x[rows] @ A^T) @ B^T, rows grouped by adapter, so that 8 rows over 4
-adapters are 4 pairs of small matmuls per projection. The whole-step kernel (csrc/decode.cpp) has no LoRA hook: a
-decode step with any adapter row takes the step's Python forward, over the same kernel matmuls; a step of base rows
-only still takes the kernel.
+then adds each row's adapter delta, x @ A^T @ B^T (the scaling is in B): one pair of small matmuls per projection
+over the step's adapters stacked, with a 0/1 mask that keeps each row's own adapter (LoraStep). The whole-step
+kernel (csrc/decode.cpp) has no LoRA hook: a decode step with any adapter row takes the step's Python forward, over
+the same kernel matmuls; a step of base rows only still takes the kernel.
 
 Why not peft's mixed batch (`adapter_names=` in a PeftModel's forward): it runs transformers' forward (hf_step.py),
 which on a CPU costs about twice our Python step at 135M parameters, for every row, base rows included
@@ -19,8 +19,8 @@ from alpaca_trainml.generation.lora_adapters import SLOTS
 
 
 class LoraWeight:
-    """A projection (llama_step.Weight) plus the delta of each adapter on its rows; `routing` is the step's list of
-    (adapter, row indices or None for every row), set before each forward."""
+    """A projection (llama_step.Weight) plus the adapters' delta on their rows, as the step's `plan` gives it for this
+    projection: (A (R, in), B (out, R), mask (rows, R) or None), set before each forward."""
 
     __slots__ = ("base", "key", "step")
 
@@ -32,42 +32,75 @@ class LoraWeight:
 
     def __call__(self, x):
         y = self.base(x)
-        for adapter, rows in self.step.routing:
-            pair = adapter.pairs.get(self.key)
-            if pair is None:
-                continue
-            a, b = pair
-            if rows is None:  # every row: one adapter for the whole batch
-                y += (x @ a.T) @ b.T
-            else:
-                y.index_add_(0, rows, (x.index_select(0, rows) @ a.T) @ b.T)
+        plan = self.step.plan.get(self.key)
+        if plan is not None:
+            a, b, mask = plan
+            h = x @ a.T  # (rows, ..., R)
+            if mask is not None:  # each row keeps its own adapter's columns
+                h = h * mask.view(mask.shape[0], *[1] * (x.dim() - 2), -1)
+            y += h @ b.T
         return y
 
 
+def stacked(adapters, key):
+    """(A, B, ranks) of several adapters on one projection: their A stacked (sum of ranks, in), their B side by side
+    (out, sum of ranks), and each one's rank there (0 for an adapter that leaves the projection alone); None when
+    none changes it."""
+    pairs = [adapter.pairs.get(key) for adapter in adapters]
+    if all(p is None for p in pairs):
+        return None
+    a = torch.cat([p[0] for p in pairs if p is not None])
+    b = torch.cat([p[1] for p in pairs if p is not None], dim=1)
+    return a, b, torch.tensor([0 if p is None else p[0].shape[0] for p in pairs], device=a.device)
+
+
 class LoraStep(LlamaStep):
-    """LlamaStep whose rows each carry an adapter (None: the base). prefill(prompts, adapters) takes one per prompt."""
+    """LlamaStep whose rows each carry an adapter (None: the base). prefill(prompts, adapters) takes one per prompt.
+
+    Several adapters in a step: every projection runs one pair of matmuls over all their pairs stacked (made once
+    for each set of adapters, kept while the set stays), and a 0/1 mask keeps each row's own adapter's columns. The
+    extra arithmetic is small (the stacked ranks, 64 for 4 adapters of rank 16, against the layer's width), and the
+    number of operations no longer grows with the number of adapters."""
 
     def __init__(self, model):
         super().__init__(model)  # the kernel's decoder is built over the base weights first
         self.kernel_decoder = self.decoder
-        self.row_adapters, self.routing = [], []
+        self.row_adapters, self.plan, self.routed = [], {}, None
+        self.stacks, self.stacked = {}, []  # the adapters are held, so that no other object takes their id()
         self.layers = [
             layer._replace(**{slot: LoraWeight(getattr(layer, slot), (i, slot), self) for slot in SLOTS})
             for i, layer in enumerate(self.layers)
         ]
 
     def _route(self, adapters):
-        """Group the rows by adapter; the kernel runs only a step without any adapter row."""
-        groups = {}
-        for i, adapter in enumerate(adapters):
-            if adapter is not None:
-                groups.setdefault(id(adapter), (adapter, []))[1].append(i)
-        device = self.embed.device
-        self.routing = [
-            (adapter, None if len(rows) == len(adapters) else torch.tensor(rows, device=device))
-            for adapter, rows in groups.values()
-        ]
-        self.decoder = None if self.routing else self.kernel_decoder
+        """Set the plan for a forward of rows on `adapters`; the kernel runs only a step without any adapter row."""
+        if self.routed is not None and len(adapters) == len(self.routed):
+            if all(a is b for a, b in zip(adapters, self.routed)):
+                return  # the same rows as the last forward: the same plan
+        distinct = list({id(a): a for a in adapters if a is not None}.values())
+        self.decoder = None if distinct else self.kernel_decoder
+        keys = [(i, slot) for i in range(len(self.layers)) for slot in SLOTS]
+        if len(distinct) == 1:  # its own pairs, and a mask only where base rows share the step
+            adapter = distinct[0]
+            rows = torch.tensor([[float(a is adapter)] for a in adapters], device=self.embed.device)
+            mask = None if all(a is adapter for a in adapters) else rows.to(self.embed.dtype)
+            self.plan = {
+                k: (a, b, None if mask is None else mask.expand(-1, a.shape[0])) for k, (a, b) in adapter.pairs.items()
+            }
+        elif distinct:
+            if {id(a) for a in distinct} != {id(a) for a in self.stacked}:  # a new set of adapters: stack them
+                self.stacks, self.stacked = {k: stacked(distinct, k) for k in keys}, distinct
+            rows = [[float(a is d) for d in self.stacked] for a in adapters]
+            onehot = torch.tensor(rows, device=self.embed.device, dtype=self.embed.dtype)  # (rows, adapters)
+            self.plan = {
+                k: (a, b, onehot.repeat_interleave(ranks, dim=1))
+                for k, stack in self.stacks.items()
+                if stack is not None
+                for a, b, ranks in [stack]
+            }
+        else:
+            self.plan = {}
+        self.routed = list(adapters)
 
     @torch.inference_mode()
     def keep(self, rows):

@@ -7,6 +7,8 @@ that dashboards made for vLLM carry over. Every metric has the label model_name,
   (histograms; a beam search has no per-token times, so it adds only to the end-to-end latency);
 - vllm:request_success_total{finished_reason}: stop, length, or abort (the client left, or the server stopped) and
   error (the model failed);
+- alpaca:lora_requests_total{lora_name}: finished requests per LoRA adapter (serve.py --lora_modules); vLLM has
+  only an info gauge of the adapters running, so this one is ours;
 - http_requests_total{handler, method, status}: every answer by status code, errors (4xx, 5xx) included, as
   vLLM's prometheus-fastapi-instrumentator counts them; handler is the route, or "other".
 
@@ -46,6 +48,7 @@ class Metrics:
         self.itl = Histogram("vllm:inter_token_latency_seconds", "between tokens", labels, buckets=ITL_BUCKETS, **m)
         self.e2e = Histogram("vllm:e2e_request_latency_seconds", "arrival to end", labels, buckets=E2E_BUCKETS, **m)
         self.finished = Counter("vllm:request_success", "finished requests", [*labels, "finished_reason"], **m)
+        self.lora = Counter("alpaca:lora_requests", "finished requests per LoRA adapter", [*labels, "lora_name"], **m)
         self.http = Counter("http_requests_total", "answers by status", ["handler", "method", "status"], **m)
 
     def watch(self, job):
@@ -62,6 +65,8 @@ class Metrics:
             reason = "abort" if isinstance(error, RequestCancelled) or "shutting down" in str(error) else "error"
             made = len(job.token_times)
         self.finished.labels(name, reason).inc()
+        if job.adapter is not None:
+            self.lora.labels(name, job.adapter.name).inc()
         self.prompt_tokens.labels(name).inc(len(job.ids))
         self.generation_tokens.labels(name).inc(made)
         self.e2e.labels(name).observe(now - job.submitted)
