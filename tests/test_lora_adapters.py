@@ -12,7 +12,7 @@ from alpaca_trainml.cli import UsageError
 from alpaca_trainml.generation.llama_step import FAST_ENV
 from alpaca_trainml.generation.lora_adapters import AdapterSet, parse_module
 from inference import InstructModel
-from serve import create_app, parse_args
+from serve import create_app, main, parse_args
 
 BODY = dict(prompt="Once upon a time", max_tokens=8, temperature=0)
 
@@ -44,6 +44,12 @@ def test_an_adapter_that_does_not_fit_the_base_is_one_error_naming_its_tensors(l
     with pytest.raises(UsageError, match="taken"):
         adapters.add("qv", lora_dirs[1]["qv"])
     assert adapters.names() == ["qv"]
+
+
+def test_serve_refuses_a_folder_that_is_not_an_adapter_before_the_model_loads(lora_dirs, tmp_path):
+    args = parse_args(["--model_name_or_path", str(lora_dirs[0]), "--lora_modules", f"x={tmp_path}"])
+    with pytest.raises(UsageError, match=f"--lora_modules 'x={tmp_path}': {tmp_path} is not a LoRA adapter folder"):
+        main(args)
 
 
 def test_the_generic_step_cannot_serve_adapters(lora_dirs, monkeypatch):
