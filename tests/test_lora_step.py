@@ -4,10 +4,11 @@ tokens, those of its checkpoint served alone (the adapter folder loaded by Instr
 import pytest
 import torch
 
-from alpaca_trainml.generation.batch import DecodeBatch, Job, run_to_end
+from alpaca_trainml.generation.batch import DecodeBatch, Job
 from alpaca_trainml.generation.decoding import GenParams
 from alpaca_trainml.generation.lora_adapters import AdapterSet
 from alpaca_trainml.generation.lora_step import LoraStep
+from alpaca_trainml.generation.speculative import lookup_for
 from inference import InstructModel
 
 PROMPTS = ["Give three tips for staying healthy.", "Name a colour.", "Write a short poem about the sea."]
@@ -40,12 +41,20 @@ def _ids(model, completion):
     return model._ids(completion.text, special=False)
 
 
-def test_a_batch_of_rows_on_different_adapters_gives_each_adapter_its_own_tokens(served, alone):
+@pytest.mark.parametrize("speculative", ["none", "ngram"])  # ngram: drafts checked by LoraStep.verify
+def test_a_batch_of_rows_on_different_adapters_gives_each_adapter_its_own_tokens(served, alone, speculative):
+    served.speculative = lookup_for(speculative)
     # 9 rows: every prompt on every adapter and on the base, in an order that mixes them
     names = ["all", "base", "qv", "mlp", "qv", "base", "all", "mlp", "qv"]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(names))]
     jobs = [Job(served.encode_instruction(p), GREEDY, adapter=served.adapters.get(n)) for p, n in zip(prompts, names)]
-    results = run_to_end(served, jobs)
+    batch = DecodeBatch(served)
+    batch.admit(jobs)
+    while batch.rows:
+        batch.step()
+    results = [j.future.result() for j in jobs]
+    served.speculative = None
+    assert (batch.drafted > 0) == (speculative == "ngram")
     for i, (name, prompt, result) in enumerate(zip(names, prompts, results)):
         assert _ids(served, result) == alone[name][PROMPTS.index(prompt)], (i, name)
     assert len({tuple(alone[n][0]) for n in alone}) == 4  # every adapter answers apart from the base and the others
