@@ -87,3 +87,19 @@ def test_a_beam_search_through_an_adapter_equals_its_checkpoint_alone(served, lo
     assert beams == alone.generate([ids], params)[0].text
     assert served.generate([ids], params)[0].text != beams  # the hooks are gone after the block
     assert torch.is_inference_mode_enabled() is False
+
+
+def test_stacks_are_kept_while_the_rows_adapters_are_among_them(served):
+    batch = DecodeBatch(served)
+    ids = served.encode_instruction(PROMPTS[0])
+    batch.admit([Job(ids, GREEDY, adapter=served.adapters.get(n)) for n in ("qv", "all", "mlp")])
+    batch.step()
+    stacks = batch.stepper.stacks
+    # gate/up: "all" changes gate_proj and up_proj (rank 4 each), "mlp" up_proj alone, "qv" neither
+    a, b, mask = batch.stepper.plan[0, "gate_up"]
+    assert a.shape[0] == 12 and mask.tolist() == [[0.0] * 12, [1.0] * 8 + [0.0] * 4, [0.0] * 8 + [1.0] * 4]
+    batch.drop(batch.rows[2:])  # mlp's row leaves: qv and all are among the stacked adapters
+    batch.step()
+    assert batch.stepper.stacks is stacks
+    assert batch.stepper.plan[0, "gate_up"][2].tolist() == [[0.0] * 12, [1.0] * 8 + [0.0] * 4]
+    batch.end(RuntimeError("done"))

@@ -57,10 +57,10 @@ def stacked(adapters, key):
 class LoraStep(LlamaStep):
     """LlamaStep whose rows each carry an adapter (None: the base). prefill(prompts, adapters) takes one per prompt.
 
-    Several adapters in a step: every projection runs one pair of matmuls over all their pairs stacked (made once
-    for each set of adapters, kept while the set stays), and a 0/1 mask keeps each row's own adapter's columns. The
-    extra arithmetic is small (the stacked ranks, 64 for 4 adapters of rank 16, against the layer's width), and the
-    number of operations no longer grows with the number of adapters."""
+    Several adapters in a step: every projection runs one pair of matmuls over all their pairs stacked (made when a
+    step brings an adapter the stacks lack, kept while the rows' adapters are among them), and a 0/1 mask keeps each
+    row's own adapter's columns. The extra arithmetic is small (the stacked ranks, 64 for 4 adapters of rank 16,
+    against the layer's width), and the number of operations no longer grows with the number of adapters."""
 
     def __init__(self, model):
         super().__init__(model)  # the kernel's decoder is built over the base weights first
@@ -88,7 +88,9 @@ class LoraStep(LlamaStep):
                 k: (a, b, None if mask is None else mask.expand(-1, a.shape[0])) for k, (a, b) in adapter.pairs.items()
             }
         elif distinct:
-            if {id(a) for a in distinct} != {id(a) for a in self.stacked}:  # a new set of adapters: stack them
+            # a set the stacks do not hold: stack it. One they hold (some adapters' rows have left for now): keep
+            # them, the mask zeroes the others' columns, and the copy is not made again when those rows come back
+            if not {id(a) for a in distinct} <= {id(a) for a in self.stacked}:
                 self.stacks, self.stacked = {k: stacked(distinct, k) for k in keys}, distinct
             rows = [[float(a is d) for d in self.stacked] for a in adapters]
             onehot = torch.tensor(rows, device=self.embed.device, dtype=self.embed.dtype)  # (rows, adapters)
