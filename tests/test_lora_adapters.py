@@ -117,14 +117,18 @@ def test_runtime_loading_is_off_unless_allowed_and_then_loads_and_unloads(lora_d
     assert first.status_code == 200 and first.text == "Success: LoRA adapter 'all' added successfully."
     model_field = app.openapi()["components"]["schemas"]["CompletionBody"]["properties"]["model"]
     assert model_field["anyOf"][0]["enum"] == ["base", "all"]
-    again, bad, use = call_app(
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "adapter_config.json").write_text('{"peft_type": "LORA"}')  # no r, no lora_alpha
+    again, bad, broken, use = call_app(
         app,
         load,
         ("POST", "/v1/load_lora_adapter", dict(json={"lora_name": "x", "lora_path": str(tmp_path)})),
+        ("POST", "/v1/load_lora_adapter", dict(json={"lora_name": "y", "lora_path": str(tmp_path / "broken")})),
         ("POST", "/v1/completions", dict(json=dict(BODY, model="all"))),
     )
     assert again.status_code == 400 and again.json()["error"]["code"] == "lora_adapter_exists"
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_lora_adapter"
+    assert broken.status_code == 400 and "KeyError" in broken.json()["error"]["message"]
     assert use.json()["choices"][0]["text"] == alone["all"]
     unload = ("POST", "/v1/unload_lora_adapter", dict(json={"lora_name": "all"}))
     gone, twice, after = call_app(app, unload, unload, ("POST", "/v1/completions", dict(json=dict(BODY, model="all"))))

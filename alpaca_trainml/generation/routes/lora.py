@@ -5,10 +5,10 @@ because a load reads a folder on the server, named by the client."""
 import logging
 from typing import Annotated
 
-from fastapi import Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import PlainTextResponse
 from pydantic import BaseModel, ConfigDict, Field
+from safetensors import SafetensorError
 
 from alpaca_trainml.cli import UsageError
 from alpaca_trainml.generation import api_schema
@@ -51,14 +51,15 @@ def add_routes(app, model, engine, name):
         return
 
     @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=responses(400, 401, 403, 413))
-    async def load_lora_adapter(body: LoadLoraBody, request: Request):
+    async def load_lora_adapter(body: LoadLoraBody):
         if body.lora_name == name or model.adapters.get(body.lora_name) is not None:
             message = f"The LoRA adapter {body.lora_name!r} has already been loaded."
             raise ApiError(400, message, param="lora_name", code="lora_adapter_exists")
         try:  # reading and checking the folder takes a while: off the event loop
             await run_in_threadpool(model.adapters.add, body.lora_name, body.lora_path)
-        except (UsageError, OSError, ValueError) as e:
-            raise ApiError(400, str(e), param="lora_path", code="invalid_lora_adapter") from e
+        except (UsageError, OSError, ValueError, KeyError, SafetensorError) as e:  # KeyError: a config without r...
+            message = str(e) if isinstance(e, UsageError) else f"{body.lora_path}: {type(e).__name__}: {e}"
+            raise ApiError(400, message, param="lora_path", code="invalid_lora_adapter") from e
         app.openapi_schema = None  # the schema's list of model names follows
         logger.info("loaded the LoRA adapter %r from %s", body.lora_name, body.lora_path)
         return f"Success: LoRA adapter '{body.lora_name}' added successfully."
