@@ -78,47 +78,79 @@ void dot_rows(const float* x, const W* w, float* y, int64_t in, int64_t out, int
   }
 }
 
-// One row of x against fp32 w's rows [o0, o1), four of w's rows at a time: four streams in flight, x read once for
-// four (10-25% faster than dot_rows<1> on this model's shapes; slower for bf16 weights, which keep dot_rows<1>)
-void dot_one_row(const float* x, const float* w, float* y, int64_t in, int64_t o0, int64_t o1) {
+#if defined(__AVX2__) && defined(__FMA__)
+// R rows of x against C rows of fp32 w from row o: y[r * out + o + c]. Every output is the sum of one 8-lane
+// accumulator over in (8 at a time), then its remaining in % 8 terms in order: the same operations in the same order
+// whatever R and C, so a row's numbers never depend on how many rows are decoded with it (a verify step of several
+// positions gives a plain step's numbers, bit for bit). Each w load feeds R FMAs and each x load C; R * C <= 12
+// accumulators, with the loads, fit AVX2's 16 registers.
+template <int R, int C>
+inline void block_f32(const float* x, const float* w, float* y, int64_t in, int64_t out, int64_t o) {
+  __m256 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+  const float* wo = w + o * in;
+  int64_t i = 0;
+  for (; i + 8 <= in; i += 8) {
+    __m256 wv[C];
+    for (int c = 0; c < C; ++c) wv[c] = _mm256_loadu_ps(wo + c * in + i);
+    for (int r = 0; r < R; ++r) {
+      __m256 xv = _mm256_loadu_ps(x + r * in + i);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(wv[c], xv, acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) {
+      float s = hsum(acc[r][c]);
+      for (int64_t j = i; j < in; ++j) s += wo[c * in + j] * x[r * in + j];
+      y[r * out + o + c] = s;
+    }
+}
+
+// every row of x against C rows of w from row o: those C rows (C * in floats) stay in L1 while the rows pass
+template <int C>
+inline void rows_f32(const float* x, const float* w, float* y, int64_t rows, int64_t in, int64_t out, int64_t o) {
+  int64_t r = 0;
+  for (; r + 3 <= rows; r += 3) block_f32<3, C>(x + r * in, w, y + r * out, in, out, o);
+  if (rows - r == 2) block_f32<2, C>(x + r * in, w, y + r * out, in, out, o);
+  if (rows - r == 1) block_f32<1, C>(x + r * in, w, y + r * out, in, out, o);
+}
+#endif
+
+// fp32 w's rows [o0, o1) for every row of x. One row streams 8 of w's rows at a time (8 sums in flight: the weight's
+// read is the bound); more rows take 4 of w's rows against 3 of x's at a time.
+void f32_rows(const float* x, const float* w, float* y, int64_t rows, int64_t in, int64_t out, int64_t o0,
+              int64_t o1) {
   int64_t o = o0;
 #if defined(__AVX2__) && defined(__FMA__)
-  for (; o + 4 <= o1 && in % 16 == 0; o += 4) {
-    const float* r0 = w + o * in;
-    const float *r1 = r0 + in, *r2 = r1 + in, *r3 = r2 + in;
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0, d0 = a0, d1 = a0;
-    for (int64_t i = 0; i < in; i += 16) {
-      __m256 x0 = _mm256_loadu_ps(x + i), x1 = _mm256_loadu_ps(x + i + 8);
-      a0 = _mm256_fmadd_ps(load8(r0 + i), x0, a0);
-      a1 = _mm256_fmadd_ps(load8(r0 + i + 8), x1, a1);
-      b0 = _mm256_fmadd_ps(load8(r1 + i), x0, b0);
-      b1 = _mm256_fmadd_ps(load8(r1 + i + 8), x1, b1);
-      c0 = _mm256_fmadd_ps(load8(r2 + i), x0, c0);
-      c1 = _mm256_fmadd_ps(load8(r2 + i + 8), x1, c1);
-      d0 = _mm256_fmadd_ps(load8(r3 + i), x0, d0);
-      d1 = _mm256_fmadd_ps(load8(r3 + i + 8), x1, d1);
+  if (rows == 1)
+    for (; o + 8 <= o1; o += 8) block_f32<1, 8>(x, w, y, in, out, o);
+  else
+    for (; o + 4 <= o1; o += 4) rows_f32<4>(x, w, y, rows, in, out, o);
+  for (; o < o1; ++o) rows_f32<1>(x, w, y, rows, in, out, o);
+#else
+  for (; o < o1; ++o)  // one sum per output in order: the same for any number of rows
+    for (int64_t r = 0; r < rows; ++r) {
+      float s = 0.f;
+      for (int64_t i = 0; i < in; ++i) s += w[o * in + i] * x[r * in + i];
+      y[r * out + o] = s;
     }
-    y[o] = hsum(_mm256_add_ps(a0, a1));
-    y[o + 1] = hsum(_mm256_add_ps(b0, b1));
-    y[o + 2] = hsum(_mm256_add_ps(c0, c1));
-    y[o + 3] = hsum(_mm256_add_ps(d0, d1));
-  }
 #endif
-  dot_rows<1>(x, w, y, in, 0, o, o1);
 }
 
 template <typename W>
 void tile(const float* x, const W* w, float* y, int64_t rows, int64_t in, int64_t out, int64_t o0, int64_t o1) {
   if constexpr (std::is_same<W, float>::value) {
-    if (rows == 1) return dot_one_row(x, w, y, in, o0, o1);
-  }
-  int64_t r = 0;
-  for (; r + ROWS <= rows; r += ROWS) dot_rows<ROWS>(x + r * in, w, y + r * out, in, out, o0, o1);
-  switch (rows - r) {
-    case 3: dot_rows<3>(x + r * in, w, y + r * out, in, out, o0, o1); break;
-    case 2: dot_rows<2>(x + r * in, w, y + r * out, in, out, o0, o1); break;
-    case 1: dot_rows<1>(x + r * in, w, y + r * out, in, out, o0, o1); break;
-    default: break;
+    return f32_rows(x, w, y, rows, in, out, o0, o1);
+  } else {
+    int64_t r = 0;
+    for (; r + ROWS <= rows; r += ROWS) dot_rows<ROWS>(x + r * in, w, y + r * out, in, out, o0, o1);
+    switch (rows - r) {
+      case 3: dot_rows<3>(x + r * in, w, y + r * out, in, out, o0, o1); break;
+      case 2: dot_rows<2>(x + r * in, w, y + r * out, in, out, o0, o1); break;
+      case 1: dot_rows<1>(x + r * in, w, y + r * out, in, out, o0, o1); break;
+      default: break;
+    }
   }
 }
 
@@ -290,9 +322,12 @@ struct LlamaDecoder {
 
   // h (rows, hidden) fp32: the new tokens' embeddings, changed in place into the last layer's output.
   // cos, sin (rows, dim) fp32: each row's rotary at its position. keys[i], values[i] (rows_cap, kv_heads, pos_cap,
-  // dim) in the weights' dtype: row r's token goes to position pos[r] and attends to positions 0..pos[r].
+  // dim) in the weights' dtype: row r's token goes to position pos[r] of cache row slots[r] (r itself when slots is
+  // empty) and attends to positions 0..pos[r] there. Several rows may share a slot at different positions (a
+  // speculative verify: a draft's positions): every row's key and value are written before any row attends, so each
+  // position sees the draft up to itself, causal as one token at a time would be.
   torch::Tensor step(torch::Tensor h, torch::Tensor cos, torch::Tensor sin, std::vector<torch::Tensor> keys,
-                     std::vector<torch::Tensor> values, std::vector<int64_t> pos) {
+                     std::vector<torch::Tensor> values, std::vector<int64_t> pos, std::vector<int64_t> slots) {
     int64_t rows = h.size(0);
     TORCH_CHECK(h.dim() == 2 && h.size(1) == hidden && h.is_contiguous() && h.scalar_type() == torch::kFloat32,
                 "LlamaDecoder.step: h (rows, hidden) fp32");
@@ -305,21 +340,25 @@ struct LlamaDecoder {
     for (size_t i = 0; i < keys.size(); ++i)
       TORCH_CHECK(keys[i].scalar_type() == dtype && values[i].scalar_type() == dtype && keys[i].is_contiguous() &&
                       values[i].is_contiguous() && keys[i].sizes() == values[i].sizes() && keys[i].dim() == 4 &&
-                      keys[i].size(0) >= rows && keys[i].size(1) == kv_heads && keys[i].size(3) == dim &&
+                      keys[i].size(0) == keys[0].size(0) && keys[i].size(1) == kv_heads && keys[i].size(3) == dim &&
                       keys[i].size(2) == keys[0].size(2),
                   "LlamaDecoder.step: caches (rows, kv_heads, positions, dim) in the weights' dtype");
     for (auto p : pos) TORCH_CHECK(p >= 0 && p < keys[0].size(2), "LlamaDecoder.step: position outside the cache");
+    if (slots.empty())
+      for (int64_t r = 0; r < rows; ++r) slots.push_back(r);
+    TORCH_CHECK(static_cast<int64_t>(slots.size()) == rows, "LlamaDecoder.step: one cache slot per row");
+    for (auto r : slots) TORCH_CHECK(r >= 0 && r < keys[0].size(0), "LlamaDecoder.step: a slot outside the cache");
     if (dtype == torch::kFloat32) {
-      run_step<float>(h, cos, sin, keys, values, pos);
+      run_step<float>(h, cos, sin, keys, values, pos, slots);
     } else {
-      run_step<uint16_t>(h, cos, sin, keys, values, pos);
+      run_step<uint16_t>(h, cos, sin, keys, values, pos, slots);
     }
     return h;
   }
 
   template <typename W>
   void run_step(torch::Tensor& h, const torch::Tensor& cos, const torch::Tensor& sin, std::vector<torch::Tensor>& keys,
-                std::vector<torch::Tensor>& values, const std::vector<int64_t>& pos) {
+                std::vector<torch::Tensor>& values, const std::vector<int64_t>& pos, const std::vector<int64_t>& slot) {
     int64_t rows = h.size(0), qkv_n = (heads + 2 * kv_heads) * dim, group = heads / kv_heads;
     int64_t pos_cap = keys[0].size(2), width = *std::max_element(pos.begin(), pos.end()) + 1;
     auto opts = h.options();
@@ -347,7 +386,7 @@ struct LlamaDecoder {
         }
         for (int64_t hd = 0; hd < heads + kv_heads; ++hd) rotate<W>(q + hd * dim, cp + r * dim, snp + r * dim, dim);
         for (int64_t g = 0; g < kv_heads; ++g) {
-          int64_t at = ((r * kv_heads + g) * pos_cap + pos[r]) * dim;
+          int64_t at = ((slot[r] * kv_heads + g) * pos_cap + pos[r]) * dim;
           for (int64_t d = 0; d < dim; ++d) {
             store(kc + at + d, q[(heads + g) * dim + d]);
             store(vc + at + d, q[(heads + kv_heads + g) * dim + d]);
@@ -359,8 +398,8 @@ struct LlamaDecoder {
           int64_t r = rh / heads, hd = rh % heads, n = pos[r] + 1;
           int64_t t0 = L.window > 0 ? std::max<int64_t>(0, n - L.window) : 0;  // the window's first position
           const float* q = qp + r * qkv_n + hd * dim;
-          const W* K = kc + (r * kv_heads + hd / group) * pos_cap * dim;
-          const W* V = vc + (r * kv_heads + hd / group) * pos_cap * dim;
+          const W* K = kc + (slot[r] * kv_heads + hd / group) * pos_cap * dim;
+          const W* V = vc + (slot[r] * kv_heads + hd / group) * pos_cap * dim;
           float* s = sp + rh * width;
           float top = -INFINITY;
           for (int64_t t = t0; t < n; ++t) {
@@ -402,5 +441,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(pybind11::init<std::vector<std::vector<torch::Tensor>>, int64_t, int64_t, int64_t, double, double,
                           std::vector<int64_t>>())
       .def(pybind11::init<std::vector<std::vector<torch::Tensor>>, int64_t, int64_t, int64_t, double, double>())
-      .def("step", &LlamaDecoder::step);
+      .def("step", &LlamaDecoder::step, pybind11::arg("h"), pybind11::arg("cos"), pybind11::arg("sin"),
+           pybind11::arg("keys"), pybind11::arg("values"), pybind11::arg("pos"),
+           pybind11::arg("slots") = std::vector<int64_t>());
 }
