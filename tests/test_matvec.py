@@ -167,3 +167,42 @@ def test_decoder_takes_the_llama_only_arguments_as_before(module, tiny_llama_dir
     assert torch.equal(old.step(h.clone(), cos, sin, keys, values, [3]), want)
     with pytest.raises(RuntimeError, match="one window per layer"):
         module.LlamaDecoder(weights, step.heads, step.kv_heads, step.head_dim, step.eps, step.scale, [0])
+
+
+@pytest.mark.parametrize("name,dtype", [(None, torch.float32), (None, torch.bfloat16), ("mistral", torch.float32)])
+def test_verify_of_several_positions_per_row_is_decode_bit_for_bit(module, tiny_llama_dir, name, dtype):
+    """A speculative verify runs each row's draft positions as rows of one kernel step in that row's cache slot: its
+    logits and cache must be those of decoding the tokens one step at a time (greedy speculation is then exactly
+    plain decoding). Mistral: a sliding window (tiny_family_config's) that the 9-token prompt passes."""
+    if name is None:
+        model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=dtype).eval()
+    else:
+        model = family_model(name, dtype)
+    one, many = LlamaStep(model), LlamaStep(model)
+    assert one.decoder is not None and many.verifies
+    prompts = [[3, 4, 5, 6, 7, 8, 9, 10, 11], [10, 11], [12, 13, 14]]
+    for step in (one, many):
+        step.prefill(prompts)
+    tokens = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 12], [13, 14, 15, 16]])
+    counts = [4, 1, 3]  # row 1: no draft (its pending token only); the others' shorter drafts padded
+    want = [one.decode(tokens[:, j]) for j in range(4)]
+    got = many.verify(tokens, counts)
+    for r, c in enumerate(counts):
+        assert torch.equal(got[r], torch.stack([w[r] for w in want[:c]]))
+        for ours, theirs in zip(many.cache.keys + many.cache.values, one.cache.keys + one.cache.values):
+            n = len(prompts[r]) + c
+            assert torch.equal(ours[r, :, :n], theirs[r, :, :n])
+    many.rewind([4 - c for c in counts])
+    assert many.cache.lens == [13, 3, 6]
+    alone = LlamaStep(model)  # batch 1, as plain decoding of one request runs: the same numbers again
+    alone.prefill(prompts[:1])
+    assert torch.equal(torch.cat([alone.decode(tokens[:1, j]) for j in range(4)]), got[0])
+
+
+def test_decoder_refuses_a_slot_outside_its_cache(module, tiny_llama_dir):
+    step = LlamaStep(transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval())
+    step.prefill([[3, 4, 5]])
+    h = F.embedding(torch.tensor([4]), step.embed).float()
+    cos = sin = torch.zeros(1, step.head_dim)
+    with pytest.raises(RuntimeError, match="slot outside the cache"):
+        step.decoder.step(h, cos, sin, step.cache.keys, step.cache.values, [3], [step.cache.rows_cap])

@@ -75,6 +75,13 @@ def test_greedy_output_is_identical_to_plain_decoding(model, lookup):
     assert one == plain
 
 
+def test_bf16_greedy_output_is_identical_to_plain_decoding(tiny_llama_dir):
+    """bf16 verifies through the kernel's step (each draft position a row of it): plain decoding's numbers."""
+    half = InstructModel(str(tiny_llama_dir), dtype="bfloat16")
+    params = GenParams(max_tokens=32, temperature=0)
+    assert generate(half, Lookup(), PROMPTS, params) == generate(half, None, PROMPTS, params)
+
+
 def test_drafts_are_verified_and_accepted_on_the_way(model):
     """The tiny model repeats itself, so its own text drafts tokens it then agrees with: the identity above is not
     just plain decoding under another name."""
@@ -237,7 +244,11 @@ def test_the_benchmark_runs_both_sides_and_finds_the_same_greedy_texts(tiny_llam
 
 def test_speculation_is_off_where_the_verify_step_would_not_match_plain_decoding(tiny_llama_dir, monkeypatch):
     half = InstructModel(str(tiny_llama_dir), dtype="bfloat16", speculative=Lookup())
-    assert DecodeBatch(half).lookup is None  # bf16: plain decoding (the verify pass rounds activations to bf16)
+    assert DecodeBatch(half).lookup == Lookup()  # bf16 on the kernel: verify is the kernel's decode step
+    monkeypatch.setenv("ALPACA_MATVEC", "0")  # bf16 on torch's operations: verify rounds activations to bf16
+    half = InstructModel(str(tiny_llama_dir), dtype="bfloat16", speculative=Lookup())
+    assert DecodeBatch(half).lookup is None
+    monkeypatch.delenv("ALPACA_MATVEC")
     monkeypatch.setenv("ALPACA_FAST_DECODE", "0")  # transformers' forward: no verify step
     assert DecodeBatch(InstructModel(str(tiny_llama_dir), speculative=Lookup())).lookup is None
     monkeypatch.delenv("ALPACA_FAST_DECODE")

@@ -153,9 +153,11 @@ class DecodeBatch:
         pending = self.next_ids.tolist()
         tokens = [[p, *d] + [p] * (s - 1 - len(d)) for p, d in zip(pending, drafts)]  # short drafts padded, unread
         with self.model.lock:
-            logits = self.stepper.verify(torch.tensor(tokens, device=self.next_ids.device))
+            counts = [1 + len(d) for d in drafts]
+            logits = self.stepper.verify(torch.tensor(tokens, device=self.next_ids.device), counts)
         if any(r.job.grammar is not None for r in self.rows):  # constrained rows drafted nothing: mask position 0
-            logits = torch.cat([constrain(self.rows, logits[:, 0], self.eos_ids)[:, None], logits[:, 1:]], dim=1)
+            first = constrain(self.rows, torch.stack([row[0] for row in logits]), self.eos_ids)
+            logits = [torch.cat([f[None], row[1:]]) for f, row in zip(first, logits)]
         made = accept_rows(self.rows, logits, drafts)
         self.stepper.rewind([s - len(m) for m in made])  # each row fed its pending token and len(m) - 1 of its draft
         self.drafted += sum(map(len, drafts))

@@ -103,12 +103,16 @@ class Weight:
         if rows > SPLIT_MAX_ROWS or (self.kernel is None and self.blocks is None):
             return F.linear(x, self.full, self.bias)
         if self.kernel is not None:
-            y = self.kernel.matvec(x.reshape(rows, -1).float().contiguous(), self.full)
-            y = y if self.bias is None else y + self.bias  # fp32 sums, then one rounding to the model's dtype
-            return y.to(x.dtype).view(*x.shape[:-1], -1)
+            return self.matvec(x)
         y = torch.bmm(x.reshape(1, rows, -1).expand(self.n, -1, -1), self.blocks)  # (n, rows, out/n)
         y = y.view(*x.shape[:-1], -1) if rows == 1 else y.transpose(0, 1).reshape(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
+
+    def matvec(self, x):
+        """The kernel's product for any number of rows: each row's numbers whatever the rows beside it."""
+        y = self.kernel.matvec(x.reshape(-1, x.shape[-1]).float().contiguous(), self.full)
+        y = y if self.bias is None else y + self.bias  # fp32 sums, then one rounding to the model's dtype
+        return y.to(x.dtype).view(*x.shape[:-1], -1)
 
 
 def _fused(modules):
@@ -209,9 +213,10 @@ class LlamaStep:
                     weights, self.heads, self.kv_heads, self.head_dim, self.eps, self.scale, windows
                 )
         self.cache = SlotCache(len(self.layers), self.kv_heads, self.head_dim, self.embed.dtype, self.embed.device)
-        # verify() gives decode()'s greedy tokens in fp32 only: in bf16 its activations round to bf16 between layers,
-        # where the kernel's stay fp32, and a tiny model's greedy text then differed (2026-12-05)
-        self.verifies = dtype == torch.float32
+        # verify() gives decode()'s numbers where the kernel runs both (fp32 or bf16: the same operations per
+        # position), and decode()'s greedy tokens on torch's operations in fp32 only: in bf16 those round activations
+        # to bf16 between layers, where the kernel's stay fp32, and a tiny model's greedy text then differed
+        self.verifies = self.decoder is not None or dtype == torch.float32
 
     def __len__(self):
         return len(self.cache)
@@ -238,12 +243,9 @@ class LlamaStep:
         self.cache.reserve(len(lens), max(lens) + 1)
         pos = torch.tensor(lens, device=ids.device)
         if self.decoder is not None and len(lens) <= SPLIT_MAX_ROWS:
-            e = F.embedding(ids, self.embed)
-            cos, sin = (t[:, 0].float().contiguous() for t in self.rotary(e, pos[:, None]))  # in the model's dtype
-            h = e.float()  # (rows, hidden) fp32, a new tensor the decoder changes in place (bf16 values stay exact)
-            self.decoder.step(h, cos, sin, self.cache.keys, self.cache.values, lens)
+            logits = self._kernel_step(ids, lens, [])
             self.cache.lens = [n + 1 for n in lens]
-            return self.lm_head(self._norm(h.to(e.dtype), self.norm))
+            return logits
         width = max(lens) + 1
         masks = {w: self._decode_mask(lens, pos, width, w) for w in {layer.window for layer in self.layers}}
         if len(lens) == 1:  # a plain slice write: cheaper than index_put
@@ -282,13 +284,34 @@ class LlamaStep:
         mask = torch.zeros(keep.shape, dtype=self.embed.dtype, device=pos.device).masked_fill(~keep, float("-inf"))
         return mask[:, None]
 
+    def _kernel_step(self, ids, pos, slots):
+        """The kernel's step: ids (n,) at positions pos (n ints) of cache rows slots (n ints; [] for rows 0..n-1);
+        (n, vocab) logits."""
+        e = F.embedding(ids, self.embed)
+        at = torch.tensor(pos, device=ids.device)[:, None]
+        cos, sin = (t[:, 0].float().contiguous() for t in self.rotary(e, at))  # in the model's dtype
+        h = e.float()  # (n, hidden) fp32, a new tensor the decoder changes in place (bf16 values stay exact)
+        self.decoder.step(h, cos, sin, self.cache.keys, self.cache.values, pos, slots)
+        h = self._norm(h.to(e.dtype), self.norm)
+        return self.lm_head.matvec(h) if self.lm_head.kernel is not None else self.lm_head(h)
+
     @torch.inference_mode()
-    def verify(self, tokens):
+    def verify(self, tokens, counts=None):
         """tokens (rows, s): each row's next s tokens (the one it was to take next, then a draft of what follows);
-        (rows, s, vocab) logits, one per position, as s decode() calls would give them, in one pass over the weights
-        (speculative.py). The cache then holds all s tokens of every row: rewind() takes back those not accepted."""
+        counts: how many of them are real in each row (the rest pad a shorter draft; default all s). Per row, its
+        (count, vocab) logits, one per position, as that many decode() calls would give them, in one pass over the
+        weights (speculative.py). The kernel runs every real position as one row of its step, in the row's cache
+        slot: the numbers of decode(), bit for bit. The cache then holds s tokens of every row (padding included):
+        rewind() takes back those not accepted."""
         lens, (rows, s), dev = self.cache.lens, tokens.shape, tokens.device
+        counts = [s] * rows if counts is None else list(counts)
         self.cache.reserve(rows, max(lens) + s)
+        if self.decoder is not None:
+            slots = [r for r, c in enumerate(counts) for _ in range(c)]
+            pos = [lens[r] + j for r, c in enumerate(counts) for j in range(c)]
+            logits = self._kernel_step(torch.cat([tokens[r, :c] for r, c in enumerate(counts)]), pos, slots)
+            self.cache.lens = [n + s for n in lens]
+            return list(logits.split(counts))
         pos = torch.tensor(lens, device=dev)[:, None] + torch.arange(s, device=dev)  # (rows, s)
         width = max(lens) + s
         masks = {w: self._band_mask(pos, width, w) for w in {layer.window for layer in self.layers}}  # causal per row
@@ -304,7 +327,7 @@ class LlamaStep:
 
         logits = self._forward(tokens, pos, attention, last_only=False)
         self.cache.lens = [n + s for n in lens]
-        return logits
+        return [row[:c] for row, c in zip(logits, counts)]
 
     def rewind(self, drop):
         """Forget the last drop[r] tokens of each row r (a draft's rejected tail): later steps write over them."""
