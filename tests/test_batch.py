@@ -3,6 +3,7 @@ on token ids that are characters, without a model."""
 
 import torch
 
+from alpaca_trainml.generation import batch
 from alpaca_trainml.generation.batch import Job, Row, sample
 from alpaca_trainml.generation.decoding import GenParams
 
@@ -51,3 +52,13 @@ def test_greedy_rows_take_the_argmax_and_sampled_rows_stay_in_their_nucleus():
         picked = sample(logits, temperature, top_p).tolist()
         assert picked[0] == 1  # greedy
         assert picked[1] == 0  # top_p 0.5: token 0 alone (p ~0.52) already reaches it
+
+
+def test_draw_picks_each_index_as_often_as_its_weight_and_never_a_zero_one():
+    torch.manual_seed(0)
+    weights = torch.tensor([[0.0, 0.5, 0.0, 0.25, 0.25, 0.0]] * 8)  # unnormalised weights work too: x2 below
+    picks = torch.cat([batch.draw(w) for w in (weights, 2 * weights) for _ in range(500)])  # 8000 draws
+    share = torch.bincount(picks, minlength=6) / len(picks)
+    assert share[[0, 2, 5]].eq(0).all()
+    # 8000 draws: the standard error of a 0.5 share is 0.0056, of 0.25 0.0048; 0.03 is over 5 of them
+    assert torch.allclose(share[[1, 3, 4]], torch.tensor([0.5, 0.25, 0.25]), atol=0.03), share

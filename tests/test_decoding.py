@@ -58,3 +58,17 @@ def test_stop_criteria_ends_rows_at_a_stop_string_and_all_rows_when_cancelled():
     assert criteria(rows, None).tolist() == [True, False]
     cancel.set()
     assert criteria(rows, None).tolist() == [True, True]
+
+
+def test_top_p_from_the_likeliest_few_is_the_full_sort_and_a_wide_nucleus_is_sorted_in_full(monkeypatch):
+    torch.manual_seed(0)
+    peaked, flat = torch.randn(3, 5000) * 8, torch.randn(3, 5000) * 0.1  # nuclei of a few tokens, of thousands
+    logits = torch.cat([peaked, flat])
+    temperature, top_p = torch.tensor([0.7, 1.0, 0.5, 0.7, 1.0, 0.0]), torch.tensor([0.9, 0.5, 0.99, 0.9, 0.2, 0.9])
+    monkeypatch.setattr(decoding, "NUCLEUS_FIRST", 5000)  # the likeliest 5000 of 5000: the whole row, as a sort
+    want = decoding.probabilities(logits, temperature, top_p)
+    monkeypatch.setattr(decoding, "NUCLEUS_FIRST", 64)
+    got = decoding.probabilities(logits, temperature, top_p)
+    assert torch.equal(got, want)
+    kept = got.gt(0).sum(-1)
+    assert (kept[:3] < 64).all() and (kept[3:5] > 64).all()  # both ways taken: within the 64, and past them

@@ -37,8 +37,17 @@ class Job:
 def sample(logits, temperature, top_p):
     """One token per row of logits (batch, vocab), each row with its own temperature (0 = greedy) and top_p."""
     logits = logits.float()
-    picked = torch.multinomial(probabilities(logits, temperature, top_p), 1).squeeze(-1)
-    return torch.where(temperature == 0, logits.argmax(-1), picked)
+    return torch.where(temperature == 0, logits.argmax(-1), draw(probabilities(logits, temperature, top_p)))
+
+
+def draw(weights):
+    """One index per row of weights (rows, n), each drawn with probability proportional to its weight (as
+    torch.multinomial draws one), by inverting the cumulative sum: multinomial took 37 ms a step for 8 rows of a
+    49152-token vocabulary on a loaded 2-core CPU, where this takes under 1 ms."""
+    total = weights.cumsum(-1)
+    below = torch.nextafter(total[:, -1:], torch.zeros(()))  # u stays under the total: never past the last token
+    u = torch.minimum(torch.rand(len(weights), 1, device=weights.device) * total[:, -1:], below)
+    return torch.searchsorted(total, u, right=True).squeeze(-1)  # the first token whose cumulative weight passes u
 
 
 def sample_rows(rows, logits):

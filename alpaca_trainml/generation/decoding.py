@@ -8,6 +8,7 @@ import transformers
 
 from alpaca_trainml.generation.limits import MAX_BEAMS, MAX_STOPS, MAX_TEMPERATURE, temperature_ok, top_p_ok
 
+NUCLEUS_FIRST = 256  # top_p: the likeliest tokens looked at before sorting a whole row
 MIN_TEMPERATURE = 1e-5  # a smaller one above 0 samples as this: 1e-300 overflows the logits to inf (a 500 once)
 
 
@@ -89,13 +90,28 @@ def probabilities(logits, temperature, top_p):
     probs = torch.softmax(logits.float() / temperature.clamp(min=MIN_TEMPERATURE)[:, None], dim=-1)
     nucleus = ((top_p < 1) & (temperature > 0)).nonzero().squeeze(-1)  # sorting the vocabulary costs: only these
     if len(nucleus):
-        sorted_probs, order = probs[nucleus].sort(dim=-1, descending=True)
-        before = sorted_probs.cumsum(-1) - sorted_probs  # mass of the likelier tokens
-        cut = before >= top_p[nucleus, None]
-        cut[:, 0] = False  # the likeliest always stays, even for a top_p that is 0 in float32 (5e-324)
-        sorted_probs = sorted_probs.masked_fill(cut, 0.0)
-        probs[nucleus] = torch.zeros_like(sorted_probs).scatter(-1, order, sorted_probs)
+        # the likeliest NUCLEUS_FIRST tokens first (topk: some 50x cheaper than sorting 49152 on a CPU, where the
+        # sort cost 100 ms a step for 8 rows); a row whose nucleus reaches past them is sorted in full
+        top, order = probs[nucleus].topk(min(NUCLEUS_FIRST, probs.shape[-1]), dim=-1)
+        wide = top.sum(-1) < top_p[nucleus]
+        if wide.any():
+            rows = nucleus[wide]
+            _keep_nucleus(probs, probs[rows].sort(dim=-1, descending=True), top_p, rows)
+            nucleus, top, order = nucleus[~wide], top[~wide], order[~wide]
+        _keep_nucleus(probs, (top, order), top_p, nucleus)
     return probs
+
+
+def _keep_nucleus(probs, ranked, top_p, rows):
+    """Zero each of `rows` outside its nucleus, in place; ranked: (probabilities, token ids) of its likeliest tokens,
+    likeliest first, reaching at least top_p of its mass."""
+    ranked_probs, order = ranked
+    if not len(rows):
+        return
+    before = ranked_probs.cumsum(-1) - ranked_probs  # mass of the likelier tokens
+    cut = before >= top_p[rows, None]
+    cut[:, 0] = False  # the likeliest always stays, even for a top_p that is 0 in float32 (5e-324)
+    probs[rows] = torch.zeros_like(probs[rows]).scatter(-1, order, ranked_probs.masked_fill(cut, 0.0))
 
 
 def cut_at_stop(text, stops):
