@@ -1,5 +1,5 @@
 """Throughput of serve.py under mixed traffic: the same requests from several clients at once (continuous batching)
-against one at a time, on one loaded model.
+against one at a time, on one loaded model, and against the limit of the machine, measured in the same run.
 
     python -m benchmarks.serve_throughput                      # the embedded SmolLM2-135M, 32 requests, 8 clients
     python -m benchmarks.serve_throughput --model_name_or_path out/demo --requests 64 --max_tokens 64
@@ -8,7 +8,13 @@ The mix: /v1/completions and /v1/chat/completions, streaming (with stream_option
 temperatures 0 to 1, two top_p values. Completion tokens per second come from the answers' usage. The baseline
 sends the same requests through the same server one after another, as a single client would: each request then
 has the model to itself, which is what every request had before continuous batching.
-Prints both rates and the latencies, and last `serve_throughput_ratio: X` (concurrent tokens/s / sequential).
+
+The limit: a decode step of n rows reads every weight once, so n clients can make at most n times the batch-1 bound
+(the weights' bytes read at the read bandwidth measured in this run, as benchmarks/decode_speed.py measures it), and
+never more than the cores' compute allows (the best rate of a large matmul in the model's dtype, in FLOP/s, over 2
+FLOP per parameter per token); the lower of the two. Prefill is not in it: the limit counts completion tokens only.
+Prints both rates, the latencies and the limit, and last
+`serve_throughput: N clients X tok/s = R of the limit (L tok/s); Yx one at a time`.
 """
 
 import argparse
@@ -20,6 +26,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
+import torch
 from tqdm import tqdm
 
 import inference
@@ -95,21 +102,59 @@ def p95(values):
     return statistics.quantiles(values, n=20, method="inclusive")[-1]
 
 
+def matmul_flops(dtype, n=2048, repeat=5):
+    """The cores' compute in FLOP/s: the best of `repeat` (n, n) @ (n, n) products in `dtype` on torch's threads."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n**3 / best
+
+
+def limit(model, clients):
+    """(limit tokens/s, lines that say how it was found) for `clients` rows per decode step."""
+    from benchmarks.decode_speed import bandwidth_gbs, weight_bytes  # here: decode_speed imports this module
+    params = sum(p.numel() for p in model.model.parameters())  # tied embeddings once: the lm_head's read
+    nbytes, gbs = weight_bytes(model.model), bandwidth_gbs(repeat=3)
+    flops = matmul_flops(next(model.model.parameters()).dtype)
+    bound, compute = gbs * 1e9 / nbytes, flops / (2 * params)
+    lines = [
+        f"batch-1 bound: {nbytes / 2**20:.0f} MiB of weights at {gbs:.1f} GB/s = {bound:.1f} tokens/s; "
+        f"x{clients} = {clients * bound:.0f}",
+        f"cores' matmul: {flops / 1e9:.0f} GFLOP/s / {2 * params / 1e9:.2f} GFLOP per token = {compute:.0f} tokens/s",
+    ]
+    return min(clients * bound, compute), lines
+
+
 def main(args):
     model = inference.load_model(args.model_name_or_path)
     requests = workload(args.requests, args.max_tokens)
     argv = ["--port", str(free_port()), "--max_batch_size", str(args.clients), "--log_level", "warning"]
+    argv += ["--speculative", args.speculative] if args.speculative else []
     with serve.ServerThread(serve.build_server(serve.parse_args(argv), model=model)) as running:
         run(running.url, requests[:2], 2, "warm-up")  # first-call costs are not throughput
         seq_rate, seq_lat = run(running.url, requests, 1, "one at a time")
+        before, lines = limit(model, args.clients)  # the bandwidth moves within minutes: read around the clients' run
         conc_rate, conc_lat = run(running.url, requests, args.clients, f"{args.clients} clients")
+        after, _ = limit(model, args.clients)
     print(f"model: {model.name} on {model.model.device}; {len(requests)} requests, max_tokens {args.max_tokens}")
+    print("\n".join(lines))
+    best = max(before, after)
+    print(
+        f"limit at {args.clients} clients: {best:.0f} tokens/s (the lower of the two; the higher of the readings "
+        f"before and after the clients' run: {before:.0f}, {after:.0f})"
+    )
     print(f"one at a time: {seq_rate:.1f} completion tokens/s; latency p50 {statistics.median(seq_lat):.2f} s")
     print(
         f"{args.clients} clients: {conc_rate:.1f} completion tokens/s; "
         f"latency p50 {statistics.median(conc_lat):.2f} s, p95 {p95(conc_lat):.2f} s"
     )
-    print(f"serve_throughput_ratio: {conc_rate / seq_rate:.2f}")
+    print(
+        f"serve_throughput: {args.clients} clients {conc_rate:.1f} tok/s = {conc_rate / best:.2f} of the limit "
+        f"({best:.0f} tok/s); {conc_rate / seq_rate:.2f}x one at a time"
+    )
 
 
 def parse_args(argv=None):
@@ -118,6 +163,7 @@ def parse_args(argv=None):
     p.add_argument("--requests", type=int, default=32)
     p.add_argument("--clients", type=int, default=8, help="requests in flight at once (also --max_batch_size)")
     p.add_argument("--max_tokens", type=int, default=32)
+    p.add_argument("--speculative", default=None, help="serve.py's --speculative (ngram: prompt-lookup drafts)")
     return p.parse_args(argv)
 
 

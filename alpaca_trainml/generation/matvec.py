@@ -4,11 +4,13 @@ Why: a decode step multiplies a few rows by every weight matrix, and on a CPU th
 by how fast the weights stream from memory; MKL runs it on one thread at about half the machine's read bandwidth.
 And at 135M parameters, the 30-odd small tensor operations per layer around the matmuls cost as much again.
 - `matvec(x, w)`: each of torch's threads (OpenMP, torch's own pool) streams one contiguous stretch of the weight's
-  rows once for up to 16 input rows (tiles of 64 output rows stay in cache while each group of 4 input rows passes
-  over them); fp32 or bf16 weights, fp32 sums.
-- `LlamaDecoder(weights, ...).step(h, cos, sin, keys, values, positions)`: a whole fp32 or bf16 decode step through a
-  Llama-family layer stack (biases, Qwen3's q/k norms, sliding windows) in one call, on those matmuls
-  (llama_step.LlamaStep uses it).
+  rows once for all the input rows (fp32: 4 weight rows at a time stay in L1 while the input rows pass them 3 at a
+  time; bf16: tiles of 64 weight rows, 4 input rows at a time); fp32 or bf16 weights, fp32 sums. Each output is
+  summed in the same order whatever the number of rows, so a row's numbers do not depend on the rows beside it.
+- `LlamaDecoder(weights, ...).step(h, cos, sin, keys, values, positions, slots)`: a whole fp32 or bf16 decode step
+  through a Llama-family layer stack (biases, Qwen3's q/k norms, sliding windows) in one call, on those matmuls
+  (llama_step.LlamaStep uses it); each row at its position in its cache slot, so a speculative verify runs a draft's
+  positions as rows of one step.
 Their sums run in another order than MKL's, so outputs differ from F.linear's in the last bits (about 1e-6
 relative); tests/test_matvec.py bounds that and tests/test_llama_step.py checks that greedy tokens stay
 transformers' own.

@@ -1,9 +1,10 @@
 // The decode kernels, built by alpaca_trainml/generation/matvec.py:
 // - matvec: y = x @ w.T for a few rows of x, every thread streaming its own block of w's rows once; fp32 or bf16
-//   weights, fp32 input and output, fp32 accumulation.
+//   weights, fp32 input and output, fp32 accumulation, each output summed in one order whatever the rows.
 // - LlamaDecoder: a whole decode step through a Llama-family layer stack in fp32 or bf16 (norms, fused projections
 //   and their biases, Qwen3's per-head q/k norms, rotary embedding, cache write, attention within a layer's sliding
-//   window, SwiGLU), one call per token instead of some 30 tensor operations per layer.
+//   window, SwiGLU), one call per token instead of some 30 tensor operations per layer; its rows may be several
+//   positions of one cache row (a speculative verify).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -435,13 +436,15 @@ struct LlamaDecoder {
   }
 };
 
+// Both release the GIL while they run (they touch no Python object): serve.py's HTTP thread answers meanwhile.
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("matvec", &matvec, "y = x @ w.T for a few rows (decode)");
+  using release = pybind11::call_guard<pybind11::gil_scoped_release>;
+  m.def("matvec", &matvec, "y = x @ w.T for a few rows (decode)", release());
   pybind11::class_<LlamaDecoder>(m, "LlamaDecoder", pybind11::module_local())
       .def(pybind11::init<std::vector<std::vector<torch::Tensor>>, int64_t, int64_t, int64_t, double, double,
                           std::vector<int64_t>>())
       .def(pybind11::init<std::vector<std::vector<torch::Tensor>>, int64_t, int64_t, int64_t, double, double>())
-      .def("step", &LlamaDecoder::step, pybind11::arg("h"), pybind11::arg("cos"), pybind11::arg("sin"),
+      .def("step", &LlamaDecoder::step, release(), pybind11::arg("h"), pybind11::arg("cos"), pybind11::arg("sin"),
            pybind11::arg("keys"), pybind11::arg("values"), pybind11::arg("pos"),
            pybind11::arg("slots") = std::vector<int64_t>());
 }
