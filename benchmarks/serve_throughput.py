@@ -116,6 +116,7 @@ def matmul_flops(dtype, n=2048, repeat=5):
 def limit(model, clients):
     """(limit tokens/s, lines that say how it was found) for `clients` rows per decode step."""
     from benchmarks.decode_speed import bandwidth_gbs, weight_bytes  # here: decode_speed imports this module
+
     params = sum(p.numel() for p in model.model.parameters())  # tied embeddings once: the lm_head's read
     nbytes, gbs = weight_bytes(model.model), bandwidth_gbs(repeat=3)
     flops = matmul_flops(next(model.model.parameters()).dtype)

@@ -97,6 +97,30 @@ def test_drafts_are_verified_and_accepted_on_the_way(model):
     assert batch.drafted > 0 and 0 < batch.accepted <= batch.drafted
 
 
+def test_a_verify_step_carries_at_most_its_budget_of_positions(model):
+    """Lookup.positions caps the positions of a verify step over all its rows: a big batch decodes plainly."""
+    model.speculative = Lookup(positions=12)
+    try:
+        for n in (1, 3, 12):
+            batch, seen = DecodeBatch(model), []
+
+            def verify(tokens, counts, seen=seen, verify=batch.stepper.verify):
+                seen.append(counts)
+                return verify(tokens, counts)
+
+            batch.stepper.verify = verify
+            prompts = [model.encode_instruction(PROMPTS[i % len(PROMPTS)]) for i in range(n)]
+            batch.admit([Job(ids, GenParams(max_tokens=24, temperature=0)) for ids in prompts])
+            while batch.rows:
+                batch.step()
+            assert all(sum(counts) <= 12 for counts in seen), seen
+            assert all(len(counts) <= 6 for counts in seen)  # 7 rows x (pending + 1 drafted) is past 12: plain steps
+            if n == 1:  # alone: the pending token and up to 8 drafted (Lookup.tokens), well within 12
+                assert seen and max(max(c) for c in seen) > 4 >= 12 // 3  # more than 3 rows' share would allow
+    finally:
+        model.speculative = None
+
+
 def test_max_tokens_stop_strings_and_end_of_text_inside_a_draft_end_the_row_as_plain_decoding_does(model):
     params = GenParams(max_tokens=48, temperature=0)
     full = generate(model, None, PROMPTS, params)

@@ -15,7 +15,7 @@ from alpaca_trainml.generation.decoding import Completion, GenParams, cut_at_sto
 from alpaca_trainml.generation.hf_step import HFStep
 from alpaca_trainml.generation.llama_step import LlamaStep, supports
 from alpaca_trainml.generation.lora_step import LoraStep
-from alpaca_trainml.generation.speculative import accept_rows, row_draft
+from alpaca_trainml.generation.speculative import accept_rows, step_drafts
 from alpaca_trainml.generation.structured import constrain
 
 logger = logging.getLogger(__name__)
@@ -147,7 +147,7 @@ class DecodeBatch:
         self._emit(new, len(self.rows) - len(new))
 
     def step(self):
-        drafts = [row_draft(r, self.lookup) for r in self.rows] if self.lookup else None
+        drafts = step_drafts(self.rows, self.lookup) if self.lookup else None
         if drafts and any(drafts):
             return self._verify(drafts)
         with self.model.lock:

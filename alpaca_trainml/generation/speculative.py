@@ -33,11 +33,19 @@ SPECULATIVE_HELP = (
 @dataclass(frozen=True)
 class Lookup:
     """Prompt-lookup settings: at most `tokens` drafted per step, from a match of the last max_ngram down to
-    min_ngram tokens (the longest match first)."""
+    min_ngram tokens (the longest match first); a verify step carries at most `positions` positions over all its rows
+    (each row's pending token and draft).
+
+    Why a budget: one row's decode step is bound by reading the weights, so a few more positions cost little; a step
+    of many positions is bound by the cores' compute instead, and there a drafted token costs nearly a token's full
+    compute while being kept some 25-40% of the time. On a loaded 2-core Xeon (2026-12-05, one thread) a kernel step
+    of 1, 4, 9 and 16 positions took 85, 150, 195 and 257 ms: 16 positions in all lets one row draft 8 tokens, two
+    rows 7 each, four 3 each and eight 1 each; nine rows or more decode plainly."""
 
     tokens: int = 8
     max_ngram: int = 3
     min_ngram: int = 1
+    positions: int = 16
 
 
 def lookup_for(mode):
@@ -88,16 +96,23 @@ def accept_sampled(probs, drafted, generator=None):
     return [*drafted, int(torch.multinomial(probs[len(drafted)], 1, generator=generator))]
 
 
-def row_draft(row, lookup):
-    """A row's draft, no longer than the tokens it may still make minus the model's own one (max_tokens and the
-    context window end the row mid-draft otherwise, and the rest would be wasted work). A row under a grammar
-    (structured.py) drafts nothing: checking a draft against
-    the grammar would need a mask at each of its positions."""
+def row_draft(row, lookup, room):
+    """A row's draft of at most `room` tokens, no longer than the tokens it may still make minus the model's own one
+    (max_tokens and the context window end the row mid-draft otherwise, and the rest would be wasted work). A row
+    under a grammar (structured.py) drafts nothing: checking a draft against the grammar would need a mask at each of
+    its positions."""
     if row.job.grammar is not None:
         return []
     made, prompt = row.made, len(row.job.ids)
     left = min(row.job.params.max_tokens - made, row.context_window - prompt - made) - 1
-    return draft(row.job.ids + row.ids, min(lookup.tokens, left), lookup.max_ngram, lookup.min_ngram)
+    return draft(row.job.ids + row.ids, min(room, left), lookup.max_ngram, lookup.min_ngram)
+
+
+def step_drafts(rows, lookup):
+    """Each row's draft for the next step, within the step's budget of lookup.positions positions; None when the
+    budget leaves no room for drafts (the batch decodes plainly)."""
+    room = min(lookup.tokens, lookup.positions // max(len(rows), 1) - 1)
+    return [row_draft(r, lookup, room) for r in rows] if room > 0 else None
 
 
 def accept_rows(rows, logits, drafts):
