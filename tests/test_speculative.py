@@ -193,7 +193,7 @@ def test_sampled_tokens_keep_the_models_distribution_with_speculation(model, mon
     ids = list(range(3, len(model.tokenizer)))  # 0-2: unk, bos, eos
     params = GenParams(max_tokens=3, temperature=0.5, top_p=1.0)
     torch.manual_seed(0)
-    model.speculative = Lookup(tokens=1, max_ngram=1)
+    model.speculative = Lookup(tokens=1, max_ngram=1, min_ngram=1)
     try:
         pairs = second_tokens(model, ids, 300, params)
         z = z_scores(model, ids, pairs, 0.5)

@@ -40,11 +40,11 @@ class Lookup:
     of many positions is bound by the cores' compute instead, and there a drafted token costs nearly a token's full
     compute while being kept some 25-40% of the time. On a loaded 2-core Xeon (2026-12-05, one thread) a kernel step
     of 1, 4, 9 and 16 positions took 85, 150, 195 and 257 ms: 16 positions in all lets one row draft 8 tokens, two
-    rows 7 each, four 3 each and eight 1 each; nine rows or more decode plainly."""
+    rows 7 each (up to `tokens`), four 3 each and eight 1 each; nine rows or more decode plainly."""
 
-    tokens: int = 8
-    max_ngram: int = 3
-    min_ngram: int = 1
+    tokens: int = 4  # 4 tokens from matches of 2 or 3: 1.67x and 1.30x where 8 from matches of 1 to 3 gave 1.37x and
+    max_ngram: int = 3  # 1.17x (benchmarks/speculative.py, 8 prompts of each set, one loaded thread, 2026-12-05)
+    min_ngram: int = 2
     positions: int = 16
 
 
