@@ -38,9 +38,10 @@ class Lookup:
 
     Why a budget: one row's decode step is bound by reading the weights, so a few more positions cost little; a step
     of many positions is bound by the cores' compute instead, and there a drafted token costs nearly a token's full
-    compute while being kept some 25-40% of the time. On a loaded 2-core Xeon (2026-12-05, one thread) a kernel step
-    of 1, 4, 9 and 16 positions took 85, 150, 195 and 257 ms: 16 positions in all lets one row draft 8 tokens, two
-    rows 7 each (up to `tokens`), four 3 each and eight 1 each; nine rows or more decode plainly."""
+    compute while being kept half the time or less. On a loaded 2-core Xeon (2026-12-05, one thread) a kernel step
+    of 1, 4, 9 and 16 positions took 85, 150, 195 and 257 ms. 16 positions in all leave each of up to 8 rows
+    16 // rows - 1 drafted tokens (at most `tokens`): four rows 3 each, eight 1 each; nine rows or more decode
+    plainly."""
 
     tokens: int = 4  # 4 tokens from matches of 2 or 3: 1.67x and 1.30x where 8 from matches of 1 to 3 gave 1.37x and
     max_ngram: int = 3  # 1.17x (benchmarks/speculative.py, 8 prompts of each set, one loaded thread, 2026-12-05)
