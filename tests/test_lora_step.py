@@ -1,6 +1,8 @@
 """lora_step.py: rows on different LoRA adapters (and the base) decoded in one batch give each adapter's own greedy
 tokens, those of its checkpoint served alone (the adapter folder loaded by InstructModel: merged into the base)."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -43,7 +45,8 @@ def _ids(model, completion):
 
 @pytest.mark.parametrize("speculative", ["none", "ngram"])  # ngram: drafts checked by LoraStep.verify
 def test_a_batch_of_rows_on_different_adapters_gives_each_adapter_its_own_tokens(served, alone, speculative):
-    served.speculative = lookup_for(speculative)
+    lookup = lookup_for(speculative)  # a budget for 9 rows' drafts (the default's 16 positions leave 9 rows none)
+    served.speculative = lookup and replace(lookup, positions=64)
     # 9 rows: every prompt on every adapter and on the base, in an order that mixes them
     names = ["all", "base", "qv", "mlp", "qv", "base", "all", "mlp", "qv"]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(names))]

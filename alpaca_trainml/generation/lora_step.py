@@ -66,6 +66,8 @@ class LoraStep(LlamaStep):
     def __init__(self, model):
         super().__init__(model)  # the kernel's decoder is built over the base weights first
         self.kernel_decoder = self.decoder
+        # a step with adapter rows runs torch's operations, whose verify matches decode in fp32 only (llama_step.py)
+        self.verifies = self.embed.dtype == torch.float32
         self.row_adapters, self.plan, self.routed = [], {}, None
         self.stacks, self.stacked = {}, []  # the adapters are held, so that no other object takes their id()
         self.layers = [
@@ -126,6 +128,6 @@ class LoraStep(LlamaStep):
         return super().decode(ids)
 
     @torch.inference_mode()
-    def verify(self, tokens):
+    def verify(self, tokens, counts=None):
         self._route(self.row_adapters)
-        return super().verify(tokens)
+        return super().verify(tokens, counts)
