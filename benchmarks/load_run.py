@@ -3,6 +3,7 @@ traffic a public endpoint gets, and one question: does the server stay correct, 
 
     python -m benchmarks.load_run                                   # the embedded model, 64 clients, 5 minutes
     python -m benchmarks.load_run --clients 8 --duration 30 --kill_one
+    python -m benchmarks.load_run --adapters 4 --json --kill_one         # the whole mix of issue 33
     python -m benchmarks.load_run --lora_modules a=out/lora-a b=out/lora-b --json
 
 Each client loops until the time is up, picking its next request from a fixed, seeded mix:
@@ -10,7 +11,8 @@ Each client loops until the time is up, picking its next request from a fixed, s
 - a stream that the client leaves after its first event (a closed tab);
 - a bad body (broken JSON, wrong types, out-of-range values, an unknown model, too large a body): each must get a
   4xx with our error body;
-- with --lora_modules, requests whose `model` names one of the adapters;
+- with --lora_modules (or --adapters N, made here as benchmarks/lora_serving.py makes them), requests whose `model`
+  names one of the adapters;
 - with --json, requests with `response_format` json_object or a json_schema, whose answers must parse (and, when
   they finish by `stop`, validate against the schema).
 With --kill_one, one more client runs in its own process, streaming, and is killed with SIGKILL at a random moment:
@@ -269,8 +271,24 @@ def report(records, memory, elapsed, log_text, killed_at, args):
     )
 
 
+def make_adapters(args, folder):
+    """--adapters N: N random rank-8 adapters of the model, saved in folder, as --lora_modules entries."""
+    import inference
+    from benchmarks.lora_serving import make_adapters as make
+
+    model = inference.load_model(args.model_name_or_path, dtype="float32")
+    return [f"{name}={path}" for name, path in make(model, folder, args.adapters, rank=8).items()]
+
+
 def main(args):
-    args.adapter_names = [m.split("=", 1)[0] for m in args.lora_modules or []]
+    with tempfile.TemporaryDirectory() as adapters:
+        if args.adapters:
+            args.lora_modules = (args.lora_modules or []) + make_adapters(args, adapters)
+        args.adapter_names = [m.split("=", 1)[0] for m in args.lora_modules or []]
+        serve_and_load(args)
+
+
+def serve_and_load(args):
     with tempfile.NamedTemporaryFile("w+", prefix="load_run_serve_", suffix=".log", delete=False) as log:
         proc, url = start_server(args, log)
         try:
@@ -296,6 +314,7 @@ def parse_args(argv=None):
     p.add_argument("--max_tokens", type=int, default=32)
     p.add_argument("--max_batch_size", type=int, default=8)
     p.add_argument("--lora_modules", nargs="*", default=None, help="name=path adapters: serve them, and ask for them")
+    p.add_argument("--adapters", type=int, default=0, help="make N random adapters of the model and serve them too")
     p.add_argument("--json", action="store_true", help="send response_format requests too")
     p.add_argument("--kill_one", action="store_true", help="one more streaming client, SIGKILLed at random")
     p.add_argument("--request_timeout", type=float, default=600)

@@ -15,6 +15,7 @@ RULES_NO_SCHEMA_STATES = {
     "invalid_messages",
     "invalid_json_schema",
     "response_format_with_beams",
+    "response_format_unwritable",
     "invalid_lora_adapter",
     "lora_adapter_exists",
 }

@@ -47,7 +47,7 @@ def test_percentiles():
 
 @pytest.mark.slow
 def test_a_short_load_run_with_a_killed_client_finds_no_server_error(tiny_llama_dir):
-    cmd = "python -m benchmarks.load_run --clients 4 --duration 15 --max_tokens 8 --kill_one"
+    cmd = "python -m benchmarks.load_run --clients 4 --duration 15 --max_tokens 8 --kill_one --adapters 2 --json"
     argv = [sys.executable, *cmd.split()[1:], "--model_name_or_path", str(tiny_llama_dir)]
     out = subprocess.run(
         argv, cwd=helpers.ROOT, env=helpers.subprocess_env(), capture_output=True, text=True, timeout=600
@@ -56,4 +56,4 @@ def test_a_short_load_run_with_a_killed_client_finds_no_server_error(tiny_llama_
     lines = out.stdout.strip().splitlines()
     assert "the server answered 200" in lines[-2]
     assert "+1 killed" in lines[-1] and "0 5xx, 0 failed, 0 broken, 0 log errors" in lines[-1], out.stdout
-    assert "bad_body" in out.stdout  # 4 clients for 15 s send every kind at least once
+    assert "bad_body" in out.stdout and "adapter" in out.stdout  # 4 clients for 15 s send every kind at least once

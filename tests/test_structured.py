@@ -189,6 +189,22 @@ def test_bad_response_formats_are_one_400_with_our_error_body(model):
     assert errors[3]["code"] == "response_format_with_beams"
 
 
+def test_json_a_tokenizer_cannot_spell_is_an_error_not_an_answer_that_says_it_stopped(tiny_llama_dir):
+    """The sentencepiece test tokenizer has no '"': after '{' the schema's required key cannot be written. The
+    answer fails with a 400 (an error event once streaming), never '{' with finish_reason "stop"."""
+    fmt = {"type": "json_schema", "json_schema": {"name": "record", "schema": SCHEMA}}
+    body = dict(prompt="A record:", max_tokens=20, response_format=fmt)
+    r = call_app(
+        create_app(InstructModel(str(tiny_llama_dir))),
+        ("POST", "/v1/completions", dict(json=body)),
+        ("POST", "/v1/completions", dict(json=dict(body, stream=True))),
+    )
+    assert r[0].status_code == 400 and r[0].json()["error"]["code"] == "response_format_unwritable"
+    events = [json.loads(line[6:]) for line in r[1].text.splitlines() if line.startswith("data: {")]
+    assert events[-1]["error"]["code"] == "response_format_unwritable"
+    assert all(c["finish_reason"] is None for e in events[:-1] for c in e.get("choices", []))
+
+
 def test_the_openapi_schema_declares_response_format(model):
     (r,) = call_app(create_app(model), ("GET", "/openapi.json", {}), generate=False)
     bodies = r.json()["components"]["schemas"]

@@ -13,7 +13,8 @@ ERRORS = {
     "beyond the context window (code context_length_exceeded), a prompt past /instruct's training length "
     "(prompt_too_long), a chat whose last message is not the user's (invalid_messages), a token id past the "
     "vocabulary (invalid_token_id), a response_format JSON schema the grammar library refuses (invalid_json_schema) or "
-    "JSON output asked of a beam search (response_format_with_beams)",
+    "JSON output asked of a beam search (response_format_with_beams), or JSON the model's tokenizer cannot spell "
+    "(response_format_unwritable)",
     401: "--api_key is set and the request has no 'Authorization: Bearer <key>', or a wrong one",
     403: "a foreign Host header or a web page's Origin that is not allowed (generation/http_guard.py)",
     404: "`model` names a model this server does not serve",

@@ -16,7 +16,7 @@ from alpaca_trainml.generation.hf_step import HFStep
 from alpaca_trainml.generation.llama_step import LlamaStep, supports
 from alpaca_trainml.generation.lora_step import LoraStep
 from alpaca_trainml.generation.speculative import accept_rows, step_drafts
-from alpaca_trainml.generation.structured import constrain
+from alpaca_trainml.generation.structured import UnwritableError, constrain
 
 logger = logging.getLogger(__name__)
 
@@ -79,13 +79,14 @@ class Row:
         params = self.job.params
         self.job.token_times.append(time.perf_counter())
         self.made += 1
+        grammar = self.job.grammar
         if token in self.eos:
+            if grammar is not None and not grammar.accepting():  # constrain() let a stuck row only end
+                return self.unwritable()
             return self.finish("stop")
         self.ids.append(token)
-        grammar = self.job.grammar
-        if grammar is not None and not grammar.consume(token):  # cannot happen under the mask
-            self.ids.pop()
-            return self.finish("stop")  # the row ends without the token, the batch goes on
+        if grammar is not None and not grammar.consume(token):  # a stuck row without an end-of-text token
+            return self.unwritable()
         if params.stop or self.job.on_text:
             text, stopped = cut_at_stop(self.decode(self.ids), params.stop)
             if stopped:
@@ -108,6 +109,12 @@ class Row:
 
     def fail(self, error):
         fail(self.job, error)
+
+    def unwritable(self):
+        """The row's grammar took no token the model could write: the answer fails (never incomplete JSON that says
+        it stopped); the batch goes on."""
+        self.fail(UnwritableError("the model's tokenizer cannot write JSON under this response_format here"))
+        return True
 
     def _send(self, upto):
         if self.job.on_text is not None and len(upto) > self.sent:

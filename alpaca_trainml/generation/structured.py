@@ -32,6 +32,12 @@ class GrammarError(ValueError):
     """A JSON schema the grammar library refuses (serve.py answers 400, code invalid_json_schema)."""
 
 
+class UnwritableError(ValueError):
+    """The grammar took none of the tokens the model could write next, before its JSON was complete: the tokenizer
+    cannot spell what the schema needs (a vocabulary without `"`, say). The answer fails (serve.py answers 400, code
+    response_format_unwritable) rather than end as incomplete JSON with finish_reason "stop"."""
+
+
 def format_schema(response_format):
     """The JSON schema a request body's response_format asks for (a dict), or None for free text."""
     if response_format is None or response_format.type == "text":
@@ -110,6 +116,10 @@ class Matcher:
     def complete(self):
         """Nothing more can follow: the JSON has ended."""
         return self.matcher.is_stopped()
+
+    def accepting(self):
+        """The text so far is a whole answer under the grammar (it may end here)."""
+        return self.matcher.is_accepting()
 
 
 def allowed_tokens(matchers, vocab):

@@ -8,7 +8,7 @@ from alpaca_trainml.generation.decoding import check_params
 from alpaca_trainml.generation.engine import EngineStopped, QueueFullError, RequestCancelled, stream, wait_for
 from alpaca_trainml.generation.model import ContextLengthError, PromptTooLongError, TokenIdError
 from alpaca_trainml.generation.protocol import ApiError
-from alpaca_trainml.generation.structured import GrammarError, format_schema
+from alpaca_trainml.generation.structured import GrammarError, UnwritableError, format_schema
 
 logger = logging.getLogger(__name__)
 DISCONNECT_POLL_S = 0.25  # how often a waiting non-streaming request checks that its client is still there
@@ -48,6 +48,8 @@ def api_error(e):
         return e
     if isinstance(e, (QueueFullError, EngineStopped)):
         return ApiError(503, str(e), "server_error")
+    if isinstance(e, UnwritableError):
+        return ApiError(400, str(e), param="response_format", code="response_format_unwritable")
     if isinstance(e, RequestCancelled):
         return ApiError(499, str(e), "server_error")  # the client has gone: nobody reads this
     return ApiError(500, f"generation failed ({type(e).__name__}): {e}", "server_error")
