@@ -121,8 +121,8 @@ async def streamed(http, path, body, leave):
             if leave:
                 return 200, 0, "", "left"
             event = json.loads(line[len("data: ") :])
-            if "error" in event:
-                return 599, tokens, "", "error event"  # an error after the status line: counted as a server error
+            if "error" in event:  # an error after the status line: a server error (599) unless it names the request's
+                return (599 if event["error"].get("type") == "server_error" else 499), tokens, "", "error event"
             if event.get("usage"):
                 tokens = event["usage"]["completion_tokens"]
             for choice in event.get("choices", []):

@@ -46,9 +46,10 @@ def test_percentiles():
 
 
 @pytest.mark.slow
-def test_a_short_load_run_with_a_killed_client_finds_no_server_error(tiny_llama_dir):
+def test_a_short_load_run_with_a_killed_client_finds_no_server_error(bpe_tokenizer_dir, tmp_path):
+    model = helpers.build_tiny_llama(bpe_tokenizer_dir, tmp_path / "model")  # its tokenizer can spell JSON
     cmd = "python -m benchmarks.load_run --clients 4 --duration 15 --max_tokens 8 --kill_one --adapters 2 --json"
-    argv = [sys.executable, *cmd.split()[1:], "--model_name_or_path", str(tiny_llama_dir)]
+    argv = [sys.executable, *cmd.split()[1:], "--model_name_or_path", str(model)]
     out = subprocess.run(
         argv, cwd=helpers.ROOT, env=helpers.subprocess_env(), capture_output=True, text=True, timeout=600
     )
