@@ -30,7 +30,7 @@ from torch import nn
 from transformers import LlamaForCausalLM, MistralForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM
 from transformers.models.llama.modeling_llama import rotate_half
 
-from alpaca_trainml.generation import matvec
+from alpaca_trainml.generation import int8, matvec
 from alpaca_trainml.generation.kv_cache import SlotCache
 
 FAST_ENV = "ALPACA_FAST_DECODE"  # "0": every model takes transformers' forward (the generic step)
@@ -49,7 +49,7 @@ def supports(model):
     c = model.config
     head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     plain = getattr(model, "hf_quantizer", None) is None and all(
-        type(m) is nn.Linear for layer in model.model.layers for m in _modules(layer)
+        type(m) in (nn.Linear, int8.Int8Linear) for layer in model.model.layers for m in _modules(layer)
     )
     whole_rope = 2 * model.model.rotary_emb.inv_freq.numel() == head_dim  # a partial rope: q/k only partly turned
     return plain and whole_rope and getattr(c, "hidden_act", "silu") == "silu" and getattr(c, "pretraining_tp", 1) == 1
@@ -93,13 +93,16 @@ class Weight:
         self.full, self.bias, self.blocks, self.kernel = w, bias, None, None
         self.n = n = torch.get_num_threads()
         on_cpu = w.device.type == "cpu"
-        if kernel is not None and on_cpu and w.dtype in (torch.float32, torch.bfloat16) and w.is_contiguous():
+        kinds = (torch.float32, torch.bfloat16, torch.uint8)  # uint8: int8 blocks (int8.py)
+        if kernel is not None and on_cpu and w.dtype in kinds and w.is_contiguous():
             self.kernel = kernel
         elif n > 1 and on_cpu and w.dtype == torch.float32 and w.shape[0] % n == 0:
             self.blocks = w.view(n, w.shape[0] // n, w.shape[1]).transpose(1, 2)  # (n, in, out/n)
 
     def __call__(self, x):
         rows = x.numel() // x.shape[-1]
+        if self.full.dtype == torch.uint8:  # int8 blocks (int8.py)
+            return int8.linear(x, self.full, self.bias, self.kernel)
         if rows > SPLIT_MAX_ROWS or (self.kernel is None and self.blocks is None):
             return F.linear(x, self.full, self.bias)
         if self.kernel is not None:
@@ -141,7 +144,8 @@ def _fused_bias(modules):
         return None
     if len(modules) == 1:
         return modules[0].bias.data
-    return torch.cat([m.weight.new_zeros(m.out_features) if m.bias is None else m.bias.data for m in modules])
+    like = next(m.bias for m in modules if m.bias is not None)  # (an int8 layer's weight is uint8)
+    return torch.cat([like.new_zeros(m.out_features) if m.bias is None else m.bias.data for m in modules])
 
 
 class Layer(NamedTuple):
@@ -189,7 +193,8 @@ class LlamaStep:
         self.heads, self.kv_heads = c.num_attention_heads, c.num_key_value_heads
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.scale = self.head_dim**-0.5
-        k = matvec.kernel() if next(model.parameters()).device.type == "cpu" else None
+        quantized = int8.is_quantized(model)  # --dtype int8: the projections are int8 blocks
+        k = (int8.kernel() if quantized else matvec.kernel()) if next(model.parameters()).device.type == "cpu" else None
 
         def weight(w, bias=None):
             return Weight(w, k, bias)
@@ -207,7 +212,8 @@ class LlamaStep:
         dtype = self.embed.dtype
         if k is not None and dtype in (torch.float32, torch.bfloat16):
             weights = [layer.kernel_tensors(self.embed.new_empty(0)) for layer in self.layers]
-            if all(t.dtype == dtype and t.is_contiguous() for layer in weights for t in layer):  # as the kernel asks
+            as_asked = [t.dtype == dtype or (quantized and t.dtype == torch.uint8) for layer in weights for t in layer]
+            if all(as_asked) and all(t.is_contiguous() for layer in weights for t in layer):  # as the kernel asks
                 windows = [layer.window for layer in self.layers]
                 self.decoder = k.LlamaDecoder(
                     weights, self.heads, self.kv_heads, self.head_dim, self.eps, self.scale, windows
@@ -215,8 +221,10 @@ class LlamaStep:
         self.cache = SlotCache(len(self.layers), self.kv_heads, self.head_dim, self.embed.dtype, self.embed.device)
         # verify() gives decode()'s numbers where the kernel runs both (fp32 or bf16: the same operations per
         # position), and decode()'s greedy tokens on torch's operations in fp32 only: in bf16 those round activations
-        # to bf16 between layers, where the kernel's stay fp32, and a tiny model's greedy text then differed
-        self.verifies = self.decoder is not None or dtype == torch.float32
+        # to bf16 between layers, where the kernel's stay fp32, and a tiny model's greedy text then differed.
+        # Not in int8: a verify of more than 16 positions takes lm_head's dequantized path (fp32 activations), where
+        # decode's int8 products round them to 8 bits
+        self.verifies = (self.decoder is not None or dtype == torch.float32) and not quantized
 
     def __len__(self):
         return len(self.cache)

@@ -15,9 +15,9 @@ Their sums run in another order than MKL's, so outputs differ from F.linear's in
 relative); tests/test_matvec.py bounds that and tests/test_llama_step.py checks that greedy tokens stay
 transformers' own.
 
-Built once per machine kind (AVX2+FMA, or plain C++) and version of the source under torch's extensions folder
+Built once per machine kind (AVX2+FMA, or plain C++) and version of the sources under torch's extensions folder
 (`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions): about 30 s with g++. The folder's name carries a hash of
-decode.cpp, so two checkouts of different versions (or an upgrade) never rebuild over each other's library.
+decode.cpp and int8.cpp, so two checkouts of different versions (or an upgrade) never rebuild over each other's library.
 `make setup` builds it; without a compiler, or with `ALPACA_MATVEC=0`, decoding uses torch's own operations (one
 warning says why).
 
@@ -34,6 +34,7 @@ import torch
 
 ENV = "ALPACA_MATVEC"  # "0": never build or use the kernel
 SOURCE = Path(__file__).with_name("csrc") / "decode.cpp"
+SOURCES = [SOURCE, SOURCE.with_name("int8.cpp")]  # int8.cpp: the int8 weights' products (int8.py)
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _built = {}
@@ -43,7 +44,7 @@ def variant():
     """(extension name, compiler flags) for this CPU: the AVX2+FMA build where torch itself runs AVX2 or better. The
     name ends with the source's hash: torch's builder keeps one folder per name and rebuilds it whenever another
     source is loaded under that name, so one shared name let a second checkout load the first one's library."""
-    digest = hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:10]
+    digest = hashlib.sha256(b"".join(s.read_bytes() for s in SOURCES)).hexdigest()[:10]
     capability = torch.backends.cpu.get_cpu_capability()
     if capability.startswith("AVX2") or capability.startswith("AVX512"):
         return f"alpaca_decode_avx2_{digest}", ["-O3", "-mavx2", "-mfma", "-ffp-contract=off", "-fopenmp"]
@@ -66,7 +67,7 @@ def _build():
         from torch.utils.cpp_extension import load
 
         log.info("loading the decode kernel %s (the first time builds it: about 30 s)", name)
-        return load(name, [str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
+        return load(name, [str(s) for s in SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"], verbose=False)
     except Exception as e:  # no compiler, no ninja, a read-only cache folder: torch's matmul still works
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         log.warning("decode kernel not built (%s); decoding uses torch's matmul. Set %s=0 to skip it.", reason, ENV)

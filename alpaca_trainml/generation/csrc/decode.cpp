@@ -4,7 +4,8 @@
 // - LlamaDecoder: a whole decode step through a Llama-family layer stack in fp32 or bf16 (norms, fused projections
 //   and their biases, Qwen3's per-head q/k norms, rotary embedding, cache write, attention within a layer's sliding
 //   window, SwiGLU), one call per token instead of some 30 tensor operations per layer; its rows may be several
-//   positions of one cache row (a speculative verify).
+//   positions of one cache row (a speculative verify). An fp32 model's projections may be int8 blocks instead
+//   (uint8 tensors packed by generation/int8.py; int8.cpp multiplies them).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <algorithm>
@@ -167,6 +168,11 @@ void run(const float* x, const W* w, float* y, int64_t rows, int64_t in, int64_t
 
 }  // namespace
 
+// int8.cpp: y = x @ w.T for a packed int8 weight, its in_features, and its functions for the module
+void q8_run(const float* x, const torch::Tensor& w, float* y, int64_t rows, int64_t in, int64_t out);
+int64_t q8_in_features(const torch::Tensor& w);
+void register_int8(pybind11::module_& m);
+
 torch::Tensor matvec(const torch::Tensor& x, const torch::Tensor& w) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "matvec: x (rows, in), w (out, in)");
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && w.is_contiguous(), "matvec: layout");
@@ -261,6 +267,13 @@ void add_bias(float* y, const torch::Tensor& bias, int64_t rows, int64_t n) {
     for (int64_t j = 0; j < n; ++j) y[r * n + j] += load1(b + j);
 }
 
+// y = x @ w.T where w is in the model's dtype or (an fp32 model's projections) packed int8
+template <typename W>
+void project(const float* x, const torch::Tensor& w, float* y, int64_t rows, int64_t in, int64_t out) {
+  if (w.scalar_type() == torch::kUInt8) return q8_run(x, w, y, rows, in, out);
+  run(x, ptr<W>(w), y, rows, in, out);
+}
+
 template <typename W>
 void round_all(float* x, int64_t n) {
   if (!std::is_same<W, float>::value)
@@ -296,9 +309,12 @@ struct LlamaDecoder {
       auto w = weights[i];
       TORCH_CHECK(w.size() == 6 || w.size() == 12,
                   "LlamaDecoder: each layer is (ln1, wqkv, wo, ln2, wgu, wd[, bqkv, bo, bgu, bd, q_norm, k_norm])");
-      for (auto& t : w)
-        TORCH_CHECK(t.scalar_type() == dtype && t.is_contiguous() && t.device().is_cpu(),
+      for (size_t j = 0; j < w.size(); ++j) {
+        bool int8 = (j == 1 || j == 2 || j == 4 || j == 5) && dtype == torch::kFloat32 &&
+                    w[j].scalar_type() == torch::kUInt8;  // an fp32 model's projection in int8 blocks
+        TORCH_CHECK((w[j].scalar_type() == dtype || int8) && w[j].is_contiguous() && w[j].device().is_cpu(),
                     "LlamaDecoder: contiguous CPU weights, all of one dtype");
+      }
       auto none = torch::empty({0}, w[0].options());
       while (w.size() < 12) w.push_back(none);
       int64_t window = windows.empty() ? 0 : windows[i];
@@ -306,7 +322,7 @@ struct LlamaDecoder {
       layers.push_back({w[0], w[1], w[2], w[3], w[4], w[5], w[6], w[7], w[8], w[9], w[10], w[11], window});
     }
     hidden = layers[0].ln1.size(0);
-    inter = layers[0].wd.size(1);
+    inter = layers[0].wd.scalar_type() == torch::kUInt8 ? q8_in_features(layers[0].wd) : layers[0].wd.size(1);
     int64_t qkv_n = (heads + 2 * kv_heads) * dim;
     TORCH_CHECK(layers[0].wqkv.size(0) == qkv_n && heads % kv_heads == 0,
                 "LlamaDecoder: the fused q/k/v weight does not match the heads");
@@ -376,7 +392,7 @@ struct LlamaDecoder {
       W* kc = const_cast<W*>(ptr<W>(keys[i]));
       W* vc = const_cast<W*>(ptr<W>(values[i]));
       rms_norm(hp, ptr<W>(L.ln1), xp, rows, hidden, eps);
-      run(xp, ptr<W>(L.wqkv), qp, rows, hidden, qkv_n);
+      project<W>(xp, L.wqkv, qp, rows, hidden, qkv_n);
       add_bias<W>(qp, L.bqkv, rows, qkv_n);
       round_all<W>(qp, rows * qkv_n);
       for (int64_t r = 0; r < rows; ++r) {
@@ -418,18 +434,18 @@ struct LlamaDecoder {
           for (int64_t d = 0; d < dim; ++d) o[d] = held<W>(o[d]);
         }
       });
-      run(ap, ptr<W>(L.wo), op, rows, heads * dim, hidden);
+      project<W>(ap, L.wo, op, rows, heads * dim, hidden);
       add_bias<W>(op, L.bo, rows, hidden);
       for (int64_t j = 0; j < rows * hidden; ++j) hp[j] = held<W>(hp[j] + held<W>(op[j]));
       rms_norm(hp, ptr<W>(L.ln2), xp, rows, hidden, eps);
-      run(xp, ptr<W>(L.wgu), gp, rows, hidden, 2 * inter);
+      project<W>(xp, L.wgu, gp, rows, hidden, 2 * inter);
       add_bias<W>(gp, L.bgu, rows, 2 * inter);
       for (int64_t r = 0; r < rows; ++r)
         for (int64_t j = 0; j < inter; ++j) {
           float g = held<W>(gp[r * 2 * inter + j]), u = held<W>(gp[r * 2 * inter + inter + j]);
           actp[r * inter + j] = held<W>(held<W>(g / (1.f + std::exp(-g))) * u);
         }
-      run(actp, ptr<W>(L.wd), op, rows, inter, hidden);
+      project<W>(actp, L.wd, op, rows, inter, hidden);
       add_bias<W>(op, L.bd, rows, hidden);
       for (int64_t j = 0; j < rows * hidden; ++j) hp[j] = held<W>(hp[j] + held<W>(op[j]));
     }
@@ -447,4 +463,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("step", &LlamaDecoder::step, release(), pybind11::arg("h"), pybind11::arg("cos"), pybind11::arg("sin"),
            pybind11::arg("keys"), pybind11::arg("values"), pybind11::arg("pos"),
            pybind11::arg("slots") = std::vector<int64_t>());
+  register_int8(m);
 }
