@@ -29,14 +29,17 @@ def generate(
     reference_output=None,
     instructions=None,
     speculative="none",
+    dtype=None,
 ):
     """Write OUT: one model_outputs row {instruction, output, generator} per eval-set row, in the file's order.
 
     eval_set: Alpaca rows or AlpacaEval's alpaca_eval.json (instructions is its old name). generator defaults to the
     model folder's name. Rows already in OUT (same generator) are kept and skipped. batch_size: rows decoded together.
     reference_output: also write the eval set's own outputs there (AlpacaEval's are GPT-4's), as reference_outputs.
-    speculative: "ngram" for speculative decoding by prompt lookup (the same greedy answers), or "none"."""
+    speculative: "ngram" for speculative decoding by prompt lookup (the same greedy answers), or "none".
+    dtype: the weights' type, as serve.py's --dtype (int8: quantized at load, about 2x faster decoding on a CPU)."""
     from alpaca_trainml.generation.speculative import MODES, lookup_for  # here: `judge` needs no torch
+    from alpaca_trainml.precision import DTYPE_CHOICES
 
     flag = "instructions" if eval_set is None and instructions is not None else "eval_set"  # as the user wrote it
     eval_set = eval_set if eval_set is not None else instructions
@@ -48,6 +51,7 @@ def generate(
             ("batch_size", batch_size, integer(batch_size, 1), "an integer of at least 1"),
             *flag_checks(temperature, top_p),
             ("speculative", speculative, speculative in MODES, f"one of {', '.join(MODES)}"),
+            ("dtype", dtype, dtype is None or dtype in DTYPE_CHOICES, f"one of {', '.join(DTYPE_CHOICES)}"),
             (
                 "max_prompt_tokens",
                 max_prompt_tokens,
@@ -70,7 +74,7 @@ def generate(
     from alpaca_trainml.generation.decoding import GenParams
     from alpaca_trainml.generation.model import InstructModel  # here: `judge` needs no torch
 
-    model = InstructModel(model_name_or_path, max_prompt_tokens, speculative=lookup_for(speculative))
+    model = InstructModel(model_name_or_path, max_prompt_tokens, dtype=dtype, speculative=lookup_for(speculative))
     generator = generator or Path(str(model.name).rstrip("/")).name
     done = formats.load_partial_outputs(output, tasks, generator)
     todo = [(i, t) for i, t in enumerate(tasks) if judging.pair_key(t) not in done]

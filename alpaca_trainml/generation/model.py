@@ -9,7 +9,9 @@ import torch
 import transformers
 
 from alpaca_trainml.checkpoints import adapters
+from alpaca_trainml.cli import UsageError
 from alpaca_trainml.data.prompts import load_style
+from alpaca_trainml.generation import int8
 from alpaca_trainml.generation.batch import Job, run_to_end
 from alpaca_trainml.generation.decoding import (
     Completion,
@@ -62,7 +64,7 @@ class InstructModel:
         """Load model_name_or_path (default $TRAINML_CHECKPOINT_PATH, else the embedded model), or wrap an already
         loaded `model` and `tokenizer` (train.py's demo answers, on the model being trained). dtype: None picks
         bf16/fp16 on a GPU and fp32 on CPU; "auto" bf16 where the device computes it natively (a CPU with
-        AVX512-BF16/AMX too), else fp32; or a torch dtype or its name.
+        AVX512-BF16/AMX too), else fp32; or a torch dtype or its name; "int8": fp32 quantized at load (int8.py).
         base_model: overrides an adapter's base.
         speculative: a speculative.Lookup to draft tokens from the prompt (batch.py verifies them), or None."""
         if model is not None:
@@ -93,7 +95,10 @@ class InstructModel:
 
     def _load(self, device, dtype, base_model=None):
         cuda = torch.cuda.is_available() if device is None else str(device).startswith("cuda")
-        dtype = resolve_dtype(dtype, "cuda" if cuda else "cpu")
+        quantized = dtype == "int8"  # loaded in fp32, then its linear layers quantized (int8.py)
+        if quantized and (cuda or str(device or "cpu") != "cpu"):
+            raise UsageError("--dtype int8 runs on a CPU (our decode kernel); on a GPU use bfloat16 or float16")
+        dtype = resolve_dtype("float32" if quantized else dtype, "cuda" if cuda else "cpu")
         # device_map="auto" spreads a model too big for one GPU over all of them, as the fork did
         placement = dict(device_map="auto") if cuda and device is None else {}
         check_checkpoint(self.name)  # a folder without its tokenizer would load, then fail at the first request
@@ -105,6 +110,9 @@ class InstructModel:
         self.model.eval()
         if not placement:
             self.model.to(device or "cpu")
+        if quantized:
+            int8.quantize_model(self.model)
+            return "int8"
         return dtype
 
     def decode(self, ids):

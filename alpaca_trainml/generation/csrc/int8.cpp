@@ -108,7 +108,8 @@ __attribute__((target("avx2,fma,f16c,avxvnni"))) void dot_avxvnni(const Act& x, 
 }
 #undef Q8_DOT256
 
-// 64 weights (two blocks) per step: the low 8 int32 lanes hold block 2j's sums, the high 8 block 2j+1's
+// 64 weights (two blocks) per step: the low 8 int32 lanes hold block 2j's sums, the high 8 block 2j+1's; a last lone
+// block of 32 loads as the low half, with zeros (and zero scales) in the high one
 template <int N>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))) void dot_avx512(
     const Act& x, const uint8_t* w, int64_t stride, int64_t in, float* y) {
@@ -117,22 +118,21 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))) vo
   __m512 acc[N];
   for (int k = 0; k < N; ++k) acc[k] = _mm512_setzero_ps();
   for (int64_t i = 0; i < in; i += 2 * BLOCK) {
-    // a last lone block of 32: the high half loads as zeros and its scales as zeros
-    __mmask64 load = in - i >= 2 * BLOCK ? ~__mmask64(0) : __mmask64(0xffffffffu);
-    __mmask16 lanes = in - i >= 2 * BLOCK ? __mmask16(0xffff) : __mmask16(0x00ff);
+    bool pair = in - i >= 2 * BLOCK;
+    __mmask64 load = pair ? ~__mmask64(0) : __mmask64(0xffffffffu);
     __m512i a = _mm512_maskz_loadu_epi8(load, x.a + i);
     __mmask64 neg = _mm512_movepi8_mask(_mm512_maskz_loadu_epi8(load, x.q + i));
-    __m512 d = _mm512_maskz_permutexvar_ps(lanes, halves, _mm512_castps128_ps512(_mm_castsi128_ps(
-                                                               _mm_loadl_epi64(reinterpret_cast<const __m128i*>(
-                                                                   x.d + i / BLOCK)))));  // 2 floats; 1 read at the end
+    __m128 d2 = _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x.d + i / BLOCK)));
+    __m512 d = _mm512_maskz_permutexvar_ps(pair ? 0xffff : 0x00ff, halves, _mm512_castps128_ps512(d2));
     for (int k = 0; k < N; ++k) {
       const uint8_t* wk = w + k * stride;
       __m512i wv = _mm512_maskz_loadu_epi8(load, wk + i);
       __m512i sw = _mm512_mask_sub_epi8(wv, neg, zero, wv);  // w where x >= 0, -w where x < 0
       __m512i p = _mm512_dpbusd_epi32(zero, a, sw);
-      uint32_t h2 = 0;
-      std::memcpy(&h2, wk + in + i / 16, lanes == 0xffff ? 4 : 2);  // the blocks' two fp16 scales
-      __m512 s = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_cvtph_ps(_mm_cvtsi32_si128(h2))));
+      int32_t h2;  // the blocks' two fp16 scales (a lone block's neighbour: its row's first weights, times d = 0)
+      std::memcpy(&h2, wk + in + i / 16 - (pair ? 0 : 2), 4);
+      __m128i h = pair ? _mm_cvtsi32_si128(h2) : _mm_srli_epi32(_mm_cvtsi32_si128(h2), 16);
+      __m512 s = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_cvtph_ps(h)));
       acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(s, d), acc[k]);
     }
   }
