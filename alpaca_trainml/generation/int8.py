@@ -28,6 +28,7 @@ from alpaca_trainml.generation import matvec
 BLOCK = 32  # weights per fp16 scale, as llama.cpp's q8_0
 ISA_ENV = "ALPACA_INT8_KERNEL"  # auto (default), generic, avx2, avxvnni, avx512vnni
 log = logging.getLogger(__name__)
+_in_use = {}  # "isa": the instructions the kernel was last set to
 
 
 def quantize(w):
@@ -61,10 +62,16 @@ def kernel():
     if k is not None:
         want = os.environ.get(ISA_ENV, "auto")
         try:
-            k.q8_isa(want)
+            _in_use["isa"] = k.q8_isa(want)
         except RuntimeError as e:
             raise UsageError(f"{ISA_ENV}={want}: {str(e).splitlines()[0]}") from None
     return k
+
+
+def instructions():
+    """The instructions the int8 products run on ('avx512vnni', 'avxvnni', 'avx2', 'generic'), or None before the
+    kernel is loaded."""
+    return _in_use.get("isa")
 
 
 def linear(x, packed, bias=None, k=None):
