@@ -1,5 +1,5 @@
-"""int8 weights (generation/int8.py, csrc/int8.cpp): the packing, the kernel's products on every instruction set this CPU
-has (the plain C++ one forced by ALPACA_INT8_KERNEL) against a reference in float64, greedy tokens of a tiny model
+"""int8 weights (generation/int8.py, csrc/int8.cpp): the packing, the kernel's products on every instruction set this
+CPU has (the plain C++ one forced by ALPACA_INT8_KERNEL) against a reference in float64, greedy tokens of a tiny model
 through int8 against fp32, and --dtype int8 on inference.py, serve.py and evaluate.py."""
 
 import json
