@@ -4,6 +4,9 @@ one run on one machine; then 8 clients at once, serve.py against llama.cpp.
     python -m benchmarks.decode_speed                  # the embedded SmolLM2-135M, 128 greedy tokens, fp32
     python -m benchmarks.decode_speed --bf16           # also bf16: ours, transformers and llama.cpp
 
+int8 (--dtype int8, blocks of 32 int8 numbers with an fp16 scale) runs against llama.cpp's q8_0 of the same weights
+and, as back-to-back pairs, against our fp32; its quality figures: benchmarks/int8_quality.py.
+
 Decode rate: greedy from the same prompt, once for 1 token and once for --tokens; (tokens - 1) / the time between,
 so prefill and start-up are left out. The same weights everywhere: llama.cpp reads GGUF files that export_gguf.py
 makes from the checkpoint (f32 as ours, and q8_0 for reference), from `.venv-peers` (make peers); greedy tokens
@@ -44,6 +47,7 @@ from alpaca_trainml.generation.decoding import GenParams
 from alpaca_trainml.generation.llama_step import FAST_ENV
 from alpaca_trainml.generation.model import InstructModel
 from alpaca_trainml.models import resolve_model_path
+from benchmarks.int8_quality import speed_pairs
 from benchmarks.peer_process import PeerFailed, last_line, run_peer
 from benchmarks.serve_throughput import INSTRUCTIONS, free_port
 
@@ -103,12 +107,16 @@ def served(url, text):
     return run
 
 
-def llama_cpp(gguf, runs, threads, lookup=None):
+def llama_cpp(gguf, runs, threads, lookup=None, tokens=False):
     """[(tokens made, seconds)] for each (ids, max_tokens) in runs, in one llama.cpp process; lookup: [max n-gram,
-    tokens per draft] for its prompt-lookup speculation (benchmarks/speculative.py)."""
-    job = json.dumps(dict(model=str(gguf), runs=runs, threads=threads, lookup=lookup))
+    tokens per draft] for its prompt-lookup speculation (benchmarks/speculative.py); tokens: the token ids too.
+    q8_0 runs without llama.cpp's AMX/repacked buffers, where 0.3.36 dies on an AMX_INT8 CPU (llama_cpp_peer.py)."""
+    plain = Path(gguf).stem.endswith("q8_0")
+    job = json.dumps(
+        dict(model=str(gguf), runs=runs, threads=threads, lookup=lookup, plain_buffers=plain, tokens=tokens)
+    )
     peer = [str(PEERS_PYTHON), str(Path(__file__).with_name("llama_cpp_peer.py"))]
-    out = run_peer(f"llama.cpp ({Path(gguf).name})", peer, timeout=PEER_TIMEOUT_S, input=job)
+    out = run_peer(f"llama.cpp ({Path(gguf).name})", peer, timeout=PEER_TIMEOUT_S, input=json.dumps(job))
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -196,10 +204,11 @@ class Table(list):
         super().append(row)
 
     def of_bound(self, row, nbytes):
-        """The row's rate as a fraction of the bound in its own window (nan for q8_0, whose bytes differ)."""
+        """The row's rate as a fraction of the bound in its own window."""
         name, dtype, rate, made, bw = row
-        per_token = nbytes / (2 if dtype in ("bf16", "f16") else 1)
-        return rate * per_token / (bw * 1e9) if dtype != "q8_0" else float("nan")
+        per_token = nbytes / (2 if dtype in ("bf16", "f16") else 1)  # the tied embedding read once, as lm_head
+        per_token *= 17 / 64 if dtype in ("int8", "q8_0") else 1  # 34 bytes per 32 weights (its embedding not read)
+        return rate * per_token / (bw * 1e9)
 
 
 def single_stream(args, checkpoint, model, table):
@@ -211,6 +220,7 @@ def single_stream(args, checkpoint, model, table):
     table.append(("ours before: transformers' forward step", "fp32", *decode_rate(ours(model, ids), n)))
     del os.environ[FAST_ENV]
     table.append(("transformers generate()", "fp32", *decode_rate(transformers_generate(model, ids), n)))
+    table.append((step, "int8", *decode_rate(ours(args.int8, ids), n)))
     if args.bf16:
         half = InstructModel(checkpoint, dtype="bfloat16")
         table.append((step, "bf16", *decode_rate(ours(half, ids), n)))
@@ -242,7 +252,7 @@ def single_stream(args, checkpoint, model, table):
 def head_to_head(args, checkpoint, model, ids):
     """{dtype: median over --rounds of ours / llama.cpp at the same precision}, each pair measured back to back (the
     order alternating), because the bandwidth of this machine moves more between rows of the table than the gap."""
-    pairs = [("fp32", "f32", model)]
+    pairs = [("fp32", "f32", model), ("int8", "q8_0", args.int8)]
     if args.bf16:
         pairs.append(("bf16", "bf16", InstructModel(checkpoint, dtype="bfloat16")))
     medians = {}
@@ -269,9 +279,10 @@ def head_to_head(args, checkpoint, model, ids):
 def main(args):
     checkpoint = resolve_model_path(args.model_name_or_path)
     model = InstructModel(checkpoint, dtype="float32")
+    args.int8 = InstructModel(checkpoint, dtype="int8")
     nbytes = weight_bytes(model.model)
     table = Table()
-    single_stream(args, checkpoint, model, table)
+    ids = single_stream(args, checkpoint, model, table)
     port = free_port()
     argv = ["--port", str(port), "--model_name_or_path", checkpoint, "--max_batch_size", str(args.clients)]
     with serve.ServerThread(serve.build_server(serve.parse_args([*argv, "--log_level", "warning"]))) as running:
@@ -318,6 +329,9 @@ def main(args):
     ours_bf16 = [r for name, d, r, _, _ in table if d == "bf16" and name.startswith("ours")]
     if ours_bf16 and "bf16" in theirs:
         vs += f"; bf16 {ours_bf16[0]:.1f} tok/s = {ours_bf16[0] / theirs['bf16']:.2f}x llama.cpp bf16"
+    if args.rounds:
+        fast = statistics.median(speed_pairs(model, args.int8, ids, args.tokens, args.rounds))
+        vs += f"; int8 {fast:.2f}x our fp32 (back to back, median of {args.rounds})"
     if not peers and args.rounds:
         medians = head_to_head(args, checkpoint, model, model.encode_instruction(PROMPT))
         vs += "; back to back, median of {}: {}".format(

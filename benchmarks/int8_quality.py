@@ -1,0 +1,145 @@
+"""int8 weights (--dtype int8) against fp32 on the same checkpoint, and llama.cpp's q8_0 against its f32, in one run:
+greedy agreement, held-out perplexity, and decode speed as back-to-back pairs. benchmarks/decode_speed.py runs the
+speed pairs too (its int8 rows).
+
+    python -m benchmarks.int8_quality                  # the embedded SmolLM2-135M; 8 prompts x 64 greedy tokens
+
+Agreement: for each of the 8 instructions of benchmarks/serve_throughput.py, how many of the fp32 model's greedy tokens
+the 8-bit model reproduces before the first difference (a run that ends at the same end-of-text counts whole); ours
+int8 against ours fp32, llama.cpp q8_0 against llama.cpp f32 (both GGUF files export_gguf.py makes from the checkpoint;
+llama.cpp f32 gives our fp32 tokens, tests/test_export_gguf.py). Perplexity on held-out text (the repository's
+README.md and docs/*.md, as benchmarks/gguf_quants.py reads them): over --chunks chunks of 512 tokens through the
+prefill path (dequantized int8 weights, fp32 activations), and over the first chunk token by token through the decode
+kernel (int8 x int8 products), each against fp32 on the same tokens. Last line: the headline.
+"""
+
+import argparse
+import math
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from alpaca_trainml import REPO_ROOT
+from alpaca_trainml.generation.llama_step import LlamaStep
+from alpaca_trainml.generation.model import InstructModel
+from alpaca_trainml.models import resolve_model_path
+from benchmarks.gguf_quants import held_out_text
+from benchmarks.peer_process import PeerFailed
+from benchmarks.serve_throughput import INSTRUCTIONS
+
+N_CTX = 512  # tokens per perplexity chunk
+
+
+def common_prefix(reference, other):
+    n = 0
+    for a, b in zip(reference, other):
+        if a != b:
+            break
+        n += 1
+    return len(reference) if n == len(reference) == len(other) else n
+
+
+def greedy(step, ids, n, eos):
+    """Our greedy tokens through the model step (as serve.py decodes them), up to n or an end-of-text token."""
+    step.keep([])
+    logits, out = step.prefill([ids]), []
+    while len(out) < n:
+        out.append(int(logits.argmax(-1)))
+        if out[-1] in eos:
+            break
+        logits = step.decode(torch.tensor(out[-1:]))
+    return out
+
+
+@torch.inference_mode()
+def perplexity_prefill(model, chunks):
+    nll = scored = 0
+    for ids in chunks:
+        logits = model(torch.tensor([ids])).logits[0, :-1].float()
+        nll += F.cross_entropy(logits, torch.tensor(ids[1:]), reduction="sum").item()
+        scored += len(ids) - 1
+    return math.exp(nll / scored)
+
+
+def perplexity_decode(step, ids):
+    """Every token after the first scored from decode() steps (the kernel's path), fed the text's own tokens."""
+    step.keep([])
+    logits, nll = step.prefill([ids[:1]]), 0.0
+    for i, t in enumerate(ids[1:]):
+        nll += F.cross_entropy(logits.float(), torch.tensor([t])).item()
+        if i + 2 < len(ids):
+            logits = step.decode(torch.tensor([t]))
+    return math.exp(nll / (len(ids) - 1))
+
+
+def speed_pairs(fp32, int8, ids, tokens, rounds):
+    """[int8 / fp32 decode rate] over `rounds` back-to-back pairs (the order alternating), ours through generate()."""
+    from benchmarks.decode_speed import decode_rate, ours  # here: decode_speed imports this module
+
+    ratios = []
+    for i in range(rounds):
+        order = [fp32, int8] if i % 2 == 0 else [int8, fp32]
+        rate = {id(m): decode_rate(ours(m, ids), tokens)[0] for m in order}
+        ratios.append(rate[id(int8)] / rate[id(fp32)])
+        print(f"int8 against fp32, pair {i + 1}: {rate[id(int8)]:.1f} / {rate[id(fp32)]:.1f} tok/s ({ratios[-1]:.2f}x)")
+    return ratios
+
+
+def llama_cpp_agreement(checkpoint, prompts, tokens, gguf_dir):
+    """Tokens of llama.cpp's f32 greedy output its q8_0 reproduces, per prompt; None when llama.cpp cannot run."""
+    from benchmarks.decode_speed import gguf_file, llama_cpp, peer_status
+
+    if peer_status():
+        print(f"llama.cpp: not run: {peer_status()}")
+        return None
+    runs = [[ids, tokens] for ids in prompts]
+    try:
+        made = {
+            t: llama_cpp(gguf_file(checkpoint, t, gguf_dir), runs, torch.get_num_threads(), tokens=True) for t in TYPES
+        }
+    except PeerFailed as e:
+        print(f"llama.cpp: failed: {e}")
+        return None
+    return [common_prefix(a[2], b[2]) for a, b in zip(made["f32"], made["q8_0"])], [len(a[2]) for a in made["f32"]]
+
+
+def main(args):
+    checkpoint = resolve_model_path(args.model_name_or_path)
+    fp32, int8 = InstructModel(checkpoint, dtype="float32"), InstructModel(checkpoint, dtype="int8")
+    steps = LlamaStep(fp32.model), LlamaStep(int8.model)
+    prompts = [fp32.encode_instruction(p) for p in INSTRUCTIONS]
+    eos = set(fp32.eos_ids)
+    ours = [[greedy(s, ids, args.tokens, eos) for s in steps] for ids in prompts]
+    agree, total = [common_prefix(a, b) for a, b in ours], [len(a) for a, _ in ours]
+    print(f"ours int8 follows ours fp32 for {sum(agree)} of {sum(total)} tokens: {agree}")
+    theirs = llama_cpp_agreement(checkpoint, prompts, args.tokens, args.gguf_dir)
+    if theirs:
+        print(f"llama.cpp q8_0 follows llama.cpp f32 for {sum(theirs[0])} of {sum(theirs[1])} tokens: {theirs[0]}")
+    text = fp32.tokenizer(held_out_text(None), add_special_tokens=False)["input_ids"]
+    chunks = [text[i : i + N_CTX] for i in range(0, args.chunks * N_CTX, N_CTX) if i + N_CTX <= len(text)]
+    ppl = [perplexity_prefill(m.model, chunks) for m in (fp32, int8)]
+    print(f"perplexity, {len(chunks)} chunks of {N_CTX} (prefill path): fp32 {ppl[0]:.3f}, int8 {ppl[1]:.3f}")
+    dec = [perplexity_decode(s, chunks[0]) for s in steps]
+    print(f"perplexity, first chunk token by token (decode kernel): fp32 {dec[0]:.3f}, int8 {dec[1]:.3f}")
+    ratios = speed_pairs(fp32, int8, prompts[0], 2 * args.tokens, args.rounds) if args.rounds else []
+    vs = f"; llama.cpp q8_0 {sum(theirs[0])} of {sum(theirs[1])}" if theirs else ""
+    speed = f"; decode {statistics.median(ratios):.2f}x fp32 (median of {len(ratios)} pairs)" if ratios else ""
+    print(
+        f"int8_quality: greedy agreement {sum(agree)} of {sum(total)} tokens{vs}; perplexity "
+        f"{100 * (ppl[1] / ppl[0] - 1):+.2f}% (prefill), {100 * (dec[1] / dec[0] - 1):+.2f}% (decode){speed}"
+    )
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model_name_or_path", default=None, help="default: the embedded SmolLM2-135M")
+    p.add_argument("--tokens", type=int, default=64, help="greedy tokens per prompt (default 64)")
+    p.add_argument("--chunks", type=int, default=4, help="perplexity chunks of 512 tokens (default 4)")
+    p.add_argument("--rounds", type=int, default=3, help="back-to-back speed pairs, int8 and fp32 (default 3)")
+    p.add_argument("--gguf_dir", default=str(REPO_ROOT / "out" / "bench"), help="where the GGUF files are made once")
+    return p.parse_args(argv)
+
+
+if __name__ == "__main__":
+    main(parse_args())
