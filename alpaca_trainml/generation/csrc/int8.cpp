@@ -26,11 +26,14 @@ namespace {
 
 constexpr int64_t BLOCK = 32;  // weights per scale
 constexpr int64_t TILE = 64;   // output rows per tile: a tile stays in L2 while every input row passes over it
-enum Isa { GENERIC = 0, AVX2 = 1, AVXVNNI = 2, AVX512VNNI = 3 };
-const char* const NAMES[] = {"generic", "avx2", "avxvnni", "avx512vnni"};
+enum Isa { GENERIC = 0, AVX2 = 1, AVXVNNI = 2, AVX512VNNI = 3, AVX512F32 = 4 };
+// avx512f32: the other way, measured against the rest (docs/decode-kernel.md): fp32 input rows, each int8 weight
+// converted to fp32 on the fly; never chosen by auto
+const char* const NAMES[] = {"generic", "avx2", "avxvnni", "avx512vnni", "avx512f32"};
 
 // One input row quantized: q int8 (in,), a = |q| as uint8 (vpdpbusd multiplies unsigned by signed), d (in / 32,).
 struct Act {
+  const float* x;  // the row itself (avx512f32)
   const int8_t* q;
   const uint8_t* a;
   const float* d;
@@ -138,6 +141,27 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))) vo
   }
   for (int k = 0; k < N; ++k) y[k] = _mm512_reduce_add_ps(acc[k]);
 }
+
+// fp32 x against int8 weights widened to fp32, one block of 32 per step (no rounding of the input row)
+template <int N>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"))) void dot_avx512f32(
+    const Act& x, const uint8_t* w, int64_t stride, int64_t in, float* y) {
+  __m512 acc[N];
+  for (int k = 0; k < N; ++k) acc[k] = _mm512_setzero_ps();
+  for (int64_t b = 0; b < in / BLOCK; ++b) {
+    __m512 x0 = _mm512_loadu_ps(x.x + b * BLOCK), x1 = _mm512_loadu_ps(x.x + b * BLOCK + 16);
+    for (int k = 0; k < N; ++k) {
+      const uint8_t* wk = w + k * stride + b * BLOCK;
+      __m512 w0 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wk))));
+      __m512 w1 = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wk + 16))));
+      uint16_t h;
+      std::memcpy(&h, w + k * stride + in + 2 * b, 2);
+      __m512 p = _mm512_fmadd_ps(w1, x1, _mm512_mul_ps(w0, x0));
+      acc[k] = _mm512_fmadd_ps(p, _mm512_set1_ps(_cvtsh_ss(h)), acc[k]);
+    }
+  }
+  for (int k = 0; k < N; ++k) y[k] = _mm512_reduce_add_ps(acc[k]);
+}
 #endif
 
 int best_isa() {
@@ -157,12 +181,13 @@ int g_isa = -1;  // the instructions in use; -1: not chosen yet (the best this C
 
 // kernels for 1..4 weight rows at a time
 void kernels(int isa, Dot* out) {
-  Dot table[4][4] = {
+  Dot table[5][4] = {
       {dot_generic<1>, dot_generic<2>, dot_generic<3>, dot_generic<4>},
 #ifdef Q8_X86
       {dot_avx2<1>, dot_avx2<2>, dot_avx2<3>, dot_avx2<4>},
       {dot_avxvnni<1>, dot_avxvnni<2>, dot_avxvnni<3>, dot_avxvnni<4>},
       {dot_avx512<1>, dot_avx512<2>, dot_avx512<3>, dot_avx512<4>},
+      {dot_avx512f32<1>, dot_avx512f32<2>, dot_avx512f32<3>, dot_avx512f32<4>},
 #endif
   };
   std::copy(table[isa], table[isa] + 4, out);
@@ -214,7 +239,7 @@ void q8_run(const float* x, const torch::Tensor& w, float* y, int64_t rows, int6
     for (int64_t t = t0; t < t1; ++t) {
       int64_t o1 = std::min(out, (t + 1) * TILE);
       for (int64_t r = 0; r < rows; ++r) {
-        Act act{qp + r * in, ap + r * in, dp + r * in / BLOCK};
+        Act act{x + r * in, qp + r * in, ap + r * in, dp + r * in / BLOCK};
         for (int64_t o = t * TILE; o < o1; o += 4) {
           int64_t n = std::min<int64_t>(4, o1 - o);
           dot[n - 1](act, wp + o * stride, stride, in, y + r * out + o);
@@ -243,7 +268,8 @@ std::string q8_isa(const std::string& name) {
     auto it = std::find(std::begin(NAMES), std::end(NAMES), name);
     TORCH_CHECK(it != std::end(NAMES), "int8: unknown instruction set ", name);
     int want = static_cast<int>(it - std::begin(NAMES));
-    bool ok = want == GENERIC || want == best || (want == AVX2 && best >= AVX2);
+    bool ok = want == GENERIC || want == best || (want == AVX2 && best >= AVX2) ||
+              (want == AVX512F32 && best == AVX512VNNI);
 #ifdef Q8_X86
     if (want == AVXVNNI) ok = ok || (best >= AVX2 && __builtin_cpu_supports("avxvnni"));
 #endif
@@ -257,5 +283,5 @@ std::string q8_isa(const std::string& name) {
 
 void register_int8(pybind11::module_& m) {
   m.def("q8_matvec", &q8_matvec, "y = x @ dequantized(w).T, w packed int8 blocks (decode)");
-  m.def("q8_isa", &q8_isa, "choose the int8 kernels' instructions: auto, generic, avx2, avxvnni, avx512vnni");
+  m.def("q8_isa", &q8_isa, "choose the int8 kernels' instructions: auto, generic, avx2, avxvnni, avx512vnni, avx512f32");
 }
