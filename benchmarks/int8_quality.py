@@ -62,19 +62,23 @@ def perplexity_prefill(model, chunks):
     return math.exp(nll / scored)
 
 
-def perplexity_decode(step, ids):
-    """Every token after the first scored from decode() steps (the kernel's path), fed the text's own tokens."""
-    step.keep([])
-    logits, nll = step.prefill([ids[:1]]), 0.0
-    for i, t in enumerate(ids[1:]):
-        nll += F.cross_entropy(logits.float(), torch.tensor([t])).item()
-        if i + 2 < len(ids):
-            logits = step.decode(torch.tensor([t]))
-    return math.exp(nll / (len(ids) - 1))
+def perplexity_decode(step, chunks):
+    """Every token after each chunk's first scored from decode() steps (the kernel's path), fed the text's tokens."""
+    nll = scored = 0
+    for ids in chunks:
+        step.keep([])
+        logits = step.prefill([ids[:1]])
+        for i, t in enumerate(ids[1:]):
+            nll += F.cross_entropy(logits.float(), torch.tensor([t])).item()
+            if i + 2 < len(ids):
+                logits = step.decode(torch.tensor([t]))
+        scored += len(ids) - 1
+    return math.exp(nll / scored)
 
 
 def speed_pairs(fp32, int8, ids, tokens, rounds):
     """[int8 / fp32 decode rate] over `rounds` back-to-back pairs (the order alternating), ours through generate()."""
+    print(f"speed pairs: {tokens} greedy tokens each, {torch.get_num_threads()} thread(s)", flush=True)
     from benchmarks.decode_speed import decode_rate, ours  # here: decode_speed imports this module
 
     ratios = []
@@ -82,7 +86,10 @@ def speed_pairs(fp32, int8, ids, tokens, rounds):
         order = [fp32, int8] if i % 2 == 0 else [int8, fp32]
         rate = {id(m): decode_rate(ours(m, ids), tokens)[0] for m in order}
         ratios.append(rate[id(int8)] / rate[id(fp32)])
-        print(f"int8 against fp32, pair {i + 1}: {rate[id(int8)]:.1f} / {rate[id(fp32)]:.1f} tok/s ({ratios[-1]:.2f}x)")
+        print(
+            f"int8 against fp32, pair {i + 1}: {rate[id(int8)]:.1f} / {rate[id(fp32)]:.1f} tok/s ({ratios[-1]:.2f}x)",
+            flush=True,
+        )
     return ratios
 
 
@@ -110,7 +117,7 @@ def main(args):
     eos = set(fp32.eos_ids)
     ours = [[greedy(s, ids, args.tokens, eos) for s in steps] for ids in prompts]
     agree, total = [common_prefix(a, b) for a, b in ours], [len(a) for a, _ in ours]
-    print(f"ours int8 follows ours fp32 for {sum(agree)} of {sum(total)} tokens: {agree}")
+    print(f"ours int8 follows ours fp32 for {sum(agree)} of {sum(total)} tokens: {agree}", flush=True)
     theirs = llama_cpp_agreement(checkpoint, prompts, args.tokens, args.gguf_dir)
     if theirs:
         print(f"llama.cpp q8_0 follows llama.cpp f32 for {sum(theirs[0])} of {sum(theirs[1])} tokens: {theirs[0]}")
@@ -118,9 +125,13 @@ def main(args):
     chunks = [text[i : i + N_CTX] for i in range(0, args.chunks * N_CTX, N_CTX) if i + N_CTX <= len(text)]
     ppl = [perplexity_prefill(m.model, chunks) for m in (fp32, int8)]
     print(f"perplexity, {len(chunks)} chunks of {N_CTX} (prefill path): fp32 {ppl[0]:.3f}, int8 {ppl[1]:.3f}")
-    dec = [perplexity_decode(s, chunks[0]) for s in steps]
-    print(f"perplexity, first chunk token by token (decode kernel): fp32 {dec[0]:.3f}, int8 {dec[1]:.3f}")
-    ratios = speed_pairs(fp32, int8, prompts[0], 2 * args.tokens, args.rounds) if args.rounds else []
+    dec = [perplexity_decode(s, chunks[: args.decode_chunks]) for s in steps]
+    first = f"the first {args.decode_chunks} chunk(s) token by token (decode kernel)"
+    print(f"perplexity, {first}: fp32 {dec[0]:.3f}, int8 {dec[1]:.3f}", flush=True)
+    from benchmarks.decode_speed import PROMPT  # a long answer: no early end of text
+
+    story = fp32.encode_instruction(PROMPT)
+    ratios = speed_pairs(fp32, int8, story, 2 * args.tokens, args.rounds) if args.rounds else []
     vs = f"; llama.cpp q8_0 {sum(theirs[0])} of {sum(theirs[1])}" if theirs else ""
     speed = f"; decode {statistics.median(ratios):.2f}x fp32 (median of {len(ratios)} pairs)" if ratios else ""
     print(
@@ -134,7 +145,8 @@ def parse_args(argv=None):
     p.add_argument("--model_name_or_path", default=None, help="default: the embedded SmolLM2-135M")
     p.add_argument("--tokens", type=int, default=64, help="greedy tokens per prompt (default 64)")
     p.add_argument("--chunks", type=int, default=4, help="perplexity chunks of 512 tokens (default 4)")
-    p.add_argument("--rounds", type=int, default=3, help="back-to-back speed pairs, int8 and fp32 (default 3)")
+    p.add_argument("--rounds", type=int, default=5, help="back-to-back speed pairs, int8 and fp32 (default 5)")
+    p.add_argument("--decode_chunks", type=int, default=1, help="chunks scored token by token (default 1)")
     p.add_argument("--gguf_dir", default=str(REPO_ROOT / "out" / "bench"), help="where the GGUF files are made once")
     return p.parse_args(argv)
 
