@@ -8,7 +8,7 @@ plain C++ elsewhere), as llama.cpp's q8_0 does.
 
 - `quantize_model(model)`: every projection of a decoder layer and the output layer (lm_head) become Int8Linear:
   one uint8 tensor per weight, packed (out, in + in / 16): each row's int8 numbers, then its fp16 scales. The fp32
-  weights are freed; the embedding stays fp32 (a tied lm_head gets its own int8 copy). SmolLM2-135M: 538 MB -> 263 MB.
+  weights are freed; the embedding stays fp32 (a tied lm_head gets its own int8 copy). SmolLM2-135M: 538 MB -> 256 MB.
 - A decode step (1-16 rows) runs the int8 products; prefill and bigger batches dequantize one weight at a time to fp32
   and run F.linear on it (the same int8 model, with fp32 activations), so no fp32 copy of the weights is kept.
 - `ALPACA_INT8_KERNEL=generic|avx2|avxvnni|avx512vnni` forces one instruction set (default auto: the best this CPU
