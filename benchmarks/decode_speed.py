@@ -112,9 +112,7 @@ def llama_cpp(gguf, runs, threads, lookup=None, tokens=False):
     tokens per draft] for its prompt-lookup speculation (benchmarks/speculative.py); tokens: the token ids too.
     q8_0 runs without llama.cpp's AMX/repacked buffers, where 0.3.36 dies on an AMX_INT8 CPU (llama_cpp_peer.py)."""
     plain = Path(gguf).stem.endswith("q8_0")
-    job = json.dumps(
-        dict(model=str(gguf), runs=runs, threads=threads, lookup=lookup, plain_buffers=plain, tokens=tokens)
-    )
+    job = dict(model=str(gguf), runs=runs, threads=threads, lookup=lookup, plain_buffers=plain, tokens=tokens)
     peer = [str(PEERS_PYTHON), str(Path(__file__).with_name("llama_cpp_peer.py"))]
     out = run_peer(f"llama.cpp ({Path(gguf).name})", peer, timeout=PEER_TIMEOUT_S, input=json.dumps(job))
     return json.loads(out.stdout.strip().splitlines()[-1])
