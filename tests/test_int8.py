@@ -160,3 +160,11 @@ def test_a_bad_dtype_is_one_clear_error(tiny_llama_dir, tmp_path, capsys):
         with pytest.MonkeyPatch.context() as m:
             m.setenv(int8.ISA_ENV, "sse9")
             int8.kernel()
+
+
+def test_agreement_counts_the_reference_tokens_before_the_first_difference():
+    from benchmarks.int8_quality import common_prefix
+
+    assert common_prefix([1, 2, 3, 4], [1, 2, 9, 4]) == 2
+    assert common_prefix([1, 2, 0], [1, 2, 0]) == 3  # both ended at the same end of text: all of it
+    assert common_prefix([5, 6], [7]) == 0
