@@ -5,8 +5,9 @@ against the embedded model's weight shapes, next to the fp32 kernel on the same 
 
 int8 x int8 (the input row quantized in blocks of 32, products summed in int32: generic, avx2, avxvnni, avx512vnni)
 against int8 weights widened to fp32 against the fp32 row (avx512f32). Each shape: the best of --repeat calls, as
-billions of weights per second. The 49152 x 576 output layer (28 MB in int8, 113 MB in fp32) does not fit the caches;
-the layer shapes (qkv 960 x 576, gate/up 3072 x 576, down 576 x 1536) do, one at a time. Last line: the headline.
+billions of weights per second. The layer shapes (qkv 960 x 576, gate/up 3072 x 576, down 576 x 1536) fit a core's L2
+cache in int8; the 49152 x 576 output layer (28 MB in int8, 113 MB in fp32) does not, and reads from L3 or memory
+(a call repeated reads it from wherever the last one left it). Last line: the headline.
 """
 
 import argparse
