@@ -148,6 +148,13 @@ def test_the_scripts_take_dtype_int8(tiny_llama_dir, tmp_path):
     assert len(json.loads(out.read_text())) == 1
 
 
+def test_serve_refuses_int8_with_lora_adapters_before_the_model_loads(tiny_llama_dir):
+    args = serve_command.parse_args(["--model_name_or_path", str(tiny_llama_dir), "--dtype", "int8"])
+    args.allow_runtime_lora_updating = True
+    with pytest.raises(UsageError, match="int8 serves no LoRA adapters"):
+        serve_command.main(args)
+
+
 def test_a_bad_dtype_is_one_clear_error(tiny_llama_dir, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         inference.parse_args(["--instruction", "x", "--dtype", "int4"])

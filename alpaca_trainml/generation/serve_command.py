@@ -20,6 +20,11 @@ def main(args):
     checkpoint and a port in use are each a cli.UsageError before the model loads; a broken one, when it loads."""
     name = args.model_name_or_path or os.environ.get("TRAINML_CHECKPOINT_PATH") or EMBEDDED_MODEL
     check_checkpoint(name)
+    if args.dtype == "int8" and (args.lora_modules or args.allow_runtime_lora_updating):
+        raise cli.UsageError(
+            "--dtype int8 serves no LoRA adapters (their pairs would meet packed int8 weights): merge the adapter "
+            "(weight_diff.py merge_lora) and serve the merged folder with --dtype int8, or serve float32/bfloat16"
+        )
     for spec in args.lora_modules or []:  # before the model loads: a wrong folder fails in a second
         module = parse_module(spec)
         if not adapters.is_adapter(Path(module["path"]).expanduser()):
