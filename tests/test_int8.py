@@ -113,7 +113,7 @@ def test_int8_greedy_tokens_follow_fp32_on_most_steps(module, models, monkeypatc
     full, quantized = models
     assert int8.is_quantized(quantized.model) and not int8.is_quantized(full.model)
     ref, step = LlamaStep(full.model), LlamaStep(quantized.model)
-    assert step.decoder is not None and not step.verifies  # the whole step in the kernel; no speculative verify
+    assert step.decoder is not None  # the whole step in the kernel
     assert (int8.instructions() == "generic") == (isa == "generic")
     agree = total = 0
     for prompt in ([1, 5, 9, 13], [1, 30, 31, 2, 7, 7, 40, 41]):
@@ -123,6 +123,18 @@ def test_int8_greedy_tokens_follow_fp32_on_most_steps(module, models, monkeypatc
         total += len(want)
         assert (got - want).abs().max() < 0.05 * want.abs().max()  # the same model, give or take 8-bit rounding
     assert agree >= 0.8 * total, (agree, total)  # measured 49 of 50 with this tiny model (2026-12-05)
+
+
+def test_int8_verify_gives_decodes_numbers(module, models):
+    step = LlamaStep(models[1].model)
+    assert step.verifies  # the kernel runs both: speculative decoding keeps int8's greedy tokens
+    prompt, draft = [1, 30, 31, 2, 7], [7, 40, 41]
+    step.prefill([prompt])
+    one_by_one = [step.decode(torch.tensor([t])) for t in draft]
+    step.keep([])
+    step.prefill([prompt])
+    (at_once,) = step.verify(torch.tensor([draft]))
+    assert torch.equal(torch.cat(one_by_one), at_once)  # bit for bit: each position is one row of the kernel's step
 
 
 def test_prefill_and_hf_forward_run_the_same_int8_weights(module, models):

@@ -113,7 +113,8 @@ class Weight:
 
     def matvec(self, x):
         """The kernel's product for any number of rows: each row's numbers whatever the rows beside it."""
-        y = self.kernel.matvec(x.reshape(-1, x.shape[-1]).float().contiguous(), self.full)
+        product = self.kernel.q8_matvec if self.full.dtype == torch.uint8 else self.kernel.matvec  # int8 blocks
+        y = product(x.reshape(-1, x.shape[-1]).float().contiguous(), self.full)
         y = y if self.bias is None else y + self.bias  # fp32 sums, then one rounding to the model's dtype
         return y.to(x.dtype).view(*x.shape[:-1], -1)
 
@@ -222,9 +223,8 @@ class LlamaStep:
         # verify() gives decode()'s numbers where the kernel runs both (fp32 or bf16: the same operations per
         # position), and decode()'s greedy tokens on torch's operations in fp32 only: in bf16 those round activations
         # to bf16 between layers, where the kernel's stay fp32, and a tiny model's greedy text then differed.
-        # Not in int8: a verify of more than 16 positions takes lm_head's dequantized path (fp32 activations), where
-        # decode's int8 products round them to 8 bits
-        self.verifies = (self.decoder is not None or dtype == torch.float32) and not quantized
+        # In int8 through the kernel only: torch's operations keep fp32 activations, which the kernel rounds to 8 bits
+        self.verifies = self.decoder is not None or (dtype == torch.float32 and not quantized)
 
     def __len__(self):
         return len(self.cache)
