@@ -220,10 +220,9 @@ class LlamaStep:
                     weights, self.heads, self.kv_heads, self.head_dim, self.eps, self.scale, windows
                 )
         self.cache = SlotCache(len(self.layers), self.kv_heads, self.head_dim, self.embed.dtype, self.embed.device)
-        # verify() gives decode()'s numbers where the kernel runs both (fp32 or bf16: the same operations per
-        # position), and decode()'s greedy tokens on torch's operations in fp32 only: in bf16 those round activations
-        # to bf16 between layers, where the kernel's stay fp32, and a tiny model's greedy text then differed.
-        # In int8 through the kernel only: torch's operations keep fp32 activations, which the kernel rounds to 8 bits
+        # verify() gives decode()'s numbers where the kernel runs both (the same operations per position), and decode()'s
+        # greedy tokens on torch's operations in fp32 only: bf16 rounds activations between layers where the kernel
+        # keeps fp32 (a tiny model's greedy text then differed), and int8 keeps fp32 where the kernel rounds to 8 bits
         self.verifies = self.decoder is not None or (dtype == torch.float32 and not quantized)
 
     def __len__(self):
