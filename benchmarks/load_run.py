@@ -259,9 +259,10 @@ def report(records, memory, elapsed, log_text, killed_at, args):
     grew = after_warmup[-1] - after_warmup[0] if after_warmup else float("nan")
     if killed_at is not None:
         print(f"one streaming client killed with SIGKILL {killed_at:.0f} s into the run")
+    minutes = [f"{m:.0f}" for t, m in memory if int(t - memory[0][0]) % 60 < 5]
     print(
         f"server memory: {after_warmup[0]:.0f} MiB after warm-up, {after_warmup[-1]:.0f} MiB at the end, peak "
-        f"{max(m for _, m in memory):.0f} MiB"
+        f"{max(m for _, m in memory):.0f} MiB; each minute: {' '.join(minutes)} MiB"
     )
     return (
         f"load_run: {args.clients} clients {elapsed:.0f} s{' +1 killed' if killed_at is not None else ''}: "
