@@ -249,3 +249,19 @@ def test_slot_cache_grows_and_keeps_rows_in_order():
     cache.keep([2, 0])
     assert cache.lens == [2, 3]
     assert cache.keys[0][0, 0, :2].eq(3).all() and cache.keys[0][1, 0, :3].eq(1).all()
+
+
+def test_slot_cache_gives_back_a_long_answers_room_when_it_leaves():
+    cache = SlotCache(layers=2, kv_heads=1, head_dim=2, dtype=torch.float32, device="cpu")
+    cache.add_row(10)
+    cache.add_row(3000)  # a long answer: positions grow to 3072
+    cache.keys[1][0, :, :10] = 7
+    assert cache.pos_cap == 3072
+    cache.keep([0])  # it leaves; the short row stays
+    assert cache.pos_cap == 256 and cache.keys[1].shape[2] == 256 and cache.keys[1][0, :, :10].eq(7).all()
+    cache.add_row(600)
+    cache.keep([1])  # 600 of 768 held: more than a quarter, no reallocation
+    assert cache.pos_cap == 768 and cache.lens == [600]
+    cache.keep([])
+    assert cache.keys == [] and cache.pos_cap == cache.rows_cap == 0
+    assert cache.add_row(4) == 0 and cache.keys[0].shape[2] == 256  # and it grows again from nothing
