@@ -6,6 +6,7 @@ import asyncio
 import shlex
 import subprocess
 import sys
+from pathlib import Path
 
 import httpx
 import pytest
@@ -15,7 +16,7 @@ import transformers
 from helpers import FAMILIES, ROOT, build_tiny_family, subprocess_env, tiny_family_config
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from alpaca_trainml.generation import llama_step, matvec
+from alpaca_trainml.generation import kv_cache, llama_step, matvec
 from alpaca_trainml.generation.batch import DecodeBatch
 from alpaca_trainml.generation.hf_step import HFStep
 from alpaca_trainml.generation.kv_cache import SlotCache
@@ -265,3 +266,28 @@ def test_slot_cache_gives_back_a_long_answers_room_when_it_leaves():
     cache.keep([])
     assert cache.keys == [] and cache.pos_cap == cache.rows_cap == 0
     assert cache.add_row(4) == 0 and cache.keys[0].shape[2] == 256  # and it grows again from nothing
+
+
+def resident_mib():
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+
+
+@pytest.mark.skipif(kv_cache._LIBC is None or not Path("/proc/self/status").exists(), reason="needs Linux glibc")
+def test_a_shrunk_cache_leaves_the_process_resident_memory():
+    """Each round grows 8 rows to 4096 positions (128 MiB) and lets them go: without malloc_trim, glibc kept the
+    freed blocks after the first round and resident memory stayed up."""
+    cache = SlotCache(layers=4, kv_heads=2, head_dim=64, dtype=torch.float32, device="cpu")
+    for _ in range(8):
+        cache.add_row(100)
+    before = resident_mib()
+    for _ in range(3):
+        cache.reserve(8, 4000)
+        for t in cache.keys + cache.values:
+            t.fill_(1)  # touch every page
+        cache.lens = [100] * 8
+        cache.keep(list(range(7)))
+        cache.add_row(100)
+    assert cache.pos_cap == 256
+    assert resident_mib() - before < 40

@@ -1,11 +1,33 @@
 """Key/value cache operations for batched decoding: the static slot cache the Llama step writes in place, and
 merge/select over transformers' DynamicCache for the generic step (left-padded rows)."""
 
+import ctypes
+import ctypes.util
+
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
 
 GROW = 256  # the slot cache grows in steps of this many positions (and doubles), never per token
+
+
+def give_back():
+    """Return freed memory to the system where the C library is glibc (malloc_trim). glibc keeps freed heap for
+    reuse, and once a large block has been freed it serves later large blocks from the heap too: a cache that had
+    shrunk still counted in the server's resident memory (a load run kept about 400 MiB of a long answer's cache)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc():
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl without it): nothing to trim
+        return None
+
+
+_LIBC = _glibc()
 
 
 class SlotCache:
@@ -50,10 +72,12 @@ class SlotCache:
 
     def _shrink(self):
         held = max(self.lens, default=0)
-        if not self.lens:
+        if not self.lens and self.keys:
             self.keys, self.values, self.rows_cap, self.pos_cap = [], [], 0, 0
+            give_back()
         elif self.pos_cap > GROW and 4 * held <= self.pos_cap:  # a quarter: growing back takes two doublings
             self._reallocate(self.rows_cap, max(2 * held, GROW))
+            give_back()
 
     def add_row(self, length):
         """A new last row that will hold `length` tokens (its prefill writes them); its index."""
