@@ -101,3 +101,14 @@ def free_port():
 def free_port_module():
     """One port for a module's server fixture."""
     return helpers.free_port()
+
+
+@pytest.fixture(scope="session")
+def decode_kernel():
+    """Our compiled decode kernel (generation/matvec.py); its tests skip where it cannot be built."""
+    from alpaca_trainml.generation import matvec
+
+    built = matvec.kernel()
+    if built is None:
+        pytest.skip("the decode kernel could not be built here (no compiler?); decoding falls back to torch")
+    return built

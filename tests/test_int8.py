@@ -11,30 +11,22 @@ import torch.nn.functional as F
 import evaluate
 import inference
 from alpaca_trainml.cli import UsageError
-from alpaca_trainml.generation import int8, matvec, serve_command
+from alpaca_trainml.generation import int8, serve_command
 from alpaca_trainml.generation.llama_step import LlamaStep
 from alpaca_trainml.generation.model import InstructModel
 
 ISAS = ["generic", "avx2", "avxvnni", "avx512vnni", "avx512f32"]  # avx512f32: fp32 input rows, never chosen by auto
 
 
-@pytest.fixture(scope="module")
-def module():
-    built = matvec.kernel()
-    if built is None:
-        pytest.skip("the decode kernel could not be built here (no compiler?); int8 falls back to torch")
-    return built
-
-
-def runnable(module):
+def runnable(decode_kernel):
     """The instruction sets this CPU runs (generic always)."""
     found = []
     for isa in ISAS:
         try:
-            found.append(module.q8_isa(isa))
+            found.append(decode_kernel.q8_isa(isa))
         except RuntimeError:
             pass
-    module.q8_isa("auto")
+    decode_kernel.q8_isa("auto")
     return found
 
 
@@ -64,24 +56,24 @@ def reference(x, packed, quantized=True):
 
 @pytest.mark.parametrize("rows", [1, 3, 16])
 @pytest.mark.parametrize("shape", [(70, 96), (64, 576), (5, 32)])  # a lone last block of 32; 4 rows at a time + tail
-def test_kernel_matches_a_dequantized_reference_on_every_instruction_set(module, rows, shape):
+def test_kernel_matches_a_dequantized_reference_on_every_instruction_set(decode_kernel, rows, shape):
     torch.manual_seed(rows)
     w, x = torch.randn(shape) * 0.05, torch.randn(rows, shape[1])
     packed = int8.quantize(w)
     want = reference(x, packed)
-    for isa in runnable(module):
-        module.q8_isa(isa)
-        got = module.q8_matvec(x, packed).double()
+    for isa in runnable(decode_kernel):
+        decode_kernel.q8_isa(isa)
+        got = decode_kernel.q8_matvec(x, packed).double()
         want = reference(x, packed, quantized=isa != "avx512f32")
         # float sums in another order, nothing more; a wrong scale or layout is off by tens of percent
         assert (got - want).abs().max() <= 1e-5 * want.abs().max(), isa
-    module.q8_isa("auto")
+    decode_kernel.q8_isa("auto")
     want = reference(x, packed)
     swapped = packed.clone()
     scales = packed[:, shape[1] :].contiguous().view(torch.float16)
     swapped[:, shape[1] :] = scales.flip(1).view(torch.uint8)  # scales in the wrong blocks: must not pass the bound
     if shape[1] > 32:
-        assert (module.q8_matvec(x, swapped).double() - want).abs().max() > 1e-3 * want.abs().max()
+        assert (decode_kernel.q8_matvec(x, swapped).double() - want).abs().max() > 1e-3 * want.abs().max()
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +100,7 @@ def greedy(step, prompt, n):
 
 
 @pytest.mark.parametrize("isa", ["auto", "generic"])
-def test_int8_greedy_tokens_follow_fp32_on_most_steps(module, models, monkeypatch, isa):
+def test_int8_greedy_tokens_follow_fp32_on_most_steps(decode_kernel, models, monkeypatch, isa):
     monkeypatch.setenv(int8.ISA_ENV, isa)
     full, quantized = models
     assert int8.is_quantized(quantized.model) and not int8.is_quantized(full.model)
@@ -125,7 +117,7 @@ def test_int8_greedy_tokens_follow_fp32_on_most_steps(module, models, monkeypatc
     assert agree >= 0.8 * total, (agree, total)  # measured 49 of 50 with this tiny model (2026-12-05)
 
 
-def test_int8_verify_gives_decodes_numbers(module, models):
+def test_int8_verify_gives_decodes_numbers(decode_kernel, models):
     step = LlamaStep(models[1].model)
     assert step.verifies  # the kernel runs both: speculative decoding keeps int8's greedy tokens
     prompt, draft = [1, 30, 31, 2, 7], [7, 40, 41]
@@ -137,7 +129,7 @@ def test_int8_verify_gives_decodes_numbers(module, models):
     assert torch.equal(torch.cat(one_by_one), at_once)  # bit for bit: each position is one row of the kernel's step
 
 
-def test_prefill_and_hf_forward_run_the_same_int8_weights(module, models):
+def test_prefill_and_hf_forward_run_the_same_int8_weights(decode_kernel, models):
     _, quantized = models
     step = LlamaStep(quantized.model)
     prompt = list(range(1, 21))

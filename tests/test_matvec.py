@@ -12,54 +12,46 @@ from alpaca_trainml.generation import llama_step, matvec
 from alpaca_trainml.generation.llama_step import LlamaStep
 
 
-@pytest.fixture(scope="module")
-def module():
-    built = matvec.kernel()
-    if built is None:
-        pytest.skip("the decode kernel could not be built here (no compiler?); decoding falls back to torch")
-    return built
-
-
 @pytest.mark.parametrize("rows", [1, 2, 3, 4, 5, 9, 16])
 @pytest.mark.parametrize("shape", [(96, 40), (130, 576), (64, 33), (1, 7)])
-def test_kernel_is_as_exact_as_f_linear(module, rows, shape):
+def test_kernel_is_as_exact_as_f_linear(decode_kernel, rows, shape):
     torch.manual_seed(rows)
     w, x = torch.randn(shape), torch.randn(rows, shape[1])
     exact = F.linear(x.double(), w.double())
-    got, theirs = module.matvec(x, w), F.linear(x, w)
+    got, theirs = decode_kernel.matvec(x, w), F.linear(x, w)
     assert got.shape == theirs.shape and got.dtype == torch.float32
     ours_err, their_err = (got - exact).abs().max().item(), (theirs - exact).abs().max().item()
     assert ours_err <= 4 * their_err + 1e-6, (ours_err, their_err)  # rounding of a different order, no more
 
 
-def test_bf16_weights_accumulate_in_fp32(module):
+def test_bf16_weights_accumulate_in_fp32(decode_kernel):
     torch.manual_seed(0)
     w, x = torch.randn(200, 100).bfloat16(), torch.randn(2, 100)
-    torch.testing.assert_close(module.matvec(x, w), x @ w.float().T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(decode_kernel.matvec(x, w), x @ w.float().T, rtol=1e-5, atol=1e-5)
 
 
-def test_bad_operands_raise(module):
+def test_bad_operands_raise(decode_kernel):
     with pytest.raises(RuntimeError, match="matvec"):
-        module.matvec(torch.randn(2, 5), torch.randn(3, 4))
+        decode_kernel.matvec(torch.randn(2, 5), torch.randn(3, 4))
     with pytest.raises(RuntimeError, match="matvec"):
-        module.matvec(torch.randn(2, 4), torch.randn(3, 4).half())
+        decode_kernel.matvec(torch.randn(2, 4), torch.randn(3, 4).half())
 
 
-def test_weight_takes_the_kernel_for_few_rows_only(module):
+def test_weight_takes_the_kernel_for_few_rows_only(decode_kernel):
     torch.manual_seed(0)
     w = torch.randn(48, 40)
-    weight = llama_step.Weight(w, module)
-    assert weight.kernel is module and weight.blocks is None
+    weight = llama_step.Weight(w, decode_kernel)
+    assert weight.kernel is decode_kernel and weight.blocks is None
     for shape in [(40,), (1, 1, 40), (3, 1, 40), (2, 8, 40), (1, 17, 40)]:
         x = torch.randn(shape)
         torch.testing.assert_close(weight(x), F.linear(x, w), rtol=1e-5, atol=1e-5)
     x = torch.randn(1, 17, 40)  # past SPLIT_MAX_ROWS: F.linear itself
     assert torch.equal(weight(x), F.linear(x, w))
-    half = llama_step.Weight(w.bfloat16(), module)
+    half = llama_step.Weight(w.bfloat16(), decode_kernel)
     xb = torch.randn(1, 1, 40).bfloat16()
     assert half(xb).dtype == torch.bfloat16
     torch.testing.assert_close(half(xb), F.linear(xb, w.bfloat16()), rtol=1e-2, atol=1e-2)
-    assert llama_step.Weight(w.t(), module).kernel is None  # not contiguous: the split matmul or F.linear
+    assert llama_step.Weight(w.t(), decode_kernel).kernel is None  # not contiguous: the split matmul or F.linear
 
 
 def test_switched_off_it_is_never_built(monkeypatch):
@@ -88,7 +80,7 @@ def family_model(name, dtype=torch.float32):
 
 
 @pytest.mark.parametrize("name", [None, *sorted(FAMILIES)])  # None: the tests' Llama
-def test_decoder_step_is_the_python_forward_on_rows_of_different_lengths(module, tiny_llama_dir, name):
+def test_decoder_step_is_the_python_forward_on_rows_of_different_lengths(decode_kernel, tiny_llama_dir, name):
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir) if name is None else family_model(name)
     fused, plain = LlamaStep(model.eval()), LlamaStep(model)
     assert fused.decoder is not None
@@ -109,7 +101,7 @@ def test_decoder_step_is_the_python_forward_on_rows_of_different_lengths(module,
     torch.testing.assert_close(fused.decode(ids[[2, 0]]), plain.decode(ids[[2, 0]]), rtol=1e-4, atol=1e-4)
 
 
-def test_decoder_refuses_a_position_outside_its_cache(module, tiny_llama_dir):
+def test_decoder_refuses_a_position_outside_its_cache(decode_kernel, tiny_llama_dir):
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     step = LlamaStep(model)
     step.prefill([[3, 4, 5]])
@@ -119,7 +111,7 @@ def test_decoder_refuses_a_position_outside_its_cache(module, tiny_llama_dir):
         step.decoder.step(h, cos, sin, step.cache.keys, step.cache.values, [step.cache.pos_cap])
 
 
-def test_bf16_decoder_is_as_close_to_fp32_as_transformers_bf16(module, tiny_llama_dir):
+def test_bf16_decoder_is_as_close_to_fp32_as_transformers_bf16(decode_kernel, tiny_llama_dir):
     """bf16 rounds at every operation, so two correct bf16 steps differ; ours must be no further from the fp32
     model than transformers' own bf16 forward is (it rounds where transformers rounds, and sums in fp32)."""
     full = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
@@ -128,7 +120,7 @@ def test_bf16_decoder_is_as_close_to_fp32_as_transformers_bf16(module, tiny_llam
 
 
 @pytest.mark.parametrize("name", ["llama-biases", "mistral", "phi3", "qwen2", "qwen3"])
-def test_bf16_decoder_of_each_family_is_as_close_as_transformers_bf16(module, name):
+def test_bf16_decoder_of_each_family_is_as_close_as_transformers_bf16(decode_kernel, name):
     full, half = family_model(name), family_model(name, torch.bfloat16)
     assert_bf16_decoder_as_close(full, half, list(range(3, 15)), list(range(20, 30)))  # 12 + 10: past the windows
 
@@ -146,19 +138,19 @@ def assert_bf16_decoder_as_close(full, half, prompt, fed):
     assert their_err > 0 and ours_err <= 2 * their_err, (ours_err, their_err)
 
 
-def test_weights_of_mixed_dtypes_build_no_decoder_rather_than_fail(module, tiny_llama_dir):
+def test_weights_of_mixed_dtypes_build_no_decoder_rather_than_fail(decode_kernel, tiny_llama_dir):
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.bfloat16).eval()
     model.model.layers[0].input_layernorm.float()  # the kernel takes one dtype throughout: no decoder, no error
     assert LlamaStep(model).decoder is None
 
 
-def test_decoder_takes_the_llama_only_arguments_as_before(module, tiny_llama_dir):
+def test_decoder_takes_the_llama_only_arguments_as_before(decode_kernel, tiny_llama_dir):
     """LlamaDecoder(weights of 6 per layer, heads, kv_heads, dim, eps, scale): the call before biases, q/k norms and
     windows still builds the same step."""
     model = transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
     step = LlamaStep(model)
     weights = [layer.kernel_tensors(None)[:6] for layer in step.layers]
-    old = module.LlamaDecoder(weights, step.heads, step.kv_heads, step.head_dim, step.eps, step.scale)
+    old = decode_kernel.LlamaDecoder(weights, step.heads, step.kv_heads, step.head_dim, step.eps, step.scale)
     step.prefill([[3, 4, 5]])
     h = F.embedding(torch.tensor([6]), step.embed)
     cos, sin = (t[:, 0].contiguous() for t in step.rotary(h, torch.tensor([[3]])))
@@ -166,11 +158,11 @@ def test_decoder_takes_the_llama_only_arguments_as_before(module, tiny_llama_dir
     want = step.decoder.step(h.clone(), cos, sin, step.cache.keys, step.cache.values, [3])
     assert torch.equal(old.step(h.clone(), cos, sin, keys, values, [3]), want)
     with pytest.raises(RuntimeError, match="one window per layer"):
-        module.LlamaDecoder(weights, step.heads, step.kv_heads, step.head_dim, step.eps, step.scale, [0])
+        decode_kernel.LlamaDecoder(weights, step.heads, step.kv_heads, step.head_dim, step.eps, step.scale, [0])
 
 
 @pytest.mark.parametrize("name,dtype", [(None, torch.float32), (None, torch.bfloat16), ("mistral", torch.float32)])
-def test_verify_of_several_positions_per_row_is_decode_bit_for_bit(module, tiny_llama_dir, name, dtype):
+def test_verify_of_several_positions_per_row_is_decode_bit_for_bit(decode_kernel, tiny_llama_dir, name, dtype):
     """A speculative verify runs each row's draft positions as rows of one kernel step in that row's cache slot: its
     logits and cache must be those of decoding the tokens one step at a time (greedy speculation is then exactly
     plain decoding). Mistral: a sliding window (tiny_family_config's) that the 9-token prompt passes."""
@@ -199,7 +191,7 @@ def test_verify_of_several_positions_per_row_is_decode_bit_for_bit(module, tiny_
     assert torch.equal(torch.cat([alone.decode(tokens[:1, j]) for j in range(4)]), got[0])
 
 
-def test_decoder_refuses_a_slot_outside_its_cache(module, tiny_llama_dir):
+def test_decoder_refuses_a_slot_outside_its_cache(decode_kernel, tiny_llama_dir):
     step = LlamaStep(transformers.AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval())
     step.prefill([[3, 4, 5]])
     h = F.embedding(torch.tensor([4]), step.embed).float()
