@@ -12,7 +12,10 @@ import signal
 import subprocess
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
+
+import httpx
 
 
 class PeerFailed(RuntimeError):
@@ -75,3 +78,51 @@ def run_logged(what, cmd, log_path, timeout, **kwargs):
             raise PeerFailed(f"{what}: timed out after {timeout:g} s; last line of {log_path}: {last_line(tail)}")
         raise PeerFailed(f"{what}: {why(code, tail)} (all of it in {log_path})")
     return seconds, usage.ru_maxrss / 2**20  # ru_maxrss is in KiB on Linux
+
+
+@contextmanager
+def http_server(what, cmd, url, log_path, timeout, **kwargs):
+    """Start a server process (cmd, its output into log_path) and wait until GET url/v1/models answers 200; yields
+    the model name it serves first. One that exits or does not answer within `timeout` seconds is PeerFailed (the
+    exit code or signal and its log's last line). On leaving, the process and its children (its own session) get
+    SIGTERM, then SIGKILL after 30 s. kwargs go to Popen (cwd, env)."""
+    with open(log_path, "w") as log:
+        try:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
+        except OSError as e:
+            raise PeerFailed(f"{what}: could not start: {e}") from None
+    try:
+        name, deadline = None, time.monotonic() + timeout
+        while name is None:
+            if proc.poll() is not None:
+                tail = Path(log_path).read_text(errors="replace")
+                raise PeerFailed(f"{what}: {why(proc.returncode, tail)} (all of it in {log_path})")
+            if time.monotonic() > deadline:
+                tail = Path(log_path).read_text(errors="replace")
+                raise PeerFailed(
+                    f"{what}: not answering after {timeout:g} s; last line of {log_path}: {last_line(tail)}"
+                )
+            try:
+                r = httpx.get(url + "/v1/models", timeout=5)
+                name = r.json()["data"][0]["id"] if r.status_code == 200 else None
+            except (httpx.HTTPError, ValueError, KeyError, IndexError):
+                pass
+            if name is None:
+                time.sleep(1)
+        yield name
+    finally:
+        stop_group(proc)
+
+
+def stop_group(proc, grace=30):
+    """SIGTERM to the process's session (a server's workers too); after the leader exits or `grace` seconds pass,
+    SIGKILL to whatever of the session is left."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:  # the whole session has gone
+            break
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            pass

@@ -89,9 +89,10 @@ def send(http, path, body):
     return tokens, time.perf_counter() - start
 
 
-def run(url, requests, clients, label):
-    """(completion tokens per second, latencies) with `clients` requests in flight at a time."""
-    with httpx.Client(base_url=url, timeout=1800) as http, ThreadPoolExecutor(clients) as pool:
+def run(url, requests, clients, label, timeout=1800):
+    """(completion tokens per second, latencies) with `clients` requests in flight at a time; a request that takes
+    over `timeout` seconds raises httpx.TimeoutException."""
+    with httpx.Client(base_url=url, timeout=timeout) as http, ThreadPoolExecutor(clients) as pool:
         start = time.perf_counter()
         answers = list(tqdm(pool.map(lambda req: send(http, *req), requests), label, len(requests), mininterval=5))
         elapsed = time.perf_counter() - start

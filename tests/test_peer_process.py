@@ -4,9 +4,10 @@ peers (a few lines of Python run in a subprocess) stand in for llama.cpp and TRL
 import sys
 import time
 
+import httpx
 import pytest
 
-from benchmarks.peer_process import PeerFailed, run_logged, run_peer
+from benchmarks.peer_process import PeerFailed, http_server, run_logged, run_peer
 
 SEGFAULT = "import os, signal, sys; print('loading model.gguf', file=sys.stderr); os.kill(os.getpid(), signal.SIGSEGV)"
 HANG = "import sys, time; print('warming up', file=sys.stderr, flush=True); time.sleep(60)"
@@ -83,3 +84,33 @@ def test_peers_training_keeps_going_past_a_crashed_trl_run(crashing_python, tmp_
     assert result["side"] == "trl-padded"
     assert result["failed"].startswith("trl-padded lora-fp32: killed by SIGSEGV; last stderr line: ggml: loading")
     assert peers_training.summarize([dict(side="ours", tokens_per_s=1.0), result], {"padded"}) == "n/a (TRL failed)"
+
+
+MODELS_SERVER = """
+import http.server, json, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"data": [{"id": "tiny"}]}).encode()
+        self.send_response(200); self.end_headers(); self.wfile.write(body)
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def test_a_server_peer_is_waited_for_then_stopped_and_one_that_dies_or_hangs_is_a_failed_row(tmp_path):
+    from benchmarks.serve_throughput import free_port
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with http_server("fake vLLM", [*fake(MODELS_SERVER), str(port)], url, tmp_path / "ok.log", timeout=60) as name:
+        assert name == "tiny" and httpx.get(url + "/v1/models").status_code == 200
+    with pytest.raises(httpx.ConnectError):  # stopped on leaving
+        httpx.get(url + "/v1/models", timeout=5)
+    with pytest.raises(PeerFailed, match=r"^vLLM: killed by SIGSEGV; last stderr line: loading model.gguf"):
+        with http_server("vLLM", fake(SEGFAULT), url, tmp_path / "crash.log", timeout=60):
+            pass
+    start = time.monotonic()
+    with pytest.raises(PeerFailed, match=r"^vLLM: not answering after 1 s; last line of .*hang.log: warming up$"):
+        with http_server("vLLM", fake(HANG), url, tmp_path / "hang.log", timeout=1):
+            pass
+    assert time.monotonic() - start < 30
