@@ -24,6 +24,49 @@ def test_kernel_is_as_exact_as_f_linear(decode_kernel, rows, shape):
     assert ours_err <= 4 * their_err + 1e-6, (ours_err, their_err)  # rounding of a different order, no more
 
 
+def runnable_f32_isas(kernel):
+    """The fp32 matmul's instruction sets this CPU runs (csrc/f32.cpp), generic always among them."""
+    found = []
+    for isa in ("generic", "avx2", "avx512"):
+        try:
+            found.append(kernel.f32_isa(isa))
+        except RuntimeError:
+            pass  # this CPU lacks it
+    kernel.f32_isa("auto")
+    return found
+
+
+@pytest.fixture
+def f32_isas(decode_kernel):
+    yield runnable_f32_isas(decode_kernel)
+    decode_kernel.f32_isa("auto")  # the best again for the tests after
+
+
+def test_small_row_matmul_of_each_isa_is_f_linear_and_the_same_alone(decode_kernel, f32_isas):
+    """Every fp32 instruction set on 1 to 9 rows (each row count blocks the rows differently: 1 x 8, 2 x 8 and up to
+    6 x 4 on AVX-512, 3 x 4 on AVX2, passes of up to 6 rows past 6) and on shapes that leave a tail of weight rows
+    and of `in`: as exact as F.linear, and each row's numbers bit for bit those of the row alone (a verify step of
+    several positions gives a plain step's numbers)."""
+    assert "generic" in f32_isas and decode_kernel.f32_isa("auto") == f32_isas[-1]  # auto: the best one
+    for isa in f32_isas:
+        decode_kernel.f32_isa(isa)
+        for rows in range(1, 10):
+            for shape in [(130, 576), (37, 100), (9, 1536)]:
+                torch.manual_seed(rows)
+                w, x = torch.randn(shape), torch.randn(rows, shape[1])
+                got = decode_kernel.matvec(x, w)
+                exact = F.linear(x.double(), w.double())
+                ours, theirs = (got - exact).abs().max().item(), (F.linear(x, w) - exact).abs().max().item()
+                # SIMD: as test_kernel_is_as_exact_as_f_linear; generic sums each output in one running sum, whose
+                # rounding grows with `in` (5x F.linear's at in = 576 here): within 1e-5 of the largest output
+                limit = 4 * theirs + 1e-6 if isa != "generic" else 1e-5 * exact.abs().max().item()
+                assert ours <= limit, (isa, rows, shape, ours, theirs)
+                alone = torch.cat([decode_kernel.matvec(x[r : r + 1], w) for r in range(rows)])
+                assert torch.equal(got, alone), (isa, rows, shape)
+    with pytest.raises(RuntimeError, match="f32_isa"):
+        decode_kernel.f32_isa("sse9")
+
+
 def test_bf16_weights_accumulate_in_fp32(decode_kernel):
     torch.manual_seed(0)
     w, x = torch.randn(200, 100).bfloat16(), torch.randn(2, 100)

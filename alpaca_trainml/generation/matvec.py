@@ -34,7 +34,7 @@ import torch
 
 ENV = "ALPACA_MATVEC"  # "0": never build or use the kernel
 SOURCE = Path(__file__).with_name("csrc") / "decode.cpp"
-SOURCES = [SOURCE, SOURCE.with_name("int8.cpp")]  # int8.cpp: the int8 weights' products (int8.py)
+SOURCES = [SOURCE, SOURCE.with_name("int8.cpp"), SOURCE.with_name("f32.cpp")]  # int8 products (int8.py), fp32 matmul
 log = logging.getLogger(__name__)
 _lock = threading.Lock()
 _built = {}

@@ -1,6 +1,7 @@
 // The decode kernels, built by alpaca_trainml/generation/matvec.py:
 // - matvec: y = x @ w.T for a few rows of x, every thread streaming its own block of w's rows once; fp32 or bf16
-//   weights, fp32 input and output, fp32 accumulation, each output summed in one order whatever the rows.
+//   weights, fp32 input and output, fp32 accumulation, each output summed in one order whatever the rows (fp32:
+//   f32.cpp, AVX-512 or AVX2 picked at run time).
 // - LlamaDecoder: a whole decode step through a Llama-family layer stack in fp32 or bf16 (norms, fused projections
 //   and their biases, Qwen3's per-head q/k norms, rotary embedding, cache write, attention within a layer's sliding
 //   window, SwiGLU), one call per token instead of some 30 tensor operations per layer; its rows may be several
@@ -17,6 +18,11 @@
 #if defined(__AVX2__) && defined(__FMA__)
 #include <immintrin.h>
 #endif
+
+// f32.cpp: fp32 w's rows [o0, o1) for every row of x (instructions picked at run time), and its module function
+void f32_rows(const float* x, const float* w, float* y, int64_t rows, int64_t in, int64_t out, int64_t o0,
+              int64_t o1);
+void register_f32(pybind11::module_& m);
 
 namespace {
 
@@ -78,66 +84,6 @@ void dot_rows(const float* x, const W* w, float* y, int64_t in, int64_t out, int
     }
     for (int r = 0; r < R; ++r) y[r * out + o] = sum[r];
   }
-}
-
-#if defined(__AVX2__) && defined(__FMA__)
-// R rows of x against C rows of fp32 w from row o: y[r * out + o + c]. Every output is the sum of one 8-lane
-// accumulator over in (8 at a time), then its remaining in % 8 terms in order: the same operations in the same order
-// whatever R and C, so a row's numbers never depend on how many rows are decoded with it (a verify step of several
-// positions gives a plain step's numbers, bit for bit). Each w load feeds R FMAs and each x load C; R * C <= 12
-// accumulators, with the loads, fit AVX2's 16 registers.
-template <int R, int C>
-inline void block_f32(const float* x, const float* w, float* y, int64_t in, int64_t out, int64_t o) {
-  __m256 acc[R][C];
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
-  const float* wo = w + o * in;
-  int64_t i = 0;
-  for (; i + 8 <= in; i += 8) {
-    __m256 wv[C];
-    for (int c = 0; c < C; ++c) wv[c] = _mm256_loadu_ps(wo + c * in + i);
-    for (int r = 0; r < R; ++r) {
-      __m256 xv = _mm256_loadu_ps(x + r * in + i);
-      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(wv[c], xv, acc[r][c]);
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) {
-      float s = hsum(acc[r][c]);
-      for (int64_t j = i; j < in; ++j) s += wo[c * in + j] * x[r * in + j];
-      y[r * out + o + c] = s;
-    }
-}
-
-// every row of x against C rows of w from row o: those C rows (C * in floats) stay in L1 while the rows pass
-template <int C>
-inline void rows_f32(const float* x, const float* w, float* y, int64_t rows, int64_t in, int64_t out, int64_t o) {
-  int64_t r = 0;
-  for (; r + 3 <= rows; r += 3) block_f32<3, C>(x + r * in, w, y + r * out, in, out, o);
-  if (rows - r == 2) block_f32<2, C>(x + r * in, w, y + r * out, in, out, o);
-  if (rows - r == 1) block_f32<1, C>(x + r * in, w, y + r * out, in, out, o);
-}
-#endif
-
-// fp32 w's rows [o0, o1) for every row of x. One row streams 8 of w's rows at a time (8 sums in flight: the weight's
-// read is the bound); more rows take 4 of w's rows against 3 of x's at a time.
-void f32_rows(const float* x, const float* w, float* y, int64_t rows, int64_t in, int64_t out, int64_t o0,
-              int64_t o1) {
-  int64_t o = o0;
-#if defined(__AVX2__) && defined(__FMA__)
-  if (rows == 1)
-    for (; o + 8 <= o1; o += 8) block_f32<1, 8>(x, w, y, in, out, o);
-  else
-    for (; o + 4 <= o1; o += 4) rows_f32<4>(x, w, y, rows, in, out, o);
-  for (; o < o1; ++o) rows_f32<1>(x, w, y, rows, in, out, o);
-#else
-  for (; o < o1; ++o)  // one sum per output in order: the same for any number of rows
-    for (int64_t r = 0; r < rows; ++r) {
-      float s = 0.f;
-      for (int64_t i = 0; i < in; ++i) s += w[o * in + i] * x[r * in + i];
-      y[r * out + o] = s;
-    }
-#endif
 }
 
 template <typename W>
@@ -464,4 +410,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
            pybind11::arg("keys"), pybind11::arg("values"), pybind11::arg("pos"),
            pybind11::arg("slots") = std::vector<int64_t>());
   register_int8(m);
+  register_f32(m);
 }

@@ -1,0 +1,219 @@
+// The fp32 matmul of the decode kernel for a few rows (compiled into the same extension as decode.cpp, which tiles the
+// output rows over the threads and calls f32_rows on each stretch).
+//
+// A decode step reads every weight once, so one row is bound by the memory bandwidth. A speculative verify (the
+// positions of a draft) or a batch multiplies a few rows by the same weight; the FMAs for them can hide under that
+// read if the weight keeps streaming while they run. So:
+// - the instructions are picked at run time (f32_isa): AVX-512 where the CPU has it (32 registers of 16 floats: up to
+//   6 rows x 4 weight rows of sums in registers, twice AVX2's FMAs per instruction), else AVX2+FMA (3 x 4), else
+//   plain C++; each is compiled with its own target attribute, so one build serves every x86 CPU;
+// - while a block of weight rows is multiplied, the next block is prefetched (one cache line per line read), so the
+//   memory read runs under the compute instead of after it.
+// Every output is the sum of one accumulator of 16 lanes (AVX-512) or 8 (AVX2) over `in`, in order, reduced in a fixed
+// order, then its remaining in % 16 (in % 8) terms in order: the same operations whatever the number of rows and
+// however they are blocked, so a row's numbers never depend on the rows decoded with it (a verify step of several
+// positions gives a plain step's numbers, bit for bit; tests/test_matvec.py). The instructions themselves change
+// the order, so f32_isa is for benchmarks and tests, not for use between steps of one answer.
+#include <torch/extension.h>
+#include <cstdint>
+#include <string>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#define F32_X86 1
+#endif
+
+namespace {
+
+enum Isa { GENERIC = 0, AVX2 = 1, AVX512 = 2 };
+const char* const NAMES[] = {"generic", "avx2", "avx512"};
+
+// one sum per output in order: the same for any number of rows
+void rows_generic(const float* x, const float* w, float* y, int64_t rows, int64_t in, int64_t out, int64_t o0,
+                  int64_t o1) {
+  for (int64_t o = o0; o < o1; ++o)
+    for (int64_t r = 0; r < rows; ++r) {
+      float s = 0.f;
+      for (int64_t i = 0; i < in; ++i) s += w[o * in + i] * x[r * in + i];
+      y[r * out + o] = s;
+    }
+}
+
+#if defined(F32_X86)
+#define T2 __attribute__((target("avx2,fma")))
+#define T512 __attribute__((target("avx512f,avx2,fma")))
+
+T2 inline float hsum8(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// R rows of x against C rows of w from row o: y[r * out + o + c]. Each w load feeds R FMAs and each x load C;
+// R * C <= 12 accumulators, with the loads, fit AVX2's 16 registers. PF: prefetch the next C rows of w.
+template <int R, int C, bool PF>
+T2 inline void block8(const float* x, const float* w, float* y, int64_t in, int64_t out, int64_t o) {
+  __m256 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
+  const float* wo = w + o * in;
+  int64_t i = 0;
+  for (; i + 8 <= in; i += 8) {
+    __m256 wv[C];
+    for (int c = 0; c < C; ++c) {
+      if (PF && (i & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(wo + (C + c) * in + i), _MM_HINT_T0);
+      wv[c] = _mm256_loadu_ps(wo + c * in + i);
+    }
+    for (int r = 0; r < R; ++r) {
+      __m256 xv = _mm256_loadu_ps(x + r * in + i);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(wv[c], xv, acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) {
+      float s = hsum8(acc[r][c]);
+      for (int64_t j = i; j < in; ++j) s += wo[c * in + j] * x[r * in + j];
+      y[r * out + o + c] = s;
+    }
+}
+
+// every row of x against C rows of w from row o, 3 rows at a time: those C rows stay in L1 while the rows pass
+template <int C>
+T2 void group8(const float* x, const float* w, float* y, int64_t rows, int64_t in, int64_t out, int64_t o) {
+  int64_t r = 0;
+  if (rows >= 3) {
+    block8<3, C, true>(x, w, y, in, out, o);
+    for (r = 3; r + 3 <= rows; r += 3) block8<3, C, false>(x + r * in, w, y + r * out, in, out, o);
+  }
+  if (rows - r == 2) block8<2, C, true>(x + r * in, w, y + r * out, in, out, o);
+  if (rows - r == 1) block8<1, C, true>(x + r * in, w, y + r * out, in, out, o);
+}
+
+T2 void rows_avx2(const float* x, const float* w, float* y, int64_t rows, int64_t in, int64_t out, int64_t o0,
+                  int64_t o1) {
+  int64_t o = o0;
+  if (rows == 1)
+    for (; o + 8 <= o1; o += 8) block8<1, 8, true>(x, w, y, in, out, o);
+  else
+    for (; o + 4 <= o1; o += 4) group8<4>(x, w, y, rows, in, out, o);
+  for (; o < o1; ++o) group8<1>(x, w, y, rows, in, out, o);
+}
+
+T512 inline float hsum16(__m512 v) {  // a fixed order: halves, then quarters, then AVX's 8 lanes as hsum8 adds them
+  __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// R rows of x against C rows of w from row o, 16 floats at a time: R * C accumulators, C weights and one x in
+// registers (R * C + C + 1 <= 32). PF: prefetch the next C rows of w, one cache line per line read.
+template <int R, int C, bool PF>
+T512 inline void block16(const float* x, const float* w, float* y, int64_t in, int64_t out, int64_t o) {
+  __m512 acc[R][C];
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
+  const float* wo = w + o * in;
+  int64_t i = 0;
+  for (; i + 16 <= in; i += 16) {
+    __m512 wv[C];
+    for (int c = 0; c < C; ++c) {
+      if (PF) _mm_prefetch(reinterpret_cast<const char*>(wo + (C + c) * in + i), _MM_HINT_T0);
+      wv[c] = _mm512_loadu_ps(wo + c * in + i);
+    }
+    for (int r = 0; r < R; ++r) {
+      __m512 xv = _mm512_loadu_ps(x + r * in + i);
+      for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(wv[c], xv, acc[r][c]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) {
+      float s = hsum16(acc[r][c]);
+      for (int64_t j = i; j < in; ++j) s += wo[c * in + j] * x[r * in + j];
+      y[r * out + o + c] = s;
+    }
+}
+
+// rows of x (n of them, n <= 6) against C rows of w from row o; PF on the first pass over those w rows only
+template <int C, bool PF>
+T512 void part16(const float* x, const float* w, float* y, int64_t n, int64_t in, int64_t out, int64_t o) {
+  switch (n) {
+    case 1: return block16<1, C, PF>(x, w, y, in, out, o);
+    case 2: return block16<2, C, PF>(x, w, y, in, out, o);
+    case 3: return block16<3, C, PF>(x, w, y, in, out, o);
+    case 4: return block16<4, C, PF>(x, w, y, in, out, o);
+    case 5: return block16<5, C, PF>(x, w, y, in, out, o);
+    default: return block16<6, C, PF>(x, w, y, in, out, o);
+  }
+}
+
+// every row of x against C rows of w from row o, in passes of up to 6 rows (as even as they go): the C rows of w
+// are read from memory on the first pass and from L1 on the others
+template <int C>
+T512 void group16(const float* x, const float* w, float* y, int64_t rows, int64_t in, int64_t out, int64_t o) {
+  int64_t passes = (rows + 5) / 6, r = 0;
+  for (int64_t p = 0; p < passes; ++p) {
+    int64_t n = (rows - r) / (passes - p);
+    if (p == 0)
+      part16<C, true>(x, w, y, n, in, out, o);
+    else
+      part16<C, false>(x + r * in, w, y + r * out, n, in, out, o);
+    r += n;
+  }
+}
+
+// One row: 8 of w's rows at a time (8 streams in flight); 2 rows: 8 (16 sums); more: 4 (up to 24 sums)
+T512 void rows_avx512(const float* x, const float* w, float* y, int64_t rows, int64_t in, int64_t out, int64_t o0,
+                      int64_t o1) {
+  int64_t o = o0;
+  if (rows <= 2)
+    for (; o + 8 <= o1; o += 8) group16<8>(x, w, y, rows, in, out, o);
+  else
+    for (; o + 4 <= o1; o += 4) group16<4>(x, w, y, rows, in, out, o);
+  for (; o < o1; ++o) group16<1>(x, w, y, rows, in, out, o);
+}
+#endif
+
+Isa best_isa() {
+#if defined(F32_X86)
+  __builtin_cpu_init();
+  bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (avx2 && __builtin_cpu_supports("avx512f")) return AVX512;
+  if (avx2) return AVX2;
+#endif
+  return GENERIC;
+}
+
+Isa active = best_isa();
+
+std::string f32_isa(const std::string& name) {
+  if (name != "auto") {
+    int want = -1;
+    for (int i = 0; i < 3; ++i)
+      if (name == NAMES[i]) want = i;
+    TORCH_CHECK(want >= 0, "f32_isa: auto, generic, avx2 or avx512, got ", name);
+    TORCH_CHECK(want <= best_isa(), "f32_isa: this CPU lacks ", name);
+    active = static_cast<Isa>(want);
+  } else {
+    active = best_isa();
+  }
+  return NAMES[active];
+}
+
+}  // namespace
+
+// fp32 w's rows [o0, o1) for every row of x: y[r * out + o] = x[r] . w[o]
+void f32_rows(const float* x, const float* w, float* y, int64_t rows, int64_t in, int64_t out, int64_t o0,
+              int64_t o1) {
+#if defined(F32_X86)
+  if (active == AVX512) return rows_avx512(x, w, y, rows, in, out, o0, o1);
+  if (active == AVX2) return rows_avx2(x, w, y, rows, in, out, o0, o1);
+#endif
+  rows_generic(x, w, y, rows, in, out, o0, o1);
+}
+
+void register_f32(pybind11::module_& m) {
+  m.def("f32_isa", &f32_isa,
+        "the fp32 matmul's instructions: auto (the best this CPU has), generic, avx2 or avx512; returns the one in use");
+}
