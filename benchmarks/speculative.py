@@ -38,9 +38,23 @@ PROMPTS = Path(__file__).with_name("grounded_prompts.json")
 
 
 def timed(model, ids, tokens, lookup):
-    """One greedy answer: (Completion, seconds in all, seconds to the first token, drafted, accepted, steps)."""
+    """One greedy answer: (Completion, seconds in all, seconds to the first token, drafted, accepted, steps, kept),
+    kept: how many drafted tokens each verify step kept ([] for plain decoding; steps - 1 - len(kept) steps had no
+    draft and decoded plainly)."""
     model.speculative = lookup
     batch, job = DecodeBatch(model), Job(ids, GenParams(max_tokens=tokens, temperature=0))
+    kept, verify, rewind = [], batch.stepper.verify, batch.stepper.rewind
+    width = []
+
+    def counted_verify(tokens, counts=None):
+        width.append(tokens.shape[1])
+        return verify(tokens, counts)
+
+    def counted_rewind(drop):
+        kept.append(width[-1] - drop[0] - 1)  # a row of one: its positions, less those dropped, less its pending one
+        return rewind(drop)
+
+    batch.stepper.verify, batch.stepper.rewind = counted_verify, counted_rewind
     start = time.perf_counter()
     batch.admit([job])
     first, steps = time.perf_counter() - start, 1
@@ -49,19 +63,21 @@ def timed(model, ids, tokens, lookup):
         steps += 1
     seconds = time.perf_counter() - start
     model.speculative = None
-    return job.future.result(), seconds, first, batch.drafted, batch.accepted, steps
+    return job.future.result(), seconds, first, batch.drafted, batch.accepted, steps, kept
 
 
 def run_set(model, rows, args, lookup):
     """{side: totals} for plain and speculative over the rows, each prompt's pair back to back."""
     sides = {"plain": None, "ngram": lookup}
-    totals = {s: dict(tokens=0, seconds=0.0, decode_s=0.0, drafted=0, accepted=0, steps=0, texts=[]) for s in sides}
+    totals = {
+        s: dict(tokens=0, seconds=0.0, decode_s=0.0, drafted=0, accepted=0, steps=0, texts=[], kept=[]) for s in sides
+    }
     ratios = []
     for i, row in enumerate(rows):
         ids = model.encode_instruction(row["instruction"], row.get("input") or None)
         order = list(sides) if i % 2 == 0 else list(sides)[::-1]
         got = {side: timed(model, ids, args.tokens, sides[side]) for side in order}
-        for side, (done, seconds, first, drafted, accepted, steps) in got.items():
+        for side, (done, seconds, first, drafted, accepted, steps, kept) in got.items():
             t = totals[side]
             t["tokens"] += done.completion_tokens
             t["seconds"] += seconds
@@ -69,6 +85,8 @@ def run_set(model, rows, args, lookup):
             t["drafted"] += drafted
             t["accepted"] += accepted
             t["steps"] += steps
+            t["kept"] += kept
+            t["plain_steps"] = t.get("plain_steps", 0) + steps - 1 - len(kept)
             t["texts"].append(done.text)
         ratios.append(got["plain"][1] / got["ngram"][1])  # the same tokens on both sides (greedy)
     totals["ngram"]["median_ratio"] = statistics.median(ratios)
@@ -104,6 +122,13 @@ def report(name, totals):
         f"(plain {plain['tokens'] / plain['steps']:.2f}); greedy texts identical {same}/{len(spec['texts'])}",
         flush=True,
     )
+    kept = spec["kept"]
+    shares = ", ".join(f"{n}: {kept.count(n) / max(len(kept), 1):.2f}" for n in range(max(kept, default=0) + 1))
+    print(
+        f"{name}: {spec['plain_steps']} steps without a draft, {len(kept)} verify steps; drafted tokens kept per "
+        f"verify step, share of those steps: {shares}",
+        flush=True,
+    )
     return rate["ngram"] / rate["plain"], accept, same, len(spec["texts"])
 
 
@@ -111,7 +136,8 @@ def main(args):
     checkpoint = resolve_model_path(args.model_name_or_path)
     model = InstructModel(checkpoint, dtype=args.dtype)
     sets = json.loads(PROMPTS.read_text())
-    lookup = Lookup(tokens=args.draft_tokens, max_ngram=args.max_ngram, min_ngram=args.min_ngram)
+    lengths = tuple(int(n) for n in args.lengths.split(",")) if args.lengths else (args.draft_tokens,)
+    lookup = Lookup(args.draft_tokens, args.max_ngram, args.min_ngram, lengths=lengths)
     print(
         f"{model.name} ({args.dtype}), greedy, up to {args.tokens} tokens; {lookup}; {torch.get_num_threads()} threads"
     )
@@ -142,6 +168,11 @@ def parse_args(argv=None):
     p.add_argument("--draft_tokens", type=int, default=Lookup.tokens, help="tokens drafted per step at most")
     p.add_argument("--max_ngram", type=int, default=Lookup.max_ngram)
     p.add_argument("--min_ngram", type=int, default=Lookup.min_ngram)
+    p.add_argument(
+        "--lengths",
+        default=",".join(map(str, Lookup.lengths)),
+        help="tokens drafted after a match of 1, 2, 3... tokens (default %(default)s; '': --draft_tokens for any)",
+    )
     p.add_argument("--no_llama_cpp", action="store_true", help="skip llama.cpp's rows")
     p.add_argument("--lookup_ngram", type=int, default=2, help="llama.cpp's max_ngram_size (its default 2)")
     p.add_argument("--lookup_tokens", type=int, default=10, help="llama.cpp's num_pred_tokens (its default 10)")

@@ -4,6 +4,7 @@ rows joining a running batch), and sampled tokens with the model's own distribut
 
 import json
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -29,6 +30,32 @@ def test_draft_takes_what_followed_the_latest_earlier_match_longest_first():
     assert draft([1, 2, 3, 1], 0) == [] and draft([4], 3) == []
     assert draft([256, 1, 9, 1], 2, max_ngram=1) == [9, 1]  # 1 = bytes 01 00 00 00: no match inside 256's bytes
     assert draft([1, 0, 0, 0, 7, 1], 1, max_ngram=1) == [0]  # token-aligned matches only
+
+
+def test_a_longer_match_drafts_more_tokens():
+    """Lookup.lengths: a match of n tokens drafts lengths[n - 1] (the last entry for longer ones), within k."""
+    ctx = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 1, 2, 3]  # "1 2 3" came before: a 3-token match
+    assert draft(ctx, 8, lengths=(1, 4, 8)) == [4, 5, 6, 7, 8, 9, 10, 11]
+    assert draft(ctx, 5, lengths=(1, 4, 8)) == [4, 5, 6, 7, 8]  # k caps it
+    assert draft(ctx, 8, lengths=(1, 4)) == [4, 5, 6, 7]  # longer than the table: its last entry
+    assert draft([9, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3], 8, lengths=(1, 4, 8)) == [4, 5, 6, 7]  # "2 3": 2 tokens
+    assert draft([9, 3, 4, 5, 6, 7, 8, 1, 2, 3], 8, lengths=(1, 4, 8)) == [4]  # "3" alone: 1 token
+    assert draft([9, 3, 4, 5, 6, 7, 8, 1, 2, 3], 8, min_ngram=2, lengths=(1, 4, 8)) == []
+
+
+def test_a_one_token_match_drafts_only_for_a_lone_row():
+    """A 1-token match is kept a quarter of the time: it drafts where the step's budget leaves a row its full
+    Lookup.tokens (one row), not in a batch, where each drafted token costs compute."""
+    lookup = Lookup()
+
+    def row(ids):
+        job = SimpleNamespace(ids=ids, grammar=None, params=GenParams(max_tokens=64, temperature=0))
+        return SimpleNamespace(job=job, ids=[], made=1, context_window=2048)
+
+    weak, strong = row([9, 3, 4, 5, 6, 7, 8, 1, 2, 3]), row([9, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3])
+    assert speculative.step_drafts([weak], lookup) == [[4]]
+    assert speculative.step_drafts([weak, strong], lookup) == [[], [4, 5, 6, 7]]  # 2 rows: 7 each, no 1-gram
+    assert speculative.step_drafts([strong] * 4, lookup) == [[4, 5, 6]] * 4  # 16 // 4 - 1 = 3 each
 
 
 def test_greedy_acceptance_keeps_the_prefix_the_model_agrees_with_then_its_own_token():
@@ -65,7 +92,15 @@ def generate(model, lookup, prompts, params, **kw):
         model.speculative = None
 
 
-@pytest.mark.parametrize("lookup", [Lookup(), Lookup(tokens=3, max_ngram=2, min_ngram=1), Lookup(tokens=16)])
+@pytest.mark.parametrize(
+    "lookup",
+    [
+        Lookup(),  # drafts by match length (1, 4, 8), 1-token matches included
+        Lookup(tokens=3, max_ngram=2, min_ngram=1, lengths=(3,)),
+        Lookup(tokens=16, lengths=(16,)),
+        Lookup(tokens=4, min_ngram=2, lengths=(4,)),  # the setting before (4 tokens from matches of 2 or 3)
+    ],
+)
 def test_greedy_output_is_identical_to_plain_decoding(model, lookup):
     params = GenParams(max_tokens=48, temperature=0)
     plain = generate(model, None, PROMPTS, params)
@@ -264,6 +299,7 @@ def test_the_benchmark_runs_both_sides_and_finds_the_same_greedy_texts(tiny_llam
     # grounded_prompts.json: 20 Alpaca rows with an input, 8 articles to summarise
     assert "alpaca_input" in last and "identical 20/20" in last and "identical 8/8" in last, last
     assert last.startswith("speculative: ngram over plain decode, batch 1")
+    assert "alpaca_input: " in proc.stdout and "steps without a draft" in proc.stdout  # the drafts' distribution
 
 
 def test_speculation_is_off_where_the_verify_step_would_not_match_plain_decoding(tiny_llama_dir, monkeypatch):

@@ -32,21 +32,28 @@ SPECULATIVE_HELP = (
 
 @dataclass(frozen=True)
 class Lookup:
-    """Prompt-lookup settings: at most `tokens` drafted per step, from a match of the last max_ngram down to
-    min_ngram tokens (the longest match first); a verify step carries at most `positions` positions over all its rows
-    (each row's pending token and draft).
+    """Prompt-lookup settings: a draft follows the latest earlier occurrence of the longest n-gram (max_ngram down to
+    min_ngram tokens) that ends the text; a match of n tokens drafts lengths[n - 1] tokens (the last entry for longer
+    ones), at most `tokens`; a verify step carries at most `positions` positions over all its rows (each row's pending
+    token and draft).
 
-    Why a budget: one row's decode step is bound by reading the weights, so a few more positions cost little; a step
-    of many positions is bound by the cores' compute instead, and there a drafted token costs nearly a token's full
-    compute while being kept half the time or less. On a loaded 2-core Xeon (2026-12-05, one thread) a kernel step
-    of 1, 4, 9 and 16 positions took 85, 150, 195 and 257 ms. 16 positions in all leave each of up to 8 rows
-    16 // rows - 1 drafted tokens (at most `tokens`): four rows 3 each, eight 1 each; nine rows or more decode
-    plainly."""
+    Why lengths by match: a longer match is a surer copy. On benchmarks/grounded_prompts.json (64 greedy tokens), the
+    first drafted token was kept after 82% of the 3-token matches, 47% of the 2-token ones and 26% of the 1-token
+    ones; two thirds of the steps found no match of 2 or more. A one-row step is bound by reading the weights, so a
+    short draft from a weak match costs little (a verify of 2 positions cost 1.08 plain steps, of 8 about 1.45, on the
+    kernel's AVX-512 matmul, one loaded thread), and a long one is worth it only where the copy is likely.
 
-    tokens: int = 4  # 4 tokens from matches of 2 or 3: 1.67x and 1.30x where 8 from matches of 1 to 3 gave 1.37x and
-    max_ngram: int = 3  # 1.17x (benchmarks/speculative.py, 8 prompts of each set, one loaded thread, 2026-12-05)
-    min_ngram: int = 2
+    Why a budget: a step of many rows is bound by the cores' compute instead, and there a drafted token costs nearly a
+    token's full compute while being kept half the time or less. 16 positions in all leave each of up to 8 rows
+    16 // rows - 1 drafted tokens (at most `tokens`): two rows 7, four rows 3 each, eight 1 each; nine rows or more
+    decode plainly. A match shorter than 2 tokens drafts only where the budget leaves a row its full `tokens` (a lone
+    row): kept a quarter of the time, it pays only where extra positions are nearly free."""
+
+    tokens: int = 8  # lengths (1, 4, 8) from matches of 1 to 3: 1.86 and 1.89 tokens per step on the two sets, where
+    max_ngram: int = 3  # 4 tokens from matches of 2 or 3 (the setting before) gave 1.66 and 1.70 (RESULTS.md)
+    min_ngram: int = 1
     positions: int = 16
+    lengths: tuple = (1, 4, 8)  # tokens drafted after a match of 1, 2, 3 (or more) tokens
 
 
 def lookup_for(mode):
@@ -56,18 +63,20 @@ def lookup_for(mode):
     return Lookup() if mode == "ngram" else None
 
 
-def draft(context, k, max_ngram=3, min_ngram=1):
+def draft(context, k, max_ngram=3, min_ngram=1, lengths=None):
     """Up to k token ids that followed the latest earlier occurrence of the context's last n tokens (n from max_ngram
-    down to min_ngram); [] when none occurs. context: the prompt's ids and those generated so far."""
+    down to min_ngram); [] when none occurs. context: the prompt's ids and those generated so far. lengths: a match of
+    n tokens takes at most lengths[n - 1] of them (the last entry for longer matches); None: k whatever the match."""
     if k <= 0 or len(context) < 2:
         return []
     data = array("i", context).tobytes()  # bytes.rfind finds a run of ids at C speed; 4 bytes per id
     end = 4 * (len(context) - 1)  # an occurrence ends before the last id, so at least one id follows it
     for n in range(min(max_ngram, len(context) - 1), min_ngram - 1, -1):
         pattern, stop = data[-4 * n :], end
+        take = k if lengths is None else min(k, lengths[min(n, len(lengths)) - 1])
         while (at := data.rfind(pattern, 0, stop)) >= 0:
             if at % 4 == 0:  # a match on id boundaries (not across the bytes of two ids)
-                return list(context[at // 4 + n : at // 4 + n + k])
+                return list(context[at // 4 + n : at // 4 + n + take])
             stop = at + len(pattern) - 1
     return []
 
@@ -101,12 +110,14 @@ def row_draft(row, lookup, room):
     """A row's draft of at most `room` tokens, no longer than the tokens it may still make minus the model's own one
     (max_tokens and the context window end the row mid-draft otherwise, and the rest would be wasted work). A row
     under a grammar (structured.py) drafts nothing: checking a draft against the grammar would need a mask at each of
-    its positions."""
+    its positions. Where the step's budget leaves less than lookup.tokens (several rows), matches shorter than 2
+    tokens draft nothing (Lookup)."""
     if row.job.grammar is not None:
         return []
     made, prompt = row.made, len(row.job.ids)
     left = min(row.job.params.max_tokens - made, row.context_window - prompt - made) - 1
-    return draft(row.job.ids + row.ids, min(room, left), lookup.max_ngram, lookup.min_ngram)
+    shortest = lookup.min_ngram if room >= lookup.tokens else max(lookup.min_ngram, 2)
+    return draft(row.job.ids + row.ids, min(room, left), lookup.max_ngram, shortest, lookup.lengths)
 
 
 def step_drafts(rows, lookup):
