@@ -335,6 +335,10 @@ def main(args):
         vs += "; back to back, median of {}: {}".format(
             args.rounds, ", ".join(f"{d} {r:.2f}x llama.cpp" for d, r in medians.items())
         )
+    if args.spec_prompts:  # ours --speculative ngram and llama.cpp's lookup, each over its plain decoding
+        from benchmarks.speculative import decode_speed_rows  # it imports this module's llama.cpp helpers
+
+        vs += "; " + decode_speed_rows(model, checkpoint, args.tokens // 2, args.spec_prompts, args.gguf_dir)
     vs_many = f"; {args.clients} clients {many / lc_many:.2f}x llama.cpp" if lc_many else ""
     vllm_one = [r for name, d, r, _, _ in table if name.startswith("vLLM") and d == "fp32"]
     if vllm_one:
@@ -359,6 +363,9 @@ def parse_args(argv=None):
     )
     p.add_argument("--bf16", action="store_true", help="also measure bf16 (ours, transformers, llama.cpp)")
     p.add_argument("--gguf_dir", default=str(REPO_ROOT / "out" / "bench"), help="where the GGUF files are made once")
+    p.add_argument(
+        "--spec_prompts", type=int, default=4, help="Alpaca rows with an input for speculative rows (0: none)"
+    )
     return p.parse_args(argv)
 
 

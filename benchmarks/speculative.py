@@ -145,17 +145,35 @@ def main(args):
     heads, theirs = [], []
     for name in args.sets.split(","):
         rows = sets[name][: args.prompts] if args.prompts else sets[name]
-        totals = run_set(model, rows, args, lookup)
-        speedup, accept, same, n = report(name, totals)
-        heads.append(f"{name} {speedup:.2f}x (acceptance {accept:.2f}, identical {same}/{n})")
-        if not args.no_llama_cpp and not peer_status():
-            gguf = gguf_file(checkpoint, "f32", args.gguf_dir)
-            plain, looked = llama_cpp_set(gguf, model, rows, args)
-            if plain and looked:
-                print(f"{name}: llama.cpp f32 plain {plain:.1f} tok/s, prompt lookup {looked:.1f} tok/s")
-                theirs.append(f"{name} {looked / plain:.2f}x")
+        head, their = compare(model, checkpoint, name, rows, args, lookup)
+        heads.append(head)
+        theirs += [their] if their else []
     vs = f"; llama.cpp's lookup over its plain: {', '.join(theirs)}" if theirs else ""
     print(f"speculative: ngram over plain decode, batch 1, {args.dtype}: {', '.join(heads)}{vs}")
+
+
+def compare(model, checkpoint, name, rows, args, lookup):
+    """One set: ours plain and ngram, then llama.cpp's plain and lookup (unless --no_llama_cpp or not installed);
+    (our headline part, llama.cpp's or None)."""
+    speedup, accept, same, n = report(name, run_set(model, rows, args, lookup))
+    their = None
+    if not args.no_llama_cpp and not peer_status():
+        gguf = gguf_file(checkpoint, "f32", args.gguf_dir)
+        plain, looked = llama_cpp_set(gguf, model, rows, args)
+        if plain and looked:
+            print(f"{name}: llama.cpp f32 plain {plain:.1f} tok/s, prompt lookup {looked:.1f} tok/s")
+            their = f"{name} {looked / plain:.2f}x"
+    return f"{name} {speedup:.2f}x (acceptance {accept:.2f}, identical {same}/{n})", their
+
+
+def decode_speed_rows(model, checkpoint, tokens, prompts, gguf_dir):
+    """benchmarks/decode_speed.py's speculative rows: the first `prompts` Alpaca rows with an input, ours plain and
+    --speculative ngram (the defaults), llama.cpp plain and with its lookup (a crash is a FAILED line); the
+    headline's part."""
+    args = parse_args(["--tokens", str(tokens), "--gguf_dir", str(gguf_dir)])
+    rows = json.loads(PROMPTS.read_text())["alpaca_input"][:prompts]
+    head, their = compare(model, checkpoint, "alpaca_input", rows, args, Lookup())
+    return f"speculative {head}" + (f", llama.cpp's lookup {their.split()[-1]} its plain" if their else "")
 
 
 def parse_args(argv=None):

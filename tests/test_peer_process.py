@@ -114,3 +114,21 @@ def test_a_server_peer_is_waited_for_then_stopped_and_one_that_dies_or_hangs_is_
         with http_server("vLLM", fake(HANG), url, tmp_path / "hang.log", timeout=1):
             pass
     assert time.monotonic() - start < 30
+
+
+def test_decode_speeds_speculative_rows_go_on_past_a_crashed_llama_cpp(
+    crashing_python, monkeypatch, capsys, tiny_llama_dir, tmp_path
+):
+    """decode_speed's speculative rows (benchmarks/speculative.py): ours plain and ngram on the first grounded
+    prompt, then llama.cpp plain and with its lookup, both of which crash here: two FAILED lines, our part stays."""
+    from alpaca_trainml.generation.model import InstructModel
+    from benchmarks import decode_speed, speculative
+
+    monkeypatch.setattr(decode_speed, "PEERS_PYTHON", crashing_python)
+    monkeypatch.setattr(speculative, "peer_status", lambda: None)  # as if .venv-peers were installed
+    monkeypatch.setattr(speculative, "gguf_file", lambda checkpoint, outtype, folder: tmp_path / "m-f32.gguf")
+    model = InstructModel(str(tiny_llama_dir))
+    head = speculative.decode_speed_rows(model, str(tiny_llama_dir), 8, 1, tmp_path)
+    out = capsys.readouterr().out
+    assert head.startswith("speculative alpaca_input ") and "identical 1/1" in head and "llama.cpp" not in head
+    assert out.count("FAILED: llama.cpp (m-f32.gguf): killed by SIGSEGV") == 2, out  # plain and lookup
