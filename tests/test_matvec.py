@@ -241,3 +241,17 @@ def test_decoder_refuses_a_slot_outside_its_cache(decode_kernel, tiny_llama_dir)
     cos = sin = torch.zeros(1, step.head_dim)
     with pytest.raises(RuntimeError, match="slot outside the cache"):
         step.decoder.step(h, cos, sin, step.cache.keys, step.cache.values, [3], [step.cache.rows_cap])
+
+
+def test_the_verify_cost_benchmark_times_each_isa(decode_kernel, tiny_llama_dir, capsys):
+    from benchmarks import verify_cost
+
+    argv = ["--model_name_or_path", str(tiny_llama_dir), "--positions", "1,2,5", "--repeat", "2", "--threads", "1"]
+    threads = torch.get_num_threads()
+    try:
+        verify_cost.main(verify_cost.parse_args(argv))
+    finally:
+        torch.set_num_threads(threads)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("verify_cost: a verify of 5 positions costs, in plain steps: ours "), last
+    assert decode_kernel.f32_isa("auto") == runnable_f32_isas(decode_kernel)[-1]  # left at the best
