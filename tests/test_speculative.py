@@ -313,3 +313,31 @@ def test_speculation_is_off_where_the_verify_step_would_not_match_plain_decoding
     assert DecodeBatch(InstructModel(str(tiny_llama_dir), speculative=Lookup())).lookup is None
     monkeypatch.delenv("ALPACA_FAST_DECODE")
     assert DecodeBatch(InstructModel(str(tiny_llama_dir), speculative=Lookup())).lookup == Lookup()
+
+
+def test_the_draft_replay_keeps_what_plain_decoding_makes(tiny_llama_dir, capsys):
+    """benchmarks/draft_replay.py replays each setting over plain answers; its tokens per step for the default must
+    be those of the real speculative run (greedy keeps a drafted token exactly when plain decoding makes it)."""
+    from benchmarks import draft_replay
+
+    model = InstructModel(str(tiny_llama_dir))
+    answers = draft_replay.plain_answers(model, [{"instruction": p} for p in PROMPTS], 24)
+    t = draft_replay.replay(answers, Lookup(), 24, [1.0])
+    model.speculative = Lookup()
+    try:
+        batches = []
+        for ids, _ in answers:
+            batch = DecodeBatch(model)
+            batch.admit([Job(ids, GenParams(max_tokens=24, temperature=0))])
+            steps = 1
+            while batch.rows:
+                batch.step()
+                steps += 1
+            batches.append((batch.drafted, batch.accepted, steps))
+    finally:
+        model.speculative = None
+    assert (t["drafted"], t["kept"], t["steps"]) == tuple(map(sum, zip(*batches)))
+    assert t["kept"] > 0  # the tiny model repeats itself: some drafts are kept
+    draft_replay.main(draft_replay.parse_args(["--model_name_or_path", str(tiny_llama_dir), "--tokens", "8"]))
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("draft_replay: ") and all(label in last for label in draft_replay.SETTINGS), last
