@@ -4,9 +4,11 @@ Why: a decode step multiplies a few rows by every weight matrix, and on a CPU th
 by how fast the weights stream from memory; MKL runs it on one thread at about half the machine's read bandwidth.
 And at 135M parameters, the 30-odd small tensor operations per layer around the matmuls cost as much again.
 - `matvec(x, w)`: each of torch's threads (OpenMP, torch's own pool) streams one contiguous stretch of the weight's
-  rows once for all the input rows (fp32: 4 weight rows at a time stay in L1 while the input rows pass them 3 at a
-  time; bf16: tiles of 64 weight rows, 4 input rows at a time); fp32 or bf16 weights, fp32 sums. Each output is
-  summed in the same order whatever the number of rows, so a row's numbers do not depend on the rows beside it.
+  rows once for all the input rows (fp32, csrc/f32.cpp: AVX-512 or AVX2 picked at run time, blocks of up to 6 input
+  rows by 4 weight rows in registers while the next weight rows are prefetched; bf16: tiles of 64 weight rows, 4
+  input rows at a time); fp32 or bf16 weights, fp32 sums. Each output is summed in the same order whatever the
+  number of rows, so a row's numbers do not depend on the rows beside it. `f32_isa(name)` picks the fp32
+  instructions (auto, generic, avx2, avx512) for benchmarks and tests.
 - `LlamaDecoder(weights, ...).step(h, cos, sin, keys, values, positions, slots)`: a whole fp32 or bf16 decode step
   through a Llama-family layer stack (biases, Qwen3's q/k norms, sliding windows) in one call, on those matmuls
   (llama_step.LlamaStep uses it); each row at its position in its cache slot, so a speculative verify runs a draft's
@@ -17,7 +19,7 @@ transformers' own.
 
 Built once per machine kind (AVX2+FMA, or plain C++) and version of the sources under torch's extensions folder
 (`TORCH_EXTENSIONS_DIR`, default ~/.cache/torch_extensions): about 30 s with g++. The folder's name carries a hash of
-decode.cpp and int8.cpp, so two checkouts of different versions (or an upgrade) never rebuild over each other's library.
+the sources, so two checkouts of different versions (or an upgrade) never rebuild over each other's library.
 `make setup` builds it; without a compiler, or with `ALPACA_MATVEC=0`, decoding uses torch's own operations (one
 warning says why).
 
