@@ -39,9 +39,10 @@ class Lookup:
 
     Why lengths by match: a longer match is a surer copy. On benchmarks/grounded_prompts.json (64 greedy tokens,
     benchmarks/draft_replay.py), the first drafted token was kept after 80-88% of the 3-token matches, 47-53% of the
-    2-token ones and 24-28% of the 1-token ones; two thirds of the steps found no match of 2 or more. A one-row step is bound by reading the weights, so a
-    short draft from a weak match costs little (a verify of 2 positions cost 1.08 plain steps, of 8 about 1.45, on the
-    kernel's AVX-512 matmul, one loaded thread), and a long one is worth it only where the copy is likely.
+    2-token ones and 24-28% of the 1-token ones; two thirds of the steps found no match of 2 or more. A one-row step
+    is bound by reading the weights, so a short draft from a weak match costs little (a verify of 2 positions cost
+    1.07 plain steps, of 8 about 1.5, on the kernel's AVX-512 matmul, one loaded thread: benchmarks/verify_cost.py),
+    and a long one is worth it only where the copy is likely.
 
     Why a budget: a step of many rows is bound by the cores' compute instead, and there a drafted token costs nearly a
     token's full compute while being kept half the time or less. 16 positions in all leave each of up to 8 rows
