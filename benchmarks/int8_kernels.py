@@ -18,7 +18,7 @@ import torch
 from alpaca_trainml.generation import int8
 
 SHAPES = [(960, 576), (3072, 576), (576, 1536), (49152, 576)]  # SmolLM2-135M: qkv, gate/up, down, output layer
-ISAS = ["generic", "avx2", "avxvnni", "avx512vnni", "avx512f32"]
+ISAS = ["generic", "avx2", "avxvnni", "avx512vnni", "avx512vnni8", "avx512f32"]
 
 
 def best_seconds(fn, operands, repeat):

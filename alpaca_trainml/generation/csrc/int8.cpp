@@ -3,11 +3,22 @@
 // A packed weight is a uint8 tensor (out, in + in / 16): each output row holds its `in` int8 weights, then one fp16
 // scale per block of 32 of them (llama.cpp's q8_0 numbers: w ~= q * d, d = max|w| / 127 over the block, stored as
 // fp16), so a row streams as two contiguous runs and the whole weight is 1.0625 bytes per number.
-// A product quantizes each input row the same way (blocks of 32, int8 with an fp32 scale) and sums int8 x int8 in
-// int32 per block (exact), then adds block sum * d_w * d_x in fp32: llama.cpp's q8_0 x q8_0 dot product.
+// A product quantizes each input row in blocks of 32 to 16-bit integers X (an fp32 scale e = max|x| / 32767 per block,
+// X = round(x / e), |X| <= 32767), sums w * X in int32 per block (exact), then adds block sum * d * e in fp32.
+// Why 16 bits and not llama.cpp's 8 (q8_0 x q8_0): rounding the input rows to 8 bits, not the weights, was what moved
+// greedy tokens and the decode path's perplexity away from fp32 (benchmarks/RESULTS.md, 2026-12-05); the weight read,
+// the bound of a batch-1 step, is the same either way, and only the instructions per loaded weight grow.
+// VNNI multiplies unsigned by signed bytes, so X goes as sign and magnitude, |X| = 256 * H + L (H in 0..127, L in
+// 0..255), the sign moved onto the weight: w * X = 256 * (H * sw) + L * sw with sw = +-w. int32 bounds: one lane of
+// vpdpbusd sums 4 products, H's at most 4 * 127 * 127 = 64,516 (times 256: 16,516,096) and L's at most
+// 4 * 255 * 127 = 129,540, so a lane holds at most 4 * 32767 * 127 = 16,645,636 < 2^24: exact in int32 and in its
+// conversion to fp32; a whole block at most 32 * 32767 * 127 = 133,161,088 < 2^31. AVX2's vpmaddubsw would saturate
+// on L's pairs (2 * 255 * 127 > 32767), so AVX2 multiplies X by the weights widened to 16 bits (vpmaddwd: a lane
+// holds two products, then two lanes are added: the same 16,645,636 bound).
 // The instructions are picked at run time from the CPU's flags (q8_isa): AVX512-VNNI (vpdpbusd on 64 bytes),
-// AVX-VNNI (on 32), AVX2 (vpmaddubsw + vpmaddwd), or plain C++; each is compiled with its own target attribute, so one
-// build serves every x86 CPU and a CPU without the flags never runs them.
+// AVX-VNNI (on 32), AVX2 (vpmaddwd), or plain C++; all give the same block sums, so every CPU gets the same numbers up
+// to the order of the fp32 sums. Each is compiled with its own target attribute, so one build serves every x86 CPU and
+// a CPU without the flags never runs them.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <c10/util/Half.h>
@@ -26,14 +37,19 @@ namespace {
 
 constexpr int64_t BLOCK = 32;  // weights per scale
 constexpr int64_t TILE = 64;   // output rows per tile: a tile stays in L2 while every input row passes over it
-enum Isa { GENERIC = 0, AVX2 = 1, AVXVNNI = 2, AVX512VNNI = 3, AVX512F32 = 4 };
-// avx512f32: the other way, measured against the rest (docs/decode-kernel.md): fp32 input rows, each int8 weight
-// converted to fp32 on the fly; never chosen by auto
-const char* const NAMES[] = {"generic", "avx2", "avxvnni", "avx512vnni", "avx512f32"};
+enum Isa { GENERIC = 0, AVX2 = 1, AVXVNNI = 2, AVX512VNNI = 3, AVX512VNNI8 = 4, AVX512F32 = 5 };
+// two other ways, measured against the rest (docs/decode-kernel.md) and never chosen by auto: avx512vnni8, input rows
+// rounded to 8 bits (q8_0 x q8_0, as llama.cpp); avx512f32, fp32 input rows, each int8 weight widened to fp32
+const char* const NAMES[] = {"generic", "avx2", "avxvnni", "avx512vnni", "avx512vnni8", "avx512f32"};
 
-// One input row quantized: q int8 (in,), a = |q| as uint8 (vpdpbusd multiplies unsigned by signed), d (in / 32,).
+// One input row, per block of 32 its scale d (in / 32,) and: X int16 (generic, avx2); H, L and the sign as -1 or 1
+// (VNNI); or for avx512vnni8, q int8 and |q| (q = round(x / d), d = max|x| / 127)
 struct Act {
   const float* x;  // the row itself (avx512f32)
+  const int16_t* v;
+  const uint8_t* hi;
+  const uint8_t* lo;
+  const int8_t* sg;
   const int8_t* q;
   const uint8_t* a;
   const float* d;
@@ -56,7 +72,7 @@ void dot_generic(const Act& x, const uint8_t* w, int64_t stride, int64_t in, flo
     float sum = 0.f;
     for (int64_t b = 0; b < in / BLOCK; ++b) {
       int32_t s = 0;
-      for (int64_t i = b * BLOCK; i < (b + 1) * BLOCK; ++i) s += static_cast<int32_t>(wq[i]) * x.q[i];
+      for (int64_t i = b * BLOCK; i < (b + 1) * BLOCK; ++i) s += static_cast<int32_t>(wq[i]) * x.v[i];
       sum += static_cast<float>(s) * (half_at(ws + 2 * b) * x.d[b]);
     }
     y[k] = sum;
@@ -71,49 +87,61 @@ __attribute__((target("avx2,fma,f16c"))) inline float hsum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-// The body of the 256-bit kernels: one block of 32 per step; PRODUCT(a, sw) gives 8 int32 sums of a * sw
-#define Q8_DOT256(PRODUCT)                                                                     \
+// The body of the 256-bit kernels: one block of 32 per step; LOAD_X reads the block's input once, PRODUCT(wk) gives
+// 8 int32 sums of the block's 32 products with weight row wk
+#define Q8_DOT256(LOAD_X, PRODUCT)                                                             \
   __m256 acc[N];                                                                               \
   for (int k = 0; k < N; ++k) acc[k] = _mm256_setzero_ps();                                    \
   for (int64_t b = 0; b < in / BLOCK; ++b) {                                                   \
-    __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.a + b * BLOCK));         \
-    __m256i s = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x.q + b * BLOCK));         \
+    LOAD_X                                                                                     \
     for (int k = 0; k < N; ++k) {                                                              \
       const uint8_t* wk = w + k * stride;                                                      \
-      __m256i sw = _mm256_sign_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wk + b * BLOCK)), s); \
       uint16_t h;                                                                              \
       std::memcpy(&h, wk + in + 2 * b, 2);                                                     \
       __m256 scale = _mm256_set1_ps(_cvtsh_ss(h) * x.d[b]);                                    \
-      acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(PRODUCT(a, sw)), scale, acc[k]);             \
+      acc[k] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(PRODUCT(wk)), scale, acc[k]);                \
     }                                                                                          \
   }                                                                                            \
   for (int k = 0; k < N; ++k) y[k] = hsum256(acc[k]);
 
-__attribute__((target("avx2,fma,f16c"))) inline __m256i product_avx2(__m256i a, __m256i sw) {
-  // |x| * sign-applied w in pairs (at most 2 * 127 * 127: no saturation), then pairs of pairs into int32
-  return _mm256_madd_epi16(_mm256_maddubs_epi16(a, sw), _mm256_set1_epi16(1));
-}
+inline __m256i load256(const void* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
+
+// X (two halves of 16 int16) times the block's weights widened to int16, pairs summed in int32 by vpmaddwd
+#define Q8_AVX2_X __m256i v0 = load256(x.v + b * BLOCK), v1 = load256(x.v + b * BLOCK + 16);
+#define Q8_AVX2_PRODUCT(wk)                                                                                      \
+  _mm256_add_epi32(                                                                                              \
+      _mm256_madd_epi16(v0, _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wk + b * BLOCK)))), \
+      _mm256_madd_epi16(v1, _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(wk + b * BLOCK + 16)))))
 
 template <int N>
 __attribute__((target("avx2,fma,f16c"))) void dot_avx2(const Act& x, const uint8_t* w, int64_t stride, int64_t in,
                                                         float* y) {
-  Q8_DOT256(product_avx2)
+  Q8_DOT256(Q8_AVX2_X, Q8_AVX2_PRODUCT)
 }
 
-__attribute__((target("avx2,fma,f16c,avxvnni"))) inline __m256i product_vnni(__m256i a, __m256i sw) {
-  return _mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), a, sw);
+// 256 * (H . sw) + L . sw, sw = the weights with X's signs (vpsignb: sg is never 0)
+__attribute__((target("avx2,fma,f16c,avxvnni"))) inline __m256i product_vnni(__m256i hi, __m256i lo, __m256i sg,
+                                                                              const uint8_t* wb) {
+  __m256i sw = _mm256_sign_epi8(load256(wb), sg);
+  __m256i p = _mm256_slli_epi32(_mm256_dpbusd_avx_epi32(_mm256_setzero_si256(), hi, sw), 8);
+  return _mm256_dpbusd_avx_epi32(p, lo, sw);
 }
+
+#define Q8_VNNI_X \
+  __m256i hi = load256(x.hi + b * BLOCK), lo = load256(x.lo + b * BLOCK), sg = load256(x.sg + b * BLOCK);
+#define Q8_VNNI_PRODUCT(wk) product_vnni(hi, lo, sg, wk + b * BLOCK)
 
 template <int N>
 __attribute__((target("avx2,fma,f16c,avxvnni"))) void dot_avxvnni(const Act& x, const uint8_t* w, int64_t stride,
                                                                   int64_t in, float* y) {
-  Q8_DOT256(product_vnni)
+  Q8_DOT256(Q8_VNNI_X, Q8_VNNI_PRODUCT)
 }
 #undef Q8_DOT256
 
 // 64 weights (two blocks) per step: the low 8 int32 lanes hold block 2j's sums, the high 8 block 2j+1's; a last lone
-// block of 32 loads as the low half, with zeros (and zero scales) in the high one
-template <int N>
+// block of 32 loads as the low half, with zeros (and zero scales) in the high one. WIDE: 16-bit input rows (H, L and
+// the sign), else 8-bit ones (avx512vnni8: |q| and q's sign)
+template <int N, bool WIDE>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))) void dot_avx512(
     const Act& x, const uint8_t* w, int64_t stride, int64_t in, float* y) {
   const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
@@ -123,15 +151,17 @@ __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))) vo
   for (int64_t i = 0; i < in; i += 2 * BLOCK) {
     bool pair = in - i >= 2 * BLOCK;
     __mmask64 load = pair ? ~__mmask64(0) : __mmask64(0xffffffffu);
-    __m512i a = _mm512_maskz_loadu_epi8(load, x.a + i);
-    __mmask64 neg = _mm512_movepi8_mask(_mm512_maskz_loadu_epi8(load, x.q + i));
+    __m512i hi = _mm512_maskz_loadu_epi8(load, WIDE ? x.hi + i : x.a + i);
+    __m512i lo = WIDE ? _mm512_maskz_loadu_epi8(load, x.lo + i) : zero;
+    __mmask64 neg = _mm512_movepi8_mask(_mm512_maskz_loadu_epi8(load, WIDE ? x.sg + i : x.q + i));
     __m128 d2 = _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x.d + i / BLOCK)));
     __m512 d = _mm512_maskz_permutexvar_ps(pair ? 0xffff : 0x00ff, halves, _mm512_castps128_ps512(d2));
     for (int k = 0; k < N; ++k) {
       const uint8_t* wk = w + k * stride;
       __m512i wv = _mm512_maskz_loadu_epi8(load, wk + i);
       __m512i sw = _mm512_mask_sub_epi8(wv, neg, zero, wv);  // w where x >= 0, -w where x < 0
-      __m512i p = _mm512_dpbusd_epi32(zero, a, sw);
+      __m512i p = _mm512_dpbusd_epi32(zero, hi, sw);
+      if (WIDE) p = _mm512_dpbusd_epi32(_mm512_slli_epi32(p, 8), lo, sw);  // 256 * (H . sw) + L . sw
       int32_t h2;  // the blocks' two fp16 scales (a lone block's neighbour: its row's first weights, times d = 0)
       std::memcpy(&h2, wk + in + i / 16 - (pair ? 0 : 2), 4);
       __m128i h = pair ? _mm_cvtsi32_si128(h2) : _mm_srli_epi32(_mm_cvtsi32_si128(h2), 16);
@@ -181,35 +211,61 @@ int g_isa = -1;  // the instructions in use; -1: not chosen yet (the best this C
 
 // kernels for 1..4 weight rows at a time
 void kernels(int isa, Dot* out) {
-  Dot table[5][4] = {
+  Dot table[6][4] = {
       {dot_generic<1>, dot_generic<2>, dot_generic<3>, dot_generic<4>},
 #ifdef Q8_X86
       {dot_avx2<1>, dot_avx2<2>, dot_avx2<3>, dot_avx2<4>},
       {dot_avxvnni<1>, dot_avxvnni<2>, dot_avxvnni<3>, dot_avxvnni<4>},
-      {dot_avx512<1>, dot_avx512<2>, dot_avx512<3>, dot_avx512<4>},
+      {dot_avx512<1, true>, dot_avx512<2, true>, dot_avx512<3, true>, dot_avx512<4, true>},
+      {dot_avx512<1, false>, dot_avx512<2, false>, dot_avx512<3, false>, dot_avx512<4, false>},
       {dot_avx512f32<1>, dot_avx512f32<2>, dot_avx512f32<3>, dot_avx512f32<4>},
 #endif
   };
   std::copy(table[isa], table[isa] + 4, out);
 }
 
-// x (rows, in) fp32 -> blocks of 32 int8 with one fp32 scale each (round to nearest), into q, a, d
-void quantize_rows(const float* x, int64_t rows, int64_t in, std::vector<int8_t>& q, std::vector<uint8_t>& a,
-                   std::vector<float>& d) {
-  q.resize(rows * in);
-  a.resize(rows * in);
-  d.resize(rows * in / BLOCK + 2);  // +2: the AVX512 kernel reads a pair of scales, one past a lone last block
-  for (int64_t b = 0; b < rows * in / BLOCK; ++b) {
+// The input rows quantized for the kernels (thread_local in q8_run: the buffers are reused call after call)
+struct Quantized {
+  std::vector<int16_t> v;
+  std::vector<uint8_t> hi, lo, a;
+  std::vector<int8_t> sg, q;
+  std::vector<float> d;
+
+  Act row(const float* x, int64_t r, int64_t in) const {
+    int64_t o = r * in;
+    return {x + o, v.data() + o, hi.data() + o, lo.data() + o, sg.data() + o, q.data() + o, a.data() + o,
+            d.data() + o / BLOCK};
+  }
+};
+
+// x (rows, in) fp32 -> blocks of 32 integers with one fp32 scale each (round to nearest): 16 bits (X, H, L and the
+// sign), or with `wide` false 8 bits (q and |q|)
+void quantize_rows(const float* x, int64_t rows, int64_t in, bool wide, Quantized& z) {
+  int64_t n = rows * in;
+  for (auto* u : {&z.hi, &z.lo, &z.a}) u->resize(n);
+  z.sg.resize(n);
+  z.q.resize(n);
+  z.v.resize(n);
+  z.d.resize(n / BLOCK + 2);  // +2: the AVX512 kernel reads a pair of scales, one past a lone last block
+  const float top = wide ? 32767.f : 127.f;
+  for (int64_t b = 0; b < n / BLOCK; ++b) {
     const float* xb = x + b * BLOCK;
     float amax = 0.f;
     for (int64_t i = 0; i < BLOCK; ++i) amax = std::max(amax, std::fabs(xb[i]));
-    float scale = amax / 127.f, inv = amax > 0.f ? 127.f / amax : 0.f;
-    d[b] = scale;
-    for (int64_t i = 0; i < BLOCK; ++i) {
-      float v = std::nearbyint(xb[i] * inv);
-      int8_t iv = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
-      q[b * BLOCK + i] = iv;
-      a[b * BLOCK + i] = static_cast<uint8_t>(iv < 0 ? -iv : iv);
+    float inv = amax > 0.f ? top / amax : 0.f;
+    z.d[b] = amax / top;
+    for (int64_t j = b * BLOCK; j < (b + 1) * BLOCK; ++j) {
+      int32_t iv = static_cast<int32_t>(std::min(top, std::max(-top, std::nearbyint(x[j] * inv))));
+      uint32_t m = iv < 0 ? -iv : iv;
+      if (wide) {
+        z.v[j] = static_cast<int16_t>(iv);
+        z.hi[j] = static_cast<uint8_t>(m >> 8);  // |X| = 256 * H + L
+        z.lo[j] = static_cast<uint8_t>(m & 255);
+        z.sg[j] = iv < 0 ? -1 : 1;
+      } else {
+        z.q[j] = static_cast<int8_t>(iv);
+        z.a[j] = static_cast<uint8_t>(m);
+      }
     }
   }
 }
@@ -226,20 +282,16 @@ void q8_run(const float* x, const torch::Tensor& w, float* y, int64_t rows, int6
   if (g_isa < 0) g_isa = best_isa();
   Dot dot[4];
   kernels(g_isa, dot);
-  thread_local std::vector<int8_t> q;
-  thread_local std::vector<uint8_t> a;
-  thread_local std::vector<float> d;
-  quantize_rows(x, rows, in, q, a, d);
+  thread_local Quantized z;
+  if (g_isa != AVX512F32) quantize_rows(x, rows, in, g_isa != AVX512VNNI8, z);
+  const Quantized* zp = &z;  // a pointer: inside the threads, z would name each thread's own (empty) buffers
   const uint8_t* wp = w.data_ptr<uint8_t>();
-  const int8_t* qp = q.data();  // pointers: inside the threads, q/a/d would name each thread's own (empty) buffers
-  const uint8_t* ap = a.data();
-  const float* dp = d.data();
   int64_t tiles = (out + TILE - 1) / TILE, threads = at::get_num_threads();
   at::parallel_for(0, tiles, (tiles + threads - 1) / threads, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       int64_t o1 = std::min(out, (t + 1) * TILE);
       for (int64_t r = 0; r < rows; ++r) {
-        Act act{x + r * in, qp + r * in, ap + r * in, dp + r * in / BLOCK};
+        Act act = zp->row(x, r, in);
         for (int64_t o = t * TILE; o < o1; o += 4) {
           int64_t n = std::min<int64_t>(4, o1 - o);
           dot[n - 1](act, wp + o * stride, stride, in, y + r * out + o);
@@ -269,7 +321,7 @@ std::string q8_isa(const std::string& name) {
     TORCH_CHECK(it != std::end(NAMES), "int8: unknown instruction set ", name);
     int want = static_cast<int>(it - std::begin(NAMES));
     bool ok = want == GENERIC || want == best || (want == AVX2 && best >= AVX2) ||
-              (want == AVX512F32 && best == AVX512VNNI);
+              ((want == AVX512VNNI8 || want == AVX512F32) && best == AVX512VNNI);
 #ifdef Q8_X86
     if (want == AVXVNNI) ok = ok || (best >= AVX2 && __builtin_cpu_supports("avxvnni"));
 #endif
@@ -283,5 +335,6 @@ std::string q8_isa(const std::string& name) {
 
 void register_int8(pybind11::module_& m) {
   m.def("q8_matvec", &q8_matvec, "y = x @ dequantized(w).T, w packed int8 blocks (decode)");
-  m.def("q8_isa", &q8_isa, "choose the int8 kernels' instructions: auto, generic, avx2, avxvnni, avx512vnni, avx512f32");
+  m.def("q8_isa", &q8_isa,
+        "choose the int8 kernels' instructions: auto, generic, avx2, avxvnni, avx512vnni, avx512vnni8, avx512f32");
 }
