@@ -1,26 +1,32 @@
 """int8 weights (--dtype int8) against fp32 on the same checkpoint, and llama.cpp's q8_0 against its f32, in one run:
-greedy agreement, held-out perplexity, and decode speed as back-to-back pairs. benchmarks/decode_speed.py runs the
-speed pairs too (its int8 rows).
+greedy agreement, held-out perplexity, and decode speed as back-to-back pairs, for each of the int8 products asked for
+(--kernels: the default, 16-bit input rows, and the 8-bit ones as llama.cpp's q8_0 x q8_0). benchmarks/decode_speed.py
+runs speed pairs too (its int8 rows).
 
-    python -m benchmarks.int8_quality                  # the embedded SmolLM2-135M; 8 prompts x 64 greedy tokens
+    OMP_NUM_THREADS=1 python -m benchmarks.int8_quality   # the embedded SmolLM2-135M; 8 prompts x 64 greedy tokens
 
 Agreement: for each of the 8 instructions of benchmarks/serve_throughput.py, how many of the fp32 model's greedy tokens
 the 8-bit model reproduces before the first difference (a run that ends at the same end-of-text counts whole); ours
 int8 against ours fp32, llama.cpp q8_0 against llama.cpp f32 (both GGUF files export_gguf.py makes from the checkpoint;
 llama.cpp f32 gives our fp32 tokens, tests/test_export_gguf.py). Perplexity on held-out text (the repository's
 README.md and docs/*.md, as benchmarks/gguf_quants.py reads them): over --chunks chunks of 512 tokens through the
-prefill path (dequantized int8 weights, fp32 activations), and over the first chunk token by token through the decode
-kernel (int8 x int8 products), each against fp32 on the same tokens. Last line: the headline.
+prefill path (dequantized int8 weights, fp32 activations), and over the first --decode_chunks token by token through
+the decode kernel (its int8 products), each against fp32 on the same tokens. Speed: --rounds back-to-back pairs of
+2 x --tokens greedy tokens, int8 against our fp32 (each kernel), then the first kernel against llama.cpp's q8_0 (run
+without AMX buffers, llama_cpp_peer.py); medians. Last line: the headline.
 """
 
 import argparse
 import math
+import os
 import statistics
 
 import torch
 import torch.nn.functional as F
 
 from alpaca_trainml import REPO_ROOT
+from alpaca_trainml.cli import UsageError
+from alpaca_trainml.generation import int8 as int8_weights
 from alpaca_trainml.generation.llama_step import LlamaStep
 from alpaca_trainml.generation.model import InstructModel
 from alpaca_trainml.models import resolve_model_path
@@ -109,34 +115,88 @@ def llama_cpp_agreement(checkpoint, prompts, tokens, gguf_dir):
     return [common_prefix(a[2], b[2]) for a, b in zip(made["f32"], made["q8_0"])], [len(a[2]) for a in made["f32"]]
 
 
+def llama_cpp_pairs(int8, checkpoint, ids, tokens, rounds, gguf_dir):
+    """[ours int8 / llama.cpp q8_0 decode rate] over `rounds` back-to-back pairs (the order alternating)."""
+    from benchmarks.decode_speed import decode_rate, gguf_file, llama_cpp_rate, ours
+
+    gguf, ratios = gguf_file(checkpoint, "q8_0", gguf_dir), []
+    for i in range(rounds):
+        try:
+            if i % 2 == 0:
+                a = decode_rate(ours(int8, ids), tokens)[0]
+                b = llama_cpp_rate(gguf, ids, tokens, torch.get_num_threads())[0]
+            else:
+                b = llama_cpp_rate(gguf, ids, tokens, torch.get_num_threads())[0]
+                a = decode_rate(ours(int8, ids), tokens)[0]
+        except PeerFailed as e:
+            print(f"int8 against llama.cpp q8_0, pair {i + 1}: failed: {e}", flush=True)
+            continue
+        ratios.append(a / b)
+        print(f"int8 against llama.cpp q8_0, pair {i + 1}: {a:.1f} / {b:.1f} tok/s ({ratios[-1]:.2f}x)", flush=True)
+    return ratios
+
+
+def use_kernel(name):
+    """Set the int8 products to ALPACA_INT8_KERNEL=name (the steps already built follow it); the name in use, or None
+    where this CPU lacks it."""
+    os.environ[int8_weights.ISA_ENV] = name
+    try:
+        int8_weights.kernel()
+    except UsageError as e:
+        print(f"int8 kernel {name}: not run: {e}")
+        return None
+    return int8_weights.instructions()
+
+
+def median(ratios):
+    return statistics.median(ratios) if ratios else float("nan")
+
+
 def main(args):
     checkpoint = resolve_model_path(args.model_name_or_path)
     fp32, int8 = InstructModel(checkpoint, dtype="float32"), InstructModel(checkpoint, dtype="int8")
     steps = LlamaStep(fp32.model), LlamaStep(int8.model)
     prompts = [fp32.encode_instruction(p) for p in INSTRUCTIONS]
     eos = set(fp32.eos_ids)
-    ours = [[greedy(s, ids, args.tokens, eos) for s in steps] for ids in prompts]
-    agree, total = [common_prefix(a, b) for a, b in ours], [len(a) for a, _ in ours]
-    print(f"ours int8 follows ours fp32 for {sum(agree)} of {sum(total)} tokens: {agree}", flush=True)
-    theirs = llama_cpp_agreement(checkpoint, prompts, args.tokens, args.gguf_dir)
-    if theirs:
-        print(f"llama.cpp q8_0 follows llama.cpp f32 for {sum(theirs[0])} of {sum(theirs[1])} tokens: {theirs[0]}")
+    reference = [greedy(steps[0], ids, args.tokens, eos) for ids in prompts]
+    total = sum(len(r) for r in reference)
     text = fp32.tokenizer(held_out_text(None), add_special_tokens=False)["input_ids"]
     chunks = [text[i : i + N_CTX] for i in range(0, args.chunks * N_CTX, N_CTX) if i + N_CTX <= len(text)]
     ppl = [perplexity_prefill(m.model, chunks) for m in (fp32, int8)]
     print(f"perplexity, {len(chunks)} chunks of {N_CTX} (prefill path): fp32 {ppl[0]:.3f}, int8 {ppl[1]:.3f}")
-    dec = [perplexity_decode(s, chunks[: args.decode_chunks]) for s in steps]
-    first = f"the first {args.decode_chunks} chunk(s) token by token (decode kernel)"
-    print(f"perplexity, {first}: fp32 {dec[0]:.3f}, int8 {dec[1]:.3f}", flush=True)
+    dec_fp32 = perplexity_decode(steps[0], chunks[: args.decode_chunks])
     from benchmarks.decode_speed import PROMPT  # a long answer: no early end of text
 
-    story = fp32.encode_instruction(PROMPT)
-    ratios = speed_pairs(fp32, int8, story, 2 * args.tokens, args.rounds) if args.rounds else []
-    vs = f"; llama.cpp q8_0 {sum(theirs[0])} of {sum(theirs[1])}" if theirs else ""
-    speed = f"; decode {statistics.median(ratios):.2f}x fp32 (median of {len(ratios)} pairs)" if ratios else ""
+    story, found = fp32.encode_instruction(PROMPT), {}
+    for name in args.kernels.split(","):  # each: agreement, the decode path's perplexity, speed against fp32
+        isa = use_kernel(name)
+        if isa is None or isa in found:
+            continue
+        agree = [common_prefix(a, greedy(steps[1], ids, args.tokens, eos)) for a, ids in zip(reference, prompts)]
+        dec = perplexity_decode(steps[1], chunks[: args.decode_chunks])
+        ratios = speed_pairs(fp32, int8, story, 2 * args.tokens, args.rounds) if args.rounds else []
+        found[isa] = sum(agree), 100 * (dec / dec_fp32 - 1), median(ratios)
+        print(
+            f"int8 kernel {isa}: follows fp32 for {sum(agree)} of {total} tokens {agree}; perplexity, the first "
+            f"{args.decode_chunks} chunk(s) token by token: fp32 {dec_fp32:.3f}, int8 {dec:.3f} "
+            f"({found[isa][1]:+.2f}%); decode {found[isa][2]:.2f}x fp32",
+            flush=True,
+        )
+    first = use_kernel(args.kernels.split(",")[0])
+    theirs = llama_cpp_agreement(checkpoint, prompts, args.tokens, args.gguf_dir)
+    vs = ""
+    if theirs:
+        print(f"llama.cpp q8_0 follows llama.cpp f32 for {sum(theirs[0])} of {sum(theirs[1])} tokens: {theirs[0]}")
+        vs = f" (llama.cpp q8_0 {sum(theirs[0])} of {sum(theirs[1])})"
+        if args.rounds:
+            pairs = llama_cpp_pairs(int8, checkpoint, story, 2 * args.tokens, args.rounds, args.gguf_dir)
+            vs += f"; decode {median(pairs):.2f}x llama.cpp q8_0"
+    rows = [
+        f"{isa}: agreement {a} of {total}, {d:+.2f}% decode path, {r:.2f}x fp32" for isa, (a, d, r) in found.items()
+    ]
     print(
-        f"int8_quality: greedy agreement {sum(agree)} of {sum(total)} tokens{vs}; perplexity "
-        f"{100 * (ppl[1] / ppl[0] - 1):+.2f}% (prefill), {100 * (dec[1] / dec[0] - 1):+.2f}% (decode){speed}"
+        f"int8_quality ({first}, {torch.get_num_threads()} thread(s), medians of {args.rounds} back-to-back pairs): "
+        f"perplexity {100 * (ppl[1] / ppl[0] - 1):+.2f}% prefill path; {'; '.join(rows)}{vs}"
     )
 
 
@@ -145,8 +205,14 @@ def parse_args(argv=None):
     p.add_argument("--model_name_or_path", default=None, help="default: the embedded SmolLM2-135M")
     p.add_argument("--tokens", type=int, default=64, help="greedy tokens per prompt (default 64)")
     p.add_argument("--chunks", type=int, default=4, help="perplexity chunks of 512 tokens (default 4)")
-    p.add_argument("--rounds", type=int, default=5, help="back-to-back speed pairs, int8 and fp32 (default 5)")
+    p.add_argument("--rounds", type=int, default=3, help="back-to-back speed pairs (default 3; 0: none)")
     p.add_argument("--decode_chunks", type=int, default=1, help="chunks scored token by token (default 1)")
+    p.add_argument(
+        "--kernels",
+        default="auto,avx512vnni8",
+        help="ALPACA_INT8_KERNEL values to measure, comma-separated; the first also against llama.cpp "
+        "(default auto,avx512vnni8: the default and the 8-bit-input products, where this CPU has them)",
+    )
     p.add_argument("--gguf_dir", default=str(REPO_ROOT / "out" / "bench"), help="where the GGUF files are made once")
     return p.parse_args(argv)
 

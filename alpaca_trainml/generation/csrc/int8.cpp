@@ -140,33 +140,41 @@ __attribute__((target("avx2,fma,f16c,avxvnni"))) void dot_avxvnni(const Act& x, 
 
 // 64 weights (two blocks) per step: the low 8 int32 lanes hold block 2j's sums, the high 8 block 2j+1's; a last lone
 // block of 32 loads as the low half, with zeros (and zero scales) in the high one. WIDE: 16-bit input rows (H, L and
-// the sign), else 8-bit ones (avx512vnni8: |q| and q's sign)
+// the sign), else 8-bit ones (avx512vnni8: |q| and q's sign). The products d * e of up to CHUNK blocks of the N weight
+// rows are made first, 16 at a time, so the inner loop reads each pair of them as one 8-byte load.
+constexpr int64_t CHUNK = 128;  // blocks per pass (4 KiB of weights a row)
+
 template <int N, bool WIDE>
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512vnni,avx2,fma,f16c"))) void dot_avx512(
     const Act& x, const uint8_t* w, int64_t stride, int64_t in, float* y) {
   const __m512i halves = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
   const __m512i zero = _mm512_setzero_si512();
   __m512 acc[N];
+  alignas(64) float sd[N][CHUNK + 16];  // d * e, zero past the last block (a lone block's neighbour)
   for (int k = 0; k < N; ++k) acc[k] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < in; i += 2 * BLOCK) {
-    bool pair = in - i >= 2 * BLOCK;
-    __mmask64 load = pair ? ~__mmask64(0) : __mmask64(0xffffffffu);
-    __m512i hi = _mm512_maskz_loadu_epi8(load, WIDE ? x.hi + i : x.a + i);
-    __m512i lo = WIDE ? _mm512_maskz_loadu_epi8(load, x.lo + i) : zero;
-    __mmask64 neg = _mm512_movepi8_mask(_mm512_maskz_loadu_epi8(load, WIDE ? x.sg + i : x.q + i));
-    __m128 d2 = _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(x.d + i / BLOCK)));
-    __m512 d = _mm512_maskz_permutexvar_ps(pair ? 0xffff : 0x00ff, halves, _mm512_castps128_ps512(d2));
-    for (int k = 0; k < N; ++k) {
-      const uint8_t* wk = w + k * stride;
-      __m512i wv = _mm512_maskz_loadu_epi8(load, wk + i);
-      __m512i sw = _mm512_mask_sub_epi8(wv, neg, zero, wv);  // w where x >= 0, -w where x < 0
-      __m512i p = _mm512_dpbusd_epi32(zero, hi, sw);
-      if (WIDE) p = _mm512_dpbusd_epi32(_mm512_slli_epi32(p, 8), lo, sw);  // 256 * (H . sw) + L . sw
-      int32_t h2;  // the blocks' two fp16 scales (a lone block's neighbour: its row's first weights, times d = 0)
-      std::memcpy(&h2, wk + in + i / 16 - (pair ? 0 : 2), 4);
-      __m128i h = pair ? _mm_cvtsi32_si128(h2) : _mm_srli_epi32(_mm_cvtsi32_si128(h2), 16);
-      __m512 s = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(_mm_cvtph_ps(h)));
-      acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), _mm512_mul_ps(s, d), acc[k]);
+  for (int64_t c = 0; c < in; c += CHUNK * BLOCK) {
+    int64_t c1 = std::min(in, c + CHUNK * BLOCK), blocks = (c1 - c) / BLOCK;
+    for (int k = 0; k < N; ++k)
+      for (int64_t j = 0; j < blocks; j += 16) {
+        __mmask16 m = blocks - j >= 16 ? 0xffff : __mmask16((1u << (blocks - j)) - 1);
+        __m256i h = _mm256_maskz_loadu_epi16(m, w + k * stride + in + 2 * (c / BLOCK + j));
+        __m512 e = _mm512_maskz_loadu_ps(m, x.d + c / BLOCK + j);
+        _mm512_storeu_ps(sd[k] + j, _mm512_mul_ps(_mm512_cvtph_ps(h), e));
+      }
+    for (int64_t i = c; i < c1; i += 2 * BLOCK) {
+      __mmask64 load = c1 - i >= 2 * BLOCK ? ~__mmask64(0) : __mmask64(0xffffffffu);
+      __m512i hi = _mm512_maskz_loadu_epi8(load, WIDE ? x.hi + i : x.a + i);
+      __m512i lo = WIDE ? _mm512_maskz_loadu_epi8(load, x.lo + i) : zero;
+      __mmask64 neg = _mm512_movepi8_mask(_mm512_maskz_loadu_epi8(load, WIDE ? x.sg + i : x.q + i));
+      for (int k = 0; k < N; ++k) {
+        __m512i wv = _mm512_maskz_loadu_epi8(load, w + k * stride + i);
+        __m512i sw = _mm512_mask_sub_epi8(wv, neg, zero, wv);  // w where x >= 0, -w where x < 0
+        __m512i p = _mm512_dpbusd_epi32(zero, hi, sw);
+        if (WIDE) p = _mm512_dpbusd_epi32(_mm512_slli_epi32(p, 8), lo, sw);  // 256 * (H . sw) + L . sw
+        __m128 s2 = _mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(sd[k] + (i - c) / BLOCK)));
+        __m512 s = _mm512_permutexvar_ps(halves, _mm512_castps128_ps512(s2));
+        acc[k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), s, acc[k]);
+      }
     }
   }
   for (int k = 0; k < N; ++k) y[k] = _mm512_reduce_add_ps(acc[k]);
