@@ -15,7 +15,8 @@ from alpaca_trainml.generation import int8, serve_command
 from alpaca_trainml.generation.llama_step import LlamaStep
 from alpaca_trainml.generation.model import InstructModel
 
-ISAS = ["generic", "avx2", "avxvnni", "avx512vnni", "avx512f32"]  # avx512f32: fp32 input rows, never chosen by auto
+ISAS = ["generic", "avx2", "avxvnni", "avx512vnni", "avx512vnni8", "avx512f32"]  # the last two: never chosen by auto
+TOP = {"avx512vnni8": 127, "avx512f32": None}  # how each rounds the input rows (else 16 bits: |X| <= 32767)
 
 
 def runnable(decode_kernel):
@@ -28,6 +29,12 @@ def runnable(decode_kernel):
             pass
     decode_kernel.q8_isa("auto")
     return found
+
+
+@pytest.fixture
+def back_to_auto(decode_kernel):
+    yield
+    decode_kernel.q8_isa("auto")  # whatever a test forced, the next one starts from the default
 
 
 def test_packing_rounds_each_block_to_its_own_scale():
@@ -43,30 +50,34 @@ def test_packing_rounds_each_block_to_its_own_scale():
         int8.quantize(torch.randn(4, 40))
 
 
-def reference(x, packed, quantized=True):
-    """x @ dequantized(w).T with x quantized as the kernel does (blocks of 32, int8, fp32 scale), in float64."""
-    if not quantized:
-        return x.double() @ int8.dequantize(packed).double().T
+def quantized_input(x, top=32767):
+    """x rounded as the kernel rounds it: per block of 32, to integers of at most `top` (X = round(x / e),
+    e = max|x| / top in fp32), and back to fp64 (X * e)."""
     blocks = x.view(x.shape[0], -1, 32)
     amax = blocks.abs().amax(-1, keepdim=True)
-    inv = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
-    xq = (torch.round(blocks * inv).clamp(-127, 127) * (amax / 127)).view_as(x)
-    return xq.double() @ int8.dequantize(packed).double().T
+    inv = torch.where(amax > 0, torch.full_like(amax, top) / amax, torch.zeros_like(amax))  # top / amax, in fp32
+    return (torch.round(blocks * inv).clamp(-top, top).double() * (amax / top).double()).view_as(x)
+
+
+def reference(x, packed, top=32767):
+    """x @ dequantized(w).T in float64, x rounded as the kernel does (top None: not rounded)."""
+    xq = x.double() if top is None else quantized_input(x, top)
+    return xq @ int8.dequantize(packed).double().T
 
 
 @pytest.mark.parametrize("rows", [1, 3, 16])
 @pytest.mark.parametrize("shape", [(70, 96), (64, 576), (5, 32)])  # a lone last block of 32; 4 rows at a time + tail
-def test_kernel_matches_a_dequantized_reference_on_every_instruction_set(decode_kernel, rows, shape):
+def test_kernel_matches_a_dequantized_reference_on_every_instruction_set(decode_kernel, back_to_auto, rows, shape):
     torch.manual_seed(rows)
     w, x = torch.randn(shape) * 0.05, torch.randn(rows, shape[1])
     packed = int8.quantize(w)
-    want = reference(x, packed)
     for isa in runnable(decode_kernel):
         decode_kernel.q8_isa(isa)
         got = decode_kernel.q8_matvec(x, packed).double()
-        want = reference(x, packed, quantized=isa != "avx512f32")
-        # float sums in another order, nothing more; a wrong scale or layout is off by tens of percent
-        assert (got - want).abs().max() <= 1e-5 * want.abs().max(), isa
+        want = reference(x, packed, TOP.get(isa, 32767))
+        # float sums in another order, nothing more (measured <= 1.5e-7); a wrong scale or layout is off by tens of
+        # percent, 8-bit input rows by about 5e-3
+        assert (got - want).abs().max() <= 1e-6 * want.abs().max(), isa
     decode_kernel.q8_isa("auto")
     want = reference(x, packed)
     swapped = packed.clone()
@@ -74,6 +85,46 @@ def test_kernel_matches_a_dequantized_reference_on_every_instruction_set(decode_
     swapped[:, shape[1] :] = scales.flip(1).view(torch.uint8)  # scales in the wrong blocks: must not pass the bound
     if shape[1] > 32:
         assert (decode_kernel.q8_matvec(x, swapped).double() - want).abs().max() > 1e-3 * want.abs().max()
+
+
+def test_16_bit_input_rows_split_into_high_and_low_bytes_exactly(decode_kernel, back_to_auto):
+    # |X| = 256 H + L: every L from 0 to 255 (128..255 would go wrong read as signed), H up to 127, both signs, and
+    # X = +-32767 (the block's largest, e = 1 / 32767): each row's products are whole numbers times d_w / 32767
+    mags = torch.cat([torch.arange(256), torch.arange(1, 128) * 256 + 255, torch.tensor([32767])])
+    X = (mags * torch.tensor([1, -1]).repeat(len(mags) // 2 + 1)[: len(mags)]).reshape(-1)
+    X = torch.cat([X, torch.zeros((-len(X)) % 31, dtype=X.dtype)]).view(-1, 31)
+    X = torch.cat([torch.full((len(X), 1), 32767), X], 1)  # every block's max |x| is 1: X comes back exactly
+    x = (X.double() / 32767).float().view(1, -1)
+    w = torch.randn(9, x.shape[1]) * 0.05
+    packed = int8.quantize(w)
+    q = packed[:, : x.shape[1]].view(torch.int8).long().view(9, -1, 32)
+    d = packed[:, x.shape[1] :].contiguous().view(torch.float16).double()
+    exact = ((q * X.long()).sum(-1).double() * d / 32767).sum(-1)  # integer block sums, then the scales
+    for isa in runnable(decode_kernel):
+        if isa in TOP:
+            continue
+        decode_kernel.q8_isa(isa)
+        got = decode_kernel.q8_matvec(x, packed).double()[0]
+        assert (got - exact).abs().max() <= 1e-6 * exact.abs().max(), isa  # fp32 sums of exact block sums
+
+
+def test_every_instruction_set_forced_by_the_env_var_gives_the_generic_numbers(
+    decode_kernel, back_to_auto, monkeypatch
+):
+    torch.manual_seed(0)
+    w, x = torch.randn(130, 1536) * 0.05, torch.randn(5, 1536)  # 1536: the AVX512 kernel's chunks of 128 blocks + 32
+    packed = int8.quantize(w)
+    results = {}
+    for isa in ["generic", *[i for i in runnable(decode_kernel) if i not in TOP and i != "generic"]]:
+        monkeypatch.setenv(int8.ISA_ENV, isa)
+        results[isa] = int8.linear(x, packed, k=int8.kernel())
+        assert int8.instructions() == isa
+    for isa, y in results.items():
+        assert (y - results["generic"]).abs().max() <= 1e-5 * y.abs().max(), isa  # the same sums, another order
+    full = x.double() @ int8.dequantize(packed).double().T
+    err16 = (results["generic"] - full).abs().max() / full.abs().max()
+    err8 = (reference(x, packed, 127) - full).abs().max() / full.abs().max()
+    assert err16 < 1e-4 < err8 / 10  # measured 2e-5 and 5e-3: 16-bit input rows are some 250x closer to fp32
 
 
 @pytest.fixture(scope="module")
