@@ -2,9 +2,11 @@
 one fp16 scale each (llama.cpp's q8_0 numbers), decoded by our kernel (csrc/int8.cpp) about twice as fast as fp32.
 
 Why: a batch-1 decode step reads every weight once, so it runs at the memory bandwidth; 1.06 bytes per weight
-instead of 4 reads about a quarter of the bytes. The kernel quantizes each input row the same way (blocks of 32, int8,
-an fp32 scale) and sums int8 x int8 per block exactly (AVX512-VNNI, AVX-VNNI or AVX2, chosen from the CPU's flags;
-plain C++ elsewhere), as llama.cpp's q8_0 does.
+instead of 4 reads about a quarter of the bytes. The kernel rounds each input row to 16-bit integers in blocks of 32
+(an fp32 scale each) and sums int8 weight x 16-bit input per block exactly (AVX512-VNNI, AVX-VNNI or AVX2, chosen from
+the CPU's flags; plain C++ elsewhere). llama.cpp's q8_0 rounds the input rows to 8 bits; that, not the weights, moved
+greedy tokens and perplexity away from fp32 (docs/decode-kernel.md), and the 16 bits cost next to nothing where the
+step waits on memory.
 
 - `quantize_model(model)`: every projection of a decoder layer and the output layer (lm_head) become Int8Linear:
   one uint8 tensor per weight, packed (out, in + in / 16): each row's int8 numbers, then its fp16 scales. The fp32
@@ -12,7 +14,8 @@ plain C++ elsewhere), as llama.cpp's q8_0 does.
 - A decode step (1-16 rows) runs the int8 products; prefill and bigger batches dequantize one weight at a time to fp32
   and run F.linear on it (the same int8 model, with fp32 activations), so no fp32 copy of the weights is kept.
 - `ALPACA_INT8_KERNEL=generic|avx2|avxvnni|avx512vnni` forces one instruction set (default auto: the best this CPU
-  has); the tests run the plain C++ one this way.
+  has); the tests run the plain C++ one this way. Two more, for comparison only: `avx512vnni8` (8-bit input rows,
+  llama.cpp's q8_0 x q8_0) and `avx512f32` (fp32 input rows, the weights widened to fp32).
 """
 
 import ctypes
@@ -27,7 +30,7 @@ from alpaca_trainml.cli import UsageError
 from alpaca_trainml.generation import matvec
 
 BLOCK = 32  # weights per fp16 scale, as llama.cpp's q8_0
-ISA_ENV = "ALPACA_INT8_KERNEL"  # auto (default), generic, avx2, avxvnni, avx512vnni
+ISA_ENV = "ALPACA_INT8_KERNEL"  # auto (default), generic, avx2, avxvnni, avx512vnni; avx512vnni8, avx512f32
 log = logging.getLogger(__name__)
 _in_use = {}  # "isa": the instructions the kernel was last set to
 
@@ -70,13 +73,13 @@ def kernel():
 
 
 def instructions():
-    """The instructions the int8 products run on ('avx512vnni', 'avxvnni', 'avx2', 'generic'), or None before the
-    kernel is loaded."""
+    """The instructions the int8 products run on ('avx512vnni', 'avxvnni', 'avx2', 'generic', or one forced for
+    comparison), or None before the kernel is loaded."""
     return _in_use.get("isa")
 
 
 def linear(x, packed, bias=None, k=None):
-    """F.linear(x, dequantize(packed), bias): with the kernel `k` on up to 16 rows (int8 activations, as decode runs
+    """F.linear(x, dequantize(packed), bias): with the kernel `k` on up to 16 rows (16-bit input rows, as decode runs
     it), else through a dequantized fp32 copy of this one weight."""
     rows = x.numel() // x.shape[-1]
     if k is not None and rows <= 16:

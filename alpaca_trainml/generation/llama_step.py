@@ -222,7 +222,7 @@ class LlamaStep:
         self.cache = SlotCache(len(self.layers), self.kv_heads, self.head_dim, self.embed.dtype, self.embed.device)
         # verify() gives decode()'s numbers where the kernel runs both (the same operations per position), and decode's
         # greedy tokens on torch's operations in fp32 only: bf16 rounds activations between layers where the kernel
-        # keeps fp32 (a tiny model's greedy text then differed), and int8 keeps fp32 where the kernel rounds to 8 bits
+        # keeps fp32 (a tiny model's greedy text then differed), and int8 keeps fp32 where the kernel rounds to 16 bits
         self.verifies = self.decoder is not None or (dtype == torch.float32 and not quantized)
 
     def __len__(self):
