@@ -164,8 +164,8 @@ def test_int8_greedy_tokens_follow_fp32_on_most_steps(decode_kernel, models, mon
         want, got = teacher_forced(ref, prompt, tokens), teacher_forced(step, prompt, tokens)
         agree += (want.argmax(-1) == got.argmax(-1)).sum().item()
         total += len(want)
-        assert (got - want).abs().max() < 0.05 * want.abs().max()  # the same model, give or take 8-bit rounding
-    assert agree >= 0.8 * total, (agree, total)  # measured 49 of 50 with this tiny model (2026-12-05)
+        assert (got - want).abs().max() < 0.05 * want.abs().max()  # the same model, int8 weights (measured 0.7%)
+    assert agree >= 0.8 * total, (agree, total)  # measured 50 of 50 (49 with 8-bit input rows, 2026-12-05)
 
 
 def test_int8_verify_gives_decodes_numbers(decode_kernel, models):
@@ -184,9 +184,9 @@ def test_prefill_and_hf_forward_run_the_same_int8_weights(decode_kernel, models)
     _, quantized = models
     step = LlamaStep(quantized.model)
     prompt = list(range(1, 21))
-    ours = step.prefill([prompt])  # 20 rows: each weight dequantized, F.linear (the last row's lm_head: int8 x int8)
+    ours = step.prefill([prompt])  # 20 rows: each weight dequantized, F.linear (the last row's lm_head: the kernel)
     theirs = quantized.model(torch.tensor([prompt])).logits[:, -1]  # transformers' forward over Int8Linear
-    assert (ours - theirs).abs().max() < 0.01 * theirs.abs().max()  # only the lm_head's 8-bit activations differ
+    assert (ours - theirs).abs().max() < 1e-3 * theirs.abs().max()  # only the lm_head's 16-bit input rows differ: 3e-5
     layer = quantized.model.model.layers[0].self_attn.q_proj
     assert type(layer) is int8.Int8Linear and layer.weight.dtype == torch.uint8
     assert quantized.model.lm_head.weight.dtype == torch.uint8
