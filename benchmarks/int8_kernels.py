@@ -3,11 +3,12 @@ against the embedded model's weight shapes, next to the fp32 kernel on the same 
 
     python -m benchmarks.int8_kernels                  # one thread; --threads 2 for both cores
 
-int8 x int8 (the input row quantized in blocks of 32, products summed in int32: generic, avx2, avxvnni, avx512vnni)
-against int8 weights widened to fp32 against the fp32 row (avx512f32). Each shape: the best of --repeat calls, as
-billions of weights per second. The layer shapes (qkv 960 x 576, gate/up 3072 x 576, down 576 x 1536) fit a core's L2
-cache in int8; the 49152 x 576 output layer (28 MB in int8, 113 MB in fp32) does not, and reads from L3 or memory
-(a call repeated reads it from wherever the last one left it). Last line: the headline.
+int8 weights x 16-bit input rows (the input row rounded in blocks of 32, products summed in int32: generic, avx2,
+avxvnni, avx512vnni; auto picks the best of these) against int8 x 8-bit input rows (avx512vnni8, llama.cpp's
+q8_0 x q8_0) and int8 weights widened to fp32 against the fp32 row (avx512f32). Each shape: the best of --repeat
+calls, as billions of weights per second. The layer shapes (qkv 960 x 576, gate/up 3072 x 576, down 576 x 1536) fit
+a core's L2 cache in int8; the 49152 x 576 output layer (28 MB in int8, 113 MB in fp32) does not, and reads from L3 or
+memory (a call repeated reads it from wherever the last one left it). Last line: the headline.
 """
 
 import argparse
@@ -18,7 +19,7 @@ import torch
 from alpaca_trainml.generation import int8
 
 SHAPES = [(960, 576), (3072, 576), (576, 1536), (49152, 576)]  # SmolLM2-135M: qkv, gate/up, down, output layer
-ISAS = ["generic", "avx2", "avxvnni", "avx512vnni", "avx512vnni8", "avx512f32"]
+ISAS = ["generic", "avx2", "avxvnni", "avx512vnni", "avx512vnni8", "avx512f32"]  # the last two: for comparison
 
 
 def best_seconds(fn, operands, repeat):
@@ -54,11 +55,15 @@ def main(args):
         name: sum(out * n for out, n in SHAPES) / sum(out * n / r[name] for (out, n), r in rates.items())
         for name in rates[SHAPES[0]]
     }
-    fastest = max((n for n in total if n != "fp32"), key=total.get)
+    fastest, auto = max((n for n in total if n != "fp32"), key=total.get), k.q8_isa("auto")
+    vs8 = (
+        f", {total[auto] / total['avx512vnni8']:.2f}x avx512vnni8 (8-bit input rows)" if "avx512vnni8" in total else ""
+    )
     print(
         f"int8_kernels ({args.threads} thread(s), billions of weights/s over the four shapes): "
         + ", ".join(f"{name} {r:.1f}" for name, r in total.items())
-        + f"; fastest {fastest}, {total[fastest] / total['fp32']:.2f}x fp32; auto picks {k.q8_isa('auto')}"
+        + f"; fastest {fastest}, {total[fastest] / total['fp32']:.2f}x fp32; auto picks {auto}: "
+        + f"{total[auto] / total['fp32']:.2f}x fp32{vs8}"
     )
 
 
