@@ -1,5 +1,5 @@
 """int8 weights (--dtype int8) against fp32 on the same checkpoint, and llama.cpp's q8_0 against its f32, in one run:
-greedy agreement, held-out perplexity, and decode speed as back-to-back pairs, for each of the int8 products asked for
+greedy agreement, held-out perplexity, and decode speed in back-to-back rounds, for each of the int8 products asked for
 (--kernels: the default, 16-bit input rows, and the 8-bit ones as llama.cpp's q8_0 x q8_0). benchmarks/decode_speed.py
 runs speed pairs too (its int8 rows).
 
@@ -11,12 +11,13 @@ int8 against ours fp32, llama.cpp q8_0 against llama.cpp f32 (both GGUF files ex
 llama.cpp f32 gives our fp32 tokens, tests/test_export_gguf.py). Perplexity on held-out text (the repository's
 README.md and docs/*.md, as benchmarks/gguf_quants.py reads them): over --chunks chunks of 512 tokens through the
 prefill path (dequantized int8 weights, fp32 activations), and over the first --decode_chunks token by token through
-the decode kernel (its int8 products), each against fp32 on the same tokens. Speed: --rounds back-to-back pairs of
-2 x --tokens greedy tokens, int8 against our fp32 (each kernel), then the first kernel against llama.cpp's q8_0 (run
-without AMX buffers, llama_cpp_peer.py); medians. Last line: the headline.
+the decode kernel (its int8 products), each against fp32 on the same tokens. Speed: --rounds rounds of 2 x --tokens
+greedy tokens, each round our fp32, our int8 on each kernel and llama.cpp's q8_0 (run without AMX buffers,
+llama_cpp_peer.py) back to back; the medians of the ratios within a round. Last line: the headline.
 """
 
 import argparse
+import functools
 import math
 import os
 import statistics
@@ -115,25 +116,38 @@ def llama_cpp_agreement(checkpoint, prompts, tokens, gguf_dir):
     return [common_prefix(a[2], b[2]) for a, b in zip(made["f32"], made["q8_0"])], [len(a[2]) for a in made["f32"]]
 
 
-def llama_cpp_pairs(int8, checkpoint, ids, tokens, rounds, gguf_dir):
-    """[ours int8 / llama.cpp q8_0 decode rate] over `rounds` back-to-back pairs (the order alternating)."""
-    from benchmarks.decode_speed import decode_rate, gguf_file, llama_cpp_rate, ours
+def speed_rounds(fp32, int8, kernels, ids, tokens, rounds, gguf=None):
+    """[{name: tokens/s}] per round: each round decodes `tokens` greedy tokens with our fp32, our int8 on each of
+    `kernels` and llama.cpp's q8_0 (the GGUF file `gguf`; None: left out), back to back, the order reversed every other
+    round, so that ratios within a round are not decided by this machine's drift between rounds."""
+    from benchmarks.decode_speed import decode_rate, llama_cpp_rate, ours
 
-    gguf, ratios = gguf_file(checkpoint, "q8_0", gguf_dir), []
+    def int8_rate(isa):
+        use_kernel(isa)
+        return decode_rate(ours(int8, ids), tokens)[0]
+
+    runs = {"fp32": lambda: decode_rate(ours(fp32, ids), tokens)[0]}
+    runs.update({isa: functools.partial(int8_rate, isa) for isa in kernels})
+    if gguf:
+        runs["llama.cpp q8_0"] = lambda: llama_cpp_rate(gguf, ids, tokens, torch.get_num_threads())[0]
+    print(f"speed: {rounds} rounds of {tokens} greedy tokens each, {torch.get_num_threads()} thread(s)", flush=True)
+    out = []
     for i in range(rounds):
-        try:
-            if i % 2 == 0:
-                a = decode_rate(ours(int8, ids), tokens)[0]
-                b = llama_cpp_rate(gguf, ids, tokens, torch.get_num_threads())[0]
-            else:
-                b = llama_cpp_rate(gguf, ids, tokens, torch.get_num_threads())[0]
-                a = decode_rate(ours(int8, ids), tokens)[0]
-        except PeerFailed as e:
-            print(f"int8 against llama.cpp q8_0, pair {i + 1}: failed: {e}", flush=True)
-            continue
-        ratios.append(a / b)
-        print(f"int8 against llama.cpp q8_0, pair {i + 1}: {a:.1f} / {b:.1f} tok/s ({ratios[-1]:.2f}x)", flush=True)
-    return ratios
+        got = {}
+        for name in list(runs) if i % 2 == 0 else list(runs)[::-1]:
+            try:
+                got[name] = runs[name]()
+            except PeerFailed as e:
+                print(f"round {i + 1}, {name}: failed: {e}", flush=True)
+        print(f"round {i + 1}: " + ", ".join(f"{n} {got[n]:.1f}" for n in runs if n in got) + " tok/s", flush=True)
+        out.append(got)
+    return out
+
+
+def ratio(rounds, a, b):
+    """The median over rounds of a's rate / b's, in the rounds that have both; nan where none has."""
+    both = [r[a] / r[b] for r in rounds if a in r and b in r]
+    return statistics.median(both) if both else float("nan")
 
 
 def use_kernel(name):
@@ -146,10 +160,6 @@ def use_kernel(name):
         print(f"int8 kernel {name}: not run: {e}")
         return None
     return int8_weights.instructions()
-
-
-def median(ratios):
-    return statistics.median(ratios) if ratios else float("nan")
 
 
 def main(args):
@@ -165,37 +175,38 @@ def main(args):
     ppl = [perplexity_prefill(m.model, chunks) for m in (fp32, int8)]
     print(f"perplexity, {len(chunks)} chunks of {N_CTX} (prefill path): fp32 {ppl[0]:.3f}, int8 {ppl[1]:.3f}")
     dec_fp32 = perplexity_decode(steps[0], chunks[: args.decode_chunks])
-    from benchmarks.decode_speed import PROMPT  # a long answer: no early end of text
-
-    story, found = fp32.encode_instruction(PROMPT), {}
-    for name in args.kernels.split(","):  # each: agreement, the decode path's perplexity, speed against fp32
+    found = {}
+    for name in args.kernels.split(","):  # each: agreement and the decode path's perplexity
         isa = use_kernel(name)
         if isa is None or isa in found:
             continue
         agree = [common_prefix(a, greedy(steps[1], ids, args.tokens, eos)) for a, ids in zip(reference, prompts)]
         dec = perplexity_decode(steps[1], chunks[: args.decode_chunks])
-        ratios = speed_pairs(fp32, int8, story, 2 * args.tokens, args.rounds) if args.rounds else []
-        found[isa] = sum(agree), 100 * (dec / dec_fp32 - 1), median(ratios)
+        found[isa] = sum(agree), 100 * (dec / dec_fp32 - 1)
         print(
             f"int8 kernel {isa}: follows fp32 for {sum(agree)} of {total} tokens {agree}; perplexity, the first "
             f"{args.decode_chunks} chunk(s) token by token: fp32 {dec_fp32:.3f}, int8 {dec:.3f} "
-            f"({found[isa][1]:+.2f}%); decode {found[isa][2]:.2f}x fp32",
+            f"({found[isa][1]:+.2f}%)",
             flush=True,
         )
-    first = use_kernel(args.kernels.split(",")[0])
+    from benchmarks.decode_speed import PROMPT, gguf_file  # here: decode_speed imports this module
+
     theirs = llama_cpp_agreement(checkpoint, prompts, args.tokens, args.gguf_dir)
-    vs = ""
+    gguf, vs = None, ""
     if theirs:
         print(f"llama.cpp q8_0 follows llama.cpp f32 for {sum(theirs[0])} of {sum(theirs[1])} tokens: {theirs[0]}")
-        vs = f" (llama.cpp q8_0 {sum(theirs[0])} of {sum(theirs[1])})"
-        if args.rounds:
-            pairs = llama_cpp_pairs(int8, checkpoint, story, 2 * args.tokens, args.rounds, args.gguf_dir)
-            vs += f"; decode {median(pairs):.2f}x llama.cpp q8_0"
+        gguf, vs = gguf_file(checkpoint, "q8_0", args.gguf_dir), f"; llama.cpp q8_0: {sum(theirs[0])} of {total}"
+    story = fp32.encode_instruction(PROMPT)  # a long answer: no early end of text
+    rounds = speed_rounds(fp32, int8, list(found), story, 2 * args.tokens, args.rounds, gguf) if args.rounds else []
+    use_kernel(args.kernels.split(",")[0])
     rows = [
-        f"{isa}: agreement {a} of {total}, {d:+.2f}% decode path, {r:.2f}x fp32" for isa, (a, d, r) in found.items()
+        f"{isa}: agreement {a} of {total}, {d:+.2f}% decode path"
+        + (f", {ratio(rounds, isa, 'fp32'):.2f}x fp32" if rounds else "")
+        + (f", {ratio(rounds, isa, 'llama.cpp q8_0'):.2f}x llama.cpp q8_0" if rounds and gguf else "")
+        for isa, (a, d) in found.items()
     ]
     print(
-        f"int8_quality ({first}, {torch.get_num_threads()} thread(s), medians of {args.rounds} back-to-back pairs): "
+        f"int8_quality ({torch.get_num_threads()} thread(s), medians of {args.rounds} back-to-back rounds): "
         f"perplexity {100 * (ppl[1] / ppl[0] - 1):+.2f}% prefill path; {'; '.join(rows)}{vs}"
     )
 
@@ -205,13 +216,13 @@ def parse_args(argv=None):
     p.add_argument("--model_name_or_path", default=None, help="default: the embedded SmolLM2-135M")
     p.add_argument("--tokens", type=int, default=64, help="greedy tokens per prompt (default 64)")
     p.add_argument("--chunks", type=int, default=4, help="perplexity chunks of 512 tokens (default 4)")
-    p.add_argument("--rounds", type=int, default=3, help="back-to-back speed pairs (default 3; 0: none)")
+    p.add_argument("--rounds", type=int, default=3, help="back-to-back speed rounds (default 3; 0: none)")
     p.add_argument("--decode_chunks", type=int, default=1, help="chunks scored token by token (default 1)")
     p.add_argument(
         "--kernels",
         default="auto,avx512vnni8",
-        help="ALPACA_INT8_KERNEL values to measure, comma-separated; the first also against llama.cpp "
-        "(default auto,avx512vnni8: the default and the 8-bit-input products, where this CPU has them)",
+        help="ALPACA_INT8_KERNEL values to measure, comma-separated (default auto,avx512vnni8: the default and the "
+        "8-bit-input products, where this CPU has them)",
     )
     p.add_argument("--gguf_dir", default=str(REPO_ROOT / "out" / "bench"), help="where the GGUF files are made once")
     return p.parse_args(argv)
