@@ -42,8 +42,8 @@ enum Isa { GENERIC = 0, AVX2 = 1, AVXVNNI = 2, AVX512VNNI = 3, AVX512VNNI8 = 4, 
 // rounded to 8 bits (q8_0 x q8_0, as llama.cpp); avx512f32, fp32 input rows, each int8 weight widened to fp32
 const char* const NAMES[] = {"generic", "avx2", "avxvnni", "avx512vnni", "avx512vnni8", "avx512f32"};
 
-// One input row, per block of 32 its scale d (in / 32,) and: X int16 (generic, avx2); H, L and the sign as -1 or 1
-// (VNNI); or for avx512vnni8, q int8 and |q| (q = round(x / d), d = max|x| / 127)
+// One input row, per block of 32 its scale (e above; d here, (in / 32,)) and: X int16 (generic, avx2); H, L and the
+// sign as -1 or 1 (VNNI); or for avx512vnni8, q int8 and |q| (q = round(x / d), d = max|x| / 127)
 struct Act {
   const float* x;  // the row itself (avx512f32)
   const int16_t* v;
