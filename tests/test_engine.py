@@ -141,6 +141,7 @@ def test_a_model_failure_fails_the_batch_and_the_engine_goes_on(model, engine, m
     ids = model.encode(PROMPTS[0])
     monkeypatch.setattr(model.model, "forward", broken)  # transformers' forward (the generic step)
     monkeypatch.setattr(LlamaStep, "prefill", broken)  # and our Llama step
+    monkeypatch.setattr(LlamaStep, "kernel_step", broken)  # and its kernel's pass (fused.py's prompts go there)
     jobs = [Job(ids, GREEDY), Job(ids, GREEDY)]
     for j in jobs:
         engine.submit(j)

@@ -11,6 +11,7 @@ from typing import Callable
 
 import torch
 
+from alpaca_trainml.generation import fused
 from alpaca_trainml.generation.decoding import Completion, GenParams, cut_at_stop, probabilities, stop_holdback
 from alpaca_trainml.generation.hf_step import HFStep
 from alpaca_trainml.generation.llama_step import LlamaStep, supports
@@ -141,6 +142,32 @@ class DecodeBatch:
         self.rows, self.next_ids = [], None  # next_ids (rows,): each row's sampled, not yet fed token
 
     def admit(self, jobs):
+        """Prefill jobs into the batch. Where the step can (fused.py), their prompts go in with the running rows'
+        next decode step, in passes of up to fused.BUDGET prompt positions: each pass also decodes one token of every
+        running row. Longer prompts, and other steps, are prefilled apart first."""
+        if not fused.usable(self.stepper) or any(j.adapter for j in jobs):
+            return self._prefill(jobs)
+        passes, apart = fused.groups([j.ids for j in jobs])
+        if apart:
+            self._prefill([jobs[i] for i in apart])
+        for group in passes:
+            self._fused([jobs[i] for i in group])
+
+    def _fused(self, jobs):
+        new = [Row(j, self.model.decode, self.eos, self.model.context_window) for j in jobs]
+        try:
+            with self.model.lock:
+                old_logits, logits = fused.step(self.stepper, self.next_ids, [j.ids for j in jobs])
+        finally:
+            self.rows += new  # on an error the new callers get it too (end())
+        old = self.rows[: len(self.rows) - len(new)]
+        ids = sample_rows(new, constrain(new, logits, self.eos_ids))
+        if old:
+            ids = torch.cat([sample_rows(old, constrain(old, old_logits, self.eos_ids)), ids])
+        self.next_ids = ids
+        self._emit(self.rows, 0)
+
+    def _prefill(self, jobs):
         new = [Row(j, self.model.decode, self.eos, self.model.context_window) for j in jobs]
         try:
             adapters = [j.adapter for j in jobs]

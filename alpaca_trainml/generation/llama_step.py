@@ -202,11 +202,8 @@ class LlamaStep:
 
         self.layers = [_layer(c, lyr, weight) for lyr in model.model.layers]
         self.qk = self.heads + self.kv_heads  # query and key heads, first in each row of the fused projection
-        self.embed, self.norm, self.rotary = (
-            model.model.embed_tokens.weight,
-            model.model.norm.weight,
-            model.model.rotary_emb,
-        )
+        inner = model.model
+        self.embed, self.norm, self.rotary = inner.embed_tokens.weight, inner.norm.weight, inner.rotary_emb
         self.eps = c.rms_norm_eps
         self.lm_head = weight(model.lm_head.weight, model.lm_head.bias)
         self.decoder = None  # the whole decode step in one call of our kernel (fp32 or bf16, on a CPU)
@@ -224,6 +221,7 @@ class LlamaStep:
         # greedy tokens on torch's operations in fp32 only: bf16 rounds activations between layers where the kernel
         # keeps fp32 (a tiny model's greedy text then differed), and int8 keeps fp32 where the kernel rounds to 16 bits
         self.verifies = self.decoder is not None or (dtype == torch.float32 and not quantized)
+        self.fuses = self.decoder is not None and dtype == torch.float32 and not quantized  # fused.py takes prompts
 
     def __len__(self):
         return len(self.cache)
@@ -250,7 +248,7 @@ class LlamaStep:
         self.cache.reserve(len(lens), max(lens) + 1)
         pos = torch.tensor(lens, device=ids.device)
         if self.decoder is not None and len(lens) <= SPLIT_MAX_ROWS:
-            logits = self._kernel_step(ids, lens, [])
+            logits = self.kernel_step(ids, lens, [])
             self.cache.lens = [n + 1 for n in lens]
             return logits
         width = max(lens) + 1
@@ -291,15 +289,15 @@ class LlamaStep:
         mask = torch.zeros(keep.shape, dtype=self.embed.dtype, device=pos.device).masked_fill(~keep, float("-inf"))
         return mask[:, None]
 
-    def _kernel_step(self, ids, pos, slots):
+    def kernel_step(self, ids, pos, slots, want=None):
         """The kernel's step: ids (n,) at positions pos (n ints) of cache rows slots (n ints; [] for rows 0..n-1);
-        (n, vocab) logits."""
+        (n, vocab) logits, or only those of the rows `want` (indices; fused.py: a prompt's last position)."""
         e = F.embedding(ids, self.embed)
         at = torch.tensor(pos, device=ids.device)[:, None]
         cos, sin = (t[:, 0].float().contiguous() for t in self.rotary(e, at))  # in the model's dtype
         h = e.float()  # (n, hidden) fp32, a new tensor the decoder changes in place (bf16 values stay exact)
         self.decoder.step(h, cos, sin, self.cache.keys, self.cache.values, pos, slots)
-        h = self._norm(h.to(e.dtype), self.norm)
+        h = self._norm((h if want is None else h[want]).to(e.dtype), self.norm)
         return self.lm_head.matvec(h) if self.lm_head.kernel is not None else self.lm_head(h)
 
     @torch.inference_mode()
@@ -316,7 +314,7 @@ class LlamaStep:
         if self.decoder is not None:
             slots = [r for r, c in enumerate(counts) for _ in range(c)]
             pos = [lens[r] + j for r, c in enumerate(counts) for j in range(c)]
-            logits = self._kernel_step(torch.cat([tokens[r, :c] for r, c in enumerate(counts)]), pos, slots)
+            logits = self.kernel_step(torch.cat([tokens[r, :c] for r, c in enumerate(counts)]), pos, slots)
             self.cache.lens = [n + s for n in lens]
             return list(logits.split(counts))
         pos = torch.tensor(lens, device=dev)[:, None] + torch.arange(s, device=dev)  # (rows, s)

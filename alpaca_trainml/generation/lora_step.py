@@ -66,6 +66,7 @@ class LoraStep(LlamaStep):
     def __init__(self, model):
         super().__init__(model)  # the kernel's decoder is built over the base weights first
         self.kernel_decoder = self.decoder
+        self.fuses = False  # fused.py's pass has no adapters: prompts are prefilled apart, each with its own
         # a step with adapter rows runs torch's operations, whose verify matches decode in fp32 only (llama_step.py)
         self.verifies = self.embed.dtype == torch.float32
         self.row_adapters, self.plan, self.routed = [], {}, None
