@@ -13,7 +13,11 @@ The limit: a decode step of n rows reads every weight once, so n clients can mak
 (the weights' bytes read at the read bandwidth measured in this run, as benchmarks/decode_speed.py measures it), and
 never more than the cores' compute allows (the best rate of a large matmul in the model's dtype, in FLOP/s, over 2
 FLOP per parameter per token); the lower of the two. Prefill is not in it: the limit counts completion tokens only.
-Prints both rates, the latencies and the limit, and last
+That is the headline's limit (issue 34's). A second line, labelled as such, counts the prompts too: the mix's prompts
+(each request's prompt tokens as the server encodes them) take compute as well, so the cores' matmul rate is spread
+over prompt + completion tokens, and the completion tokens/s it leaves is that rate times completion / (prompt +
+completion); that limit is the lower of it and the bandwidth side.
+Prints both rates, the latencies and the limits, and last
 `serve_throughput: N clients X tok/s = R of the limit (L tok/s); Yx one at a time`.
 """
 
@@ -114,8 +118,29 @@ def matmul_flops(dtype, n=2048, repeat=5):
     return 2 * n**3 / best
 
 
+def prompt_tokens(model, requests):
+    """The prompt tokens of the requests, as serve.py encodes them (the same InstructModel calls)."""
+    return sum(
+        len(model.encode_chat(b["messages"]) if "messages" in b else model.encode(b["prompt"])) for _, b in requests
+    )
+
+
+def with_prefill(rates, prompt, completion, clients):
+    """(completion tokens/s, a line): the limit when the prompts' prefill compute counts too; rates: limit()'s
+    (batch-1 bound, cores' compute) in tokens/s."""
+    bound, compute = rates
+    share = completion / (prompt + completion)
+    rate = min(clients * bound, compute * share)
+    return rate, (
+        f"limit counting the prompts' prefill: the cores' matmul {compute:.0f} tokens/s over {prompt} prompt + "
+        f"{completion} completion tokens = {compute * share:.0f} completion tokens/s; the lower with x{clients} of "
+        f"the bound: {rate:.0f} tokens/s"
+    )
+
+
 def limit(model, clients):
-    """(limit tokens/s, lines that say how it was found) for `clients` rows per decode step."""
+    """(limit tokens/s, lines that say how it was found, (batch-1 bound, compute) tokens/s) for `clients` rows per
+    decode step."""
     from benchmarks.decode_speed import bandwidth_gbs, weight_bytes  # here: decode_speed imports this module
 
     params = sum(p.numel() for p in model.model.parameters())  # tied embeddings once: the lm_head's read
@@ -127,7 +152,7 @@ def limit(model, clients):
         f"x{clients} = {clients * bound:.0f}",
         f"cores' matmul: {flops / 1e9:.0f} GFLOP/s / {2 * params / 1e9:.2f} GFLOP per token = {compute:.0f} tokens/s",
     ]
-    return min(clients * bound, compute), lines
+    return min(clients * bound, compute), lines, (bound, compute)
 
 
 def main(args):
@@ -138,9 +163,12 @@ def main(args):
     with serve.ServerThread(serve.build_server(serve.parse_args(argv), model=model)) as running:
         run(running.url, requests[:2], 2, "warm-up")  # first-call costs are not throughput
         seq_rate, seq_lat = run(running.url, requests, 1, "one at a time")
-        before, lines = limit(model, args.clients)  # the bandwidth moves within minutes: read around the clients' run
+        # the bandwidth moves within minutes: read around the clients' run
+        before, lines, rates = limit(model, args.clients)
+        start = time.perf_counter()
         conc_rate, conc_lat = run(running.url, requests, args.clients, f"{args.clients} clients")
-        after, _ = limit(model, args.clients)
+        completion = round(conc_rate * (time.perf_counter() - start))  # the answers' usage, summed
+        after, _, after_rates = limit(model, args.clients)
     print(f"model: {model.name} on {model.model.device}; {len(requests)} requests, max_tokens {args.max_tokens}")
     print("\n".join(lines))
     best = max(before, after)
@@ -148,6 +176,9 @@ def main(args):
         f"limit at {args.clients} clients: {best:.0f} tokens/s (the lower of the two; the higher of the readings "
         f"before and after the clients' run: {before:.0f}, {after:.0f})"
     )
+    prompts = prompt_tokens(model, requests)
+    prefill, line = with_prefill(rates if before >= after else after_rates, prompts, completion, args.clients)
+    print(f"{line}; {args.clients} clients = {conc_rate / prefill:.2f} of it")
     print(f"one at a time: {seq_rate:.1f} completion tokens/s; latency p50 {statistics.median(seq_lat):.2f} s")
     print(
         f"{args.clients} clients: {conc_rate:.1f} completion tokens/s; "
