@@ -11,7 +11,8 @@ handlers use the engine.
 Why our own scheduler and not transformers' `init_continuous_batching` (checked with transformers 5.24 on CPU):
 that API runs and samples temperature and top_p per request, but greedy decoding is one switch for the whole
 manager (temperature 0 per request is not available), and it has no stop strings. Ours runs wherever InstructModel
-runs. It does not chunk prefills: a long prompt holds the batch for its prefill.
+runs. New prompts go in with the running rows' next step (fused.py, through DecodeBatch.admit); a prompt longer
+than fused.BUDGET positions is prefilled apart and holds the batch for its prefill (prompts are not cut across steps).
 """
 
 import asyncio
