@@ -141,6 +141,7 @@ def test_a_model_failure_is_a_500_json_error(model, monkeypatch):
 
     monkeypatch.setattr(model.model, "forward", broken)  # transformers' forward (the generic step)
     monkeypatch.setattr(LlamaStep, "prefill", broken)  # and our Llama step
+    monkeypatch.setattr(LlamaStep, "kernel_step", broken)  # and its kernel's pass (fused.py's prompts go there)
     plain, streamed = call(
         create_app(model),
         ("POST", "/instruct", dict(json={"instruction": "Hi"})),
