@@ -86,7 +86,7 @@ lint: setup
 	$(VENV)/bin/ruff format --check .
 
 bench: setup
-	for b in dedup serve_throughput train_throughput weight_diff_memory lora_memory decode_speed; do $(PY) -m benchmarks.$$b || exit 1; done
+	for b in dedup serve_throughput train_throughput weight_diff_memory lora_memory decode_speed vllm_serving; do $(PY) -m benchmarks.$$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) $(PEERS) out
