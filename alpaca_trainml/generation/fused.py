@@ -9,7 +9,7 @@ lm_head (the running rows and each prompt's last position). With serve.py's mix 
 32-token answers) the prompts are more positions than the answers.
 
 A row's numbers do not depend on the rows beside it (the kernel sums each output in one order whatever the rows:
-csrc/decode.cpp, csrc/wide.cpp), so a prompt prefilled here gives the same tokens alone or joining a full batch, and
+csrc/decode.cpp, csrc/f32.cpp), so a prompt prefilled here gives the same tokens alone or joining a full batch, and
 a running row's token is the one a plain decode step gives, bit for bit (tests/test_fused.py). Prompts of more than
 BUDGET positions, and steps that are not the kernel's over fp32 weights (bf16 and int8 prefill keep their faster
 paths, LoRA rows their own step), are prefilled apart as before (batch.DecodeBatch.admit).
