@@ -9,6 +9,11 @@ temperatures 0 to 1, two top_p values. Completion tokens per second come from th
 sends the same requests through the same server one after another, as a single client would: each request then
 has the model to itself, which is what every request had before continuous batching.
 
+The prefix cache (serve.py's --prefix_cache_mb, on by default): the mix has 8 distinct prompts (8 instructions, each
+as a completion or a chat), each sent 4 times, and all completions open with the Alpaca preamble, so a warm cache
+would skip most prefill. Each measured run starts on a fresh server, its cache empty; the clients' run is also
+made on a server without the cache, printed before the headline.
+
 The limit: a decode step of n rows reads every weight once, so n clients can make at most n times the batch-1 bound
 (the weights' bytes read at the read bandwidth measured in this run, as benchmarks/decode_speed.py measures it), and
 never more than the cores' compute allows (the best rate of a large matmul in the model's dtype, in FLOP/s, over 2
@@ -28,6 +33,7 @@ import socket
 import statistics
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 import httpx
 import torch
@@ -36,6 +42,7 @@ from tqdm import tqdm
 import inference
 import serve
 from alpaca_trainml.data.prompts import format_prompt
+from alpaca_trainml.generation.prefix_cache import DEFAULT_MB
 
 INSTRUCTIONS = [
     "Give three tips for staying healthy.",
@@ -155,20 +162,43 @@ def limit(model, clients):
     return min(clients * bound, compute), lines, (bound, compute)
 
 
+@contextmanager
+def serving(model, args, prefix_cache_mb):
+    """A server on `model` with a fresh engine (its prefix cache empty), on its own port."""
+    argv = ["--port", str(free_port()), "--max_batch_size", str(args.clients), "--log_level", "warning"]
+    argv += ["--speculative", args.speculative] if args.speculative else []
+    argv += ["--prefix_cache_mb", str(prefix_cache_mb)]
+    with serve.ServerThread(serve.build_server(serve.parse_args(argv), model=model)) as running:
+        yield running
+
+
+def reuse_line(running):
+    """What the server's prefix cache saved: prompt tokens copied, not prefilled."""
+    kept = running.server.engine.batch.prefixes
+    if kept is None:
+        return "prefix cache: off"
+    return f"prefix cache: {kept.reused} of {kept.queried} prompt tokens copied from it, not prefilled"
+
+
 def main(args):
     model = inference.load_model(args.model_name_or_path)
     requests = workload(args.requests, args.max_tokens)
-    argv = ["--port", str(free_port()), "--max_batch_size", str(args.clients), "--log_level", "warning"]
-    argv += ["--speculative", args.speculative] if args.speculative else []
-    with serve.ServerThread(serve.build_server(serve.parse_args(argv), model=model)) as running:
+    with serving(model, args, args.prefix_cache_mb) as running:
         run(running.url, requests[:2], 2, "warm-up")  # first-call costs are not throughput
+    with serving(model, args, args.prefix_cache_mb) as running:
         seq_rate, seq_lat = run(running.url, requests, 1, "one at a time")
+    with serving(model, args, args.prefix_cache_mb) as running:  # each run starts with the prefix cache empty
         # the bandwidth moves within minutes: read around the clients' run
         before, lines, rates = limit(model, args.clients)
         start = time.perf_counter()
         conc_rate, conc_lat = run(running.url, requests, args.clients, f"{args.clients} clients")
         completion = round(conc_rate * (time.perf_counter() - start))  # the answers' usage, summed
         after, _, after_rates = limit(model, args.clients)
+        reuse = reuse_line(running)
+    cold = None
+    if args.prefix_cache_mb:  # the same run without it: what the cache is worth on this mix
+        with serving(model, args, 0) as running:
+            cold, _ = run(running.url, requests, args.clients, f"{args.clients} clients, no prefix cache")
     print(f"model: {model.name} on {model.model.device}; {len(requests)} requests, max_tokens {args.max_tokens}")
     print("\n".join(lines))
     best = max(before, after)
@@ -182,8 +212,10 @@ def main(args):
     print(f"one at a time: {seq_rate:.1f} completion tokens/s; latency p50 {statistics.median(seq_lat):.2f} s")
     print(
         f"{args.clients} clients: {conc_rate:.1f} completion tokens/s; "
-        f"latency p50 {statistics.median(conc_lat):.2f} s, p95 {p95(conc_lat):.2f} s"
+        f"latency p50 {statistics.median(conc_lat):.2f} s, p95 {p95(conc_lat):.2f} s; {reuse}"
     )
+    if cold is not None:
+        print(f"{args.clients} clients without the prefix cache: {cold:.1f} tokens/s = {cold / best:.2f} of the limit")
     print(
         f"serve_throughput: {args.clients} clients {conc_rate:.1f} tok/s = {conc_rate / best:.2f} of the limit "
         f"({best:.0f} tok/s); {conc_rate / seq_rate:.2f}x one at a time"
@@ -197,6 +229,13 @@ def parse_args(argv=None):
     p.add_argument("--clients", type=int, default=8, help="requests in flight at once (also --max_batch_size)")
     p.add_argument("--max_tokens", type=int, default=32)
     p.add_argument("--speculative", default=None, help="serve.py's --speculative (ngram: prompt-lookup drafts)")
+    p.add_argument(
+        "--prefix_cache_mb",
+        type=int,
+        default=DEFAULT_MB,
+        help=f"serve.py's --prefix_cache_mb (default {DEFAULT_MB}); with it on, the clients' run is also made without "
+        "it, on a second server",
+    )
     return p.parse_args(argv)
 
 

@@ -67,6 +67,8 @@ def test_metrics_count_tokens_latencies_reasons_and_errors(model):
     n_instruct_prompt = len(model.encode_instruction("Name a bakery."))
     n_chat_prompt = len(model.encode_instruction("Hi"))
     assert got[("vllm:prompt_tokens_total", m)] == usage["prompt_tokens"] + n_chat_prompt + n_instruct_prompt
+    assert got[("vllm:prefix_cache_queries_total", m)] == got[("vllm:prompt_tokens_total", m)]
+    assert 0 <= got[("vllm:prefix_cache_hits_total", m)] < got[("vllm:prefix_cache_queries_total", m)]
     scripted = 4  # the script's 3 pieces, then end-of-text: each unconstrained answer makes 4 tokens
     assert got[("vllm:generation_tokens_total", m)] == 2 + scripted + scripted
     finished = (("finished_reason", "length"), *m), (("finished_reason", "stop"), *m)  # labels sorted by name

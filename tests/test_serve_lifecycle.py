@@ -17,6 +17,7 @@ import torch
 from helpers import ROOT, subprocess_env
 from scripted_llama import SCRIPT, build_scripted_llama
 
+from alpaca_trainml import cli
 from alpaca_trainml.generation import serve_command
 from inference import InstructModel
 from serve import ServerThread
@@ -229,3 +230,12 @@ def test_a_misspelled_flag_is_named_with_the_real_one(capsys):
         parse_args(["--model_name_or_pth", "x"])
     assert e.value.code == 2
     assert "unknown flag(s): --model_name_or_pth (did you mean --model_name_or_path?)" in capsys.readouterr().err
+
+
+def test_a_negative_prefix_cache_is_one_usage_error_before_the_model_loads(scripted_dir, monkeypatch):
+    import serve
+
+    monkeypatch.setattr(serve_command, "build_server", lambda args: pytest.fail("the model must not load"))
+    args = serve.parse_args(["--model_name_or_path", str(scripted_dir), "--prefix_cache_mb", "-1"])
+    with pytest.raises(cli.UsageError, match="--prefix_cache_mb -1: expected 0 .off. or more MiB"):
+        serve.main(args)

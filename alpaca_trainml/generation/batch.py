@@ -16,6 +16,7 @@ from alpaca_trainml.generation.decoding import Completion, GenParams, cut_at_sto
 from alpaca_trainml.generation.hf_step import HFStep
 from alpaca_trainml.generation.llama_step import LlamaStep, supports
 from alpaca_trainml.generation.lora_step import LoraStep
+from alpaca_trainml.generation.prefix_cache import DEFAULT_MB, PrefixCache
 from alpaca_trainml.generation.speculative import accept_rows, step_drafts
 from alpaca_trainml.generation.structured import UnwritableError, constrain
 
@@ -33,6 +34,7 @@ class Job:
     token_times: list = field(default_factory=list)  # perf_counter() as each token was sampled
     grammar: object = None  # a structured.Matcher: the row samples only tokens its grammar takes (response_format)
     adapter: object = None  # a lora_adapters.LoraAdapter of the server's, or None for the base
+    cached: int = 0  # prompt tokens whose keys and values came from the prefix cache (prefix_cache.py)
 
 
 def sample(logits, temperature, top_p):
@@ -139,6 +141,8 @@ class DecodeBatch:
         self.lookup = getattr(model, "speculative", None) if getattr(self.stepper, "verifies", False) else None
         self.drafted = self.accepted = 0  # draft tokens checked and kept, for the acceptance rate
         self.eos, self.eos_ids = frozenset(model.eos_ids), list(model.eos_ids)
+        budget = getattr(model, "prefix_cache_mb", DEFAULT_MB) * 2**20  # prompts' keys and values kept for reuse
+        self.prefixes = PrefixCache(budget) if budget > 0 and fused.usable(self.stepper) else None
         self.rows, self.next_ids = [], None  # next_ids (rows,): each row's sampled, not yet fed token
 
     def admit(self, jobs):
@@ -147,7 +151,8 @@ class DecodeBatch:
         running row. Longer prompts, and other steps, are prefilled apart first."""
         if not fused.usable(self.stepper) or any(j.adapter for j in jobs):
             return self._prefill(jobs)
-        passes, apart = fused.groups([j.ids for j in jobs])
+        found = [self.prefixes.match(j.ids) if self.prefixes else (0, None) for j in jobs]
+        passes, apart = fused.groups([j.ids for j in jobs], [n for n, _ in found])
         if apart:
             self._prefill([jobs[i] for i in apart])
         for group in passes:
@@ -155,9 +160,13 @@ class DecodeBatch:
 
     def _fused(self, jobs):
         new = [Row(j, self.model.decode, self.eos, self.model.context_window) for j in jobs]
+        prompts = [j.ids for j in jobs]
+        found = [self.prefixes.match(ids) for ids in prompts] if self.prefixes else None  # and the passes' before
+        for job, (n, _) in zip(jobs, found or []):
+            job.cached = n
         try:
             with self.model.lock:
-                old_logits, logits = fused.step(self.stepper, self.next_ids, [j.ids for j in jobs])
+                old_logits, logits = fused.step(self.stepper, self.next_ids, prompts, self.prefixes, found)
         finally:
             self.rows += new  # on an error the new callers get it too (end())
         old = self.rows[: len(self.rows) - len(new)]

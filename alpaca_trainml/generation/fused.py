@@ -25,38 +25,49 @@ def usable(stepper):
     return getattr(stepper, "fuses", False)
 
 
-def groups(prompts):
-    """(groups, apart): indices of the prompts that fit, in consecutive groups of at most BUDGET positions each;
-    and the indices of those longer than BUDGET (prefilled apart)."""
+def groups(prompts, starts=None):
+    """(groups, apart): indices of the prompts that fit, in consecutive groups of at most BUDGET new positions each
+    (a prompt's positions from its start: those before it come from the prefix cache); and the indices of those
+    longer than BUDGET (prefilled apart)."""
     out, apart, total = [], [], BUDGET + 1
     for i, ids in enumerate(prompts):
-        if len(ids) > BUDGET:
+        size = len(ids) - (starts[i] if starts else 0)
+        if size > BUDGET:
             apart.append(i)
             continue
-        if total + len(ids) > BUDGET:
+        if total + size > BUDGET:
             out.append([])
             total = 0
         out[-1].append(i)
-        total += len(ids)
+        total += size
     return out, apart
 
 
 @torch.inference_mode()
-def step(stepper, next_ids, prompts):
+def step(stepper, next_ids, prompts, prefixes=None, found=None):
     """One pass: every running row (next_ids (rows,): its pending token, or None for no rows) takes one token, and
     each prompt (a list of ids) fills a new last row of the cache; (rows, vocab) logits for the running rows' next
-    tokens and (prompts, vocab) for each prompt's first new one."""
+    tokens and (prompts, vocab) for each prompt's first new one. prefixes: a prefix_cache.PrefixCache, with found:
+    each prompt's (n, key) from its match(); the prompt's first n positions are copied from it, not computed, and
+    every prompt is kept in it after the pass."""
     cache = stepper.cache
     lens = list(cache.lens)
     n = len(lens)
-    pos, slots, want = list(lens), list(range(n)), list(range(n))
-    for ids in prompts:
-        row = cache.add_row(len(ids))
-        pos += range(len(ids))
-        slots += [row] * len(ids)
-        want.append(len(pos) - 1)  # the prompt's last position: the only one whose logits are read
+    found = found or [(0, None)] * len(prompts)
+    rows = [cache.add_row(len(ids)) for ids in prompts]
     cache.reserve(len(cache.lens), max(lens, default=0) + 1)
-    tokens = [t for t in (next_ids,) if t is not None] + [torch.tensor(ids, dtype=torch.long) for ids in prompts]
+    pos, slots, want = list(lens), list(range(n)), list(range(n))
+    for ids, row, (start, key) in zip(prompts, rows, found):
+        if start:
+            prefixes.load(cache, row, key, start)
+        pos += range(start, len(ids))
+        slots += [row] * (len(ids) - start)
+        want.append(len(pos) - 1)  # the prompt's last position: the only one whose logits are read
+    tokens = [t for t in (next_ids,) if t is not None]
+    tokens += [torch.tensor(ids[start:], dtype=torch.long) for ids, (start, _) in zip(prompts, found)]
     logits = stepper.kernel_step(torch.cat(tokens), pos, slots, want)
     cache.lens = [m + 1 for m in lens] + cache.lens[n:]
+    if prefixes is not None:
+        for ids, row in zip(prompts, rows):
+            prefixes.store(cache, row, ids)
     return logits[:n], logits[n:]

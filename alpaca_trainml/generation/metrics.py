@@ -3,6 +3,8 @@ that dashboards made for vLLM carry over. Every metric has the label model_name,
 
 - vllm:num_requests_running, vllm:num_requests_waiting (gauges, read at scrape time from the engine);
 - vllm:prompt_tokens_total, vllm:generation_tokens_total (counters);
+- vllm:prefix_cache_queries_total, vllm:prefix_cache_hits_total: prompt tokens of finished requests, and those of
+  them whose keys and values came from the prefix cache (prefix_cache.py), as vLLM counts its prefix cache;
 - vllm:time_to_first_token_seconds, vllm:inter_token_latency_seconds, vllm:e2e_request_latency_seconds
   (histograms; a beam search has no per-token times, so it adds only to the end-to-end latency);
 - vllm:request_success_total{finished_reason}: stop, length, or abort (the client left, or the server stopped) and
@@ -42,6 +44,8 @@ class Metrics:
             getattr(self, attr).labels(model_name).set_function(call)
         self.prompt_tokens = Counter("vllm:prompt_tokens", "prompt tokens of finished requests", labels, **m)
         self.generation_tokens = Counter("vllm:generation_tokens", "tokens generated", labels, **m)
+        self.prefix_queries = Counter("vllm:prefix_cache_queries", "prompt tokens looked up", labels, **m)
+        self.prefix_hits = Counter("vllm:prefix_cache_hits", "prompt tokens found in the prefix cache", labels, **m)
         self.ttft = Histogram(
             "vllm:time_to_first_token_seconds", "arrival to first token", labels, buckets=TTFT_BUCKETS, **m
         )
@@ -68,6 +72,8 @@ class Metrics:
         if job.adapter is not None:
             self.lora.labels(name, job.adapter.name).inc()
         self.prompt_tokens.labels(name).inc(len(job.ids))
+        self.prefix_queries.labels(name).inc(len(job.ids))
+        self.prefix_hits.labels(name).inc(job.cached)
         self.generation_tokens.labels(name).inc(made)
         self.e2e.labels(name).observe(now - job.submitted)
         times = job.token_times

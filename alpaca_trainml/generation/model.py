@@ -11,7 +11,7 @@ import transformers
 from alpaca_trainml.checkpoints import adapters
 from alpaca_trainml.cli import UsageError
 from alpaca_trainml.data.prompts import load_style
-from alpaca_trainml.generation import int8
+from alpaca_trainml.generation import int8, prefix_cache
 from alpaca_trainml.generation.batch import Job, run_to_end
 from alpaca_trainml.generation.decoding import (
     Completion,
@@ -82,6 +82,7 @@ class InstructModel:
         self.eos_ids = sorted({*eos, *self.prompt_style.stop_token_ids(self.tokenizer)})  # with its end of turn
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
         self.speculative = speculative
+        self.prefix_cache_mb = prefix_cache.DEFAULT_MB  # batch.DecodeBatch keeps prompts' keys and values for reuse
         self.lock = threading.Lock()  # one generate() at a time
         self.tokenizer_lock = threading.RLock()  # the tokenizer is shared with request threads that encode
         logger.info(

@@ -7,6 +7,8 @@ from alpaca_trainml import cli
 from alpaca_trainml.checkpoints import adapters
 from alpaca_trainml.generation.http_guard import DEFAULT_MAX_BODY_BYTES
 from alpaca_trainml.generation.lora_adapters import parse_module
+from alpaca_trainml.generation.prefix_cache import DEFAULT_MB
+from alpaca_trainml.generation.prefix_cache import HELP as PREFIX_CACHE_HELP
 from alpaca_trainml.generation.server import bind_socket, build_server
 from alpaca_trainml.generation.speculative import MODES, SPECULATIVE_HELP
 from alpaca_trainml.models import EMBEDDED_MODEL, check_checkpoint
@@ -20,6 +22,7 @@ def main(args):
     checkpoint and a port in use are each a cli.UsageError before the model loads; a broken one, when it loads."""
     name = args.model_name_or_path or os.environ.get("TRAINML_CHECKPOINT_PATH") or EMBEDDED_MODEL
     check_checkpoint(name)
+    cli.check_flags([("prefix_cache_mb", args.prefix_cache_mb, args.prefix_cache_mb >= 0, "0 (off) or more MiB")])
     if args.dtype == "int8" and (args.lora_modules or args.allow_runtime_lora_updating):
         raise cli.UsageError(
             "--dtype int8 serves no LoRA adapters (their pairs would meet packed int8 weights): merge the adapter "
@@ -82,6 +85,7 @@ def parse_args(argv=None, prog=None):
     p.add_argument("--log_level", default="info")
     p.add_argument("--dtype", default=None, choices=DTYPE_CHOICES, help=DTYPE_HELP)
     p.add_argument("--speculative", default=None, choices=MODES, help=SPECULATIVE_HELP)
+    p.add_argument("--prefix_cache_mb", type=int, default=DEFAULT_MB, help=PREFIX_CACHE_HELP)
     p.add_argument(
         "--lora_modules",
         nargs="+",

@@ -138,6 +138,7 @@ def build_server(args, model=None):
         )
     if getattr(args, "speculative", None) is not None:  # given: it decides, also for a model loaded already
         model.speculative = lookup_for(args.speculative)
+    model.prefix_cache_mb = getattr(args, "prefix_cache_mb", model.prefix_cache_mb)  # read by the engine's batch
     app = create_app(
         model,
         args.api_key,
