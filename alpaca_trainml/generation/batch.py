@@ -38,9 +38,14 @@ class Job:
 
 
 def sample(logits, temperature, top_p):
-    """One token per row of logits (batch, vocab), each row with its own temperature (0 = greedy) and top_p."""
-    logits = logits.float()
-    return torch.where(temperature == 0, logits.argmax(-1), draw(probabilities(logits, temperature, top_p)))
+    """One token per row of logits (batch, vocab), each row with its own temperature (0 = greedy) and top_p; only
+    the sampled rows pay for their distribution (softmax, nucleus, draw over the vocabulary)."""
+    picked = logits.argmax(-1)
+    drawn = (temperature != 0).nonzero().squeeze(-1)
+    if len(drawn):
+        rows = logits[drawn].float()
+        picked[drawn] = draw(probabilities(rows, temperature[drawn], top_p[drawn]))
+    return picked
 
 
 def draw(weights):
