@@ -4,7 +4,7 @@ on token ids that are characters, without a model."""
 import torch
 
 from alpaca_trainml.generation import batch
-from alpaca_trainml.generation.batch import Job, Row, sample
+from alpaca_trainml.generation.batch import Job, Row, fill_holes, sample
 from alpaca_trainml.generation.decoding import GenParams
 
 
@@ -62,3 +62,10 @@ def test_draw_picks_each_index_as_often_as_its_weight_and_never_a_zero_one():
     assert share[[0, 2, 5]].eq(0).all()
     # 8000 draws: the standard error of a 0.5 share is 0.0056, of 0.25 0.0048; 0.03 is over 5 of them
     assert torch.allclose(share[[1, 3, 4]], torch.tensor([0.5, 0.25, 0.25]), atol=0.03), share
+
+
+def test_rows_that_leave_make_holes_the_last_rows_fill():
+    assert fill_holes(8, [2, 5]) == [0, 1, 6, 3, 4, 7]
+    assert fill_holes(4, [3]) == [0, 1, 2]  # the last row left: nothing moves
+    assert fill_holes(4, [0, 1, 2, 3]) == []
+    assert fill_holes(5, [1, 4]) == [0, 3, 2]  # a leaving last row moves nowhere

@@ -252,6 +252,16 @@ def test_slot_cache_grows_and_keeps_rows_in_order():
     assert cache.keys[0][0, 0, :2].eq(3).all() and cache.keys[0][1, 0, :3].eq(1).all()
 
 
+def test_slot_cache_moves_only_the_rows_that_change_place():
+    cache = SlotCache(layers=1, kv_heads=1, head_dim=2, dtype=torch.float32, device="cpu")
+    for n in (3, 5, 2, 4):
+        row = cache.add_row(n)
+        cache.keys[0][row, :, :n] = row + 1
+    cache.keep([0, 3, 2])  # row 1 left; the last row fills its hole, rows 0 and 2 stay where they are
+    assert cache.lens == [3, 4, 2]
+    assert [cache.keys[0][r, 0, :n].unique().tolist() for r, n in enumerate(cache.lens)] == [[1], [4], [3]]
+
+
 def test_slot_cache_gives_back_a_long_answers_room_when_it_leaves():
     cache = SlotCache(layers=2, kv_heads=1, head_dim=2, dtype=torch.float32, device="cpu")
     cache.add_row(10)

@@ -74,6 +74,18 @@ def fail(job, error):
         future.set_exception(error)
 
 
+def fill_holes(n, leaving):
+    """The rows of n that stay, in their new order: those that leave make holes, and the last rows move into them
+    (the cache then copies one row per hole, not every row after the first hole)."""
+    gone = set(leaving)
+    m = n - len(gone)
+    keep = list(range(m))
+    tail = [i for i in range(m, n) if i not in gone]
+    for hole, row in zip([i for i in range(m) if i in gone], tail):
+        keep[hole] = row
+    return keep
+
+
 class Row:
     """A job in the running batch: the tokens it has made (end-of-text excluded), how much text its stream has had,
     and the rules that end it: end of text, a stop string, max_tokens, the context window."""
@@ -225,7 +237,7 @@ class DecodeBatch:
     def drop(self, leaving):
         """Take rows out of the batch (their callers are told apart)."""
         gone = {id(r) for r in leaving}
-        keep = [i for i, r in enumerate(self.rows) if id(r) not in gone]
+        keep = fill_holes(len(self.rows), [i for i, r in enumerate(self.rows) if id(r) in gone])
         if len(keep) < len(self.rows):
             self.stepper.keep(keep)
             self.rows = [self.rows[i] for i in keep]

@@ -91,11 +91,12 @@ class SlotCache:
             self.lens = self.lens[: len(rows)]
             self._shrink()
             return
-        index = torch.tensor(rows, device=self.device, dtype=torch.long)
-        held = max((self.lens[r] for r in rows), default=0)
+        moved = [(to, r) for to, r in enumerate(rows) if to != r]  # only the rows that change place are copied
+        dst, src = (torch.tensor(x, device=self.device, dtype=torch.long) for x in zip(*moved))
+        held = max(self.lens[r] for _, r in moved)
         for store in (self.keys, self.values):
             for t in store:
-                t[: len(rows), :, :held] = t[index, :, :held]  # advanced indexing copies first: safe in place
+                t[dst, :, :held] = t[src, :, :held]  # advanced indexing copies first: safe in place
         self.lens = [self.lens[r] for r in rows]
         self._shrink()
 
