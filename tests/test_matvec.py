@@ -2,6 +2,7 @@
 step gives it, fp32 and bf16 weights, odd sizes that leave a tail), the whole-step decoder against our Python forward
 over torch's operations, and the switch that turns them off."""
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -65,6 +66,57 @@ def test_small_row_matmul_of_each_isa_is_f_linear_and_the_same_alone(decode_kern
                 assert torch.equal(got, alone), (isa, rows, shape)
     with pytest.raises(RuntimeError, match="f32_isa"):
         decode_kernel.f32_isa("sse9")
+
+
+def fma32(a, b, c):
+    """fp32 a * b + c rounded once, as the FMA instruction does (numpy has no FMA): the product is exact in fp64, the
+    sum's fp64 rounding error is recovered exactly (two-sum), and it settles the one case where rounding to fp64 and
+    then to fp32 goes wrong, a sum that lands exactly halfway between two fp32 numbers."""
+    p, c64 = a.astype(np.float64) * b, c.astype(np.float64)
+    s = p + c64
+    back = s - p
+    err = (p - (s - back)) + (c64 - back)  # p + c == s + err exactly
+    r = s.astype(np.float32)
+    other = np.nextafter(r, np.where(s > r, np.float32(np.inf), np.float32(-np.inf)))
+    tie = (s != r) & (s == (r.astype(np.float64) + other) / 2) & (err != 0)
+    return np.where(tie, np.where(err > 0, np.maximum(r, other), np.minimum(r, other)), r)
+
+
+def f32_rows_in_order(x, w, lanes):
+    """y = x @ w.T summed as csrc/f32.cpp promises: per output one accumulator of `lanes` fp32 lanes, FMAs over `in` in
+    order, the lanes added i + (i + lanes / 2), then halving again to one lane, then the in % lanes tail in order."""
+    x, w = x.numpy(), w.numpy()
+    body = x.shape[1] // lanes * lanes
+    acc = np.zeros((x.shape[0], w.shape[0], lanes), np.float32)
+    for i in range(0, body, lanes):
+        acc = fma32(w[None, :, i : i + lanes], x[:, None, i : i + lanes], acc)
+    while acc.shape[-1] > 1:
+        half = acc.shape[-1] // 2
+        acc = acc[..., :half] + acc[..., half:]
+    y = acc[..., 0]
+    for j in range(body, x.shape[1]):
+        y = y + x[:, j : j + 1] * w[None, :, j]
+    return torch.from_numpy(y)
+
+
+def test_small_row_matmul_sums_in_its_documented_order(decode_kernel, f32_isas):
+    """AVX-512 and AVX2 against an emulation of their summation order (f32_rows_in_order), bit for bit, at every row
+    count from 1 to 20 (each blocked its own way) and at 70 (12 passes of up to 6 rows), on shapes that leave a tail
+    of weight rows and of `in`: a kernel that reduces or blocks its sums in another order fails here."""
+    simd = [isa for isa in f32_isas if isa != "generic"]
+    if not simd:
+        pytest.skip("this CPU has neither AVX2 nor AVX-512")
+    torch.manual_seed(0)
+    for isa in simd:
+        decode_kernel.f32_isa(isa)
+        lanes = 16 if isa == "avx512" else 8
+        for shape in [(37, 100), (70, 64)]:
+            w = torch.randn(shape)
+            for rows in [*range(1, 21), 70]:
+                x = torch.randn(rows, shape[1])
+                want = f32_rows_in_order(x, w, lanes)
+                assert not torch.equal(want, f32_rows_in_order(x, w, 32 // lanes))  # the order shows in the bits
+                assert torch.equal(decode_kernel.matvec(x, w), want), (isa, shape, rows)
 
 
 def test_bf16_weights_accumulate_in_fp32(decode_kernel):

@@ -99,67 +99,92 @@ T2 void rows_avx2(const float* x, const float* w, float* y, int64_t rows, int64_
   for (; o < o1; ++o) group8<1>(x, w, y, rows, in, out, o);
 }
 
-T512 inline float hsum16(__m512 v) {  // a fixed order: halves, then quarters, then AVX's 8 lanes as hsum8 adds them
-  __m256 h = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // R rows of x against C rows of w from row o, 16 floats at a time: R * C accumulators, C weights and one x in
-// registers (R * C + C + 1 <= 32). PF: prefetch the next C rows of w, one cache line per line read.
-template <int R, int C, bool PF>
-T512 inline void block16(const float* x, const float* w, float* y, int64_t in, int64_t out, int64_t o) {
+// registers (R * C + C + 1 <= 32). Prefetches PF rows of w from pf (the next block's), one line per line read.
+template <int R, int C, int PF>
+T512 inline void block16(const float* x, const float* w, float* y, int64_t in, int64_t out, int64_t o,
+                         const float* pf) {
   __m512 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm512_setzero_ps();
   const float* wo = w + o * in;
   int64_t i = 0;
   for (; i + 16 <= in; i += 16) {
+    for (int c = 0; c < PF; ++c) _mm_prefetch(reinterpret_cast<const char*>(pf + c * in + i), _MM_HINT_T0);
     __m512 wv[C];
-    for (int c = 0; c < C; ++c) {
-      if (PF) _mm_prefetch(reinterpret_cast<const char*>(wo + (C + c) * in + i), _MM_HINT_T0);
-      wv[c] = _mm512_loadu_ps(wo + c * in + i);
-    }
+    for (int c = 0; c < C; ++c) wv[c] = _mm512_loadu_ps(wo + c * in + i);
     for (int r = 0; r < R; ++r) {
       __m512 xv = _mm512_loadu_ps(x + r * in + i);
       for (int c = 0; c < C; ++c) acc[r][c] = _mm512_fmadd_ps(wv[c], xv, acc[r][c]);
     }
   }
+  // Each accumulator's 16 lanes are added in one fixed order (lanes i and i + 8, then i and i + 4, then 0 + 2 and
+  // 1 + 3, then those two), for 16 accumulators at once: a transposed tree of 15 adds and 30 shuffles, where reducing
+  // them one by one takes 64 of each (a quarter of a 6 x 4 block at in = 576). Input j = 4m + q of the tree ends in
+  // lane 4q + m, so accumulator 16v + 4q + m enters as input j and each sum lands in its own lane (past R * C: 0).
+  alignas(64) float sum[32];
+  for (int v = 0; v < (R * C + 15) / 16; ++v) {
+    __m512 l1[8], l2[4], l3[2];
+    for (int k = 0; k < 8; ++k) {  // quads 0-1: lanes i + (i + 8) of input 2k, quads 2-3: of input 2k + 1
+      int a = 16 * v + 4 * (2 * k % 4) + 2 * k / 4, b = 16 * v + 4 * ((2 * k + 1) % 4) + (2 * k + 1) / 4;
+      __m512 u = a < R * C ? acc[a / C][a % C] : _mm512_setzero_ps();
+      __m512 t = b < R * C ? acc[b / C][b % C] : _mm512_setzero_ps();
+      l1[k] = _mm512_add_ps(_mm512_shuffle_f32x4(u, t, 0x44), _mm512_shuffle_f32x4(u, t, 0xEE));
+    }
+    for (int k = 0; k < 4; ++k)  // quad q: lanes i + (i + 4) of input 4k + q
+      l2[k] = _mm512_add_ps(_mm512_shuffle_f32x4(l1[2 * k], l1[2 * k + 1], 0x88),
+                            _mm512_shuffle_f32x4(l1[2 * k], l1[2 * k + 1], 0xDD));
+    for (int k = 0; k < 2; ++k)  // quad q: lanes 0 + 2 and 1 + 3 of input 8k + q, then of input 8k + 4 + q
+      l3[k] = _mm512_add_ps(_mm512_shuffle_ps(l2[2 * k], l2[2 * k + 1], 0x44),
+                            _mm512_shuffle_ps(l2[2 * k], l2[2 * k + 1], 0xEE));
+    _mm512_store_ps(sum + 16 * v, _mm512_add_ps(_mm512_shuffle_ps(l3[0], l3[1], 0x88),
+                                                _mm512_shuffle_ps(l3[0], l3[1], 0xDD)));
+  }
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) {
-      float s = hsum16(acc[r][c]);
+      float s = sum[r * C + c];
       for (int64_t j = i; j < in; ++j) s += wo[c * in + j] * x[r * in + j];
       y[r * out + o + c] = s;
     }
 }
 
-// rows of x (n of them, n <= 6) against C rows of w from row o; PF on the first pass over those w rows only
-template <int C, bool PF>
-T512 void part16(const float* x, const float* w, float* y, int64_t n, int64_t in, int64_t out, int64_t o) {
-  switch (n) {
-    case 1: return block16<1, C, PF>(x, w, y, in, out, o);
-    case 2: return block16<2, C, PF>(x, w, y, in, out, o);
-    case 3: return block16<3, C, PF>(x, w, y, in, out, o);
-    case 4: return block16<4, C, PF>(x, w, y, in, out, o);
-    case 5: return block16<5, C, PF>(x, w, y, in, out, o);
-    default: return block16<6, C, PF>(x, w, y, in, out, o);
+// rows of x (n of them: up to 6, or 2 when C = 8) against C rows of w from row o, prefetching PF rows from pf
+template <int C, int PF>
+T512 void part16(const float* x, const float* w, float* y, int64_t n, int64_t in, int64_t out, int64_t o,
+                 const float* pf) {
+  if (n == 1) return block16<1, C, PF>(x, w, y, in, out, o, pf);
+  if (n == 2 || C > 4) return block16<2, C, PF>(x, w, y, in, out, o, pf);
+  if constexpr (C <= 4) {
+    switch (n) {
+      case 3: return block16<3, C, PF>(x, w, y, in, out, o, pf);
+      case 4: return block16<4, C, PF>(x, w, y, in, out, o, pf);
+      case 5: return block16<5, C, PF>(x, w, y, in, out, o, pf);
+      default: return block16<6, C, PF>(x, w, y, in, out, o, pf);
+    }
   }
 }
 
-// every row of x against C rows of w from row o, in passes of up to 6 rows (as even as they go): the C rows of w
-// are read from memory on the first pass and from L1 on the others
+// every row of x against C rows of w from row o, in passes of up to 6 rows (2 when C = 8; as even as they go): the
+// C rows of w are read from memory on the first pass and from L1 on the others. Each pass prefetches its share of
+// the next C rows (pass p of P: C / P rows, one more for the first C % P passes): a pass without prefetches leaves
+// the memory idle while it multiplies, and the step pays for the read and the FMAs one after the other.
 template <int C>
 T512 void group16(const float* x, const float* w, float* y, int64_t rows, int64_t in, int64_t out, int64_t o) {
-  int64_t passes = (rows + 5) / 6, r = 0;
+  constexpr int64_t most = C > 4 ? 2 : 6;  // rows per pass: R * C + C + 1 <= 32
+  int64_t passes = (rows + most - 1) / most, r = 0;
+  const float* next = w + (o + C) * in;
   for (int64_t p = 0; p < passes; ++p) {
-    int64_t n = (rows - r) / (passes - p);
-    if (p == 0)
-      part16<C, true>(x, w, y, n, in, out, o);
-    else
-      part16<C, false>(x + r * in, w, y + r * out, n, in, out, o);
+    int64_t n = (rows - r) / (passes - p), pf = C / passes + (p < C % passes);
+    const float *xr = x + r * in, *pr = next;
+    float* yr = y + r * out;
+    switch (pf) {
+      case 0: part16<C, 0>(xr, w, yr, n, in, out, o, pr); break;
+      case 1: part16<C, 1>(xr, w, yr, n, in, out, o, pr); break;
+      case 2: part16<C, 2>(xr, w, yr, n, in, out, o, pr); break;
+      default: part16<C, C>(xr, w, yr, n, in, out, o, pr); break;
+    }
     r += n;
+    next += pf * in;
   }
 }
 
@@ -173,6 +198,7 @@ T512 void rows_avx512(const float* x, const float* w, float* y, int64_t rows, in
     for (; o + 4 <= o1; o += 4) group16<4>(x, w, y, rows, in, out, o);
   for (; o < o1; ++o) group16<1>(x, w, y, rows, in, out, o);
 }
+
 #endif
 
 Isa best_isa() {
