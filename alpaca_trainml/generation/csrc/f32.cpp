@@ -15,6 +15,7 @@
 // positions gives a plain step's numbers, bit for bit; tests/test_matvec.py). The instructions themselves change
 // the order, so f32_isa is for benchmarks and tests, not for use between steps of one answer.
 #include <torch/extension.h>
+#include <algorithm>
 #include <cstdint>
 #include <string>
 #if defined(__x86_64__)
@@ -42,58 +43,85 @@ void rows_generic(const float* x, const float* w, float* y, int64_t rows, int64_
 #define T2 __attribute__((target("avx2,fma")))
 #define T512 __attribute__((target("avx512f,avx2,fma")))
 
-T2 inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
 // R rows of x against C rows of w from row o: y[r * out + o + c]. Each w load feeds R FMAs and each x load C;
-// R * C <= 12 accumulators, with the loads, fit AVX2's 16 registers. PF: prefetch the next C rows of w.
-template <int R, int C, bool PF>
-T2 inline void block8(const float* x, const float* w, float* y, int64_t in, int64_t out, int64_t o) {
+// R * C <= 12 accumulators, with the loads, fit AVX2's 16 registers. Prefetches PF rows of w from pf (the next
+// block's), one cache line per two steps.
+template <int R, int C, int PF>
+T2 inline void block8(const float* x, const float* w, float* y, int64_t in, int64_t out, int64_t o, const float* pf) {
   __m256 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
   const float* wo = w + o * in;
   int64_t i = 0;
   for (; i + 8 <= in; i += 8) {
+    if ((i & 15) == 0)
+      for (int c = 0; c < PF; ++c) _mm_prefetch(reinterpret_cast<const char*>(pf + c * in + i), _MM_HINT_T0);
     __m256 wv[C];
-    for (int c = 0; c < C; ++c) {
-      if (PF && (i & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(wo + (C + c) * in + i), _MM_HINT_T0);
-      wv[c] = _mm256_loadu_ps(wo + c * in + i);
-    }
+    for (int c = 0; c < C; ++c) wv[c] = _mm256_loadu_ps(wo + c * in + i);
     for (int r = 0; r < R; ++r) {
       __m256 xv = _mm256_loadu_ps(x + r * in + i);
       for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(wv[c], xv, acc[r][c]);
     }
   }
+  // each accumulator's 8 lanes added i + (i + 4), then 0 + 2 and 1 + 3, then those two, for 8 at once (as AVX-512's
+  // tree below): input j = 2m + h of the tree ends in lane 4h + m, so accumulator 8v + 4h + m enters as input j
+  alignas(32) float sum[16];
+  for (int v = 0; v < (R * C + 7) / 8; ++v) {
+    __m256 l1[4], l2[2];
+    for (int k = 0; k < 4; ++k) {  // 128-bit half 0: lanes i + (i + 4) of input 2k, half 1: of input 2k + 1
+      int a = 8 * v + 4 * (2 * k % 2) + 2 * k / 2, b = 8 * v + 4 * ((2 * k + 1) % 2) + (2 * k + 1) / 2;
+      __m256 u = a < R * C ? acc[a / C][a % C] : _mm256_setzero_ps();
+      __m256 t = b < R * C ? acc[b / C][b % C] : _mm256_setzero_ps();
+      l1[k] = _mm256_add_ps(_mm256_permute2f128_ps(u, t, 0x20), _mm256_permute2f128_ps(u, t, 0x31));
+    }
+    for (int k = 0; k < 2; ++k)  // half h: lanes 0 + 2 and 1 + 3 of input 4k + h, then of input 4k + 2 + h
+      l2[k] = _mm256_add_ps(_mm256_shuffle_ps(l1[2 * k], l1[2 * k + 1], 0x44),
+                            _mm256_shuffle_ps(l1[2 * k], l1[2 * k + 1], 0xEE));
+    _mm256_store_ps(sum + 8 * v, _mm256_add_ps(_mm256_shuffle_ps(l2[0], l2[1], 0x88),
+                                               _mm256_shuffle_ps(l2[0], l2[1], 0xDD)));
+  }
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) {
-      float s = hsum8(acc[r][c]);
+      float s = sum[r * C + c];
       for (int64_t j = i; j < in; ++j) s += wo[c * in + j] * x[r * in + j];
       y[r * out + o + c] = s;
     }
 }
 
-// every row of x against C rows of w from row o, 3 rows at a time: those C rows stay in L1 while the rows pass
+// n rows of x (1 to 3) against C rows of w from row o, prefetching PF rows from pf
+template <int C, int PF>
+T2 void part8(const float* x, const float* w, float* y, int64_t n, int64_t in, int64_t out, int64_t o,
+              const float* pf) {
+  if (n == 1) return block8<1, C, PF>(x, w, y, in, out, o, pf);
+  if (n == 2) return block8<2, C, PF>(x, w, y, in, out, o, pf);
+  block8<3, C, PF>(x, w, y, in, out, o, pf);
+}
+
+// every row of x against C rows of w from row o, 3 rows at a time: those C rows stay in L1 while the rows pass, and
+// each pass prefetches its share of the next C rows (as group16 below)
 template <int C>
 T2 void group8(const float* x, const float* w, float* y, int64_t rows, int64_t in, int64_t out, int64_t o) {
-  int64_t r = 0;
-  if (rows >= 3) {
-    block8<3, C, true>(x, w, y, in, out, o);
-    for (r = 3; r + 3 <= rows; r += 3) block8<3, C, false>(x + r * in, w, y + r * out, in, out, o);
+  int64_t passes = (rows + 2) / 3;
+  const float* next = w + (o + C) * in;
+  for (int64_t p = 0, r = 0; p < passes; ++p, r += 3) {
+    int64_t n = std::min<int64_t>(3, rows - r), pf = C / passes + (p < C % passes);
+    const float *xr = x + r * in, *pr = next;
+    float* yr = y + r * out;
+    switch (pf) {
+      case 0: part8<C, 0>(xr, w, yr, n, in, out, o, pr); break;
+      case 1: part8<C, 1>(xr, w, yr, n, in, out, o, pr); break;
+      case 2: part8<C, 2>(xr, w, yr, n, in, out, o, pr); break;
+      default: part8<C, C>(xr, w, yr, n, in, out, o, pr); break;
+    }
+    next += pf * in;
   }
-  if (rows - r == 2) block8<2, C, true>(x + r * in, w, y + r * out, in, out, o);
-  if (rows - r == 1) block8<1, C, true>(x + r * in, w, y + r * out, in, out, o);
 }
 
 T2 void rows_avx2(const float* x, const float* w, float* y, int64_t rows, int64_t in, int64_t out, int64_t o0,
                   int64_t o1) {
   int64_t o = o0;
   if (rows == 1)
-    for (; o + 8 <= o1; o += 8) block8<1, 8, true>(x, w, y, in, out, o);
+    for (; o + 8 <= o1; o += 8) block8<1, 8, 8>(x, w, y, in, out, o, w + (o + 8) * in);
   else
     for (; o + 4 <= o1; o += 4) group8<4>(x, w, y, rows, in, out, o);
   for (; o < o1; ++o) group8<1>(x, w, y, rows, in, out, o);
