@@ -8,12 +8,20 @@
 //   6 rows x 4 weight rows of sums in registers, twice AVX2's FMAs per instruction), else AVX2+FMA (3 x 4), else
 //   plain C++; each is compiled with its own target attribute, so one build serves every x86 CPU;
 // - while a block of weight rows is multiplied, the next block is prefetched (one cache line per line read), so the
-//   memory read runs under the compute instead of after it.
+//   memory read runs under the compute instead of after it. Rows that do not fit the registers at once (past 6 on
+//   AVX-512, 3 on AVX2) take several passes over the block, and every pass prefetches its share of the next block:
+//   when the first pass prefetched it all, the memory idled through the others and a step of 8 rows paid for the
+//   read and the FMAs one after the other (8 rows on a 64 MiB weight, one thread: 2.8 -> 2.2 ms; 1 row: 2.0 ms);
+// - a block's sums are reduced together, 16 (AVX2: 8) at a time, by a transposed tree that makes each sum's own adds
+//   in its own order with a quarter of the shuffles and adds of one reduction per sum (on a weight in L2, where the
+//   FMAs bound the time, 16 rows went from 161 to 186 GFLOP/s on one thread; benchmarks/RESULTS.md, "The fp32
+//   kernel at 2 to 260 rows").
 // Every output is the sum of one accumulator of 16 lanes (AVX-512) or 8 (AVX2) over `in`, in order, reduced in a fixed
-// order, then its remaining in % 16 (in % 8) terms in order: the same operations whatever the number of rows and
-// however they are blocked, so a row's numbers never depend on the rows decoded with it (a verify step of several
-// positions gives a plain step's numbers, bit for bit; tests/test_matvec.py). The instructions themselves change
-// the order, so f32_isa is for benchmarks and tests, not for use between steps of one answer.
+// order (lanes i + (i + 8), then i + (i + 4), then 0 + 2 and 1 + 3, then those two), then its remaining in % 16
+// (in % 8) terms in order: the same operations whatever the number of rows and however they are blocked, so a row's
+// numbers never depend on the rows decoded with it (a verify step of several positions gives a plain step's numbers,
+// bit for bit; tests/test_matvec.py checks every row count against an emulation of this order). The instructions
+// themselves change the order, so f32_isa is for benchmarks and tests, not for use between steps of one answer.
 #include <torch/extension.h>
 #include <algorithm>
 #include <cstdint>
