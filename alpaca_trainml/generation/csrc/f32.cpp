@@ -62,10 +62,11 @@ T2 inline void block8(const float* x, const float* w, float* y, int64_t in, int6
   const float* wo = w + o * in;
   int64_t i = 0;
   for (; i + 8 <= in; i += 8) {
-    if ((i & 15) == 0)
-      for (int c = 0; c < PF; ++c) _mm_prefetch(reinterpret_cast<const char*>(pf + c * in + i), _MM_HINT_T0);
     __m256 wv[C];
-    for (int c = 0; c < C; ++c) wv[c] = _mm256_loadu_ps(wo + c * in + i);
+    for (int c = 0; c < C; ++c) {
+      if (c < PF && (i & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(pf + c * in + i), _MM_HINT_T0);
+      wv[c] = _mm256_loadu_ps(wo + c * in + i);
+    }
     for (int r = 0; r < R; ++r) {
       __m256 xv = _mm256_loadu_ps(x + r * in + i);
       for (int c = 0; c < C; ++c) acc[r][c] = _mm256_fmadd_ps(wv[c], xv, acc[r][c]);
