@@ -11,10 +11,10 @@
 //   memory read runs under the compute instead of after it. Rows that do not fit the registers at once (past 6 on
 //   AVX-512, 3 on AVX2) take several passes over the block, and every pass prefetches its share of the next block:
 //   when the first pass prefetched it all, the memory idled through the others and a step of 8 rows paid for the
-//   read and the FMAs one after the other (8 rows on a 64 MiB weight, one thread: 2.8 -> 2.2 ms; 1 row: 2.0 ms);
+//   read and the FMAs one after the other (8 rows on a 64 MiB weight, one thread: 2.60 -> 1.93 ms; 1 row: 1.87 ms);
 // - a block's sums are reduced together, 16 (AVX2: 8) at a time, by a transposed tree that makes each sum's own adds
 //   in its own order with a quarter of the shuffles and adds of one reduction per sum (on a weight in L2, where the
-//   FMAs bound the time, 16 rows went from 161 to 186 GFLOP/s on one thread; benchmarks/RESULTS.md, "The fp32
+//   FMAs bound the time, 16 rows went from 158 to 184 GFLOP/s on one thread; benchmarks/RESULTS.md, "The fp32
 //   kernel at 2 to 260 rows").
 // Every output is the sum of one accumulator of 16 lanes (AVX-512) or 8 (AVX2) over `in`, in order, reduced in a fixed
 // order (lanes i + (i + 8), then i + (i + 4), then 0 + 2 and 1 + 3, then those two), then its remaining in % 16
@@ -157,8 +157,8 @@ T512 inline void block16(const float* x, const float* w, float* y, int64_t in, i
   }
   // Each accumulator's 16 lanes are added in one fixed order (lanes i and i + 8, then i and i + 4, then 0 + 2 and
   // 1 + 3, then those two), for 16 accumulators at once: a transposed tree of 15 adds and 30 shuffles, where reducing
-  // them one by one takes 64 of each (a quarter of a 6 x 4 block at in = 576). Input j = 4m + q of the tree ends in
-  // lane 4q + m, so accumulator 16v + 4q + m enters as input j and each sum lands in its own lane (past R * C: 0).
+  // them one by one takes 64 of each. Input j = 4m + q of the tree ends in lane 4q + m, so accumulator 16v + 4q + m
+  // enters as input j and each sum lands in its own lane (inputs past R * C are zeros).
   alignas(64) float sum[32];
   for (int v = 0; v < (R * C + 15) / 16; ++v) {
     __m512 l1[8], l2[4], l3[2];
