@@ -1,6 +1,6 @@
 """generation/fused.py: new prompts prefilled in the running rows' decode pass. The running rows' logits must be a
 plain decode step's, bit for bit; a prompt's must be the same whatever joins with it; and greedy answers must be the
-same as each request run alone, through DecodeBatch, with prompts over the budget prefilled apart."""
+same as each request run alone, through DecodeBatch, with prompts over the budget in chunks (chunked.py)."""
 
 import torch
 import transformers
@@ -14,7 +14,7 @@ from alpaca_trainml.generation.model import InstructModel
 GREEDY = GenParams(max_tokens=6, temperature=0)
 
 
-def test_prompts_go_in_passes_of_at_most_the_budget_and_longer_ones_apart(monkeypatch):
+def test_prompts_go_in_passes_of_at_most_the_budget_and_longer_ones_are_set_aside(monkeypatch):
     monkeypatch.setattr(fused, "BUDGET", 256)
     lengths = [10, 300, 200, 100, 50, 256]
     assert fused.groups([[1] * n for n in lengths]) == ([[0, 2], [3, 4], [5]], [1])  # 10+200, 100+50, 256
@@ -45,7 +45,7 @@ def test_greedy_answers_joining_a_batch_are_each_run_alone(decode_kernel, tiny_l
     model = InstructModel(str(tiny_llama_dir))
     texts = ["Say hi", "Name a colour", "Count to three", "Why is the sky blue? Say it in a few short words, please"]
     prompts = [model.encode(text) for text in texts]
-    monkeypatch.setattr(fused, "BUDGET", max(map(len, prompts[:3])) + 1)  # two passes, and the last prompt apart
+    monkeypatch.setattr(fused, "BUDGET", max(map(len, prompts[:3])) + 1)  # two passes, and the last prompt in chunks
     assert len(prompts[3]) > fused.BUDGET and sum(map(len, prompts[:3])) > fused.BUDGET  # else the test proves less
     alone = [run_to_end(model, [Job(ids, GREEDY)])[0].text for ids in prompts]
     batch = DecodeBatch(model)

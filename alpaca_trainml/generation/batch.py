@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 from alpaca_trainml.generation import fused
+from alpaca_trainml.generation.chunked import Filling
 from alpaca_trainml.generation.decoding import Completion, GenParams, cut_at_stop, probabilities, stop_holdback
 from alpaca_trainml.generation.hf_step import HFStep
 from alpaca_trainml.generation.llama_step import LlamaStep, supports
@@ -161,17 +162,17 @@ class DecodeBatch:
         budget = getattr(model, "prefix_cache_mb", DEFAULT_MB) * 2**20  # prompts' keys and values kept for reuse
         self.prefixes = PrefixCache(budget) if budget > 0 and fused.usable(self.stepper) else None
         self.rows, self.next_ids = [], None  # next_ids (rows,): each row's sampled, not yet fed token
+        self.filling = []  # chunked.Filling: long prompts on their way in, the first one a chunk each step
 
     def admit(self, jobs):
         """Prefill jobs into the batch. Where the step can (fused.py), their prompts go in with the running rows'
         next decode step, in passes of up to fused.BUDGET prompt positions: each pass also decodes one token of every
-        running row. Longer prompts, and other steps, are prefilled apart first."""
+        running row. Longer prompts go in a chunk per step (chunked.py); other steps prefill apart, at once."""
         if not fused.usable(self.stepper) or any(j.adapter for j in jobs):
             return self._prefill(jobs)
         found = [self.prefixes.match(j.ids) if self.prefixes else (0, None) for j in jobs]
         passes, apart = fused.groups([j.ids for j in jobs], [n for n, _ in found])
-        if apart:
-            self._prefill([jobs[i] for i in apart])
+        self.filling += [Filling(jobs[i], self.stepper, self.prefixes) for i in apart]
         for group in passes:
             self._fused([jobs[i] for i in group])
 
@@ -202,11 +203,34 @@ class DecodeBatch:
                 logits = self.stepper.prefill(prompts, adapters) if any(adapters) else self.stepper.prefill(prompts)
         finally:
             self.rows += new  # on an error the new callers get it too (end())
+        self._join(new, logits)
+
+    def _join(self, new, logits):
+        """The first tokens of the rows just added at the end of the batch, from their prompts' logits."""
         ids = sample_rows(new, constrain(new, logits, self.eos_ids))
         self.next_ids = ids if self.next_ids is None else torch.cat([self.next_ids, ids])
         self._emit(new, len(self.rows) - len(new))
 
+    def _fill(self):
+        """The next chunk of the first long prompt; after its last one, it joins the batch as a new row."""
+        filling = self.filling[0]
+        with self.model.lock:
+            logits = filling.advance(self.stepper)
+            if logits is None:
+                return
+            row = filling.join(self.stepper.cache)
+        self.filling.pop(0)
+        if self.prefixes is not None:
+            self.prefixes.store(self.stepper.cache, row, filling.job.ids)
+        self.rows.append(Row(filling.job, self.model.decode, self.eos, self.model.context_window))
+        self._join(self.rows[-1:], logits)
+
     def step(self):
+        """One token for every running row (several with a draft verified), after a chunk of a long prompt."""
+        if self.filling:
+            self._fill()
+        if not self.rows:
+            return
         drafts = step_drafts(self.rows, self.lookup) if self.lookup else None
         if drafts and any(drafts):
             return self._verify(drafts)
@@ -234,6 +258,14 @@ class DecodeBatch:
         self.next_ids = torch.tensor([m[-1] for m in made], device=self.next_ids.device)
         self.drop([r for r, m in zip(self.rows, made) if any(r.add(t) for t in m)])  # any(): up to the end token
 
+    def jobs(self):
+        """Every job in the batch: the running rows', then the long prompts' still filling."""
+        return [r.job for r in self.rows] + [f.job for f in self.filling]
+
+    def drop_filling(self, leaving):
+        """Take long prompts that are still filling out (their callers are told apart)."""
+        self.filling = [f for f in self.filling if f.job not in leaving]
+
     def drop(self, leaving):
         """Take rows out of the batch (their callers are told apart)."""
         gone = {id(r) for r in leaving}
@@ -244,10 +276,10 @@ class DecodeBatch:
             self.next_ids = self.next_ids[keep] if keep else None
 
     def end(self, error):
-        """Every row fails with `error`; the batch is empty after."""
-        for row in self.rows:
-            row.fail(error)
-        self.rows, self.next_ids = [], None
+        """Every row and long prompt on its way in fails with `error`; the batch is empty after."""
+        for job in self.jobs():
+            fail(job, error)
+        self.rows, self.next_ids, self.filling = [], None, []
         self.stepper.keep([])
 
     def _emit(self, rows, offset):
@@ -261,9 +293,9 @@ def run_to_end(model, jobs, cancel=None):
     running end with the text they have."""
     batch = DecodeBatch(model)
     batch.admit(jobs)
-    while batch.rows:
+    while batch.rows or batch.filling:
         if cancel is not None and cancel.is_set():
-            for row in batch.rows:
+            for row in batch.rows + [Row(f.job, model.decode, batch.eos, 0) for f in batch.filling]:
                 row.finish("stop")
             break
         batch.step()

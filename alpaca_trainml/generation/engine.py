@@ -12,7 +12,7 @@ Why our own scheduler and not transformers' `init_continuous_batching` (checked 
 that API runs and samples temperature and top_p per request, but greedy decoding is one switch for the whole
 manager (temperature 0 per request is not available), and it has no stop strings. Ours runs wherever InstructModel
 runs. New prompts go in with the running rows' next step (fused.py, through DecodeBatch.admit); a prompt longer
-than fused.BUDGET positions is prefilled apart and holds the batch for its prefill (prompts are not cut across steps).
+than fused.BUDGET positions goes in a chunk of that many positions per step (chunked.py), the batch decoding meanwhile.
 """
 
 import asyncio
@@ -59,13 +59,17 @@ class Engine:
     def rows(self):
         return self.batch.rows if self.batch is not None else []
 
+    def busy(self):
+        """Rows running, or long prompts on their way in (chunked.py)."""
+        return bool(self.rows or (self.batch is not None and self.batch.filling))
+
     def queued(self):
         return self.inbox.qsize() + len(self.waiting)
 
     def running(self):
         """Rows still decoding: a row whose answer was just handed over leaves the batch a moment later, and a client
         that reads /health or /metrics after its answer must not see it (test_metrics failed so under load)."""
-        return sum(not r.job.future.done() for r in self.rows)
+        return sum(not job.future.done() for job in self.batch.jobs()) if self.batch is not None else 0
 
     def submit(self, job):
         if self.stopping.is_set():
@@ -96,7 +100,7 @@ class Engine:
     def _loop(self):
         self.batch = DecodeBatch(self.model)
         while True:
-            self._collect(block=not self.rows and not self.waiting)
+            self._collect(block=not self.busy() and not self.waiting)
             if self.stopping.is_set():
                 self._collect(block=False)  # a job submitted as shutdown() was called
                 error = EngineStopped("the server is shutting down; the request was not finished")
@@ -106,12 +110,12 @@ class Engine:
                 self.batch.end(error)
                 return
             self._drop_cancelled()
-            if self.waiting and self.waiting[0].params.num_beams > 1 and not self.rows:
+            if self.waiting and self.waiting[0].params.num_beams > 1 and not self.busy():
                 self._run_apart(self.waiting.popleft())  # beams: when the batch is empty, one at a time
                 continue
             try:
                 self._admit()
-                if self.rows:
+                if self.busy():
                     self.steps = [*self.steps[-999:], len(self.rows)]
                     self.batch.step()
             except Exception as e:  # handed to every caller in the batch, who answers 500
@@ -131,9 +135,11 @@ class Engine:
 
     def _drop_cancelled(self):
         leaving = [r for r in self.rows if r.job.cancel.is_set()]
-        for r in leaving:
-            r.fail(RequestCancelled("the caller left; the answer was not finished"))
+        filling = [f.job for f in self.batch.filling if f.job.cancel.is_set()]
+        for job in [r.job for r in leaving] + filling:
+            fail(job, RequestCancelled("the caller left; the answer was not finished"))
         self.batch.drop(leaving)
+        self.batch.drop_filling(filling)
 
     @staticmethod
     def _claim(job):
@@ -161,7 +167,7 @@ class Engine:
     def _admit(self):
         """Prefill the waiting jobs that fit (beams wait for an empty batch) and add them to the batch."""
         jobs = []
-        while self.waiting and len(self.rows) + len(jobs) < self.max_batch_size:
+        while self.waiting and len(self.batch.jobs()) + len(jobs) < self.max_batch_size:
             if self.waiting[0].params.num_beams > 1:
                 break
             job = self.waiting.popleft()

@@ -11,8 +11,8 @@ lm_head (the running rows and each prompt's last position). With serve.py's mix 
 A row's numbers do not depend on the rows beside it (the kernel sums each output in one order whatever the rows:
 csrc/decode.cpp, csrc/f32.cpp), so a prompt prefilled here gives the same tokens alone or joining a full batch, and
 a running row's token is the one a plain decode step gives, bit for bit (tests/test_fused.py). Prompts of more than
-BUDGET positions, and steps that are not the kernel's over fp32 weights (bf16 and int8 prefill keep their faster
-paths, LoRA rows their own step), are prefilled apart as before (batch.DecodeBatch.admit).
+BUDGET new positions go in a chunk per step (chunked.py); steps that are not the kernel's over fp32 weights (bf16 and
+int8 prefill keep their faster paths, LoRA rows their own step) prefill apart, as before (batch.DecodeBatch.admit).
 """
 
 import torch
@@ -28,7 +28,7 @@ def usable(stepper):
 def groups(prompts, starts=None):
     """(groups, apart): indices of the prompts that fit, in consecutive groups of at most BUDGET new positions each
     (a prompt's positions from its start: those before it come from the prefix cache); and the indices of those
-    longer than BUDGET (prefilled apart)."""
+    longer than BUDGET (chunked.py cuts them)."""
     out, apart, total = [], [], BUDGET + 1
     for i, ids in enumerate(prompts):
         size = len(ids) - (starts[i] if starts else 0)

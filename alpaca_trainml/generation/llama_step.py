@@ -112,11 +112,11 @@ class Weight:
         return y if self.bias is None else y + self.bias
 
     def matvec(self, x):
-        """The kernel's product for any number of rows: each row's numbers whatever the rows beside it."""
+        """The kernel's product for any number of rows (none too): each row's numbers whatever the rows beside it."""
         product = self.kernel.q8_matvec if self.full.dtype == torch.uint8 else self.kernel.matvec  # int8 blocks
-        y = product(x.reshape(-1, x.shape[-1]).float().contiguous(), self.full)
+        y = product(x.flatten(0, -2).float().contiguous(), self.full)
         y = y if self.bias is None else y + self.bias  # fp32 sums, then one rounding to the model's dtype
-        return y.to(x.dtype).view(*x.shape[:-1], -1)
+        return y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
 
 
 def _fused(modules):
@@ -289,14 +289,15 @@ class LlamaStep:
         mask = torch.zeros(keep.shape, dtype=self.embed.dtype, device=pos.device).masked_fill(~keep, float("-inf"))
         return mask[:, None]
 
-    def kernel_step(self, ids, pos, slots, want=None):
+    def kernel_step(self, ids, pos, slots, want=None, cache=None):
         """The kernel's step: ids (n,) at positions pos (n ints) of cache rows slots (n ints; [] for rows 0..n-1);
-        (n, vocab) logits, or only those of the rows `want` (indices; fused.py: a prompt's last position)."""
-        e = F.embedding(ids, self.embed)
+        (n, vocab) logits, or only those of the rows `want` (indices; fused.py: a prompt's last position; [] for
+        none). cache: a SlotCache of the same shape to write and read instead of the step's own (chunked.py)."""
+        e, cache = F.embedding(ids, self.embed), self.cache if cache is None else cache
         at = torch.tensor(pos, device=ids.device)[:, None]
         cos, sin = (t[:, 0].float().contiguous() for t in self.rotary(e, at))  # in the model's dtype
         h = e.float()  # (n, hidden) fp32, a new tensor the decoder changes in place (bf16 values stay exact)
-        self.decoder.step(h, cos, sin, self.cache.keys, self.cache.values, pos, slots)
+        self.decoder.step(h, cos, sin, cache.keys, cache.values, pos, slots)
         h = self._norm((h if want is None else h[want]).to(e.dtype), self.norm)
         return self.lm_head.matvec(h) if self.lm_head.kernel is not None else self.lm_head(h)
 
