@@ -1,6 +1,6 @@
 """generation/chunked.py: a prompt over fused.BUDGET positions goes in a chunk per step. Its logits and keys must be a
-fused prefill's, bit for bit; the running rows must keep decoding while it fills; and a caller that leaves, or an
-error, must end it like a running row."""
+fused prefill's, bit for bit; the running rows must keep decoding while it fills (with none, it fills at once); and a
+caller that leaves, or an error, must end it like a running row."""
 
 import time
 
@@ -75,13 +75,15 @@ def test_a_long_prompt_that_leaves_or_fails_ends_like_a_row(decode_kernel, tiny_
     model = InstructModel(str(tiny_llama_dir))
     monkeypatch.setattr(fused, "BUDGET", 3)
     batch = DecodeBatch(model)
+    running = Job(model.encode("Hi"), GenParams(max_tokens=1000, temperature=0))
+    batch.admit([running])
     jobs = [Job(model.encode(text), GREEDY) for text in ("Name a colour", "Count to three")]
     batch.admit(jobs)
-    assert [f.job for f in batch.filling] == jobs and batch.jobs() == jobs
+    assert [f.job for f in batch.filling] == jobs and batch.jobs() == [running, *jobs]
     batch.drop_filling([jobs[0]])
     assert [f.job for f in batch.filling] == jobs[1:]
     batch.end(RuntimeError("the model failed"))
-    assert not batch.filling and not batch.jobs()
+    assert not batch.filling and not batch.jobs() and not batch.rows
     with pytest.raises(RuntimeError, match="the model failed"):
         jobs[1].future.result(timeout=1)
 
@@ -90,20 +92,32 @@ def test_the_engine_counts_a_filling_prompt_and_cancels_it_when_its_caller_leave
     decode_kernel, tiny_llama_dir, monkeypatch
 ):
     model = InstructModel(str(tiny_llama_dir))
-    monkeypatch.setattr(fused, "BUDGET", 1)  # a position a step: the prompt fills for many steps
-    engine = Engine(model, max_batch_size=1)
+    monkeypatch.setattr(fused, "BUDGET", 8)
+    engine = Engine(model, max_batch_size=2)
     engine.start()
     try:
-        job = Job(model.encode("Why is the sky blue? " * 40), GREEDY)  # hundreds of steps to fill
+        running = Job(model.encode("Say hi"), GenParams(max_tokens=1000, temperature=0))  # the tiny model rambles on
+        engine.submit(running)
+        job = Job(model.encode("Why is the sky blue? " * 40), GREEDY)  # dozens of steps to fill
         engine.submit(job)
         deadline = time.monotonic() + 30
         while not (engine.batch is not None and engine.batch.filling) and time.monotonic() < deadline:
             time.sleep(0.001)
-        assert engine.running() == 1 and engine.busy()
+        assert engine.running() == 2 and engine.busy()
         job.cancel.set()
         with pytest.raises(RequestCancelled):
             job.future.result(timeout=30)
         assert not job.token_times  # it left while filling: no token was made
+        running.cancel.set()
     finally:
         engine.stop()
     assert not engine.batch.filling
+
+
+def test_with_no_running_row_a_long_prompt_fills_at_once(decode_kernel, tiny_llama_dir, monkeypatch):
+    model = InstructModel(str(tiny_llama_dir))
+    monkeypatch.setattr(fused, "BUDGET", 3)
+    batch = DecodeBatch(model)
+    job = Job(model.encode("Count to three"), GREEDY)
+    batch.admit([job])
+    assert not batch.filling and [r.job for r in batch.rows] == [job] and len(job.token_times) == 1

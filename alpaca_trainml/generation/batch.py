@@ -175,6 +175,7 @@ class DecodeBatch:
         self.filling += [Filling(jobs[i], self.stepper, self.prefixes) for i in apart]
         for group in passes:
             self._fused([jobs[i] for i in group])
+        self._settle()
 
     def _fused(self, jobs):
         new = [Row(j, self.model.decode, self.eos, self.model.context_window) for j in jobs]
@@ -229,8 +230,17 @@ class DecodeBatch:
         """One token for every running row (several with a draft verified), after a chunk of a long prompt."""
         if self.filling:
             self._fill()
-        if not self.rows:
-            return
+        if self.rows:
+            self._decode()
+        self._settle()
+
+    def _settle(self):
+        """Long prompts with no running row beside them fill at once: nothing waits for them. So a batch with a
+        prompt still filling always has a running row (its callers loop `while batch.rows`)."""
+        while self.filling and not self.rows:
+            self._fill()
+
+    def _decode(self):
         drafts = step_drafts(self.rows, self.lookup) if self.lookup else None
         if drafts and any(drafts):
             return self._verify(drafts)
@@ -293,7 +303,7 @@ def run_to_end(model, jobs, cancel=None):
     running end with the text they have."""
     batch = DecodeBatch(model)
     batch.admit(jobs)
-    while batch.rows or batch.filling:
+    while batch.rows:
         if cancel is not None and cancel.is_set():
             for row in batch.rows + [Row(f.job, model.decode, batch.eos, 0) for f in batch.filling]:
                 row.finish("stop")
