@@ -114,7 +114,7 @@ class Weight:
     def matvec(self, x):
         """The kernel's product for any number of rows (none too): each row's numbers whatever the rows beside it."""
         product = self.kernel.q8_matvec if self.full.dtype == torch.uint8 else self.kernel.matvec  # int8 blocks
-        y = product(x.flatten(0, -2).float().contiguous(), self.full)
+        y = product(x.reshape(x.numel() // x.shape[-1], x.shape[-1]).float().contiguous(), self.full)
         y = y if self.bias is None else y + self.bias  # fp32 sums, then one rounding to the model's dtype
         return y.to(x.dtype).view(*x.shape[:-1], y.shape[-1])
 
