@@ -60,7 +60,8 @@ void rows_generic(const float* x, const float* w, float* y, int64_t rows, int64_
 // R * C <= 12 accumulators, with the loads, fit AVX2's 16 registers. Prefetches PF rows of w from pf (the next
 // block's), one cache line per two steps.
 template <int R, int C, int PF>
-T2 inline void block8(const float* x, const float* w, float* y, int64_t in, int64_t out, int64_t o, const float* pf) {
+T2 inline void block8(const float* x, const float* w, float* y, int64_t in, int64_t out, int64_t o, const float* pf,
+                      int64_t far) {
   __m256 acc[R][C];
   for (int r = 0; r < R; ++r)
     for (int c = 0; c < C; ++c) acc[r][c] = _mm256_setzero_ps();
@@ -70,6 +71,8 @@ T2 inline void block8(const float* x, const float* w, float* y, int64_t in, int6
     __m256 wv[C];
     for (int c = 0; c < C; ++c) {
       if (c < PF && (i & 15) == 0) _mm_prefetch(reinterpret_cast<const char*>(pf + c * in + i), _MM_HINT_T0);
+      if (far && c < PF && (i & 15) == 0)  // as block16's far prefetch below
+        _mm_prefetch(reinterpret_cast<const char*>(pf + far + c * in + i), _MM_HINT_T1);
       wv[c] = _mm256_loadu_ps(wo + c * in + i);
     }
     for (int r = 0; r < R; ++r) {
@@ -105,16 +108,17 @@ T2 inline void block8(const float* x, const float* w, float* y, int64_t in, int6
 // n rows of x (1 to 3) against C rows of w from row o, prefetching PF rows from pf
 template <int C, int PF>
 T2 void part8(const float* x, const float* w, float* y, int64_t n, int64_t in, int64_t out, int64_t o,
-              const float* pf) {
-  if (n == 1) return block8<1, C, PF>(x, w, y, in, out, o, pf);
-  if (n == 2) return block8<2, C, PF>(x, w, y, in, out, o, pf);
-  block8<3, C, PF>(x, w, y, in, out, o, pf);
+              const float* pf, int64_t far) {
+  if (n == 1) return block8<1, C, PF>(x, w, y, in, out, o, pf, far);
+  if (n == 2) return block8<2, C, PF>(x, w, y, in, out, o, pf, far);
+  block8<3, C, PF>(x, w, y, in, out, o, pf, far);
 }
 
 // every row of x against C rows of w from row o, 3 rows at a time: those C rows stay in L1 while the rows pass, and
 // each pass prefetches its share of the next C rows (as group16 below)
 template <int C>
-T2 void group8(const float* x, const float* w, float* y, int64_t rows, int64_t in, int64_t out, int64_t o) {
+T2 void group8(const float* x, const float* w, float* y, int64_t rows, int64_t in, int64_t out, int64_t o,
+               int64_t far = 0) {
   int64_t passes = (rows + 2) / 3;
   const float* next = w + (o + C) * in;
   for (int64_t p = 0, r = 0; p < passes; ++p, r += 3) {
@@ -122,10 +126,10 @@ T2 void group8(const float* x, const float* w, float* y, int64_t rows, int64_t i
     const float *xr = x + r * in, *pr = next;
     float* yr = y + r * out;
     switch (pf) {
-      case 0: part8<C, 0>(xr, w, yr, n, in, out, o, pr); break;
-      case 1: part8<C, 1>(xr, w, yr, n, in, out, o, pr); break;
-      case 2: part8<C, 2>(xr, w, yr, n, in, out, o, pr); break;
-      default: part8<C, C>(xr, w, yr, n, in, out, o, pr); break;
+      case 0: part8<C, 0>(xr, w, yr, n, in, out, o, pr, far); break;
+      case 1: part8<C, 1>(xr, w, yr, n, in, out, o, pr, far); break;
+      case 2: part8<C, 2>(xr, w, yr, n, in, out, o, pr, far); break;
+      default: part8<C, C>(xr, w, yr, n, in, out, o, pr, far); break;
     }
     next += pf * in;
   }
@@ -133,11 +137,11 @@ T2 void group8(const float* x, const float* w, float* y, int64_t rows, int64_t i
 
 T2 void rows_avx2(const float* x, const float* w, float* y, int64_t rows, int64_t in, int64_t out, int64_t o0,
                   int64_t o1) {
-  int64_t o = o0;
+  int64_t o = o0, far = std::max<int64_t>(FAR_BYTES / (4 * in), 4) * in;  // as rows_avx512
   if (rows == 1)
-    for (; o + 8 <= o1; o += 8) block8<1, 8, 8>(x, w, y, in, out, o, w + (o + 8) * in);
+    for (; o + 8 <= o1; o += 8) block8<1, 8, 8>(x, w, y, in, out, o, w + (o + 8) * in, 0);
   else
-    for (; o + 4 <= o1; o += 4) group8<4>(x, w, y, rows, in, out, o);
+    for (; o + 4 <= o1; o += 4) group8<4>(x, w, y, rows, in, out, o, far);
   for (; o < o1; ++o) group8<1>(x, w, y, rows, in, out, o);
 }
 
