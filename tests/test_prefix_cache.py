@@ -115,4 +115,5 @@ def test_the_engine_tells_each_job_how_many_prompt_tokens_it_found(decode_kernel
     finally:
         engine.stop()
     assert [j.cached for j in jobs] == [0, len(ids) - 1]
-    assert jobs[0].future.result().text == jobs[1].future.result().text
+    first, second = (j.future.result() for j in jobs)
+    assert first.text == second.text and (first.cached_tokens, second.cached_tokens) == (0, len(ids) - 1)

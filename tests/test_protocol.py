@@ -13,6 +13,7 @@ from alpaca_trainml.generation.protocol import (
     message_text,
     openai_events,
     sse_response,
+    usage,
     validation_message,
 )
 
@@ -59,7 +60,12 @@ def test_openai_stream_events_with_usage():
     assert events[4] == {
         "id": "c",
         "choices": [],
-        "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8},
+        "usage": {
+            "prompt_tokens": 5,
+            "completion_tokens": 3,
+            "total_tokens": 8,
+            "prompt_tokens_details": {"cached_tokens": 0},
+        },
     }
 
 
@@ -82,3 +88,13 @@ def test_a_stream_gives_the_event_loop_a_turn_between_events():
     seen, chunks = asyncio.run(run())
     assert chunks[-1] == "data: [DONE]\n\n" and len(chunks) == 4
     assert seen[:3] == [1, 2, 3]  # each callback ran before the following chunk was made (not [4, 4, 4])
+
+
+def test_usage_sums_the_answers_and_their_cached_prompt_tokens():
+    answers = [Completion("a", 5, 2, "stop", cached_tokens=4), Completion("b", 7, 3, "length")]
+    assert usage(answers) == {
+        "prompt_tokens": 12,
+        "completion_tokens": 5,
+        "total_tokens": 17,
+        "prompt_tokens_details": {"cached_tokens": 4},
+    }

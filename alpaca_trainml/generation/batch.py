@@ -125,7 +125,7 @@ class Row:
     def finish(self, reason):
         text = cut_at_stop(self.decode(self.ids), self.job.params.stop)[0]
         self._send(text)
-        self.job.future.set_result(Completion(text, len(self.job.ids), self.made, reason))
+        self.job.future.set_result(Completion(text, len(self.job.ids), self.made, reason, self.job.cached))
         return True
 
     def fail(self, error):

@@ -33,6 +33,7 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (end of text or a stop string) or "length" (ran into max_tokens)
+    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache (prefix_cache.py)
 
 
 def _is_int(x):

@@ -195,8 +195,15 @@ def make_params(body, max_tokens_default, stop=None):
 
 
 def usage(results):
+    """OpenAI's usage, with the prompt tokens found in the prefix cache as OpenAI reports its cached tokens."""
     p, c = sum(r.prompt_tokens for r in results), sum(r.completion_tokens for r in results)
-    return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
+    cached = sum(r.cached_tokens for r in results)
+    return {
+        "prompt_tokens": p,
+        "completion_tokens": c,
+        "total_tokens": p + c,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
 
 
 def sse(obj):
