@@ -1,7 +1,7 @@
 """Decoding settings and their limits (the ranges live in limits.py), and stop strings: the rules InstructModel
 (model.py) and the serving engine (engine.py) share, so a request means the same on every path."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import transformers
@@ -33,7 +33,8 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int
     finish_reason: str  # "stop" (end of text or a stop string) or "length" (ran into max_tokens)
-    cached_tokens: int = 0  # prompt tokens whose keys and values came from the prefix cache (prefix_cache.py)
+    # prompt tokens whose keys and values came from the prefix cache (prefix_cache.py): not part of the answer itself
+    cached_tokens: int = field(default=0, compare=False)
 
 
 def _is_int(x):
