@@ -2,6 +2,7 @@
 plain decode step's, bit for bit; a prompt's must be the same whatever joins with it; and greedy answers must be the
 same as each request run alone, through DecodeBatch, with prompts over the budget in chunks (chunked.py)."""
 
+import pytest
 import torch
 import transformers
 
@@ -59,3 +60,46 @@ def test_greedy_answers_joining_a_batch_are_each_run_alone(decode_kernel, tiny_l
         batch.step()
     assert [j.future.result().text for j in rest] == alone[1:]
     assert first.future.result().text.startswith(alone[0])
+
+
+def test_int8_short_prompts_fuse_and_long_ones_prefill_apart(decode_kernel, tiny_llama_dir, monkeypatch):
+    model = InstructModel(str(tiny_llama_dir), dtype="int8")
+    plain, joined, alone = (LlamaStep(model.model) for _ in range(3))
+    assert fused.usable(joined) and fused.int8_kernel(joined) and fused.budget(joined) == fused.INT8_BUDGET
+    running, prompts = [[3, 4, 5, 6, 7], [8, 9]], [[10, 11, 12, 13], [14, 15, 16, 17, 18, 19]]
+    for step in (plain, joined):
+        step.prefill(running)
+    pending = torch.tensor([20, 21])
+    old, new = fused.step(joined, pending, prompts)
+    assert torch.equal(old, plain.decode(pending))  # the int8 kernel's rows are independent too: bit for bit
+    _, first = fused.step(alone, None, prompts[1:])
+    assert torch.equal(first[0], new[1])
+    monkeypatch.setattr(fused, "INT8_BUDGET", 5)
+    batch = DecodeBatch(model)
+    batch.admit([Job([3, 4, 5], GREEDY), Job(list(range(3, 12)), GREEDY)])  # 3 positions fuse, 9 prefill apart
+    assert not batch.filling and len(batch.rows) == 2 and batch.prefixes is not None
+    assert list(batch.prefixes.entries) == [(3, 4, 5)]  # only the fused prompt is kept: its keys are the kernel's
+    batch.admit([Job([3, 4, 6], GREEDY)])  # nothing apart this time: only a pass
+    assert len(batch.rows) == 3
+
+
+def test_a_failed_admission_fails_every_job_it_was_given(decode_kernel, tiny_llama_dir, monkeypatch):
+    model = InstructModel(str(tiny_llama_dir))
+    monkeypatch.setattr(fused, "BUDGET", 4)  # two passes: the second fails, with one job not in the batch yet
+    batch = DecodeBatch(model)
+    real, calls = fused.step, []
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fused, "step", failing)
+    jobs = [Job([3, 4, 5], GREEDY), Job([6, 7, 8], GREEDY)]
+    with pytest.raises(RuntimeError, match="out of memory"):
+        batch.admit(jobs)
+    for job in jobs:  # the engine ends the rows in the batch; the job of the failed pass must not wait forever
+        assert job.future.done()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        jobs[1].future.result()

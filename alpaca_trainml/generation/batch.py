@@ -167,12 +167,24 @@ class DecodeBatch:
     def admit(self, jobs):
         """Prefill jobs into the batch. Where the step can (fused.py), their prompts go in with the running rows'
         next decode step, in passes of up to fused.BUDGET prompt positions: each pass also decodes one token of every
-        running row. Longer prompts go in a chunk per step (chunked.py); other steps prefill apart, at once."""
+        running row. Longer prompts go in a chunk per step (chunked.py); other steps prefill apart, at once. On an
+        error every job not in the batch yet fails with it too (the caller ends those in the batch)."""
+        try:
+            self._admit(jobs)
+        except Exception as e:
+            for job in jobs:
+                fail(job, e)
+            raise
+
+    def _admit(self, jobs):
         if not fused.usable(self.stepper) or any(j.adapter for j in jobs):
             return self._prefill(jobs)
         found = [self.prefixes.match(j.ids) if self.prefixes else (0, None) for j in jobs]
-        passes, apart = fused.groups([j.ids for j in jobs], [n for n, _ in found])
-        self.filling += [Filling(jobs[i], self.stepper, self.prefixes) for i in apart]
+        passes, apart = fused.groups([j.ids for j in jobs], [n for n, _ in found], fused.budget(self.stepper))
+        if fused.int8_kernel(self.stepper) and apart:  # a long int8 prompt prefills faster apart (fused.INT8_BUDGET)
+            self._prefill([jobs[i] for i in apart])
+        else:
+            self.filling += [Filling(jobs[i], self.stepper, self.prefixes) for i in apart]
         for group in passes:
             self._fused([jobs[i] for i in group])
         self._settle()

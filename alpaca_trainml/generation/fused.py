@@ -11,31 +11,49 @@ lm_head (the running rows and each prompt's last position). With serve.py's mix 
 A row's numbers do not depend on the rows beside it (the kernel sums each output in one order whatever the rows:
 csrc/decode.cpp, csrc/f32.cpp), so a prompt prefilled here gives the same tokens alone or joining a full batch, and
 a running row's token is the one a plain decode step gives, bit for bit (tests/test_fused.py). Prompts of more than
-BUDGET new positions go in a chunk per step (chunked.py); steps that are not the kernel's over fp32 weights (bf16 and
-int8 prefill keep their faster paths, LoRA rows their own step) prefill apart, as before (batch.DecodeBatch.admit).
+BUDGET new positions go in a chunk per step (chunked.py). Over int8 weights (--dtype int8) prompts of up to
+INT8_BUDGET new positions fuse and longer ones prefill apart; bf16 prefill keeps its faster path (AMX where the CPU
+has it) and LoRA rows their own step: they prefill apart, as before (batch.DecodeBatch.admit).
 """
 
 import torch
 
 BUDGET = 256  # prompt positions per pass: bounds the pass's buffers and the running rows' wait for it
+# int8 weights: the kernel's product of many rows runs behind MKL's over the dequantized weight (prefill apart):
+# about even at 40 positions, 1.9x slower at 120, 2.3x at 250 (SmolLM2-135M, 2 threads, 2026-12-06). So only
+# prompts of up to this many new positions fuse; longer ones prefill apart, at once.
+INT8_BUDGET = 48
 
 
 def usable(stepper):
-    """True where the step can take prompts with its decode (llama_step.LlamaStep over fp32, with our kernel)."""
-    return getattr(stepper, "fuses", False)
+    """True where the step can take prompts with its decode: llama_step.LlamaStep over fp32 weights, or int8 ones,
+    with our kernel."""
+    return getattr(stepper, "fuses", False) or int8_kernel(stepper)
 
 
-def groups(prompts, starts=None):
-    """(groups, apart): indices of the prompts that fit, in consecutive groups of at most BUDGET new positions each
-    (a prompt's positions from its start: those before it come from the prefix cache); and the indices of those
-    longer than BUDGET (chunked.py cuts them)."""
-    out, apart, total = [], [], BUDGET + 1
+def int8_kernel(stepper):
+    """True for our kernel's step over int8 weights (--dtype int8)."""
+    layers = getattr(stepper, "layers", None)
+    return getattr(stepper, "decoder", None) is not None and bool(layers) and layers[0].qkv.full.dtype == torch.uint8
+
+
+def budget(stepper):
+    """New prompt positions per pass, and the most a prompt may have to fuse."""
+    return INT8_BUDGET if int8_kernel(stepper) else BUDGET
+
+
+def groups(prompts, starts=None, limit=None):
+    """(groups, apart): indices of the prompts that fit, in consecutive groups of at most `limit` (default BUDGET)
+    new positions each (a prompt's positions from its start: those before it come from the prefix cache); and the
+    indices of those longer than that (chunked.py cuts them, or they prefill apart)."""
+    limit = limit or BUDGET
+    out, apart, total = [], [], limit + 1
     for i, ids in enumerate(prompts):
         size = len(ids) - (starts[i] if starts else 0)
-        if size > BUDGET:
+        if size > limit:
             apart.append(i)
             continue
-        if total + size > BUDGET:
+        if total + size > limit:
             out.append([])
             total = 0
         out[-1].append(i)

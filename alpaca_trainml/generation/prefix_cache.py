@@ -11,8 +11,8 @@ What is kept: after a fused pass (fused.py), each new prompt's keys and values, 
 DEFAULT_MB of them (`--prefix_cache_mb` on serve.py), the least recently used leaving first. The kernel computes
 each position's numbers the same whatever else is in the pass (csrc/decode.cpp), so a prompt that reuses a prefix
 gets the numbers it would have got prefilled in full, bit for bit (tests/test_prefix_cache.py). Long prompts, cut
-into chunks (chunked.py), use it and are kept too; prompts of steps that do not fuse (bf16, int8, LoRA rows) neither
-use nor fill it.
+into chunks (chunked.py), use it and are kept too; prompts prefilled apart (bf16, LoRA rows, int8 prompts of more
+than fused.INT8_BUDGET new positions) neither use nor fill it.
 The cache lives with its batch (batch.DecodeBatch): serve.py's one engine keeps it while it serves; each
 InstructModel.generate call has its own, so weights changed between calls (training) never meet old keys.
 """
