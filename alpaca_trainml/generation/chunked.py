@@ -48,7 +48,5 @@ class Filling:
         """Copy the prompt's keys and values into a new last row of the batch's cache; its index."""
         n = len(self.job.ids)
         row = cache.add_row(n)
-        for store, mine in ((cache.keys, self.cache.keys), (cache.values, self.cache.values)):
-            for layer, t in zip(store, mine):
-                layer[row, :, :n] = t[0, :, :n]
+        cache.fill(row, [t[0] for t in self.cache.keys], [t[0] for t in self.cache.values], n)
         return row

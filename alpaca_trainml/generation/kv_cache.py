@@ -85,6 +85,13 @@ class SlotCache:
         self.lens.append(length)
         return len(self.lens) - 1
 
+    def fill(self, row, keys, values, n):
+        """Write the first n positions of row `row` from one (kv_heads, >= n, head_dim) key and value tensor per layer
+        (a kept prompt's, prefix_cache.py; a long prompt's own cache row, chunked.py)."""
+        for store, given in ((self.keys, keys), (self.values, values)):
+            for layer, t in zip(store, given):
+                layer[row, :, :n] = t[:, :n]
+
     def keep(self, rows):
         """Keep only `rows` (indices, in order), moved to the front."""
         if list(rows) == list(range(len(rows))):

@@ -60,9 +60,7 @@ class PrefixCache:
         _, keys, values = self.entries[key]
         self.reused += n
         self.entries.move_to_end(key)
-        for store, kept in ((cache.keys, keys), (cache.values, values)):
-            for layer, t in zip(store, kept):
-                layer[row, :, :n] = t[:, :n]
+        cache.fill(row, keys, values, n)
 
     def store(self, cache, row, ids):
         """Keep the keys and values of prompt `ids`, held at positions 0..len(ids)-1 of the cache's row `row`; a

@@ -56,6 +56,18 @@ void rows_generic(const float* x, const float* w, float* y, int64_t rows, int64_
 #define T2 __attribute__((target("avx2,fma")))
 #define T512 __attribute__((target("avx512f,avx2,fma")))
 
+// A block's R x C reduced sums (row by row), each plus its remaining terms from column i on, in order, into y
+template <int R, int C>
+inline void store_sums(const float* sum, const float* x, const float* wo, float* y, int64_t i, int64_t in, int64_t out,
+                       int64_t o) {
+  for (int r = 0; r < R; ++r)
+    for (int c = 0; c < C; ++c) {
+      float s = sum[r * C + c];
+      for (int64_t j = i; j < in; ++j) s += wo[c * in + j] * x[r * in + j];
+      y[r * out + o + c] = s;
+    }
+}
+
 // R rows of x against C rows of w from row o: y[r * out + o + c]. Each w load feeds R FMAs and each x load C;
 // R * C <= 12 accumulators, with the loads, fit AVX2's 16 registers. Prefetches PF rows of w from pf (the next
 // block's), one cache line per two steps.
@@ -97,12 +109,7 @@ T2 inline void block8(const float* x, const float* w, float* y, int64_t in, int6
     _mm256_store_ps(sum + 8 * v, _mm256_add_ps(_mm256_shuffle_ps(l2[0], l2[1], 0x88),
                                                _mm256_shuffle_ps(l2[0], l2[1], 0xDD)));
   }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) {
-      float s = sum[r * C + c];
-      for (int64_t j = i; j < in; ++j) s += wo[c * in + j] * x[r * in + j];
-      y[r * out + o + c] = s;
-    }
+  store_sums<R, C>(sum, x, wo, y, i, in, out, o);
 }
 
 // n rows of x (1 to 3) against C rows of w from row o, prefetching PF rows from pf
@@ -188,12 +195,7 @@ T512 inline void block16(const float* x, const float* w, float* y, int64_t in, i
     _mm512_store_ps(sum + 16 * v, _mm512_add_ps(_mm512_shuffle_ps(l3[0], l3[1], 0x88),
                                                 _mm512_shuffle_ps(l3[0], l3[1], 0xDD)));
   }
-  for (int r = 0; r < R; ++r)
-    for (int c = 0; c < C; ++c) {
-      float s = sum[r * C + c];
-      for (int64_t j = i; j < in; ++j) s += wo[c * in + j] * x[r * in + j];
-      y[r * out + o + c] = s;
-    }
+  store_sums<R, C>(sum, x, wo, y, i, in, out, o);
 }
 
 // rows of x (n of them: up to 6, or 2 when C = 8) against C rows of w from row o, prefetching PF rows from pf
